@@ -1,0 +1,51 @@
+"""The bridge to transformers' attention: one registered attention implementation, ``"kvpolicy"``.
+
+transformers lets a model pick its attention function by name (``AttentionInterface``).
+``attach(model)`` registers ``"kvpolicy"`` and switches the model to it. Our cache layers
+return the step's new keys/values tagged with an :class:`~kvpolicy.executors.AttentionStep`;
+the attention function finds the tag and hands the step to the policy's executor. Any
+other cache (or none) falls through to transformers' SDPA attention, unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION_NAME = "kvpolicy"
+_STEP_ATTRIBUTE = "_kvpolicy_step"
+
+
+def tag(tensor: torch.Tensor, step, executor) -> torch.Tensor:
+    """Return an alias of ``tensor`` that carries ``(step, executor)`` to the attention function."""
+    alias = tensor.view(tensor.shape)
+    setattr(alias, _STEP_ATTRIBUTE, (step, executor))
+    return alias
+
+
+def kvpolicy_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers attention function: dispatch tagged steps to their executor, else SDPA."""
+    tagged = getattr(key, _STEP_ATTRIBUTE, None)
+    if tagged is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    step, executor = tagged
+    return executor.attend(module, query, step, attention_mask, **kwargs), None
+
+
+def register() -> None:
+    """Register the ``"kvpolicy"`` attention and mask functions with transformers (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, kvpolicy_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def attach(model) -> None:
+    """Switch ``model`` to the ``"kvpolicy"`` attention implementation."""
+    register()
+    if model.config._attn_implementation != ATTENTION_NAME:
+        model.set_attn_implementation(ATTENTION_NAME)
+
+
+def is_attached(config) -> bool:
+    return getattr(config, "_attn_implementation", None) == ATTENTION_NAME

@@ -1,0 +1,39 @@
+"""The built-in plugin: core selectors, the native quantizer, the reference executor and ``full``.
+
+Registered by :class:`~kvpolicy.registry.Registry` through the same hooks as any plugin.
+"""
+
+from __future__ import annotations
+
+from kvpolicy.executors import ReferenceExecutor
+from kvpolicy.hookspecs import hookimpl
+from kvpolicy.quantizers import NativeQuantizer
+from kvpolicy.selectors import BUILTIN_SELECTORS
+
+
+@hookimpl
+def kvpolicy_selectors():
+    return list(BUILTIN_SELECTORS)
+
+
+@hookimpl
+def kvpolicy_quantizers():
+    return [NativeQuantizer]
+
+
+@hookimpl
+def kvpolicy_executors():
+    return [ReferenceExecutor]
+
+
+@hookimpl
+def kvpolicy_policies():
+    everything = {"retain": [{"type": "all"}]}
+    return [
+        {
+            "name": "full",
+            "description": "16-bit baseline: every token in full precision (equals DynamicCache).",
+            "keys": everything,
+            "values": everything,
+        }
+    ]

@@ -1,0 +1,185 @@
+"""A transformers ``Cache`` whose layers store tokens the way a policy says.
+
+``KVPolicyCache`` holds one :class:`KVPolicyLayer` per decoder layer. A layer owns a key
+store and a value store (see :mod:`kvpolicy.store`) and an executor. On ``update`` it
+snapshots the stores, appends the step's tokens (demoting what the selectors drop) and
+returns the new keys/values tagged with the snapshot; the ``"kvpolicy"`` attention
+function then lets the executor attend over snapshot + new tokens.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvpolicy import attention
+from kvpolicy.errors import NotSupportedError, UnsupportedModelError
+from kvpolicy.executors import AttentionStep, Executor
+from kvpolicy.store import TensorStore
+
+
+@attrs.frozen
+class MemoryReport:
+    """KV bytes held vs a 16-bit cache of the same length (all layers, keys and values)."""
+
+    tokens: int
+    bytes_by_region: dict[str, int]
+    baseline_16bit_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_region.values())
+
+    @property
+    def ratio(self) -> float:
+        """Held bytes / 16-bit bytes (lower is better; 1.0 for a bf16 DynamicCache)."""
+        return self.total_bytes / self.baseline_16bit_bytes if self.baseline_16bit_bytes else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"KV cache: {self.total_bytes / 2**20:.2f} MiB for {self.tokens} tokens vs "
+            f"{self.baseline_16bit_bytes / 2**20:.2f} MiB in 16-bit "
+            f"(ratio {self.ratio:.3f}, {1 / self.ratio if self.ratio else float('inf'):.2f}x smaller)"
+        )
+
+
+class KVPolicyLayer(CacheLayerMixin):
+    """One decoder layer's cache: a key store, a value store and the executor that reads them."""
+
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, key_store: TensorStore, value_store: TensorStore, executor: Executor, config=None):
+        super().__init__()
+        self.key_store = key_store
+        self.value_store = value_store
+        self.executor = executor
+        self._config = config
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.shape = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store ``[B, H, q, D]`` keys/values; return them tagged for the ``"kvpolicy"`` attention."""
+        if self._config is not None and not attention.is_attached(self._config):
+            raise RuntimeError(
+                "this kvpolicy cache needs the model's attention set to 'kvpolicy' "
+                f"(it is {self._config._attn_implementation!r}); build the cache with "
+                "policy.make_cache(model) or call kvpolicy.attach(model) first"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        step = AttentionStep(
+            keys=self.key_store.view(),
+            values=self.value_store.view(),
+            new_keys=key_states,
+            new_values=value_states,
+            past_length=self.key_store.length,
+        )
+        self.key_store.append(key_states)
+        self.value_store.append(value_states)
+        return attention.tag(key_states, step, self.executor), value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # the mask spans every position seen; the executor picks the columns it keeps
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.key_store.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.key_store.reset()
+        self.value_store.reset()
+        self.is_initialized = False
+
+    def _map_batch(self, fn) -> None:
+        self.key_store.map_batch(fn)
+        self.value_store.map_batch(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise NotSupportedError(
+                "crop/rollback is not supported by kvpolicy caches: demoted tokens were quantized "
+                "or evicted and cannot be restored (assisted decoding needs a croppable cache)"
+            )
+
+    def offload(self):
+        raise NotSupportedError("offloading is not supported by kvpolicy caches")
+
+    def prefetch(self):
+        raise NotSupportedError("offloading is not supported by kvpolicy caches")
+
+    def nbytes(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for store in (self.key_store, self.value_store):
+            for region, n in store.nbytes().items():
+                out[region] = out.get(region, 0) + n
+        return out
+
+
+class KVPolicyCache(Cache):
+    """A transformers ``Cache`` built from a :class:`~kvpolicy.policy.Policy`, one layer per decoder layer."""
+
+    def __init__(self, layers: list[KVPolicyLayer], policy_name: str = ""):
+        super().__init__(layers=layers)
+        self.policy_name = policy_name
+
+    def memory(self) -> MemoryReport:
+        """True bytes held by every layer's stores, and the 16-bit baseline for the same tokens."""
+        by_region: dict[str, int] = {}
+        baseline = 0
+        tokens = self.get_seq_length()
+        for layer in self.layers:
+            for region, n in layer.nbytes().items():
+                by_region[region] = by_region.get(region, 0) + n
+            if layer.is_initialized:
+                batch, heads, head_dim = layer.shape
+                baseline += 2 * batch * heads * head_dim * 2 * layer.get_seq_length()
+        return MemoryReport(tokens=tokens, bytes_by_region=by_region, baseline_16bit_bytes=baseline)
+
+
+def attention_layout(model) -> tuple[int, int, int]:
+    """``(num_layers, num_kv_heads, head_dim)`` of a decoder-only model, or a clear refusal."""
+    config = model.config
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text(decoder=True) if get_text else config
+    if getattr(config, "is_encoder_decoder", False) or getattr(text, "add_cross_attention", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} uses cross-attention (encoder-decoder); kvpolicy serves decoder-only models"
+        )
+    layer_types = getattr(text, "layer_types", None) or []
+    other = sorted({t for t in layer_types if t != "full_attention"})
+    if other:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has layer types {other}; kvpolicy serves models whose every layer is "
+            "'full_attention' (sliding-window, chunked or linear-attention layers need their own caches)"
+        )
+    if getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} uses sliding-window attention (sliding_window={text.sliding_window}); "
+            "kvpolicy serves full-attention models only"
+        )
+    try:
+        num_layers = text.num_hidden_layers
+        num_heads = text.num_attention_heads
+    except AttributeError as err:
+        raise UnsupportedModelError(f"{type(model).__name__}: cannot read the attention layout ({err})") from None
+    kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+    return num_layers, kv_heads, head_dim

@@ -1,0 +1,209 @@
+"""Policy configuration as data: attrs classes, validated on construction, YAML/dict round-trip.
+
+A policy config says, separately for keys and for values, which tokens stay in full
+precision (``retain``: a union of selectors), what happens to the others (``demote``:
+``quantize`` or ``evict``) and how they are quantized (``quant``). Names of selectors,
+backends and executors are resolved against the registry when the policy is built, so
+third-party plugins can be named here like built-ins.
+
+Example (YAML)::
+
+    name: logquant
+    keys:
+      retain: [{type: log, window: 42}]
+      quant: {backend: native, bits: 2, group_size: 64, axis: channel}
+    values:
+      retain: [{type: log, window: 42}]
+      quant: {backend: native, bits: 2, group_size: 64, axis: token}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from kvpolicy.errors import ConfigError
+
+DEMOTE_MODES = ("quantize", "evict")
+AXES = ("channel", "token")
+
+
+def _positive_int(field_name: str):
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(field_name, value, "a positive integer")
+
+    return check
+
+
+def _one_of(field_name: str, allowed: tuple[str, ...]):
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in allowed:
+            raise ConfigError(field_name, value, " | ".join(allowed))
+
+    return check
+
+
+def _non_empty_str(field_name: str):
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(field_name, value, "a non-empty string")
+
+    return check
+
+
+def _reject_unknown_keys(section: str, data: Any, cls: type) -> dict:
+    if not isinstance(data, dict):
+        raise ConfigError(section, data, "a mapping")
+    known = {f.name for f in attrs.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{section}.{unknown[0]}", data[unknown[0]], f"one of the keys {', '.join(sorted(known))}")
+    return data
+
+
+@attrs.frozen
+class QuantSpec:
+    """How demoted tokens of one tensor (keys or values) are quantized.
+
+    ``axis="channel"``: groups of ``group_size`` run along tokens (one scale per channel
+    per group; KIVI keys). ``axis="token"``: groups run along channels (one scale per
+    token per group; values).
+    """
+
+    backend: str = attrs.field(default="native", validator=_non_empty_str("quant.backend"))
+    bits: int = attrs.field(default=2, validator=_positive_int("quant.bits"))
+    group_size: int = attrs.field(default=64, validator=_positive_int("quant.group_size"))
+    axis: str = attrs.field(default="token", validator=_one_of("quant.axis", AXES))
+
+    @classmethod
+    def from_dict(cls, data: dict, section: str = "quant") -> QuantSpec:
+        data = _reject_unknown_keys(section, data, cls)
+        try:
+            return cls(**data)
+        except ConfigError as err:
+            raise ConfigError(err.field.replace("quant", section, 1), err.value, err.allowed) from None
+
+    def to_dict(self) -> dict:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class SelectorSpec:
+    """A named retention selector and its parameters, e.g. ``{type: window, size: 128}``."""
+
+    type: str = attrs.field(validator=_non_empty_str("retain.type"))
+    params: dict = attrs.field(factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any, section: str = "retain") -> SelectorSpec:
+        if not isinstance(data, dict) or "type" not in data:
+            raise ConfigError(section, data, "a mapping with a 'type' key, e.g. {type: window, size: 128}")
+        params = {k: v for k, v in data.items() if k != "type"}
+        return cls(type=data["type"], params=params)
+
+    def to_dict(self) -> dict:
+        return {"type": self.type, **self.params}
+
+
+@attrs.frozen
+class TensorSpec:
+    """Retention and demotion for one of keys or values."""
+
+    retain: tuple[SelectorSpec, ...] = attrs.field(converter=tuple)
+    demote: str = attrs.field(default="quantize", validator=_one_of("demote", DEMOTE_MODES))
+    quant: QuantSpec = attrs.field(factory=QuantSpec)
+
+    @retain.validator
+    def _check_retain(self, attribute: attrs.Attribute, value: tuple) -> None:
+        if not value:
+            raise ConfigError("retain", list(value), "a non-empty list of selectors")
+
+    @classmethod
+    def from_dict(cls, data: Any, section: str) -> TensorSpec:
+        data = _reject_unknown_keys(section, data, cls)
+        retain = data.get("retain")
+        if isinstance(retain, dict):
+            retain = [retain]
+        if not isinstance(retain, list):
+            raise ConfigError(f"{section}.retain", retain, "a list of selectors, e.g. [{type: window, size: 128}]")
+        selectors = [SelectorSpec.from_dict(s, f"{section}.retain[{i}]") for i, s in enumerate(retain)]
+        demote = data.get("demote", "quantize")
+        if demote not in DEMOTE_MODES:
+            raise ConfigError(f"{section}.demote", demote, " | ".join(DEMOTE_MODES))
+        quant = QuantSpec.from_dict(data.get("quant", {}), f"{section}.quant")
+        return cls(retain=selectors, demote=demote, quant=quant)
+
+    def to_dict(self) -> dict:
+        return {
+            "retain": [s.to_dict() for s in self.retain],
+            "demote": self.demote,
+            "quant": self.quant.to_dict(),
+        }
+
+
+@attrs.frozen
+class PolicyConfig:
+    """A complete policy: key and value specs plus the attention executor."""
+
+    name: str = attrs.field(validator=_non_empty_str("name"))
+    keys: TensorSpec
+    values: TensorSpec
+    executor: str = attrs.field(default="reference", validator=_non_empty_str("executor"))
+    description: str = ""
+
+    def __attrs_post_init__(self) -> None:
+        evicting = [s.demote == "evict" for s in (self.keys, self.values)]
+        if any(evicting) and (not all(evicting) or self.keys.retain != self.values.retain):
+            raise ConfigError(
+                "values.demote",
+                self.values.demote,
+                "eviction must apply to keys and values alike, with the same retain list "
+                "(attention needs both halves of every kept token)",
+            )
+
+    @classmethod
+    def from_dict(cls, data: Any) -> PolicyConfig:
+        data = _reject_unknown_keys("policy", data, cls)
+        for required in ("name", "keys", "values"):
+            if required not in data:
+                raise ConfigError(required, None, f"a '{required}' section is required")
+        description = data.get("description", "")
+        if not isinstance(description, str):
+            raise ConfigError("description", description, "a string")
+        return cls(
+            name=data["name"],
+            keys=TensorSpec.from_dict(data["keys"], "keys"),
+            values=TensorSpec.from_dict(data["values"], "values"),
+            executor=data.get("executor", "reference"),
+            description=description,
+        )
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> PolicyConfig:
+        """Load from a YAML file path or a YAML string (safe loader: no Python objects)."""
+        text = Path(source).read_text() if _looks_like_path(source) else str(source)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError("yaml", str(source)[:80], f"valid YAML ({err})") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name}
+        if self.description:
+            out["description"] = self.description
+        out.update(keys=self.keys.to_dict(), values=self.values.to_dict(), executor=self.executor)
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _looks_like_path(source: str | Path) -> bool:
+    if isinstance(source, Path):
+        return True
+    return "\n" not in source and source.endswith((".yaml", ".yml")) and Path(source).exists()

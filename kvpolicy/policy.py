@@ -1,0 +1,123 @@
+"""Policies: a named composition of selectors, key/value quantizer specs and an executor.
+
+``Policy`` resolves the names in a :class:`~kvpolicy.config.PolicyConfig` against the
+registry and builds caches from it::
+
+    policy = Policy.load("logquant")            # a registered name or a YAML path
+    cache = policy.make_cache(model)            # a transformers Cache
+    model.generate(**inputs, past_key_values=cache)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvpolicy import attention
+from kvpolicy.cache import KVPolicyCache, KVPolicyLayer, attention_layout
+from kvpolicy.config import PolicyConfig, SelectorSpec, TensorSpec
+from kvpolicy.errors import ConfigError
+from kvpolicy.registry import Registry, get_registry
+from kvpolicy.selectors import Selector, UnionSelector
+from kvpolicy.store import TensorStore
+
+
+class Policy:
+    """A validated policy bound to a registry."""
+
+    def __init__(self, config: PolicyConfig, registry: Registry | None = None):
+        self.config = config
+        self.registry = registry or get_registry()
+        # resolve every name now, so a typo fails at load time, not mid-generation
+        for section, spec in (("keys", config.keys), ("values", config.values)):
+            self._selector(spec, section)
+            if spec.demote == "quantize":
+                self.registry.quantizer(spec.quant.backend)
+        self.registry.executor(config.executor)
+
+    # -- construction ---------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict, registry: Registry | None = None) -> Policy:
+        return cls(PolicyConfig.from_dict(data), registry)
+
+    @classmethod
+    def from_yaml(cls, source: str | Path, registry: Registry | None = None) -> Policy:
+        return cls(PolicyConfig.from_yaml(source), registry)
+
+    @classmethod
+    def load(cls, name_or_path: str | Path, registry: Registry | None = None) -> Policy:
+        """A registered policy name (``"logquant"``) or a path to a YAML file."""
+        registry = registry or get_registry()
+        text = str(name_or_path)
+        if text.endswith((".yaml", ".yml")):
+            if not Path(text).exists():
+                raise ConfigError("policy", text, "an existing YAML file or a registered policy name")
+            return cls.from_yaml(Path(text), registry)
+        return cls(registry.policy_config(text), registry)
+
+    def to_dict(self) -> dict:
+        return self.config.to_dict()
+
+    def to_yaml(self) -> str:
+        return self.config.to_yaml()
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def __repr__(self) -> str:
+        return f"Policy({self.name!r})"
+
+    # -- building ---------------------------------------------------------------------
+    def _selector(self, spec: TensorSpec, section: str) -> Selector:
+        members = [self._one_selector(s, f"{section}.retain[{i}]") for i, s in enumerate(spec.retain)]
+        return members[0] if len(members) == 1 else UnionSelector(members)
+
+    def _one_selector(self, spec: SelectorSpec, section: str) -> Selector:
+        cls = self.registry.selector_class(spec.type)
+        try:
+            return cls(**spec.params)
+        except TypeError as err:
+            raise ConfigError(
+                section, spec.to_dict(), f"parameters accepted by selector {spec.type!r} ({err})"
+            ) from None
+        except ConfigError as err:
+            raise ConfigError(f"{section}.{err.field.split('.')[-1]}", err.value, err.allowed) from None
+
+    def budget(self) -> dict[str, int | None]:
+        """Most full-precision tokens per layer for keys and values (``None``: unbounded)."""
+        return {
+            "keys": self._selector(self.config.keys, "keys").budget,
+            "values": self._selector(self.config.values, "values").budget,
+        }
+
+    def _store(self, spec: TensorSpec, section: str, head_dim: int) -> TensorStore:
+        backend = None
+        if spec.demote == "quantize":
+            backend = self.registry.quantizer(spec.quant.backend)
+            backend.validate(spec.quant, head_dim, f"{section}.quant")
+        return TensorStore(self._selector(spec, section), spec.demote, spec.quant, backend)
+
+    def new_layer(self, head_dim: int, model_config=None) -> KVPolicyLayer:
+        """One layer's cache (fresh selectors and stores: nothing shared with other layers)."""
+        return KVPolicyLayer(
+            key_store=self._store(self.config.keys, "keys", head_dim),
+            value_store=self._store(self.config.values, "values", head_dim),
+            executor=self.registry.executor(self.config.executor),
+            config=model_config,
+        )
+
+    def make_cache(self, model) -> KVPolicyCache:
+        """A transformers ``Cache`` for ``model``; switches the model to ``"kvpolicy"`` attention.
+
+        The ``"kvpolicy"`` attention behaves exactly like SDPA for any other cache, so the
+        model keeps working with a plain ``DynamicCache`` afterwards.
+        """
+        num_layers, _, head_dim = attention_layout(model)
+        attention.attach(model)
+        layers = [self.new_layer(head_dim, model.config) for _ in range(num_layers)]
+        return KVPolicyCache(layers, policy_name=self.name)
+
+
+def load_policy(name_or_path: str | Path) -> Policy:
+    """Shorthand for :meth:`Policy.load`."""
+    return Policy.load(name_or_path)

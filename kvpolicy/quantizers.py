@@ -1,0 +1,172 @@
+"""Quantizer backends: pack and unpack blocks of tokens at ``bits`` with groups along an axis.
+
+A backend turns a full-precision block ``x`` of shape ``[B, H, n, D]`` into a packed
+object and back. The native backend is pure torch: asymmetric min/max quantization with
+one scale and one zero (the group minimum) per group, codes bit-packed into ``uint8``
+along the head dimension (four 2-bit codes per byte).
+
+* ``axis="token"`` (per-token, values): groups of ``group_size`` channels within a token;
+  scale/zero shape ``[B, H, n, D // group_size]``.
+* ``axis="channel"`` (per-channel, keys): groups of ``group_size`` tokens within a channel;
+  ``n`` must be a multiple of ``group_size``; scale/zero shape ``[B, H, n // group_size, D]``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar, Protocol
+
+import attrs
+import torch
+
+from kvpolicy.config import QuantSpec
+from kvpolicy.errors import ConfigError
+
+
+class Packed(Protocol):
+    """A packed block of tokens produced by a backend."""
+
+    num_tokens: int
+
+    def dequantize(self) -> torch.Tensor:
+        """Full-precision approximation, ``[B, H, n, D]`` in the original dtype."""
+
+    def nbytes(self) -> dict[str, int]:
+        """True bytes held, by part (e.g. ``codes``, ``scales``)."""
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Packed:
+        """Apply ``fn`` to every tensor whose first dimension is the batch."""
+
+
+class QuantizerBackend(ABC):
+    """Packs blocks of tokens. Stateless; one instance may serve every layer."""
+
+    name: ClassVar[str]
+    supported_bits: ClassVar[tuple[int, ...]]
+
+    def validate(self, spec: QuantSpec, head_dim: int, section: str) -> None:
+        """Raise :class:`ConfigError` if ``spec`` cannot be served for ``head_dim``."""
+        if spec.bits not in self.supported_bits:
+            raise ConfigError(
+                f"{section}.bits", spec.bits, f"{' | '.join(map(str, self.supported_bits))} for backend {self.name!r}"
+            )
+        if spec.axis == "token" and head_dim % spec.group_size:
+            raise ConfigError(
+                f"{section}.group_size",
+                spec.group_size,
+                f"a divisor of head_dim={head_dim} for per-token groups (axis: token)",
+            )
+
+    @abstractmethod
+    def quantize(self, x: torch.Tensor, spec: QuantSpec) -> Packed:
+        """Pack ``x`` (``[B, H, n, D]``); for ``axis="channel"``, ``n % group_size == 0``."""
+
+    @abstractmethod
+    def concat(self, blocks: list[Packed]) -> Packed:
+        """Join packed blocks along the token axis (so a region stays one object)."""
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes in ``[0, 2**bits)`` along the last dim into uint8 (``8 // bits`` per byte)."""
+    per_byte = 8 // bits
+    *lead, d = codes.shape
+    grouped = codes.to(torch.uint8).reshape(*lead, d // per_byte, per_byte)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (grouped << shifts).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`; returns uint8 codes with the last dim ``8 // bits`` times longer."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    mask = (1 << bits) - 1
+    codes = (packed.unsqueeze(-1) >> shifts) & mask
+    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
+
+
+@attrs.frozen
+class NativePacked:
+    """Bit-packed codes plus per-group scale and zero (the group minimum)."""
+
+    codes: torch.Tensor  # uint8 [B, H, n, D * bits // 8]
+    scale: torch.Tensor  # [B, H, n, D // G] (token axis) or [B, H, n // G, D] (channel axis)
+    zero: torch.Tensor  # same shape as scale
+    bits: int
+    group_size: int
+    axis: str
+
+    @property
+    def num_tokens(self) -> int:
+        return self.codes.shape[-2]
+
+    def dequantize(self) -> torch.Tensor:
+        # arithmetic in float32, one rounding to the cache dtype at the end
+        codes = unpack_codes(self.codes, self.bits).float()
+        scale, zero = self.scale.float(), self.zero.float()
+        b, h, n, d = codes.shape
+        g = self.group_size
+        if self.axis == "token":
+            grouped = codes.reshape(b, h, n, d // g, g)
+            out = grouped * scale.unsqueeze(-1) + zero.unsqueeze(-1)
+        else:
+            grouped = codes.reshape(b, h, n // g, g, d)
+            out = grouped * scale.unsqueeze(-2) + zero.unsqueeze(-2)
+        return out.reshape(b, h, n, d).to(self.scale.dtype)
+
+    def nbytes(self) -> dict[str, int]:
+        scales = self.scale.numel() * self.scale.element_size() + self.zero.numel() * self.zero.element_size()
+        return {"codes": self.codes.numel() * self.codes.element_size(), "scales": scales}
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> NativePacked:
+        return attrs.evolve(self, codes=fn(self.codes), scale=fn(self.scale), zero=fn(self.zero))
+
+
+class NativeQuantizer(QuantizerBackend):
+    """Pure-torch asymmetric min/max quantization with real bit-packing (2, 4 or 8 bits)."""
+
+    name: ClassVar[str] = "native"
+    supported_bits: ClassVar[tuple[int, ...]] = (2, 4, 8)
+
+    def validate(self, spec: QuantSpec, head_dim: int, section: str) -> None:
+        super().validate(spec, head_dim, section)
+        if (head_dim * spec.bits) % 8:
+            raise ConfigError("head_dim", head_dim, f"a multiple of {8 // spec.bits} to pack {spec.bits}-bit codes")
+
+    def quantize(self, x: torch.Tensor, spec: QuantSpec) -> NativePacked:
+        b, h, n, d = x.shape
+        g = spec.group_size
+        if spec.axis == "token":
+            grouped = x.reshape(b, h, n, d // g, g)
+            reduce_dim = -1
+        else:
+            if n % g:
+                raise ValueError(f"per-channel quantization needs a multiple of group_size={g} tokens, got {n}")
+            grouped = x.reshape(b, h, n // g, g, d)
+            reduce_dim = -2
+        work = grouped.float()
+        lo = work.amin(dim=reduce_dim, keepdim=True)
+        hi = work.amax(dim=reduce_dim, keepdim=True)
+        levels = (1 << spec.bits) - 1
+        # scale and zero are stored in the cache dtype; quantize against the stored values
+        scale = ((hi - lo) / levels).clamp_min(torch.finfo(x.dtype).tiny).to(x.dtype)
+        zero = lo.to(x.dtype)
+        codes = torch.round((work - zero.float()) / scale.float()).clamp_(0, levels)
+        packed = pack_codes(codes.reshape(b, h, n, d), spec.bits)
+        return NativePacked(
+            codes=packed,
+            scale=scale.squeeze(reduce_dim),
+            zero=zero.squeeze(reduce_dim),
+            bits=spec.bits,
+            group_size=g,
+            axis=spec.axis,
+        )
+
+    def concat(self, blocks: list[NativePacked]) -> NativePacked:
+        if len(blocks) == 1:
+            return blocks[0]
+        return attrs.evolve(
+            blocks[0],
+            codes=torch.cat([b.codes for b in blocks], dim=2),
+            scale=torch.cat([b.scale for b in blocks], dim=2),
+            zero=torch.cat([b.zero for b in blocks], dim=2),
+        )

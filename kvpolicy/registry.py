@@ -1,0 +1,116 @@
+"""The plugin registry: a pluggy PluginManager over :mod:`kvpolicy.hookspecs`.
+
+Built-ins register first, then every ``kvpolicy`` entry point. A plugin that fails to
+load (import error, name clash) is recorded in :attr:`Registry.load_errors` with a
+warning naming it; the others still load.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import warnings
+from typing import Any
+
+import pluggy
+
+from kvpolicy import builtins, hookspecs
+from kvpolicy.config import PolicyConfig
+from kvpolicy.errors import UnknownNameError
+
+KINDS = ("selector", "quantizer", "executor", "policy")
+_HOOKS = {
+    "selector": "kvpolicy_selectors",
+    "quantizer": "kvpolicy_quantizers",
+    "executor": "kvpolicy_executors",
+    "policy": "kvpolicy_policies",
+}
+
+
+class Registry:
+    """Everything the installed plugins provide, by kind and name, with the providing plugin."""
+
+    def __init__(self, load_entry_points: bool = True, plugins: dict[str, Any] | None = None):
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.load_errors: dict[str, str] = {}
+        self.pm.register(builtins, name="kvpolicy")
+        if load_entry_points:
+            for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
+                if self.pm.has_plugin(ep.name):
+                    continue
+                try:
+                    self.pm.register(ep.load(), name=ep.name)
+                except Exception as err:  # a broken plugin must not break the others
+                    self._fail(ep.name, f"failed to load ({type(err).__name__}: {err})")
+        for name, plugin in (plugins or {}).items():
+            self.pm.register(plugin, name=name)
+        self._entries: dict[str, dict[str, tuple[Any, str]]] = {kind: {} for kind in KINDS}
+        self._collect()
+
+    def _fail(self, plugin: str, message: str) -> None:
+        self.load_errors[plugin] = message
+        warnings.warn(f"kvpolicy plugin {plugin!r} {message}", RuntimeWarning, stacklevel=3)
+
+    def _collect(self) -> None:
+        for kind, hook_name in _HOOKS.items():
+            hook = getattr(self.pm.hook, hook_name)
+            # get_hookimpls() lists in registration order, so built-ins win name clashes
+            for impl in hook.get_hookimpls():
+                plugin = impl.plugin_name
+                try:
+                    items = impl.function() or []
+                    for item in items:
+                        name = _name_of(kind, item)
+                        if name in self._entries[kind]:
+                            other = self._entries[kind][name][1]
+                            self._fail(plugin, f"registers {kind} {name!r}, already provided by {other!r}; skipped")
+                            continue
+                        self._entries[kind][name] = (item, plugin)
+                except Exception as err:
+                    self._fail(plugin, f"hook {hook_name} failed ({type(err).__name__}: {err})")
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._entries[kind])
+
+    def provider(self, kind: str, name: str) -> str:
+        return self._lookup(kind, name)[1]
+
+    def _lookup(self, kind: str, name: str) -> tuple[Any, str]:
+        try:
+            return self._entries[kind][name]
+        except KeyError:
+            raise UnknownNameError(kind, name, self._entries[kind]) from None
+
+    def selector_class(self, name: str) -> type:
+        return self._lookup("selector", name)[0]
+
+    def quantizer(self, name: str):
+        return self._lookup("quantizer", name)[0]()
+
+    def executor(self, name: str):
+        return self._lookup("executor", name)[0]()
+
+    def policy_config(self, name: str) -> PolicyConfig:
+        item = self._lookup("policy", name)[0]
+        return item if isinstance(item, PolicyConfig) else PolicyConfig.from_dict(item)
+
+    def table(self) -> list[tuple[str, str, str]]:
+        """``(kind, name, plugin)`` rows for everything registered."""
+        return [(kind, name, plugin) for kind in KINDS for name, (_, plugin) in sorted(self._entries[kind].items())]
+
+
+def _name_of(kind: str, item: Any) -> str:
+    if kind == "policy":
+        return item.name if isinstance(item, PolicyConfig) else item["name"]
+    return item.name
+
+
+_default: Registry | None = None
+
+
+def get_registry(refresh: bool = False) -> Registry:
+    """The registry of installed plugins, built once per process (``refresh=True`` rebuilds it)."""
+    global _default
+    if _default is None or refresh:
+        _default = Registry()
+    return _default

@@ -1,0 +1,172 @@
+"""Retention selectors: given how many tokens a layer holds, which positions stay full precision.
+
+A selector is a deterministic function of the sequence length ``t``: ``keep(t)`` returns the
+sorted positions in ``[0, t)`` that stay in full precision. Every selector must satisfy:
+
+* ``len(keep(t)) <= budget`` (when ``budget`` is not ``None``);
+* the newest tokens it promises are kept (window/log keep the newest ``min(t, W)``);
+* no re-promotion: for ``t2 > t1``, ``keep(t2) ∩ [0, t1) ⊆ keep(t1)`` (a demoted token was
+  quantized, which cannot be undone).
+
+Selectors are built once per layer and hold no state shared across layers or batch rows;
+``LogSelector`` keeps a private memo of its last answer for speed only.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import attrs
+import torch
+
+from kvpolicy.errors import ConfigError
+
+
+def _positive(name: str):
+    def check(instance, attribute, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name}.{attribute.name}", value, "a positive integer")
+
+    return check
+
+
+class Selector(ABC):
+    """Chooses the full-precision positions of a layer holding ``t`` tokens."""
+
+    #: registry name, e.g. ``"window"``
+    name: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def budget(self) -> int | None:
+        """Most positions ever kept, or ``None`` when unbounded."""
+
+    @abstractmethod
+    def keep(self, length: int) -> torch.Tensor:
+        """Sorted int64 positions in ``[0, length)`` kept in full precision."""
+
+    def is_kept(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """Bool mask over ``positions`` (int tensor, any order): which are kept at ``length``."""
+        return torch.isin(positions.to(torch.int64), self.keep(length).to(positions.device))
+
+
+@attrs.define
+class AllSelector(Selector):
+    """Keep every token in full precision (the 16-bit baseline)."""
+
+    name: ClassVar[str] = "all"
+
+    @property
+    def budget(self) -> int | None:
+        return None
+
+    def keep(self, length: int) -> torch.Tensor:
+        return torch.arange(length, dtype=torch.int64)
+
+    def is_kept(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        return torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
+
+
+@attrs.define
+class SinkSelector(Selector):
+    """Keep the first ``size`` tokens (attention sinks, StreamingLLM)."""
+
+    name: ClassVar[str] = "sink"
+    size: int = attrs.field(default=4, validator=_positive("sink"))
+
+    @property
+    def budget(self) -> int | None:
+        return self.size
+
+    def keep(self, length: int) -> torch.Tensor:
+        return torch.arange(min(length, self.size), dtype=torch.int64)
+
+    def is_kept(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        return positions < min(length, self.size)
+
+
+@attrs.define
+class WindowSelector(Selector):
+    """Keep the newest ``size`` tokens (KIVI's residual, StreamingLLM's window)."""
+
+    name: ClassVar[str] = "window"
+    size: int = attrs.field(default=128, validator=_positive("window"))
+
+    @property
+    def budget(self) -> int | None:
+        return self.size
+
+    def keep(self, length: int) -> torch.Tensor:
+        return torch.arange(max(0, length - self.size), length, dtype=torch.int64)
+
+    def is_kept(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        return positions >= length - self.size
+
+
+@attrs.define
+class LogSelector(Selector):
+    """LogQuant's log-distributed retention with window ``W`` (at most ``3W`` tokens kept).
+
+    Tokens arrive in a recent window. When the window holds more than ``2W`` tokens, its
+    oldest ``W`` join a sparse set, which is then thinned to every other token (keeping the
+    newer one of each pair). Older tokens have therefore been thinned more often: their
+    density halves with each flush, i.e. with distance. The window holds ``W..2W`` tokens
+    and the sparse set at most ``W``.
+    """
+
+    name: ClassVar[str] = "log"
+    window: int = attrs.field(default=42, validator=_positive("log"))
+    _memo_flushes: int = attrs.field(default=0, init=False, repr=False, eq=False)
+    _memo_sparse: list[int] = attrs.field(factory=list, init=False, repr=False, eq=False)
+
+    @property
+    def budget(self) -> int | None:
+        return 3 * self.window
+
+    def flushes(self, length: int) -> int:
+        """Number of window flushes after ``length`` tokens (flush k happens at t=(k+1)W+1)."""
+        return max(0, (length - 1) // self.window - 1) if length > 2 * self.window else 0
+
+    def sparse(self, flushes: int) -> list[int]:
+        """Sparse positions after ``flushes`` flushes (sorted)."""
+        if flushes < self._memo_flushes:
+            self._memo_flushes, self._memo_sparse = 0, []
+        sparse = self._memo_sparse
+        w = self.window
+        for k in range(self._memo_flushes + 1, flushes + 1):
+            merged = sparse + list(range((k - 1) * w, k * w))
+            # thin to every other token, keeping the newest of each pair
+            sparse = merged[(len(merged) - 1) % 2 :: 2]
+        self._memo_flushes, self._memo_sparse = flushes, sparse
+        return sparse
+
+    def keep(self, length: int) -> torch.Tensor:
+        k = self.flushes(length)
+        sparse = torch.tensor(self.sparse(k), dtype=torch.int64)
+        return torch.cat([sparse, torch.arange(k * self.window, length, dtype=torch.int64)])
+
+
+@attrs.define
+class UnionSelector(Selector):
+    """Keep a position if any member selector keeps it."""
+
+    name: ClassVar[str] = "union"
+    members: tuple[Selector, ...] = attrs.field(converter=tuple)
+
+    @property
+    def budget(self) -> int | None:
+        budgets = [m.budget for m in self.members]
+        return None if any(b is None for b in budgets) else sum(budgets)
+
+    def keep(self, length: int) -> torch.Tensor:
+        return torch.unique(torch.cat([m.keep(length) for m in self.members]))
+
+    def is_kept(self, positions: torch.Tensor, length: int) -> torch.Tensor:
+        kept = torch.zeros(positions.shape, dtype=torch.bool, device=positions.device)
+        for member in self.members:
+            kept |= member.is_kept(positions, length)
+        return kept
+
+
+BUILTIN_SELECTORS: tuple[type[Selector], ...] = (AllSelector, SinkSelector, WindowSelector, LogSelector)

@@ -1,0 +1,134 @@
+"""Per-layer token stores: a full-precision region, a staging buffer and a packed region.
+
+A :class:`TensorStore` holds one of keys or values for one layer. Tokens enter the
+full-precision region; when the selector stops keeping a position, that token is demoted
+exactly once, from its original values: it is evicted, or it waits in the staging buffer
+until a quantization block is complete (``group_size`` tokens for per-channel groups,
+one token for per-token groups) and is then packed. Packed tokens never come back.
+
+Regions are stored in arrival order, not position order; each region carries the int32
+positions of its tokens, so attention can mask padding and pair keys with values.
+Tensors are replaced, never written in place, so a :class:`TensorView` taken before an
+update stays valid after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+import torch
+
+from kvpolicy.config import QuantSpec
+from kvpolicy.quantizers import Packed, QuantizerBackend
+from kvpolicy.selectors import Selector
+
+
+def _tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+@attrs.frozen
+class TensorView:
+    """An immutable snapshot of a store: what attention reads.
+
+    ``fp``/``staging``: ``[B, H, n, D]``; ``packed``: backend object of ``n_q`` tokens;
+    each ``*_pos`` is int32 ``[n]`` with the original sequence positions.
+    """
+
+    fp: torch.Tensor | None
+    fp_pos: torch.Tensor
+    staging: torch.Tensor | None
+    staging_pos: torch.Tensor
+    packed: Packed | None
+    packed_pos: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.fp_pos) + len(self.staging_pos) + len(self.packed_pos)
+
+    def materialize(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Dequantize everything: ``([B, H, n, D] in region order, positions [n])``."""
+        parts = [t for t in (self.fp, self.staging) if t is not None]
+        if self.packed is not None:
+            parts.append(self.packed.dequantize())
+        positions = torch.cat([self.fp_pos, self.staging_pos, self.packed_pos])
+        if not parts:
+            return None, positions
+        return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)), positions
+
+
+class TensorStore:
+    """Keys or values of one layer under one selector and one demotion rule."""
+
+    def __init__(self, selector: Selector, demote: str, spec: QuantSpec, backend: QuantizerBackend | None):
+        self.selector = selector
+        self.demote = demote
+        self.spec = spec
+        self.backend = backend
+        self.block = spec.group_size if spec.axis == "channel" else 1
+        self.reset()
+
+    def reset(self) -> None:
+        self.length = 0
+        self.fp: torch.Tensor | None = None
+        self.staging: torch.Tensor | None = None
+        self.packed: Packed | None = None
+        self.fp_pos = self.staging_pos = self.packed_pos = torch.empty(0, dtype=torch.int32)
+        self.evicted = 0
+
+    def view(self) -> TensorView:
+        return TensorView(self.fp, self.fp_pos, self.staging, self.staging_pos, self.packed, self.packed_pos)
+
+    def append(self, x: torch.Tensor) -> None:
+        """Add ``x`` (``[B, H, q, D]``, positions ``length .. length+q-1``) and demote what the selector drops."""
+        q = x.shape[2]
+        device = x.device
+        if self.length == 0:
+            self.fp_pos = self.staging_pos = self.packed_pos = torch.empty(0, dtype=torch.int32, device=device)
+        new_pos = torch.arange(self.length, self.length + q, dtype=torch.int32, device=device)
+        self.length += q
+        if self.fp is None:
+            cand, cand_pos = x, new_pos
+        else:
+            cand, cand_pos = torch.cat([self.fp, x], dim=2), torch.cat([self.fp_pos, new_pos])
+        kept = self.selector.is_kept(cand_pos, self.length)
+        if bool(kept.all()):
+            self.fp, self.fp_pos = cand, cand_pos
+            return
+        idx_keep = kept.nonzero().squeeze(-1)
+        idx_drop = (~kept).nonzero().squeeze(-1)
+        self.fp, self.fp_pos = cand.index_select(2, idx_keep), cand_pos[idx_keep]
+        demoted, demoted_pos = cand.index_select(2, idx_drop), cand_pos[idx_drop]
+        if self.demote == "evict":
+            self.evicted += len(demoted_pos)
+            return
+        self._stage(demoted, demoted_pos)
+
+    def _stage(self, x: torch.Tensor, pos: torch.Tensor) -> None:
+        if self.staging is not None:
+            x, pos = torch.cat([self.staging, x], dim=2), torch.cat([self.staging_pos, pos])
+        ready = (len(pos) // self.block) * self.block
+        if ready:
+            block = self.backend.quantize(x[:, :, :ready].contiguous(), self.spec)
+            self.packed = block if self.packed is None else self.backend.concat([self.packed, block])
+            self.packed_pos = torch.cat([self.packed_pos, pos[:ready]])
+        rest = len(pos) - ready
+        self.staging = x[:, :, ready:].contiguous() if rest else None
+        self.staging_pos = pos[ready:]
+
+    def nbytes(self) -> dict[str, int]:
+        """True bytes held by this store's tensors, by region."""
+        packed = self.packed.nbytes() if self.packed is not None else {"codes": 0, "scales": 0}
+        return {
+            "full_precision": _tensor_bytes(self.fp),
+            "staging": _tensor_bytes(self.staging),
+            "codes": packed["codes"],
+            "scales": packed["scales"],
+            "positions": sum(_tensor_bytes(p) for p in (self.fp_pos, self.staging_pos, self.packed_pos)),
+        }
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply ``fn`` to every batch-leading tensor (beam reorder, batch selection)."""
+        self.fp = None if self.fp is None else fn(self.fp)
+        self.staging = None if self.staging is None else fn(self.staging)
+        self.packed = None if self.packed is None else self.packed.map_batch(fn)

@@ -1,0 +1,1 @@
+"""LogQuant and PartialLogQuant (arXiv 2503.19950) as kvpolicy policies."""

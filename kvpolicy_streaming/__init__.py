@@ -1,0 +1,1 @@
+"""StreamingLLM (arXiv 2309.17453) as a kvpolicy policy."""

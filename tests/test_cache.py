@@ -1,0 +1,203 @@
+"""transformers integration on a tiny random Llama: generate, batch + padding, continuation, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    MistralConfig,
+    MistralForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+import kvpolicy
+from kvpolicy import KVPolicyCache, NotSupportedError, Policy, UnsupportedModelError
+from kvpolicy.cache import attention_layout
+from tests.conftest import tiny_llama
+
+SHIPPED = ["full", "kivi", "logquant", "partial_logquant", "streaming", "sink_kivi"]
+
+
+def left_padded_batch(lengths, seed=0, vocab=256):
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(1, vocab, (n,), generator=g)
+        mask[row, width - n :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def greedy(model, inputs, cache, n=24, **kwargs):
+    with torch.no_grad():
+        return model.generate(**inputs, past_key_values=cache, max_new_tokens=n, do_sample=False, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+def test_full_policy_equals_dynamic_cache_on_a_padded_batch(model):
+    inputs = left_padded_batch([40, 7, 23])
+    expected = greedy(model, inputs, DynamicCache(config=model.config), n=40)
+    got = greedy(model, inputs, kvpolicy.load_policy("full").make_cache(model), n=40)
+    assert torch.equal(got, expected)
+
+
+def test_full_policy_equals_dynamic_cache_when_sampling(model):
+    inputs = left_padded_batch([12, 30])
+    outs = []
+    for cache in (DynamicCache(config=model.config), kvpolicy.load_policy("full").make_cache(model)):
+        torch.manual_seed(123)
+        with torch.no_grad():
+            outs.append(model.generate(**inputs, past_key_values=cache, max_new_tokens=20, do_sample=True, top_k=20))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_full_policy_equals_dynamic_cache_in_beam_search(model):
+    inputs = left_padded_batch([15, 9])
+    expected = greedy(model, inputs, DynamicCache(config=model.config), n=12, num_beams=3)
+    got = greedy(model, inputs, kvpolicy.load_policy("full").make_cache(model), n=12, num_beams=3)
+    assert torch.equal(got, expected)
+
+
+def test_continuing_generation_on_the_same_cache(model):
+    first = left_padded_batch([20, 11], seed=1)
+    dyn, ours = DynamicCache(config=model.config), kvpolicy.load_policy("full").make_cache(model)
+    out_dyn, out_ours = greedy(model, first, dyn, n=10), greedy(model, first, ours, n=10)
+    follow = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(2))
+    mask = torch.cat([first["attention_mask"], torch.ones(2, 15, dtype=torch.long)], dim=1)
+    turn = {"input_ids": torch.cat([out_dyn, follow], 1), "attention_mask": mask}
+    second_dyn = greedy(model, turn, dyn, n=10)
+    second_ours = greedy(model, {**turn, "input_ids": torch.cat([out_ours, follow], 1)}, ours, n=10)
+    assert torch.equal(second_ours, second_dyn)
+    assert ours.get_seq_length() == dyn.get_seq_length()
+
+
+@pytest.fixture(scope="module")
+def bf16_model():
+    return tiny_llama(dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_policy_generates_within_its_budget(bf16_model, name):
+    model = bf16_model
+    policy = kvpolicy.load_policy(name)
+    cache = policy.make_cache(model)
+    inputs = left_padded_batch([300, 170])
+    out = greedy(model, inputs, cache, n=20)
+    assert out.shape == (2, 320)
+    budget = policy.budget()
+    for layer in cache.layers:
+        assert layer.get_seq_length() == 319  # the last token is produced, not yet cached
+        for store, key in ((layer.key_store, "keys"), (layer.value_store, "values")):
+            if budget[key] is not None:
+                assert len(store.fp_pos) <= budget[key]
+    report = cache.memory()
+    assert report.tokens == 319
+    assert sum(layer.nbytes()["full_precision"] for layer in cache.layers) > 0
+    if name == "full":
+        assert report.bytes_by_region["codes"] == 0
+    else:
+        assert report.ratio < 0.7, report.summary()
+
+
+def test_quantized_policy_stays_close_to_full_precision_logits(model):
+    inputs = left_padded_batch([200])
+    logits = {}
+    for name in ("full", "logquant", "kivi"):
+        cache = kvpolicy.load_policy(name).make_cache(model)
+        with torch.no_grad():
+            model(**inputs, past_key_values=cache)
+            step = model(input_ids=torch.tensor([[5]]), past_key_values=cache)
+        logits[name] = step.logits[0, -1].float()
+    for name in ("logquant", "kivi"):
+        diff = (logits[name] - logits["full"]).norm() / logits["full"].norm()
+        assert 0 < diff < 0.2, (name, float(diff))
+
+
+def test_cache_is_a_transformers_cache_with_one_layer_per_decoder_layer(model):
+    cache = kvpolicy.load_policy("logquant").make_cache(model)
+    assert isinstance(cache, KVPolicyCache) and len(cache.layers) == model.config.num_hidden_layers
+    assert cache.layers[0].key_store.selector is not cache.layers[1].key_store.selector
+
+
+def test_reset_empties_every_layer(model):
+    cache = kvpolicy.load_policy("kivi").make_cache(model)
+    greedy(model, left_padded_batch([150]), cache, n=4)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.memory().total_bytes == 0
+    out = greedy(model, left_padded_batch([10]), cache, n=4)
+    assert out.shape == (1, 14)
+
+
+def test_crop_is_refused_clearly(model):
+    cache = kvpolicy.load_policy("kivi").make_cache(model)
+    greedy(model, left_padded_batch([10]), cache, n=2)
+    with pytest.raises(NotSupportedError, match="crop"):
+        cache.crop(-1)
+
+
+def test_cache_refuses_a_model_not_switched_to_kvpolicy_attention():
+    model = tiny_llama()
+    cache = kvpolicy.load_policy("kivi").make_cache(model)
+    model.set_attn_implementation("eager")
+    with pytest.raises(RuntimeError, match="attention set to 'kvpolicy'.*'eager'"):
+        greedy(model, left_padded_batch([5]), cache, n=2)
+
+
+def test_kvpolicy_attention_is_plain_sdpa_for_other_caches():
+    reference = tiny_llama()
+    model = tiny_llama()
+    kvpolicy.attach(model)
+    inputs = left_padded_batch([9, 16])
+    expected = greedy(reference, inputs, DynamicCache(config=reference.config))
+    assert torch.equal(greedy(model, inputs, DynamicCache(config=model.config)), expected)
+
+
+def test_sliding_window_models_are_refused():
+    config = MistralConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        sliding_window=16,
+    )
+    with pytest.raises(UnsupportedModelError, match="sliding"):
+        Policy.load("kivi").make_cache(MistralForCausalLM(config))
+
+
+def test_encoder_decoder_models_are_refused():
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    with pytest.raises(UnsupportedModelError, match="cross-attention"):
+        Policy.load("kivi").make_cache(T5ForConditionalGeneration(config))
+
+
+def test_attention_layout_reads_gqa_shape():
+    config = LlamaConfig(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3)
+
+    class Holder:
+        pass
+
+    holder = Holder()
+    holder.config = config
+    assert attention_layout(holder) == (3, 2, 16)
+
+
+def test_bad_group_size_for_head_dim_is_named_at_make_cache(model):
+    policy = Policy.from_dict(
+        {
+            "name": "bad",
+            "keys": {"retain": [{"type": "window", "size": 8}], "quant": {"group_size": 48, "axis": "channel"}},
+            "values": {"retain": [{"type": "window", "size": 8}], "quant": {"group_size": 48, "axis": "token"}},
+        }
+    )
+    with pytest.raises(kvpolicy.ConfigError, match="values.quant.group_size: got 48.*head_dim=64"):
+        policy.make_cache(model)

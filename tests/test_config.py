@@ -1,0 +1,137 @@
+"""Config as data: validation messages, YAML/dict round-trip, safe loading, shipped examples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvpolicy import ConfigError, Policy, PolicyConfig, UnknownNameError, get_registry
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples" / "policies").glob("*.yaml"))
+
+
+def base() -> dict:
+    return {
+        "name": "p",
+        "keys": {"retain": [{"type": "log", "window": 8}], "quant": {"bits": 2, "group_size": 32, "axis": "channel"}},
+        "values": {"retain": [{"type": "window", "size": 8}], "quant": {"bits": 4, "group_size": 32}},
+    }
+
+
+@pytest.mark.parametrize("name", ["full", "kivi", "logquant", "partial_logquant", "streaming", "sink_kivi"])
+def test_registered_policies_round_trip_through_yaml(name, tmp_path):
+    policy = Policy.load(name)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(policy.to_yaml())
+    again = Policy.from_yaml(path)
+    assert again.config == policy.config
+    assert PolicyConfig.from_dict(policy.to_dict()) == policy.config
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_policies_load(path):
+    policy = Policy.load(str(path))
+    assert policy.name == path.stem
+    assert policy.budget()["keys"] is None or policy.budget()["keys"] <= 192
+
+
+def test_examples_match_the_registered_policies():
+    registry = get_registry()
+    for path in EXAMPLES:
+        if path.stem in registry.names("policy"):
+            assert PolicyConfig.from_yaml(path) == registry.policy_config(path.stem)
+
+
+@pytest.mark.parametrize(
+    "mutate,field,value,allowed",
+    [
+        (lambda d: d["keys"]["quant"].update(bits=0), "keys.quant.bits", 0, "positive integer"),
+        (lambda d: d["keys"]["quant"].update(bits="two"), "keys.quant.bits", "two", "positive integer"),
+        (lambda d: d["values"]["quant"].update(axis="row"), "values.quant.axis", "row", "channel | token"),
+        (lambda d: d["values"]["quant"].update(group_size=-8), "values.quant.group_size", -8, "positive integer"),
+        (lambda d: d["values"].update(demote="drop"), "values.demote", "drop", "quantize | evict"),
+        (lambda d: d["keys"].update(retain=[]), "retain", [], "non-empty list"),
+        (lambda d: d["keys"].update(retain="window"), "keys.retain", "window", "list of selectors"),
+        (lambda d: d["keys"].update(colour="red"), "keys.colour", "red", "one of the keys"),
+        (lambda d: d.update(extra=1), "policy.extra", 1, "one of the keys"),
+        (lambda d: d["keys"]["quant"].update(nbits=2), "keys.quant.nbits", 2, "one of the keys"),
+        (lambda d: d.pop("values"), "values", None, "section is required"),
+        (lambda d: d.update(name=""), "name", "", "non-empty string"),
+    ],
+)
+def test_bad_values_name_field_value_and_allowed(mutate, field, value, allowed):
+    data = base()
+    mutate(data)
+    with pytest.raises(ConfigError) as err:
+        PolicyConfig.from_dict(data)
+    assert err.value.field == field
+    assert err.value.value == value
+    assert allowed in err.value.allowed
+    assert field in str(err.value) and repr(value) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "selector,message",
+    [
+        ({"type": "window", "size": -4}, "keys.retain[0].size: got -4"),
+        ({"type": "log", "window": 0}, "keys.retain[0].window: got 0"),
+        ({"type": "window", "width": 4}, "keys.retain[0]"),
+    ],
+)
+def test_bad_selector_parameters_are_named(selector, message):
+    data = base()
+    data["keys"]["retain"] = [selector]
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        Policy.from_dict(data)
+
+
+def test_unknown_names_suggest_registered_ones():
+    data = base()
+    data["keys"]["retain"] = [{"type": "windw", "size": 4}]
+    with pytest.raises(UnknownNameError, match="unknown selector 'windw'. Did you mean 'window'"):
+        Policy.from_dict(data)
+    data = base()
+    data["keys"]["quant"]["backend"] = "natve"
+    with pytest.raises(UnknownNameError, match="Did you mean 'native'.*Registered quantizers: native"):
+        Policy.from_dict(data)
+    with pytest.raises(UnknownNameError, match="unknown policy 'logqant'. Did you mean 'logquant'"):
+        Policy.load("logqant")
+    data = base()
+    data["executor"] = "fused"
+    with pytest.raises(UnknownNameError, match="unknown executor 'fused'"):
+        Policy.from_dict(data)
+
+
+def test_eviction_must_match_between_keys_and_values():
+    data = base()
+    data["keys"]["demote"] = "evict"
+    with pytest.raises(ConfigError, match="eviction must apply to keys and values alike"):
+        PolicyConfig.from_dict(data)
+
+
+def test_yaml_is_loaded_safely_no_python_objects(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo hacked']\nkeys: {}\nvalues: {}\n")
+    with pytest.raises(ConfigError, match="valid YAML"):
+        PolicyConfig.from_yaml(path)
+
+
+def test_yaml_string_and_missing_file():
+    text = yaml.safe_dump(base())
+    assert PolicyConfig.from_yaml(text).name == "p"
+    with pytest.raises(ConfigError, match="existing YAML file or a registered policy name"):
+        Policy.load("does/not/exist.yaml")
+
+
+def test_single_selector_mapping_is_accepted():
+    data = base()
+    data["keys"]["retain"] = {"type": "window", "size": 4}
+    assert Policy.from_dict(data).budget()["keys"] == 4
+
+
+def test_union_budget_is_the_sum():
+    data = base()
+    data["values"]["retain"] = [{"type": "sink", "size": 4}, {"type": "window", "size": 124}]
+    assert Policy.from_dict(data).budget() == {"keys": 24, "values": 128}

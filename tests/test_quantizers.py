@@ -1,0 +1,114 @@
+"""Native quantizer: packing is exact, sizes are as computed, round-trip error within the bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvpolicy.config import QuantSpec
+from kvpolicy.errors import ConfigError
+from kvpolicy.quantizers import NativeQuantizer, pack_codes, unpack_codes
+
+backend = NativeQuantizer()
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.sampled_from([2, 4, 8]), rows=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_pack_unpack_is_exact_and_dense(bits, rows, seed):
+    g = torch.Generator().manual_seed(seed)
+    d = 64
+    codes = torch.randint(0, 1 << bits, (rows, d), generator=g, dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows, d * bits // 8)
+    assert torch.equal(unpack_codes(packed, bits), codes)
+
+
+def _random(shape, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(shape[:-1] + (1,), generator=g) * 4
+    return (torch.randn(shape, generator=g) * scale + torch.randn(shape, generator=g)).to(dtype)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    bits=st.sampled_from([2, 4, 8]),
+    axis=st.sampled_from(["token", "channel"]),
+    group=st.sampled_from([16, 32, 64]),
+    blocks=st.integers(1, 3),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_round_trip_error_within_half_a_step(bits, axis, group, blocks, batch, seed):
+    heads, d = 2, 64
+    n = group * blocks if axis == "channel" else blocks * 5
+    x = _random((batch, heads, n, d), seed)
+    spec = QuantSpec(bits=bits, group_size=group, axis=axis)
+    packed = backend.quantize(x, spec)
+    out = packed.dequantize()
+    assert out.shape == x.shape and out.dtype == x.dtype
+    # error bound: half a quantization step of the element's group (float32 arithmetic slack)
+    if axis == "token":
+        step = packed.scale.repeat_interleave(group, dim=-1)
+    else:
+        step = packed.scale.repeat_interleave(group, dim=-2)
+    err = (out - x).abs()
+    assert bool((err <= step / 2 * (1 + 1e-4) + 1e-6).all())
+    # the group range bounds every step: scale = (max - min) / (2**bits - 1)
+    assert float(step.max()) <= float((x.max() - x.min()) / ((1 << bits) - 1)) * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_round_trip(dtype):
+    x = _random((2, 3, 64, 64), 7, dtype)
+    packed = backend.quantize(x, QuantSpec(bits=4, group_size=64, axis="channel"))
+    out = packed.dequantize()
+    assert out.dtype == dtype
+    step = packed.scale.float().repeat_interleave(64, dim=-2)
+    eps = torch.finfo(dtype).eps
+    # half a step, the 16-bit rounding of the stored scale (clamped top code) and of the result
+    bound = step / 2 + 15 * step * eps + x.float().abs() * eps
+    assert bool(((out.float() - x.float()).abs() <= bound).all())
+
+
+@pytest.mark.parametrize(
+    "bits,group,axis,expected_codes,expected_scales",
+    [
+        # B=2, H=3, n=64, D=64, 16-bit scale+zero
+        (2, 64, "channel", 2 * 3 * 64 * 64 // 4, 2 * 2 * 3 * (64 // 64) * 64 * 2),
+        (2, 32, "token", 2 * 3 * 64 * 64 // 4, 2 * 2 * 3 * 64 * (64 // 32) * 2),
+        (4, 64, "token", 2 * 3 * 64 * 64 // 2, 2 * 2 * 3 * 64 * 1 * 2),
+        (8, 16, "channel", 2 * 3 * 64 * 64, 2 * 2 * 3 * 4 * 64 * 2),
+    ],
+)
+def test_packed_size_is_exactly_as_computed(bits, group, axis, expected_codes, expected_scales):
+    x = _random((2, 3, 64, 64), 1, torch.bfloat16)
+    packed = backend.quantize(x, QuantSpec(bits=bits, group_size=group, axis=axis))
+    assert packed.nbytes() == {"codes": expected_codes, "scales": expected_scales}
+
+
+def test_two_bit_group_64_costs_two_and_a_half_bits_per_element():
+    x = _random((1, 8, 1024, 128), 3, torch.bfloat16)
+    packed = backend.quantize(x, QuantSpec(bits=2, group_size=64, axis="channel"))
+    bits_per_element = 8 * sum(packed.nbytes().values()) / x.numel()
+    assert bits_per_element == pytest.approx(2.5)
+
+
+def test_channel_axis_needs_whole_groups():
+    with pytest.raises(ValueError, match="multiple of group_size=32"):
+        backend.quantize(torch.zeros(1, 1, 33, 64), QuantSpec(group_size=32, axis="channel"))
+
+
+def test_validate_names_bits_and_group():
+    with pytest.raises(ConfigError, match=r"keys.quant.bits: got 3; allowed: 2 \| 4 \| 8"):
+        backend.validate(QuantSpec(bits=3), 64, "keys.quant")
+    with pytest.raises(ConfigError, match="values.quant.group_size: got 48.*divisor of head_dim=64"):
+        backend.validate(QuantSpec(group_size=48, axis="token"), 64, "values.quant")
+    backend.validate(QuantSpec(group_size=48, axis="channel"), 64, "keys.quant")  # groups along tokens: fine
+
+
+def test_constant_group_does_not_divide_by_zero():
+    x = torch.full((1, 1, 4, 64), 3.25)
+    out = backend.quantize(x, QuantSpec(bits=2, group_size=64, axis="token")).dequantize()
+    assert torch.equal(out, x)

@@ -1,0 +1,137 @@
+"""The registry: built-ins through the hooks, plugins through the ``kvpolicy`` entry-point group."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kvpolicy import Policy, Registry, get_registry
+
+PLUGIN_SOURCE = textwrap.dedent(
+    '''
+    """A third-party kvpolicy plugin used by the tests: a strided selector."""
+    from typing import ClassVar
+
+    import attrs
+    import torch
+
+    from kvpolicy import hookimpl
+    from kvpolicy.selectors import Selector
+
+
+    @attrs.define
+    class StrideSelector(Selector):
+        """Keep every ``stride``-th position and the newest ``recent``."""
+
+        name: ClassVar[str] = "stride"
+        stride: int = 8
+        recent: int = 4
+
+        @property
+        def budget(self):
+            return None
+
+        def keep(self, length):
+            every = torch.arange(0, max(0, length - self.recent), self.stride)
+            return torch.cat([every, torch.arange(max(0, length - self.recent), length)])
+
+
+    @hookimpl
+    def kvpolicy_selectors():
+        return [StrideSelector]
+    '''
+)
+
+
+def make_distribution(root, package: str, entry_points: str) -> None:
+    """A minimal installed distribution (dist-info on sys.path), as pip would leave it."""
+    (root / package).mkdir()
+    (root / package / "__init__.py").write_text(PLUGIN_SOURCE)
+    info = root / f"{package}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(entry_points)
+
+
+@pytest.fixture
+def third_party(tmp_path, monkeypatch):
+    make_distribution(tmp_path, "stride_plugin", "[kvpolicy]\nstride_plugin = stride_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("stride_plugin", None)
+
+
+def test_builtins_and_shipped_plugins_are_registered_with_their_providers():
+    registry = get_registry()
+    assert registry.names("selector")[:4] == ["all", "log", "sink", "window"]
+    assert registry.provider("selector", "log") == "kvpolicy"
+    assert registry.provider("quantizer", "native") == "kvpolicy"
+    assert registry.provider("policy", "logquant") == "kvpolicy_logquant"
+    assert registry.provider("policy", "partial_logquant") == "kvpolicy_logquant"
+    assert registry.provider("policy", "kivi") == "kvpolicy_kivi"
+    assert registry.provider("policy", "sink_kivi") == "kvpolicy_kivi"
+    assert registry.provider("policy", "streaming") == "kvpolicy_streaming"
+    assert registry.load_errors == {}
+
+
+def test_third_party_selector_is_registered_and_usable_from_yaml(third_party, tmp_path):
+    registry = Registry()
+    assert registry.provider("selector", "stride") == "stride_plugin"
+    yaml_path = tmp_path / "strided.yaml"
+    yaml_path.write_text(
+        textwrap.dedent(
+            """
+            name: strided
+            keys:
+              retain: [{type: stride, stride: 4, recent: 8}]
+              quant: {bits: 2, group_size: 16, axis: channel}
+            values:
+              retain: [{type: stride, stride: 4, recent: 8}]
+              quant: {bits: 2, group_size: 16, axis: token}
+            """
+        )
+    )
+    policy = Policy.load(str(yaml_path), registry=registry)
+    layer = policy.new_layer(head_dim=16)
+    layer.update(torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 16))
+    assert sorted(layer.key_store.fp_pos.tolist()) == [0, 4, 8, 12, 16, 20, 24, 28, 32, 33, 34, 35, 36, 37, 38, 39]
+
+
+def test_kvpolicy_list_shows_the_third_party_selector(third_party):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(third_party), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-m", "kvpolicy.cli", "list"], capture_output=True, text=True, env=env, check=True
+    )
+    line = next(ln for ln in result.stdout.splitlines() if " stride " in ln)
+    assert line.split()[0] == "selector" and "(plugin: stride_plugin)" in line
+    assert "(plugin: kvpolicy_logquant)" in result.stdout
+
+
+def test_a_broken_plugin_is_named_and_does_not_break_the_others(tmp_path, monkeypatch):
+    make_distribution(tmp_path, "fine_plugin", "[kvpolicy]\nbroken = no_such_module_here\nfine = fine_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="plugin 'broken' failed to load.*ModuleNotFoundError"):
+        registry = Registry()
+    assert "broken" in registry.load_errors
+    assert "stride" in registry.names("selector")  # the healthy plugin still loaded
+    assert "logquant" in registry.names("policy")
+    sys.modules.pop("fine_plugin", None)
+
+
+def test_a_name_clash_keeps_the_first_provider():
+    from kvpolicy.hookspecs import hookimpl
+    from kvpolicy.selectors import WindowSelector
+
+    class Clash:
+        @hookimpl
+        def kvpolicy_selectors(self):
+            return [WindowSelector]
+
+    with pytest.warns(RuntimeWarning, match="registers selector 'window', already provided by 'kvpolicy'"):
+        registry = Registry(load_entry_points=False, plugins={"clash": Clash()})
+    assert registry.provider("selector", "window") == "kvpolicy"

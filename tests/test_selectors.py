@@ -1,0 +1,121 @@
+"""Property tests of every selector: budget, newest kept, no re-promotion, sinks, log thinning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvpolicy.errors import ConfigError
+from kvpolicy.selectors import AllSelector, LogSelector, SinkSelector, UnionSelector, WindowSelector
+
+lengths = st.integers(min_value=0, max_value=700)
+sizes = st.integers(min_value=1, max_value=80)
+
+
+def selector_strategy():
+    simple = st.one_of(
+        st.builds(WindowSelector, size=sizes),
+        st.builds(SinkSelector, size=st.integers(1, 8)),
+        st.builds(LogSelector, window=sizes),
+    )
+    union = st.lists(simple, min_size=2, max_size=3).map(UnionSelector)
+    return st.one_of(simple, union, st.just(AllSelector()))
+
+
+def newest_promised(selector) -> int:
+    """How many newest tokens a selector promises to keep."""
+    if isinstance(selector, WindowSelector):
+        return selector.size
+    if isinstance(selector, LogSelector):
+        return selector.window
+    if isinstance(selector, AllSelector):
+        return 10**9
+    if isinstance(selector, UnionSelector):
+        return max(newest_promised(m) for m in selector.members)
+    return 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(selector=selector_strategy(), t=lengths)
+def test_keep_is_sorted_unique_in_range_and_within_budget(selector, t):
+    kept = selector.keep(t)
+    assert kept.dtype == torch.int64
+    assert torch.equal(kept, torch.unique(kept))
+    if len(kept):
+        assert 0 <= int(kept[0]) and int(kept[-1]) < t
+    if selector.budget is not None:
+        assert len(kept) <= selector.budget
+
+
+@settings(max_examples=200, deadline=None)
+@given(selector=selector_strategy(), t=lengths)
+def test_newest_tokens_always_kept(selector, t):
+    kept = set(selector.keep(t).tolist())
+    newest = range(max(0, t - newest_promised(selector)), t)
+    assert set(newest) <= kept
+
+
+@settings(max_examples=200, deadline=None)
+@given(selector=selector_strategy(), t1=lengths, step=st.integers(1, 300))
+def test_demoted_token_never_comes_back(selector, t1, step):
+    t2 = t1 + step
+    before = set(selector.keep(t1).tolist())
+    after = set(selector.keep(t2).tolist())
+    assert {p for p in after if p < t1} <= before
+
+
+@settings(max_examples=100, deadline=None)
+@given(selector=selector_strategy(), t=lengths, seed=st.integers(0, 2**16))
+def test_is_kept_agrees_with_keep(selector, t, seed):
+    g = torch.Generator().manual_seed(seed)
+    positions = torch.randint(0, max(t, 1), (min(t, 50),), generator=g, dtype=torch.int32)
+    expected = torch.isin(positions.long(), selector.keep(t))
+    assert torch.equal(selector.is_kept(positions, t), expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(size=st.integers(1, 8), window=sizes, t=lengths)
+def test_sinks_always_kept(size, window, t):
+    selector = UnionSelector([SinkSelector(size), WindowSelector(window)])
+    assert set(range(min(t, size))) <= set(selector.keep(t).tolist())
+
+
+@settings(max_examples=150, deadline=None)
+@given(window=st.integers(4, 64), flushes=st.integers(3, 14))
+def test_log_density_thins_with_distance(window, flushes):
+    selector = LogSelector(window)
+    t = (flushes + 1) * window + 1
+    kept = selector.keep(t)
+    # kept count per flushed block of W positions, oldest block first
+    counts = [int(((kept >= j * window) & (kept < (j + 1) * window)).sum()) for j in range(flushes)]
+    assert sum(counts) <= window  # the sparse set holds at most W tokens
+    assert counts[-1] <= (window + 1) // 2  # the newest flushed block was thinned once
+    # an older block never keeps more than a newer one (up to one token of pair parity)
+    assert all(old <= new + 1 for old, new in zip(counts, counts[1:]))
+    # and the oldest blocks are much sparser than the newest one
+    assert counts[0] < counts[-1]
+
+
+def test_log_window_stays_between_w_and_2w():
+    selector = LogSelector(8)
+    for t in range(17, 400):
+        k = selector.flushes(t)
+        assert 8 <= t - k * 8 <= 16
+
+
+def test_log_memo_gives_same_answer_backwards():
+    selector = LogSelector(5)
+    forward = [selector.keep(t).tolist() for t in range(0, 200)]
+    backward = [LogSelector(5).keep(t).tolist() for t in range(0, 200)]
+    assert forward == backward
+    assert selector.keep(37).tolist() == backward[37]  # going back recomputes
+
+
+@pytest.mark.parametrize("cls,field", [(WindowSelector, "size"), (SinkSelector, "size"), (LogSelector, "window")])
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "8", True])
+def test_bad_selector_parameter_names_field_and_value(cls, field, bad):
+    with pytest.raises(ConfigError) as err:
+        cls(**{field: bad})
+    assert field in str(err.value) and repr(bad) in str(err.value) and "positive integer" in str(err.value)

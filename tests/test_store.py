@@ -1,0 +1,138 @@
+"""Stores against a slow, obviously-correct model of the same policy (hypothesis)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvpolicy.config import QuantSpec
+from kvpolicy.quantizers import NativeQuantizer
+from kvpolicy.selectors import LogSelector, SinkSelector, UnionSelector, WindowSelector
+from kvpolicy.store import TensorStore
+
+backend = NativeQuantizer()
+
+
+class ReferenceStore:
+    """Keeps every original token; demotes by replaying the selector step by step."""
+
+    def __init__(self, selector, demote, spec):
+        self.selector, self.demote, self.spec = selector, demote, spec
+        self.block = spec.group_size if spec.axis == "channel" else 1
+        self.original: dict[int, torch.Tensor] = {}  # position -> [B, H, D]
+        self.full: set[int] = set()
+        self.queue: list[int] = []  # demoted, waiting for a whole block
+        self.quantized: dict[int, torch.Tensor] = {}
+        self.evicted: set[int] = set()
+        self.length = 0
+
+    def append(self, x):
+        for i in range(x.shape[2]):
+            self.original[self.length + i] = x[:, :, i]
+            self.full.add(self.length + i)
+        self.length += x.shape[2]
+        keep = set(self.selector.keep(self.length).tolist())
+        demoted = sorted(self.full - keep)
+        self.full &= keep
+        if self.demote == "evict":
+            self.evicted.update(demoted)
+            return
+        self.queue += demoted
+        while len(self.queue) >= self.block:
+            block, self.queue = self.queue[: self.block], self.queue[self.block :]
+            tokens = torch.stack([self.original[p] for p in block], dim=2)
+            deq = backend.quantize(tokens, self.spec).dequantize()
+            for i, p in enumerate(block):
+                self.quantized[p] = deq[:, :, i]
+
+    def expected(self) -> dict[int, torch.Tensor]:
+        out = {p: self.original[p] for p in self.full | set(self.queue)}
+        out.update(self.quantized)
+        return out
+
+
+selectors = st.one_of(
+    st.builds(WindowSelector, size=st.integers(1, 24)),
+    st.builds(LogSelector, window=st.integers(1, 12)),
+    st.builds(lambda s, w: UnionSelector([SinkSelector(s), WindowSelector(w)]), st.integers(1, 4), st.integers(1, 16)),
+)
+specs = st.builds(
+    QuantSpec,
+    bits=st.sampled_from([2, 4, 8]),
+    group_size=st.sampled_from([4, 8, 16]),
+    axis=st.sampled_from(["token", "channel"]),
+)
+chunks = st.lists(st.integers(1, 40), min_size=1, max_size=12)  # first = prefill, then decode/chunks
+
+
+def held_tensor_bytes(store: TensorStore) -> int:
+    tensors = [store.fp, store.staging, store.fp_pos, store.staging_pos, store.packed_pos]
+    if store.packed is not None:
+        tensors += [store.packed.codes, store.packed.scale, store.packed.zero]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    selector=selectors,
+    spec=specs,
+    demote=st.sampled_from(["quantize", "evict"]),
+    steps=chunks,
+    batch=st.integers(1, 3),
+    heads=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_store_matches_reference_model(selector, spec, demote, steps, batch, heads, seed):
+    g = torch.Generator().manual_seed(seed)
+    store = TensorStore(selector, demote, spec, backend)
+    reference = ReferenceStore(copy.deepcopy(selector), demote, spec)
+    packed_before: set[int] = set()
+    for q in steps:
+        x = torch.randn(batch, heads, q, 16, generator=g)
+        store.append(x)
+        reference.append(x)
+        view = store.view()
+        tensor, positions = view.materialize()
+        expected = reference.expected()
+        assert sorted(positions.tolist()) == sorted(expected)
+        for i, p in enumerate(positions.tolist()):
+            assert torch.equal(tensor[:, :, i], expected[p]), f"position {p}"
+        # full-precision region: exactly what the selector keeps among live tokens, within budget
+        assert set(store.fp_pos.tolist()) == reference.full
+        if selector.budget is not None:
+            assert len(store.fp_pos) <= selector.budget
+        # staging never holds a whole block; demoted tokens never come back
+        assert len(store.staging_pos) < store.block
+        packed_now = set(store.packed_pos.tolist())
+        assert packed_before <= packed_now
+        assert not (packed_now & set(store.fp_pos.tolist()))
+        packed_before = packed_now
+        assert store.evicted == len(reference.evicted)
+        # nbytes is the bytes actually held by the store's tensors
+        assert sum(store.nbytes().values()) == held_tensor_bytes(store)
+
+
+def test_view_taken_before_an_update_is_unchanged_by_it():
+    store = TensorStore(WindowSelector(4), "quantize", QuantSpec(bits=2, group_size=4, axis="channel"), backend)
+    store.append(torch.randn(1, 1, 6, 16))
+    view = store.view()
+    before = view.materialize()
+    store.append(torch.randn(1, 1, 9, 16))
+    after = view.materialize()
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_memory_stays_bounded_over_a_long_decode():
+    store = TensorStore(LogSelector(8), "quantize", QuantSpec(bits=2, group_size=8, axis="channel"), backend)
+    store.append(torch.randn(1, 2, 30, 16))
+    for _ in range(500):
+        store.append(torch.randn(1, 2, 1, 16))
+    sizes = store.nbytes()
+    assert len(store.fp_pos) <= 24 and len(store.staging_pos) < 8
+    full_precision_token = 2 * 16 * 4
+    assert sizes["full_precision"] <= 24 * full_precision_token
+    # 2-bit codes: 16 channels -> 4 bytes per head per token
+    assert sizes["codes"] == 2 * 4 * len(store.packed_pos)
