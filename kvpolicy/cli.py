@@ -75,6 +75,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot_retention(args: argparse.Namespace) -> int:
+    from kvpolicy.policy import Policy
+    from kvpolicy.retention import plot_retention
+
+    policy = Policy.load(args.policy)
+    output = args.output or f"retention-{policy.name}.png"
+    path = plot_retention(policy, output, steps=args.steps, prefill=args.prefill)
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpolicy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,12 +100,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap the prompt in the chat template")
+    plot = sub.add_parser("plot-retention", help="PNG of which positions are full precision/quantized/evicted")
+    plot.add_argument("policy", help="registered policy name or YAML path (third-party selectors included)")
+    plot.add_argument("-o", "--output", help="PNG path (default: retention-POLICY.png)")
+    plot.add_argument("--steps", type=int, default=400, help="decode steps to simulate (default: 400)")
+    plot.add_argument("--prefill", type=int, default=1, help="prompt length before decoding (default: 1)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"list": _cmd_list, "show": _cmd_show, "generate": _cmd_generate}
+    handlers = {
+        "list": _cmd_list,
+        "show": _cmd_show,
+        "generate": _cmd_generate,
+        "plot-retention": _cmd_plot_retention,
+    }
     try:
         return handlers[args.command](args)
     except (KVPolicyError, FileNotFoundError) as err:

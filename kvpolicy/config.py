@@ -74,10 +74,24 @@ class QuantSpec:
     token per group; values).
     """
 
-    backend: str = attrs.field(default="native", validator=_non_empty_str("quant.backend"))
-    bits: int = attrs.field(default=2, validator=_positive_int("quant.bits"))
-    group_size: int = attrs.field(default=64, validator=_positive_int("quant.group_size"))
-    axis: str = attrs.field(default="token", validator=_one_of("quant.axis", AXES))
+    backend: str = attrs.field(
+        default="native",
+        validator=_non_empty_str("quant.backend"),
+        metadata={"doc": "registered quantizer backend (`kvpolicy list`)"},
+    )
+    bits: int = attrs.field(
+        default=2, validator=_positive_int("quant.bits"), metadata={"doc": "code width; native: 2, 4 or 8"}
+    )
+    group_size: int = attrs.field(
+        default=64,
+        validator=_positive_int("quant.group_size"),
+        metadata={"doc": "elements sharing one scale and zero; must divide head_dim when axis is token"},
+    )
+    axis: str = attrs.field(
+        default="token",
+        validator=_one_of("quant.axis", AXES),
+        metadata={"doc": "`channel`: groups run along tokens (keys); `token`: groups run along channels (values)"},
+    )
 
     @classmethod
     def from_dict(cls, data: dict, section: str = "quant") -> QuantSpec:
@@ -113,9 +127,16 @@ class SelectorSpec:
 class TensorSpec:
     """Retention and demotion for one of keys or values."""
 
-    retain: tuple[SelectorSpec, ...] = attrs.field(converter=tuple)
-    demote: str = attrs.field(default="quantize", validator=_one_of("demote", DEMOTE_MODES))
-    quant: QuantSpec = attrs.field(factory=QuantSpec)
+    retain: tuple[SelectorSpec, ...] = attrs.field(
+        converter=tuple,
+        metadata={"doc": "selectors whose union stays in full precision, e.g. `[{type: window, size: 128}]`"},
+    )
+    demote: str = attrs.field(
+        default="quantize",
+        validator=_one_of("demote", DEMOTE_MODES),
+        metadata={"doc": "what happens to tokens no selector keeps: `quantize` or `evict`"},
+    )
+    quant: QuantSpec = attrs.field(factory=QuantSpec, metadata={"doc": "how demoted tokens are quantized"})
 
     @retain.validator
     def _check_retain(self, attribute: attrs.Attribute, value: tuple) -> None:
@@ -149,11 +170,15 @@ class TensorSpec:
 class PolicyConfig:
     """A complete policy: key and value specs plus the attention executor."""
 
-    name: str = attrs.field(validator=_non_empty_str("name"))
-    keys: TensorSpec
-    values: TensorSpec
-    executor: str = attrs.field(default="reference", validator=_non_empty_str("executor"))
-    description: str = ""
+    name: str = attrs.field(validator=_non_empty_str("name"), metadata={"doc": "the policy's name"})
+    keys: TensorSpec = attrs.field(metadata={"doc": "retention and quantization of keys"})
+    values: TensorSpec = attrs.field(metadata={"doc": "retention and quantization of values"})
+    executor: str = attrs.field(
+        default="reference",
+        validator=_non_empty_str("executor"),
+        metadata={"doc": "registered attention executor (`kvpolicy list`)"},
+    )
+    description: str = attrs.field(default="", metadata={"doc": "free text shown by `kvpolicy show`"})
 
     def __attrs_post_init__(self) -> None:
         evicting = [s.demote == "evict" for s in (self.keys, self.values)]

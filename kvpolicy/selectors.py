@@ -73,7 +73,7 @@ class SinkSelector(Selector):
     """Keep the first ``size`` tokens (attention sinks, StreamingLLM)."""
 
     name: ClassVar[str] = "sink"
-    size: int = attrs.field(default=4, validator=_positive("sink"))
+    size: int = attrs.field(default=4, validator=_positive("sink"), metadata={"doc": "number of first tokens kept"})
 
     @property
     def budget(self) -> int | None:
@@ -91,7 +91,9 @@ class WindowSelector(Selector):
     """Keep the newest ``size`` tokens (KIVI's residual, StreamingLLM's window)."""
 
     name: ClassVar[str] = "window"
-    size: int = attrs.field(default=128, validator=_positive("window"))
+    size: int = attrs.field(
+        default=128, validator=_positive("window"), metadata={"doc": "number of newest tokens kept"}
+    )
 
     @property
     def budget(self) -> int | None:
@@ -116,7 +118,9 @@ class LogSelector(Selector):
     """
 
     name: ClassVar[str] = "log"
-    window: int = attrs.field(default=42, validator=_positive("log"))
+    window: int = attrs.field(
+        default=42, validator=_positive("log"), metadata={"doc": "W: the window holds W..2W tokens, at most 3W kept"}
+    )
     _memo_flushes: int = attrs.field(default=0, init=False, repr=False, eq=False)
     _memo_sparse: list[int] = attrs.field(factory=list, init=False, repr=False, eq=False)
 

@@ -72,3 +72,10 @@ def test_generate_on_the_embedded_model_reports_kv_bytes(tmp_path):
     assert match, lines[-1]
     held, baseline, ratio = map(float, match.groups())
     assert ratio == pytest.approx(held / baseline, abs=0.01) and ratio < 0.6
+
+
+def test_plot_retention_writes_a_picture(tmp_path, capsys):
+    out = tmp_path / "log.png"
+    assert main(["plot-retention", "logquant", "-o", str(out), "--steps", "120"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {out}" in capsys.readouterr().out

@@ -68,7 +68,7 @@ def third_party(tmp_path, monkeypatch):
 
 def test_builtins_and_shipped_plugins_are_registered_with_their_providers():
     registry = get_registry()
-    assert registry.names("selector")[:4] == ["all", "log", "sink", "window"]
+    assert {"all", "log", "sink", "window"} <= set(registry.names("selector"))
     assert registry.provider("selector", "log") == "kvpolicy"
     assert registry.provider("quantizer", "native") == "kvpolicy"
     assert registry.provider("policy", "logquant") == "kvpolicy_logquant"

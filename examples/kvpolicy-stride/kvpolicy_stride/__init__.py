@@ -1,0 +1,1 @@
+"""An example kvpolicy plugin: keep every ``stride``-th token in full precision."""

@@ -1,0 +1,52 @@
+"""Every code block of Getting started runs, and its set-up matches the README's."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+GETTING_STARTED = ROOT / "docs" / "getting-started.md"
+
+
+def code_blocks(path: Path, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", path.read_text(), flags=re.S)
+
+
+def setup_commands(path: Path) -> list[str]:
+    return [line for block in code_blocks(path, "bash") for line in block.splitlines() if line.startswith("pip ")]
+
+
+def test_getting_started_set_up_is_the_readme_set_up():
+    assert setup_commands(GETTING_STARTED) == setup_commands(ROOT / "README.md")
+    assert (
+        setup_commands(ROOT / "README.md")
+        == [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("pip ")][:2]
+    )
+
+
+@pytest.mark.model
+def test_getting_started_code_blocks_run(tmp_path, monkeypatch):
+    """Python blocks run in order in one namespace; shell blocks (other than set-up) run in the same folder."""
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```(python|bash)\n(.*?)```", GETTING_STARTED.read_text(), flags=re.S)
+    assert len(blocks) >= 5
+    namespace: dict = {}
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    for language, code in blocks:
+        if language == "python":
+            exec(compile(code, str(GETTING_STARTED), "exec"), namespace)
+            continue
+        for line in code.strip().splitlines():
+            if line.startswith("pip "):
+                continue  # the set-up: CI runs exactly these commands before the tests
+            result = subprocess.run(shlex.split(line), capture_output=True, text=True, env=env, timeout=600)
+            assert result.returncode == 0, f"{line}\n{result.stderr[-2000:]}"
+    assert (tmp_path / "my_policy.png").exists()
