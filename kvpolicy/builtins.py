@@ -5,7 +5,8 @@ Registered by :class:`~kvpolicy.registry.Registry` through the same hooks as any
 
 from __future__ import annotations
 
-from kvpolicy.executors import ReferenceExecutor
+from kvpolicy.executors import ChunkedExecutor, ReferenceExecutor
+from kvpolicy.fused import FusedExecutor
 from kvpolicy.hookspecs import hookimpl
 from kvpolicy.quantizers import NativeQuantizer
 from kvpolicy.selectors import BUILTIN_SELECTORS
@@ -23,7 +24,7 @@ def kvpolicy_quantizers():
 
 @hookimpl
 def kvpolicy_executors():
-    return [ReferenceExecutor]
+    return [ReferenceExecutor, ChunkedExecutor, FusedExecutor]
 
 
 @hookimpl

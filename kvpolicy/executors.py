@@ -16,6 +16,8 @@ import attrs
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from kvpolicy import partial_attention as pa
+from kvpolicy.quantizers import Packed
 from kvpolicy.store import TensorView
 
 
@@ -59,7 +61,7 @@ def _in_position_order(view: TensorView) -> tuple[torch.Tensor | None, torch.Ten
     if tensor is None:
         return None, positions
     order = torch.argsort(positions)
-    return tensor.index_select(2, order), positions[order]
+    return tensor.index_select(2, order.to(tensor.device)), positions[order]
 
 
 class ReferenceExecutor(Executor):
@@ -83,7 +85,7 @@ class ReferenceExecutor(Executor):
         else:
             keys = torch.cat([cached_k, step.new_keys], dim=2)
             values = torch.cat([cached_v, step.new_values], dim=2)
-            positions = torch.cat([pos_k.to(torch.int64), new_pos])
+            positions = torch.cat([pos_k.to(device=query.device, dtype=torch.int64), new_pos])
         mask = select_mask_columns(attention_mask, positions, step.past_length + q, q)
         out, _ = sdpa_attention_forward(module, query, keys, values, mask, **kwargs)
         return out
@@ -99,7 +101,7 @@ def select_mask_columns(
     SDPA's ``is_causal`` aligns to the top-left corner.
     """
     n = len(positions)
-    if n == full_length:
+    if n == full_length and (attention_mask is not None or q == 1 or n == q):
         return attention_mask
     if attention_mask is not None:
         return attention_mask.index_select(-1, positions.to(attention_mask.device))
@@ -109,3 +111,83 @@ def select_mask_columns(
     mask = torch.ones(q, n, dtype=torch.bool, device=positions.device)
     mask[:, cached:] = torch.ones(q, q, dtype=torch.bool, device=positions.device).tril()
     return mask[None, None]
+
+
+def allowed_columns(
+    attention_mask: torch.Tensor | None, positions: torch.Tensor, past_length: int, q: int
+) -> torch.Tensor | None:
+    """Bool ``[B or 1, 1, q, n]`` saying which query rows may see the tokens at ``positions``,
+    or ``None`` when all may (a decode step without padding)."""
+    positions = positions.to(torch.int64)
+    if attention_mask is not None:
+        return attention_mask.index_select(-1, positions.to(attention_mask.device))
+    if q == 1:
+        return None
+    query_pos = torch.arange(past_length, past_length + q, device=positions.device)
+    return (positions[None, :] <= query_pos[:, None])[None, None]
+
+
+def views_aligned(keys: TensorView, values: TensorView) -> bool:
+    """True when keys and values hold the same positions in the same order in every region."""
+    return all(
+        torch.equal(a, b)
+        for a, b in (
+            (keys.fp_pos, values.fp_pos),
+            (keys.staging_pos, values.staging_pos),
+            (keys.packed_pos, values.packed_pos),
+        )
+    )
+
+
+class ChunkedExecutor(Executor):
+    """Attention region by region, the packed region a chunk at a time, merged by log-sum-exp.
+
+    Never holds more than ``chunk_tokens`` dequantized tokens at once (per layer), so peak
+    memory stays far below a 16-bit copy of the cache. Falls back to :class:`ReferenceExecutor`
+    when keys and values are stored in different orders (different retention for K and V).
+    """
+
+    name: ClassVar[str] = "chunked"
+    chunk_tokens: int = 4096
+
+    def attend(self, module, query, step, attention_mask, scaling=None, **kwargs):
+        if not views_aligned(step.keys, step.values):
+            return ReferenceExecutor().attend(module, query, step, attention_mask, scaling=scaling, **kwargs)
+        b, hq, q, d = query.shape
+        kv_heads = step.new_keys.shape[1]
+        groups = hq // kv_heads
+        scaling = scaling if scaling is not None else d**-0.5
+        grouped = pa.group_queries(query, kv_heads)
+        past = step.past_length
+
+        def bias(positions: torch.Tensor) -> torch.Tensor | None:
+            return pa.group_bias(allowed_columns(attention_mask, positions, past, q), groups)
+
+        # full-precision tokens: kept, staged and new
+        new_pos = torch.arange(past, past + q, dtype=torch.int32)
+        fp_keys = [t for t in (step.keys.fp, step.keys.staging, step.new_keys) if t is not None]
+        fp_values = [t for t in (step.values.fp, step.values.staging, step.new_values) if t is not None]
+        fp_pos = torch.cat([step.keys.fp_pos, step.keys.staging_pos, new_pos])
+        result = pa.partial(grouped, torch.cat(fp_keys, 2), torch.cat(fp_values, 2), scaling, bias(fp_pos))
+        if step.keys.packed is not None:
+            packed = self.packed_attention(
+                grouped, step.keys.packed, step.values.packed, step.keys.packed_pos, scaling, bias
+            )
+            result = pa.merge([result, packed])
+        return pa.ungroup_output(result[0], hq, q).to(query.dtype)
+
+    def packed_attention(self, grouped, keys: Packed, values: Packed, positions, scaling, bias):
+        """``(o, lse)`` over the packed region; the fused executor replaces this."""
+        result = None
+        n = keys.num_tokens
+        for start in range(0, n, self.chunk_tokens):
+            stop = min(n, start + self.chunk_tokens)
+            part = pa.partial(
+                grouped,
+                keys.slice_tokens(start, stop).dequantize(),
+                values.slice_tokens(start, stop).dequantize(),
+                scaling,
+                bias(positions[start:stop]),
+            )
+            result = part if result is None else pa.merge([result, part])
+        return result

@@ -10,6 +10,7 @@ registry and builds caches from it::
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from kvpolicy import attention
@@ -19,6 +20,9 @@ from kvpolicy.errors import ConfigError
 from kvpolicy.registry import Registry, get_registry
 from kvpolicy.selectors import Selector, UnionSelector
 from kvpolicy.store import TensorStore
+
+#: tokens packed at a time when no side needs per-channel groups (amortizes packing)
+DEFAULT_BLOCK = 32
 
 
 class Policy:
@@ -90,12 +94,22 @@ class Policy:
             "values": self._selector(self.config.values, "values").budget,
         }
 
+    def demote_block(self) -> int:
+        """Tokens packed at a time, shared by keys and values: the per-channel group sizes' lcm
+        (or ``DEFAULT_BLOCK`` when neither side groups along tokens)."""
+        groups = [
+            s.quant.group_size
+            for s in (self.config.keys, self.config.values)
+            if s.demote == "quantize" and s.quant.axis == "channel"
+        ]
+        return math.lcm(*groups) if groups else DEFAULT_BLOCK
+
     def _store(self, spec: TensorSpec, section: str, head_dim: int) -> TensorStore:
         backend = None
         if spec.demote == "quantize":
             backend = self.registry.quantizer(spec.quant.backend)
             backend.validate(spec.quant, head_dim, f"{section}.quant")
-        return TensorStore(self._selector(spec, section), spec.demote, spec.quant, backend)
+        return TensorStore(self._selector(spec, section), spec.demote, spec.quant, backend, self.demote_block())
 
     def new_layer(self, head_dim: int, model_config=None) -> KVPolicyLayer:
         """One layer's cache (fresh selectors and stores: nothing shared with other layers)."""

@@ -38,6 +38,9 @@ class Packed(Protocol):
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Packed:
         """Apply ``fn`` to every tensor whose first dimension is the batch."""
 
+    def slice_tokens(self, start: int, stop: int) -> Packed:
+        """Tokens ``start:stop`` (multiples of the per-channel group size), sharing storage."""
+
 
 class QuantizerBackend(ABC):
     """Packs blocks of tokens. Stateless; one instance may serve every layer."""
@@ -119,6 +122,12 @@ class NativePacked:
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> NativePacked:
         return attrs.evolve(self, codes=fn(self.codes), scale=fn(self.scale), zero=fn(self.zero))
+
+    def slice_tokens(self, start: int, stop: int) -> NativePacked:
+        a, b = (start, stop) if self.axis == "token" else (start // self.group_size, stop // self.group_size)
+        return attrs.evolve(
+            self, codes=self.codes[:, :, start:stop], scale=self.scale[:, :, a:b], zero=self.zero[:, :, a:b]
+        )
 
 
 class NativeQuantizer(QuantizerBackend):

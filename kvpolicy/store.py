@@ -7,7 +7,13 @@ until a quantization block is complete (``group_size`` tokens for per-channel gr
 one token for per-token groups) and is then packed. Packed tokens never come back.
 
 Regions are stored in arrival order, not position order; each region carries the int32
-positions of its tokens, so attention can mask padding and pair keys with values.
+positions of its tokens (kept on the host: selection is bookkeeping and never makes the
+device wait), so attention can mask padding and pair keys with values.
+
+Demotions are packed ``block`` tokens at a time (a multiple of the per-channel group size).
+A policy gives its key and value stores the same block, so when both use the same
+selector their packed regions hold the same positions in the same order, which lets a
+fused executor read keys and values of a token at the same index.
 Tensors are replaced, never written in place, so a :class:`TensorView` taken before an
 update stays valid after it.
 """
@@ -33,7 +39,7 @@ class TensorView:
     """An immutable snapshot of a store: what attention reads.
 
     ``fp``/``staging``: ``[B, H, n, D]``; ``packed``: backend object of ``n_q`` tokens;
-    each ``*_pos`` is int32 ``[n]`` with the original sequence positions.
+    each ``*_pos`` is an int32 CPU tensor ``[n]`` with the original sequence positions.
     """
 
     fp: torch.Tensor | None
@@ -60,12 +66,21 @@ class TensorView:
 class TensorStore:
     """Keys or values of one layer under one selector and one demotion rule."""
 
-    def __init__(self, selector: Selector, demote: str, spec: QuantSpec, backend: QuantizerBackend | None):
+    def __init__(
+        self,
+        selector: Selector,
+        demote: str,
+        spec: QuantSpec,
+        backend: QuantizerBackend | None,
+        block: int | None = None,
+    ):
         self.selector = selector
         self.demote = demote
         self.spec = spec
         self.backend = backend
-        self.block = spec.group_size if spec.axis == "channel" else 1
+        self.block = block or (spec.group_size if spec.axis == "channel" else 1)
+        if spec.axis == "channel" and self.block % spec.group_size:
+            raise ValueError(f"block={self.block} must be a multiple of the per-channel group_size={spec.group_size}")
         self.reset()
 
     def reset(self) -> None:
@@ -82,10 +97,7 @@ class TensorStore:
     def append(self, x: torch.Tensor) -> None:
         """Add ``x`` (``[B, H, q, D]``, positions ``length .. length+q-1``) and demote what the selector drops."""
         q = x.shape[2]
-        device = x.device
-        if self.length == 0:
-            self.fp_pos = self.staging_pos = self.packed_pos = torch.empty(0, dtype=torch.int32, device=device)
-        new_pos = torch.arange(self.length, self.length + q, dtype=torch.int32, device=device)
+        new_pos = torch.arange(self.length, self.length + q, dtype=torch.int32)
         self.length += q
         if self.fp is None:
             cand, cand_pos = x, new_pos
@@ -97,8 +109,9 @@ class TensorStore:
             return
         idx_keep = kept.nonzero().squeeze(-1)
         idx_drop = (~kept).nonzero().squeeze(-1)
-        self.fp, self.fp_pos = cand.index_select(2, idx_keep), cand_pos[idx_keep]
-        demoted, demoted_pos = cand.index_select(2, idx_drop), cand_pos[idx_drop]
+        self.fp_pos, demoted_pos = cand_pos[idx_keep], cand_pos[idx_drop]
+        self.fp = cand.index_select(2, idx_keep.to(x.device, non_blocking=True))
+        demoted = cand.index_select(2, idx_drop.to(x.device, non_blocking=True))
         if self.demote == "evict":
             self.evicted += len(demoted_pos)
             return

@@ -99,8 +99,8 @@ def test_unknown_names_suggest_registered_ones():
     with pytest.raises(UnknownNameError, match="unknown policy 'logqant'. Did you mean 'logquant'"):
         Policy.load("logqant")
     data = base()
-    data["executor"] = "fused"
-    with pytest.raises(UnknownNameError, match="unknown executor 'fused'"):
+    data["executor"] = "flash"
+    with pytest.raises(UnknownNameError, match="unknown executor 'flash'"):
         Policy.from_dict(data)
 
 

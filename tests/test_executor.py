@@ -112,3 +112,71 @@ def test_mismatched_key_value_positions_are_refused():
     keys, _ = layer.update(torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16))
     with pytest.raises(RuntimeError, match="different positions"):
         layer.executor.attend(FakeAttention(1), torch.randn(1, 1, 1, 16), keys._kvpolicy_step[0], None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kind=st.sampled_from(sorted(POLICY_YAMLS)),
+    prefill=st.integers(1, 60),
+    decode=st.lists(st.integers(1, 3), min_size=1, max_size=6),
+    batch=st.integers(1, 3),
+    groups=st.sampled_from([1, 2, 3]),
+    padded=st.booleans(),
+    chunk=st.sampled_from([8, 16, 4096]),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_executor_matches_reference(kind, prefill, decode, batch, groups, padded, chunk, seed):
+    from kvpolicy.executors import ChunkedExecutor, ReferenceExecutor
+
+    g = torch.Generator().manual_seed(seed)
+    tensor = POLICY_YAMLS[kind]
+    layer = Policy.from_dict({"name": kind, "keys": tensor, "values": tensor}).new_layer(head_dim=16)
+    chunked = ChunkedExecutor()
+    chunked.chunk_tokens = chunk
+    module = FakeAttention(groups)
+    total = prefill + sum(decode)
+    pad = torch.ones(batch, total, dtype=torch.bool)
+    if padded:
+        for row in range(batch):
+            pad[row, : int(torch.randint(0, prefill, (1,), generator=g))] = False
+    past = 0
+    for q in [prefill, *decode]:
+        keys, values = torch.randn(2, batch, 2, q, 16, generator=g)
+        query = torch.randn(batch, 2 * groups, q, 16, generator=g)
+        step = layer.update(keys, values)[0]._kvpolicy_step[0]
+        causal = torch.arange(past + q)[None, :] <= torch.arange(past, past + q)[:, None]
+        mask = (causal[None, None] & pad[:, None, None, : past + q]) if padded else None
+        expected = ReferenceExecutor().attend(module, query, step, mask, scaling=0.25)
+        got = chunked.attend(module, query, step, mask, scaling=0.25)
+        real = pad[:, past : past + q]
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        assert torch.allclose(got[real], expected[real], atol=1e-5, rtol=1e-4)
+        past += q
+
+
+def test_chunked_executor_never_materializes_the_whole_cache(monkeypatch):
+    from kvpolicy.executors import ChunkedExecutor
+    from kvpolicy.store import TensorView
+
+    def refuse(self):
+        raise AssertionError("materialize() dequantizes the whole cache")
+
+    tensor = POLICY_YAMLS["kivi"]
+    layer = Policy.from_dict({"name": "k", "keys": tensor, "values": tensor, "executor": "chunked"}).new_layer(16)
+    assert isinstance(layer.executor, ChunkedExecutor)
+    layer.executor.chunk_tokens = 16
+    seen = []
+    original_partial = __import__("kvpolicy.partial_attention", fromlist=["partial"]).partial
+
+    def spy(query, keys, values, scaling, bias):
+        seen.append(keys.shape[2])
+        return original_partial(query, keys, values, scaling, bias)
+
+    monkeypatch.setattr("kvpolicy.partial_attention.partial", spy)
+    monkeypatch.setattr(TensorView, "materialize", refuse)
+    layer.update(torch.randn(1, 2, 200, 16), torch.randn(1, 2, 200, 16))
+    keys, _ = layer.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
+    out = layer.executor.attend(FakeAttention(2), torch.randn(1, 4, 1, 16), keys._kvpolicy_step[0], None, scaling=0.25)
+    assert out.shape == (1, 1, 4, 16)
+    # one full-precision part (window + staging + new) and packed chunks of at most 16 tokens
+    assert max(seen[1:]) <= 16 and sum(seen[1:]) == len(keys._kvpolicy_step[0].keys.packed_pos)

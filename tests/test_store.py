@@ -136,3 +136,18 @@ def test_memory_stays_bounded_over_a_long_decode():
     assert sizes["full_precision"] <= 24 * full_precision_token
     # 2-bit codes: 16 channels -> 4 bytes per head per token
     assert sizes["codes"] == 2 * 4 * len(store.packed_pos)
+
+
+def test_policy_stores_share_a_block_so_equal_selectors_pack_in_the_same_order():
+    from kvpolicy import load_policy
+
+    for name, block in (("kivi", 32), ("logquant", 64), ("sink_kivi", 32)):
+        policy = load_policy(name)
+        assert policy.demote_block() == block
+        layer = policy.new_layer(head_dim=64)
+        layer.update(torch.randn(2, 2, 300, 64), torch.randn(2, 2, 300, 64))
+        for _ in range(77):
+            layer.update(torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64))
+        assert len(layer.key_store.packed_pos) % block == 0
+        assert torch.equal(layer.key_store.packed_pos, layer.value_store.packed_pos)
+        assert torch.equal(layer.key_store.staging_pos, layer.value_store.staging_pos)

@@ -1,0 +1,120 @@
+"""Decode attention over a Llama-3.1-8B-shaped layer: fused 2-bit vs bf16 SDPA vs dequantize+SDPA.
+
+One layer, one decode step (one query token), 32 query heads sharing 8 KV heads of 128.
+Prints a table last and writes JSON. Ratios are against bf16 SDPA over a bf16 cache (what a
+DynamicCache does each step), measured in the same run.
+
+    python benchmarks/attention_bench.py --out benchmarks/results/attention_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+import torch.nn.functional as F
+
+from kvpolicy.config import QuantSpec
+from kvpolicy.fused import packed_decode_attention
+from kvpolicy.quantizers import NativeQuantizer
+
+
+def bench(fn, warmup=5, reps=30) -> float:
+    """Median milliseconds, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x), warmup=3, reps=10)
+    return 2 * nbytes / (ms / 1e3)
+
+
+def measure(n: int, b: int, copy_bw: float) -> dict:
+    """Time one decode step's attention over ``n`` cached tokens for batch ``b``."""
+    kv_heads, groups, d = 8, 4, 128
+    backend = NativeQuantizer()
+    k = torch.randn(b, kv_heads, n, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(b, kv_heads, n, d, device="cuda", dtype=torch.bfloat16)
+    query = torch.randn(b, kv_heads * groups, 1, d, device="cuda", dtype=torch.bfloat16)
+    grouped = query.reshape(b, kv_heads, groups, d)
+    kp = backend.quantize(k, QuantSpec(bits=2, group_size=64, axis="channel"))
+    vp = backend.quantize(v, QuantSpec(bits=2, group_size=64, axis="token"))
+    scale = d**-0.5
+    packed_bytes = sum(kp.nbytes().values()) + sum(vp.nbytes().values())
+    bf16_bytes = 2 * k.numel() * 2
+
+    t_sdpa = bench(lambda: F.scaled_dot_product_attention(query, k, v, scale=scale, enable_gqa=True))
+    t_fused = bench(lambda: packed_decode_attention(grouped, kp, vp, scale, None))
+
+    def dequant_sdpa():
+        F.scaled_dot_product_attention(query, kp.dequantize(), vp.dequantize(), scale=scale, enable_gqa=True)
+
+    t_deq = bench(dequant_sdpa, warmup=2, reps=10)
+    # correctness against the same dequantized tokens in float32
+    o, _ = packed_decode_attention(grouped, kp, vp, scale, None)
+    ref = F.scaled_dot_product_attention(
+        query.float(), kp.dequantize().float(), vp.dequantize().float(), scale=scale, enable_gqa=True
+    ).reshape(b, kv_heads, groups, d)
+    return {
+        "context": n,
+        "batch": b,
+        "sdpa_bf16_ms": t_sdpa,
+        "fused_2bit_ms": t_fused,
+        "dequant_sdpa_ms": t_deq,
+        "fused_speedup_vs_sdpa": t_sdpa / t_fused,
+        "fused_speedup_vs_dequant": t_deq / t_fused,
+        "bytes_ratio": packed_bytes / bf16_bytes,
+        "fused_read_GBps": packed_bytes / (t_fused / 1e3) / 1e9,
+        "sdpa_read_GBps": bf16_bytes / (t_sdpa / 1e3) / 1e9,
+        "copy_GBps": copy_bw / 1e9,
+        "fused_frac_of_copy": packed_bytes / (t_fused / 1e3) / copy_bw,
+        "rel_error_vs_fp32": float((o - ref).norm() / ref.norm()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    copy_bw = copy_bandwidth()
+    rows = []
+    for n in args.contexts:
+        rows.append(measure(n, args.batch, copy_bw))
+        torch.cuda.empty_cache()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "host": platform.node(), "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    print(f"device: {result['device']}  copy bandwidth (read+write): {copy_bw / 1e9:.0f} GB/s")
+    head = f"{'ctx':>6} {'sdpa bf16 ms':>12} {'fused ms':>9} {'deq+sdpa ms':>11} {'x sdpa':>7} {'x deq':>6}"
+    head += f" {'bytes':>6} {'fused GB/s':>10} {'% copy':>7} {'rel err':>8}"
+    print(head)
+    for r in rows:
+        print(
+            f"{r['context']:>6} {r['sdpa_bf16_ms']:>12.3f} {r['fused_2bit_ms']:>9.3f} {r['dequant_sdpa_ms']:>11.3f}"
+            f" {r['fused_speedup_vs_sdpa']:>7.2f} {r['fused_speedup_vs_dequant']:>6.1f} {r['bytes_ratio']:>6.3f}"
+            f" {r['fused_read_GBps']:>10.0f} {100 * r['fused_frac_of_copy']:>6.1f}% {r['rel_error_vs_fp32']:>8.1e}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The fused Triton executor against float64 attention over the same stored tokens (CUDA only).
+
+On a machine without CUDA these tests skip, and the CPU fallback of the ``fused`` executor
+(the chunked path) is checked instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from kvpolicy import Policy
+from kvpolicy.executors import ReferenceExecutor
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+class Module(torch.nn.Module):
+    def __init__(self, groups):
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+
+
+def policy(window, kbits, vbits, kgroup, vgroup, executor="fused"):
+    def side(bits, group, axis):
+        return {
+            "retain": [{"type": "window", "size": window}],
+            "quant": {"bits": bits, "group_size": group, "axis": axis},
+        }
+
+    return Policy.from_dict(
+        {
+            "name": "t",
+            "keys": side(kbits, kgroup, "channel"),
+            "values": side(vbits, vgroup, "token"),
+            "executor": executor,
+        }
+    )
+
+
+def float64_attention(query, step, mask, scaling):
+    """softmax(q k^T) v in float64 from the stored (dequantized) tokens plus the new one."""
+    ref_step_k, pos = step.keys.materialize()
+    ref_step_v, pos_v = step.values.materialize()
+    assert torch.equal(pos, pos_v)
+    keys = torch.cat([ref_step_k, step.new_keys], 2).double()
+    values = torch.cat([ref_step_v, step.new_values], 2).double()
+    positions = torch.cat([pos.long().to(query.device), torch.tensor([step.past_length], device=query.device)])
+    groups = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+    scores = torch.einsum("bhqd,bhnd->bhqn", query.double(), keys) * scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask[..., positions], float("-inf"))
+    return torch.einsum("bhqn,bhnd->bhqd", torch.softmax(scores, -1), values).transpose(1, 2)
+
+
+def run_case(device, dtype, batch, kv_heads, groups, head_dim, length, kbits, vbits, kgroup, vgroup, padded, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    layer = policy(16, kbits, vbits, kgroup, vgroup).new_layer(head_dim)
+    pad = torch.ones(batch, length + 1, dtype=torch.bool)
+    if padded:
+        for row in range(1, batch):
+            pad[row, : int(torch.randint(0, length, (1,), generator=g))] = False
+    k, v = (torch.randn(2, batch, kv_heads, length, head_dim, generator=g) * 2).to(device, dtype)
+    layer.update(k, v)
+    k1, v1 = torch.randn(2, batch, kv_heads, 1, head_dim, generator=g).to(device, dtype)
+    step = layer.update(k1, v1)[0]._kvpolicy_step[0]
+    query = torch.randn(batch, kv_heads * groups, 1, head_dim, generator=g).to(device, dtype)
+    mask = pad[:, None, None, :].to(device) if padded else None
+    scaling = head_dim**-0.5
+    got = layer.executor.attend(Module(groups), query, step, mask, scaling=scaling)
+    expected = float64_attention(query, step, mask, scaling)
+    assert got.shape == expected.shape and got.dtype == dtype and not torch.isnan(got).any()
+    rel = (got.double() - expected).norm() / expected.norm()
+    return float(rel), ReferenceExecutor().attend(Module(groups), query, step, mask, scaling=scaling)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_matches_float64_reference_on_many_shapes(dtype):
+    cases = itertools.product(
+        [1, 3],  # batch
+        [(1, 4), (3, 3), (8, 4)],  # kv heads, query heads per kv head
+        [64, 128],  # head_dim
+        [17, 64, 1000, 4133],  # cached tokens (not multiples of the group)
+        [(2, 2, 64, 64), (2, 2, 32, 32), (4, 2, 64, 32), (4, 4, 32, 64)],  # bits and groups
+        [False, True],  # left padding
+    )
+    worst = 0.0
+    for i, (batch, (kv, groups), d, n, (kb, vb, kg, vg), padded) in enumerate(cases):
+        rel, _ = run_case("cuda", dtype, batch, kv, groups, d, n, kb, vb, kg, vg, padded, seed=i)
+        worst = max(worst, rel)
+        assert rel <= 1e-2, (batch, kv, groups, d, n, kb, vb, kg, vg, padded, rel)
+    print(f"worst relative error {dtype}: {worst:.2e}")
+
+
+def test_fused_executor_falls_back_to_chunked_on_cpu():
+    rel, reference = run_case("cpu", torch.float32, 2, 3, 3, 64, 300, 2, 2, 64, 64, True, seed=1)
+    assert rel < 1e-5
