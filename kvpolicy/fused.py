@@ -26,6 +26,7 @@ BLOCK_N = 64
 NUM_WARPS = 4
 NUM_STAGES = 3
 SPLIT_FACTOR = 16  # programs per SM to aim for when splitting the tokens
+FOLD_KEY_SCALE = True  # blocks of one key group; scale folded into the query; fp16 dots
 
 
 @functools.cache
@@ -38,7 +39,7 @@ def _kernel():
         Q, KC, KS, KZ, VC, VS, VZ, BIAS, OUT, LSE,
         N, HKV, G, scaling, tokens_per_split,
         D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, KG: tl.constexpr, VG: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HAS_BIAS: tl.constexpr, FOLD: tl.constexpr,
     ):  # fmt: skip
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -70,12 +71,21 @@ def _kernel():
             kcode = tl.reshape(
                 (kb.to(tl.int32)[:, :, None] >> k_shift[None, None, :]) & ((1 << KBITS) - 1), [BLOCK_N, D]
             )
-            grp = first // KG + k_groups
-            kidx = (bh * (N // KG) + grp[:, None]) * D + offs_d[None, :]
-            ks = tl.load(KS + kidx, mask=(grp < N // KG)[:, None], other=0.0).to(tl.float32)
-            kz = tl.load(KZ + kidx, mask=(grp < N // KG)[:, None], other=0.0).to(tl.float32)
-            k = tl.reshape(kcode.to(tl.float32), [BLOCK_N // KG, KG, D]) * ks[:, None, :] + kz[:, None, :]
-            s = tl.dot(q, tl.trans(tl.reshape(k, [BLOCK_N, D]))) * scaling
+            if FOLD:
+                # one key group per block: q.(c*s + z) = (q*s).c + q.z, so keys are never dequantized
+                krow = (bh * (N // KG) + first // KG) * D + offs_d
+                ks = tl.load(KS + krow, mask=(offs_d < D) & (first < end), other=0.0).to(tl.float32)
+                kz = tl.load(KZ + krow, mask=(offs_d < D) & (first < end), other=0.0).to(tl.float32)
+                qs = (q * ks[None, :]).to(tl.float16)
+                qz = tl.sum(q * kz[None, :], 1)
+                s = (tl.dot(qs, tl.trans(kcode.to(tl.float16))) + qz[:, None]) * scaling
+            else:
+                grp = first // KG + k_groups
+                kidx = (bh * (N // KG) + grp[:, None]) * D + offs_d[None, :]
+                ks = tl.load(KS + kidx, mask=(grp < N // KG)[:, None], other=0.0).to(tl.float32)
+                kz = tl.load(KZ + kidx, mask=(grp < N // KG)[:, None], other=0.0).to(tl.float32)
+                k = tl.reshape(kcode.to(tl.float32), [BLOCK_N // KG, KG, D]) * ks[:, None, :] + kz[:, None, :]
+                s = tl.dot(q, tl.trans(tl.reshape(k, [BLOCK_N, D]))) * scaling
             if HAS_BIAS:
                 s += tl.load(BIAS + b * N + n, mask=live, other=float("-inf"))[None, :]
             s = tl.where(live[None, :], s, float("-inf"))
@@ -93,7 +103,11 @@ def _kernel():
             vs = tl.load(VS + vidx, mask=live[:, None], other=0.0).to(tl.float32)
             vz = tl.load(VZ + vidx, mask=live[:, None], other=0.0).to(tl.float32)
             v = tl.reshape(vcode.to(tl.float32), [BLOCK_N, D // VG, VG]) * vs[:, :, None] + vz[:, :, None]
-            acc = acc * alpha[:, None] + tl.dot(p, tl.reshape(v, [BLOCK_N, D]))
+            if FOLD:
+                pv = tl.dot(p.to(tl.float16), tl.reshape(v, [BLOCK_N, D]).to(tl.float16))
+            else:
+                pv = tl.dot(p, tl.reshape(v, [BLOCK_N, D]))
+            acc = acc * alpha[:, None] + pv
             m = m_new
         safe = tl.where(denom > 0, denom, 1.0)
         out = acc / safe[:, None]
@@ -124,6 +138,7 @@ def packed_decode_attention(
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
     split_factor: int = SPLIT_FACTOR,
+    fold: bool = FOLD_KEY_SCALE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(o, lse)`` of one decode step over the packed region.
 
@@ -132,7 +147,7 @@ def packed_decode_attention(
     """
     b, hkv, g, d = grouped.shape
     n = keys.num_tokens
-    block_n = max(block_n, keys.group_size)
+    block_n = keys.group_size if fold else max(block_n, keys.group_size)
     if splits is None:
         sms = torch.cuda.get_device_properties(grouped.device).multi_processor_count if grouped.is_cuda else 8
         splits = max(1, min(triton_cdiv(n, block_n), triton_cdiv(split_factor * sms, b * hkv)))
@@ -149,7 +164,7 @@ def packed_decode_attention(
         n, hkv, g, float(scaling), tokens_per_split,
         D=d, KBITS=keys.bits, VBITS=values.bits, KG=keys.group_size, VG=values.group_size,
         BLOCK_N=block_n, BLOCK_G=max(16, triton_next_power_of_2(g)), HAS_BIAS=has_bias,
-        num_warps=num_warps, num_stages=num_stages,
+        FOLD=fold, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     # merge the splits: [B*H, S, G] -> [B, H, G]
     total = torch.logsumexp(lse, dim=1)
