@@ -27,6 +27,14 @@ class FakeAttention(torch.nn.Module):
         self.is_causal = True
 
 
+def random_left_padding(batch: int, total: int, prefill: int, g: torch.Generator) -> torch.Tensor:
+    """``[batch, total]`` bool, True = real token; each row starts with 0..prefill-1 padding tokens."""
+    pad = torch.ones(batch, total, dtype=torch.bool)
+    for row in range(batch):
+        pad[row, : int(torch.randint(0, prefill, (1,), generator=g))] = False
+    return pad
+
+
 def naive_attention(query, keys, values, positions, pad, past, scaling):
     """float64 softmax(q k^T) v over explicit positions; ``pad``: [B, past+q] bool, True = real token."""
     b, hq, q, d = query.shape
@@ -58,10 +66,7 @@ def test_reference_matches_naive_attention(kind, prefill, decode, batch, groups,
     module = FakeAttention(groups)
     kv_heads, d = 2, 16
     total = prefill + sum(decode)
-    pad = torch.ones(batch, total, dtype=torch.bool)
-    if padded:
-        for row in range(batch):
-            pad[row, : int(torch.randint(0, prefill, (1,), generator=g))] = False
+    pad = random_left_padding(batch, total, prefill, g) if padded else torch.ones(batch, total, dtype=torch.bool)
     past = 0
     for q in [prefill, *decode]:
         keys = torch.randn(batch, kv_heads, q, d, generator=g)
@@ -135,10 +140,7 @@ def test_chunked_executor_matches_reference(kind, prefill, decode, batch, groups
     chunked.chunk_tokens = chunk
     module = FakeAttention(groups)
     total = prefill + sum(decode)
-    pad = torch.ones(batch, total, dtype=torch.bool)
-    if padded:
-        for row in range(batch):
-            pad[row, : int(torch.randint(0, prefill, (1,), generator=g))] = False
+    pad = random_left_padding(batch, total, prefill, g) if padded else torch.ones(batch, total, dtype=torch.bool)
     past = 0
     for q in [prefill, *decode]:
         keys, values = torch.randn(2, batch, 2, q, 16, generator=g)
