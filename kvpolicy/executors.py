@@ -96,21 +96,14 @@ def select_mask_columns(
 ) -> torch.Tensor | None:
     """The mask restricted to the kept ``positions`` (sorted, the last ``q`` being the new tokens).
 
-    With nothing evicted the mask is returned untouched. Without a mask, a decode step
-    (``q == 1``) needs none and a multi-token step gets an explicit causal mask, since
-    SDPA's ``is_causal`` aligns to the top-left corner.
+    With nothing evicted the mask is returned untouched (so ``full`` matches DynamicCache
+    bit for bit). Otherwise see :func:`allowed_columns`; SDPA's ``is_causal`` cannot be used
+    when cached tokens precede a multi-token step, since it aligns to the top-left corner.
     """
     n = len(positions)
     if n == full_length and (attention_mask is not None or q == 1 or n == q):
         return attention_mask
-    if attention_mask is not None:
-        return attention_mask.index_select(-1, positions.to(attention_mask.device))
-    if q == 1:
-        return None
-    cached = n - q
-    mask = torch.ones(q, n, dtype=torch.bool, device=positions.device)
-    mask[:, cached:] = torch.ones(q, q, dtype=torch.bool, device=positions.device).tril()
-    return mask[None, None]
+    return allowed_columns(attention_mask, positions, full_length - q, q)
 
 
 def allowed_columns(
