@@ -20,7 +20,7 @@ UNSEEN, FULL, STAGED, QUANTIZED, EVICTED = 0, 1, 2, 3, 4
 STATE_NAMES = {
     UNSEEN: "not yet seen",
     FULL: "full precision",
-    STAGED: "staged (full precision, awaiting a group)",
+    STAGED: "staged (full precision, awaiting a packing block)",
     QUANTIZED: "quantized",
     EVICTED: "evicted",
 }
