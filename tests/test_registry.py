@@ -28,7 +28,7 @@ PLUGIN_SOURCE = textwrap.dedent(
     class StrideSelector(Selector):
         """Keep every ``stride``-th position and the newest ``recent``."""
 
-        name: ClassVar[str] = "stride"
+        name: ClassVar[str] = "every_kth"
         stride: int = 8
         recent: int = 4
 
@@ -81,17 +81,17 @@ def test_builtins_and_shipped_plugins_are_registered_with_their_providers():
 
 def test_third_party_selector_is_registered_and_usable_from_yaml(third_party, tmp_path):
     registry = Registry()
-    assert registry.provider("selector", "stride") == "stride_plugin"
+    assert registry.provider("selector", "every_kth") == "stride_plugin"
     yaml_path = tmp_path / "strided.yaml"
     yaml_path.write_text(
         textwrap.dedent(
             """
             name: strided
             keys:
-              retain: [{type: stride, stride: 4, recent: 8}]
+              retain: [{type: every_kth, stride: 4, recent: 8}]
               quant: {bits: 2, group_size: 16, axis: channel}
             values:
-              retain: [{type: stride, stride: 4, recent: 8}]
+              retain: [{type: every_kth, stride: 4, recent: 8}]
               quant: {bits: 2, group_size: 16, axis: token}
             """
         )
@@ -107,7 +107,7 @@ def test_kvpolicy_list_shows_the_third_party_selector(third_party):
     result = subprocess.run(
         [sys.executable, "-m", "kvpolicy.cli", "list"], capture_output=True, text=True, env=env, check=True
     )
-    line = next(ln for ln in result.stdout.splitlines() if " stride " in ln)
+    line = next(ln for ln in result.stdout.splitlines() if " every_kth " in ln)
     assert line.split()[0] == "selector" and "(plugin: stride_plugin)" in line
     assert "(plugin: kvpolicy_logquant)" in result.stdout
 
@@ -118,7 +118,7 @@ def test_a_broken_plugin_is_named_and_does_not_break_the_others(tmp_path, monkey
     with pytest.warns(RuntimeWarning, match="plugin 'broken' failed to load.*ModuleNotFoundError"):
         registry = Registry()
     assert "broken" in registry.load_errors
-    assert "stride" in registry.names("selector")  # the healthy plugin still loaded
+    assert "every_kth" in registry.names("selector")  # the healthy plugin still loaded
     assert "logquant" in registry.names("policy")
     sys.modules.pop("fine_plugin", None)
 
