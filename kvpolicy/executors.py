@@ -164,13 +164,14 @@ class ChunkedExecutor(Executor):
         result = pa.partial(grouped, torch.cat(fp_keys, 2), torch.cat(fp_values, 2), scaling, bias(fp_pos))
         if step.keys.packed is not None:
             packed = self.packed_attention(
-                grouped, step.keys.packed, step.values.packed, step.keys.packed_pos, scaling, bias
+                grouped, step.keys.packed, step.values.packed, step.keys.packed_pos, scaling, bias, q
             )
             result = pa.merge([result, packed])
         return pa.ungroup_output(result[0], hq, q).to(query.dtype)
 
-    def packed_attention(self, grouped, keys: Packed, values: Packed, positions, scaling, bias):
-        """``(o, lse)`` over the packed region; the fused executor replaces this."""
+    def packed_attention(self, grouped, keys: Packed, values: Packed, positions, scaling, bias, q: int):
+        """``(o, lse)`` over the packed region for a step of ``q`` query tokens; the fused
+        executor replaces this for decode steps."""
         result = None
         n = keys.num_tokens
         for start in range(0, n, self.chunk_tokens):

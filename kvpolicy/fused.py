@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import torch
 
+from kvpolicy import partial_attention as pa
 from kvpolicy.executors import ChunkedExecutor
 from kvpolicy.quantizers import NativePacked
 
@@ -166,10 +167,7 @@ def packed_decode_attention(
         BLOCK_N=block_n, BLOCK_G=max(16, triton_next_power_of_2(g)), HAS_BIAS=has_bias,
         FOLD=fold, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    # merge the splits: [B*H, S, G] -> [B, H, G]
-    total = torch.logsumexp(lse, dim=1)
-    weights = torch.nan_to_num(torch.exp(lse - total.clamp_min(torch.finfo(torch.float32).min).unsqueeze(1)))
-    merged = (weights.unsqueeze(-1) * out).sum(dim=1)
+    merged, total = pa.merge_stacked(out, lse, dim=1)  # [B*H, S, G] -> [B*H, G]
     return merged.reshape(b, hkv, g, d), total.reshape(b, hkv, g)
 
 
@@ -194,9 +192,10 @@ class FusedExecutor(ChunkedExecutor):
 
     name: ClassVar[str] = "fused"
 
-    def packed_attention(self, grouped, keys, values, positions, scaling, bias):
+    def packed_attention(self, grouped, keys, values, positions, scaling, bias, q):
         fusable = (
-            grouped.is_cuda
+            q == 1
+            and grouped.is_cuda
             and isinstance(keys, NativePacked)
             and isinstance(values, NativePacked)
             and keys.axis == "channel"
@@ -207,12 +206,7 @@ class FusedExecutor(ChunkedExecutor):
             and triton_available()
         )
         if not fusable:
-            return super().packed_attention(grouped, keys, values, positions, scaling, bias)
+            return super().packed_attention(grouped, keys, values, positions, scaling, bias, q)
         column_bias = bias(positions)  # [B or 1, 1, G, n] for a decode step, or None
         token_bias = None if column_bias is None else column_bias[:, 0, 0, :].expand(grouped.shape[0], -1)
         return packed_decode_attention(grouped, keys, values, scaling, token_bias)
-
-    def attend(self, module, query, step, attention_mask, scaling=None, **kwargs):
-        if query.shape[2] != 1 or not query.is_cuda:
-            return ChunkedExecutor.attend(self, module, query, step, attention_mask, scaling=scaling, **kwargs)
-        return super().attend(module, query, step, attention_mask, scaling=scaling, **kwargs)

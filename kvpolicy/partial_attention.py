@@ -59,7 +59,13 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor,
     """Combine ``(o, lse)`` pairs over disjoint token sets into one."""
     if len(parts) == 1:
         return parts[0]
-    lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)
-    safe = lse.clamp_min(torch.finfo(torch.float32).min).unsqueeze(-1)
-    out = sum(torch.nan_to_num(torch.exp(p[1].unsqueeze(-1) - safe)) * p[0] for p in parts)
-    return out, lse
+    return merge_stacked(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]), dim=0)
+
+
+def merge_stacked(out: torch.Tensor, lse: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge` for partial results stacked along ``dim`` of ``lse`` (``out`` has one more
+    trailing dimension, the head dimension)."""
+    total = torch.logsumexp(lse, dim=dim)
+    safe = total.clamp_min(torch.finfo(torch.float32).min).unsqueeze(dim)
+    weights = torch.nan_to_num(torch.exp(lse - safe))
+    return (weights.unsqueeze(-1) * out).sum(dim=dim), total

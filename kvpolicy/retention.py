@@ -35,11 +35,11 @@ def _head_dim(policy: Policy) -> int:
 def retention_matrix(policy: Policy, steps: int = 512, prefill: int = 1) -> dict[str, np.ndarray]:
     """``{"keys": M, "values": M}`` with ``M[step, position]`` a state code; row ``i`` is the cache
     after ``prefill + i`` tokens."""
-    layer = policy.new_layer(head_dim=_head_dim(policy))
+    d = _head_dim(policy)
+    layer = policy.new_layer(head_dim=d)
     total = prefill + steps - 1
     out = {name: np.zeros((steps, total), dtype=np.uint8) for name in ("keys", "values")}
     generator = torch.Generator().manual_seed(0)
-    d = _head_dim(policy)
     for row in range(steps):
         q = prefill if row == 0 else 1
         layer.update(torch.randn(1, 1, q, d, generator=generator), torch.randn(1, 1, q, d, generator=generator))
