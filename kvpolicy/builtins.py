@@ -1,10 +1,12 @@
-"""The built-in plugin: core selectors, the native quantizer, the reference executor and ``full``.
+"""The built-in plugin: core selectors, the native/quanto/hqq quantizers, the reference executor and ``full``.
 
 Registered by :class:`~kvpolicy.registry.Registry` through the same hooks as any plugin.
 """
 
 from __future__ import annotations
 
+from kvpolicy.backends.hqq import HQQQuantizer
+from kvpolicy.backends.quanto import QuantoQuantizer
 from kvpolicy.executors import ChunkedExecutor, ReferenceExecutor
 from kvpolicy.fused import FusedExecutor
 from kvpolicy.hookspecs import hookimpl
@@ -19,7 +21,7 @@ def kvpolicy_selectors():
 
 @hookimpl
 def kvpolicy_quantizers():
-    return [NativeQuantizer]
+    return [NativeQuantizer, QuantoQuantizer, HQQQuantizer]
 
 
 @hookimpl

@@ -9,6 +9,8 @@ from pathlib import Path
 from kvpolicy.errors import KVPolicyError
 
 DTYPES = ("bfloat16", "float16", "float32")
+#: what ``kvpolicy evaluate`` compares by default (budget-matched)
+DEFAULT_POLICIES = ("full", "hf_quantized", "kivi", "streaming", "logquant", "partial_logquant")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -86,6 +88,93 @@ def _cmd_plot_retention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_tasks(args: argparse.Namespace) -> list:
+    """The task objects the ``evaluate`` options ask for."""
+    from kvpolicy.errors import UnknownNameError
+    from kvpolicy.evaluation import TASKS
+    from kvpolicy.evaluation.code_completion import CodeCompletion
+    from kvpolicy.evaluation.fidelity import Fidelity
+    from kvpolicy.evaluation.humaneval import HumanEval
+    from kvpolicy.evaluation.passkey import Passkey
+
+    made = {
+        "fidelity": lambda: Fidelity(
+            length=args.fidelity_length,
+            decode_tokens=args.decode_tokens,
+            prose_documents=args.documents,
+            code_documents=args.documents,
+        ),
+        "passkey": lambda: Passkey(lengths=args.passkey_lengths, depths=args.passkey_depths),
+        "code": lambda: CodeCompletion(context=args.code_context, samples=args.samples),
+        "humaneval": lambda: HumanEval(samples=args.samples, execute=args.execute),
+    }
+    tasks = []
+    for name in _csv(args.tasks):
+        if name not in TASKS:
+            raise UnknownNameError("task", name, TASKS)
+        tasks.append(made[name]())
+    return tasks
+
+
+def _load_model(args: argparse.Namespace):
+    import torch
+
+    dtype = getattr(torch, args.dtype)
+    if args.model == "default":
+        from kvpolicy.models import load_default_model
+
+        return load_default_model(dtype=dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model: {args.model!r} is not a local model folder (or 'default')")
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).eval()
+    return model, tokenizer
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import shlex
+
+    from kvpolicy.evaluation import evaluate, resolve_contenders
+    from kvpolicy.evaluation import report as report_module
+    from kvpolicy.evaluation.fidelity import Fidelity
+    from kvpolicy.evaluation.runner import sweep
+
+    budget = args.budget or None
+    contenders = resolve_contenders(_csv(args.policies), budget, args.bits)  # fail fast on bad names
+    tasks = build_tasks(args)
+    print(f"loading model {args.model!r} ({args.dtype}) ...", file=sys.stderr)
+    model, tokenizer = _load_model(args)
+    settings = {"policies": _csv(args.policies), "tasks": _csv(args.tasks), "budget": budget, "bits": args.bits}
+    result = evaluate(model, tokenizer, tasks, contenders, settings, progress=not args.quiet)
+    if args.sweep_budgets:
+        fidelity = Fidelity(
+            length=args.fidelity_length,
+            decode_tokens=args.decode_tokens,
+            prose_documents=args.documents,
+            code_documents=args.documents,
+        )
+        policies = [p for p in _csv(args.policies) if p != "full"]
+        result.sweep = sweep(model, tokenizer, policies, args.sweep_budgets, args.sweep_bits, fidelity, not args.quiet)
+    command = "kvpolicy " + " ".join(shlex.quote(a) for a in (args.argv or []))
+    written = report_module.write(result, args.out, command)
+    print(report_module.summary_table(result))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvpolicy", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,16 +194,49 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", help="PNG path (default: retention-POLICY.png)")
     plot.add_argument("--steps", type=int, default=400, help="decode steps to simulate (default: 400)")
     plot.add_argument("--prefill", type=int, default=1, help="prompt length before decoding (default: 1)")
+    ev = sub.add_parser("evaluate", help="accuracy of policies vs the 16-bit cache: fidelity, passkey, code, HumanEval")
+    ev.add_argument(
+        "--policies",
+        default=",".join(DEFAULT_POLICIES),
+        help="comma-separated registered names, YAML paths or hf_quantized",
+    )
+    ev.add_argument(
+        "--tasks", default="fidelity,passkey,code,humaneval", help="comma-separated: fidelity, passkey, code, humaneval"
+    )
+    ev.add_argument(
+        "--budget", type=int, default=128, help="full-precision tokens every policy is matched to (0: as registered)"
+    )
+    ev.add_argument("--bits", type=int, default=2, help="bits of every quantized tensor (default: 2)")
+    ev.add_argument(
+        "--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct) or a local model folder"
+    )
+    ev.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32: fastest on CPU)"
+    )
+    ev.add_argument("--out", default="kvpolicy-eval", help="output folder for results.json, results.md and plots")
+    ev.add_argument("--fidelity-length", type=int, default=4096, help="tokens per fidelity document (default 4096)")
+    ev.add_argument("--decode-tokens", type=int, default=128, help="teacher-forced decode steps per document")
+    ev.add_argument("--documents", type=int, default=1, help="fidelity documents of each kind (prose, code)")
+    ev.add_argument("--passkey-lengths", type=_ints, default=(1024, 2048, 4096, 8192))
+    ev.add_argument("--passkey-depths", type=lambda t: tuple(float(x) for x in _csv(t)), default=(0.1, 0.5, 0.9))
+    ev.add_argument("--code-context", type=int, default=4096, help="tokens of source before the line to complete")
+    ev.add_argument("--samples", type=int, default=8, help="samples of the code and humaneval tasks")
+    ev.add_argument("--no-execute", dest="execute", action="store_false", help="do not run HumanEval completions")
+    ev.add_argument("--sweep-budgets", type=_ints, default=(), help="e.g. 64,128,256: also sweep fidelity over budgets")
+    ev.add_argument("--sweep-bits", type=_ints, default=(2, 4), help="bit widths of the sweep (default 2,4)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     handlers = {
         "list": _cmd_list,
         "show": _cmd_show,
         "generate": _cmd_generate,
         "plot-retention": _cmd_plot_retention,
+        "evaluate": _cmd_evaluate,
     }
     try:
         return handlers[args.command](args)

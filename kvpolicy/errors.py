@@ -43,3 +43,13 @@ class UnsupportedModelError(KVPolicyError, ValueError):
 
 class NotSupportedError(KVPolicyError, NotImplementedError):
     """A transformers cache operation that this policy cannot perform faithfully."""
+
+
+class MissingDependencyError(KVPolicyError, ImportError):
+    """An optional package is not installed: names it and the extra that installs it."""
+
+    def __init__(self, what: str, package: str, extra: str):
+        super().__init__(
+            f"{what} needs the package {package!r}, which is not installed; "
+            f"install it with: pip install 'kvpolicy[{extra}]'"
+        )

@@ -18,7 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvpolicy import partial_attention as pa
 from kvpolicy.quantizers import Packed
-from kvpolicy.store import TensorView
+from kvpolicy.store import TensorView, take_tokens, to_device
 
 
 @attrs.frozen
@@ -61,7 +61,7 @@ def _in_position_order(view: TensorView) -> tuple[torch.Tensor | None, torch.Ten
     if tensor is None:
         return None, positions
     order = torch.argsort(positions)
-    return tensor.index_select(2, order.to(tensor.device)), positions[order]
+    return take_tokens(tensor, order), positions[order]
 
 
 class ReferenceExecutor(Executor):
@@ -79,20 +79,24 @@ class ReferenceExecutor(Executor):
         if not torch.equal(pos_k, pos_v):
             raise RuntimeError("key and value stores hold different positions; eviction must match")
         q = query.shape[2]
-        new_pos = torch.arange(step.past_length, step.past_length + q, device=query.device)
+        new_pos = torch.arange(step.past_length, step.past_length + q)  # host bookkeeping, like the stores
         if cached_k is None:
             keys, values, positions = step.new_keys, step.new_values, new_pos
         else:
             keys = torch.cat([cached_k, step.new_keys], dim=2)
             values = torch.cat([cached_v, step.new_values], dim=2)
-            positions = torch.cat([pos_k.to(device=query.device, dtype=torch.int64), new_pos])
-        mask = select_mask_columns(attention_mask, positions, step.past_length + q, q)
+            positions = torch.cat([pos_k.to(torch.int64), new_pos])
+        mask = select_mask_columns(attention_mask, positions, step.past_length + q, q, query.device)
         out, _ = sdpa_attention_forward(module, query, keys, values, mask, **kwargs)
         return out
 
 
 def select_mask_columns(
-    attention_mask: torch.Tensor | None, positions: torch.Tensor, full_length: int, q: int
+    attention_mask: torch.Tensor | None,
+    positions: torch.Tensor,
+    full_length: int,
+    q: int,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor | None:
     """The mask restricted to the kept ``positions`` (sorted, the last ``q`` being the new tokens).
 
@@ -103,21 +107,25 @@ def select_mask_columns(
     n = len(positions)
     if n == full_length and (attention_mask is not None or q == 1 or n == q):
         return attention_mask
-    return allowed_columns(attention_mask, positions, full_length - q, q)
+    return allowed_columns(attention_mask, positions, full_length - q, q, device)
 
 
 def allowed_columns(
-    attention_mask: torch.Tensor | None, positions: torch.Tensor, past_length: int, q: int
+    attention_mask: torch.Tensor | None,
+    positions: torch.Tensor,
+    past_length: int,
+    q: int,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor | None:
     """Bool ``[B or 1, 1, q, n]`` saying which query rows may see the tokens at ``positions``,
     or ``None`` when all may (a decode step without padding)."""
     positions = positions.to(torch.int64)
     if attention_mask is not None:
-        return attention_mask.index_select(-1, positions.to(attention_mask.device))
+        return attention_mask.index_select(-1, to_device(positions, attention_mask.device))
     if q == 1:
         return None
     query_pos = torch.arange(past_length, past_length + q, device=positions.device)
-    return (positions[None, :] <= query_pos[:, None])[None, None]
+    return (positions[None, :] <= query_pos[:, None])[None, None].to(device)
 
 
 def views_aligned(keys: TensorView, values: TensorView) -> bool:
@@ -154,7 +162,7 @@ class ChunkedExecutor(Executor):
         past = step.past_length
 
         def bias(positions: torch.Tensor) -> torch.Tensor | None:
-            return pa.group_bias(allowed_columns(attention_mask, positions, past, q), groups)
+            return pa.group_bias(allowed_columns(attention_mask, positions, past, q, query.device), groups)
 
         # full-precision tokens: kept, staged and new
         new_pos = torch.arange(past, past + q, dtype=torch.int32)

@@ -34,6 +34,27 @@ def _tensor_bytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[:, :, index]`` for a CPU ``index``, without making the host wait for the device.
+
+    A contiguous run (the common case: a window moving by one) is copied as a slice (a copy,
+    so the result does not keep the larger ``x`` alive); otherwise
+    the index goes to the device from pinned memory, asynchronously (a copy from pageable
+    memory would first wait for every queued kernel).
+    """
+    n = len(index)
+    if n and int(index[-1]) - int(index[0]) + 1 == n:
+        return x[:, :, int(index[0]) : int(index[0]) + n].clone()
+    return x.index_select(2, to_device(index, x.device))
+
+
+def to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without a host/device sync (pinned, non-blocking copy)."""
+    if torch.device(device).type != "cuda":
+        return index.to(device)
+    return index.pin_memory().to(device, non_blocking=True)
+
+
 @attrs.frozen
 class TensorView:
     """An immutable snapshot of a store: what attention reads.
@@ -110,8 +131,8 @@ class TensorStore:
         idx_keep = kept.nonzero().squeeze(-1)
         idx_drop = (~kept).nonzero().squeeze(-1)
         self.fp_pos, demoted_pos = cand_pos[idx_keep], cand_pos[idx_drop]
-        self.fp = cand.index_select(2, idx_keep.to(x.device, non_blocking=True))
-        demoted = cand.index_select(2, idx_drop.to(x.device, non_blocking=True))
+        self.fp = take_tokens(cand, idx_keep)
+        demoted = take_tokens(cand, idx_drop)
         if self.demote == "evict":
             self.evicted += len(demoted_pos)
             return

@@ -1,0 +1,274 @@
+"""Decode speed and memory of a Llama-3.1-8B-shaped model under each cache, on one GPU.
+
+Random bf16 weights (weights change neither speed nor memory). Caches are filled with
+random keys/values through each cache's own ``update`` (in chunks of ``--chunk`` tokens,
+like a chunked prefill), so the prefill's compute is skipped but every byte a cache holds
+is real. Then ``--steps`` decode steps of one token per sequence are timed.
+
+Contenders: ``dynamic`` (transformers DynamicCache, bf16), ``hf_quantized``
+(transformers QuantizedCache, quanto int2, as shipped), and the kvpolicy policies
+``kivi``, ``logquant``, ``partial_logquant`` with the ``fused`` executor.
+
+Measured per contender:
+* KV bytes per token (from the cache's own tensors) and the ratio to bf16;
+* decode tokens/s and per-step latency at a common batch for each context;
+* the largest batch at the longest context: predicted from the measured bytes per token
+  and the free memory, then confirmed by filling and decoding (backing off on OOM);
+* tokens/s at that batch.
+
+    python benchmarks/model_bench.py --out benchmarks/results/model_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import sys
+import time
+
+import attrs
+import torch
+
+#: Llama-3.1-8B attention/MLP shapes
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+)
+TINY = dict(LLAMA_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=64, vocab_size=1024)  # fmt: skip
+CONTENDERS = ("dynamic", "hf_quantized", "kivi", "logquant", "partial_logquant")
+
+
+def build_model(shape: dict, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    # rotary inverse frequencies live in buffers that to_empty left uninitialised: rebuild
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(device)
+    return model.eval()
+
+
+def make_cache(name: str, model):
+    from transformers.cache_utils import DynamicCache, QuantizedCache
+
+    if name == "dynamic":
+        return DynamicCache(config=model.config)
+    if name == "hf_quantized":
+        return QuantizedCache(backend="quanto", config=model.config, nbits=2, q_group_size=64, residual_length=128)
+    from kvpolicy.policy import Policy
+
+    policy = Policy.load(name)
+    policy = Policy(attrs.evolve(policy.config, executor="fused"), policy.registry)
+    return policy.make_cache(model)
+
+
+def cache_bytes(cache) -> int:
+    from kvpolicy.evaluation.contenders import cache_nbytes
+
+    return cache_nbytes(cache)
+
+
+def fill(cache, model, batch: int, context: int, chunk: int, device: str) -> None:
+    """Hand ``context`` random tokens per sequence to every layer, ``chunk`` at a time."""
+    cfg = model.config
+    shape = (batch, cfg.num_key_value_heads, 0, cfg.head_dim)
+    for layer in range(cfg.num_hidden_layers):
+        for start in range(0, context, chunk):
+            n = min(chunk, context - start)
+            k = torch.randn(shape[:2] + (n, shape[3]), device=device, dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            cache.update(k, v, layer)
+            del k, v
+
+
+def sdpa_backends(name: str):
+    """SDPA backends allowed during decoding. ``no-cudnn`` (default): flash, memory-efficient
+    and math. cuDNN attention re-plans for every new sequence length, which costs ~1.5 ms
+    of host time per layer and step on torch 2.11 and would handicap the 16-bit baseline."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name == "default":
+        import contextlib
+
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+@torch.inference_mode()
+def decode(model, cache, batch: int, steps: int, warmup: int, device: str) -> float:
+    """Median seconds per decode step (one token per sequence)."""
+    tokens = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    times = []
+    for i in range(warmup + steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        tokens = logits[:, -1:].argmax(-1)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_one(name, model, batch, context, args) -> dict:
+    """Fill and decode; returns a row (``error`` set on failure, e.g. out of memory)."""
+    release()
+    row = {"contender": name, "batch": batch, "context": context}
+    cache = None
+    try:
+        cache = make_cache(name, model)
+        t0 = time.perf_counter()
+        fill(cache, model, batch, context, args.chunk, args.device)
+        row["fill_s"] = time.perf_counter() - t0
+        held = cache_bytes(cache)
+        row["kv_bytes"] = held
+        row["kv_bytes_per_token"] = held / (batch * context)
+        with sdpa_backends(args.sdpa):
+            step = decode(model, cache, batch, args.steps, args.warmup, args.device)
+        row["step_ms"] = step * 1e3
+        row["tokens_per_s"] = batch / step
+        if args.device == "cuda":
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+    except Exception as err:  # report and go on with the other contenders
+        row["error"] = f"{type(err).__name__}: {err}"[:300]
+    del cache
+    release()
+    return row
+
+
+def largest_batch(name, model, per_token: float, context: int, args) -> dict:
+    """Predict from bytes/token and free memory, confirm by running; back off on OOM."""
+    free = (torch.cuda.mem_get_info()[0] if args.device == "cuda" else 8 * 2**30) - args.reserve_gib * 2**30
+    batch = max(1, int(free / (per_token * context)))
+    tries = []
+    for _ in range(args.tries):
+        row = run_one(name, model, batch, context, args)
+        tries.append(batch)
+        if "error" not in row:
+            row["tried"] = tries
+            return row
+        if row["error"] != "out of memory" or batch == 1:
+            break
+        batch = max(1, math.floor(batch * args.backoff))
+    return {"contender": name, "context": context, "batch": None, "tried": tries, "error": row.get("error")}
+
+
+def table(rows: list[dict], largest: dict, bf16_per_token: float, copy: dict | None) -> str:
+    lines = [
+        "| contender | context | batch | KV B/token | vs bf16 | step ms | tokens/s | vs dynamic |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base = {(r["context"], r["batch"]): r for r in rows if r["contender"] == "dynamic" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['contender']} | {r['context']} | {r['batch']} | {r['error']} | | | | |")
+            continue
+        b = base.get((r["context"], r["batch"]))
+        speed = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else ""
+        lines.append(
+            f"| {r['contender']} | {r['context']} | {r['batch']} | {r['kv_bytes_per_token']:.0f} | "
+            f"{r['kv_bytes_per_token'] / bf16_per_token:.3f} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {speed} |"
+        )
+    lines += [
+        "",
+        "Largest batch at the longest context:",
+        "",
+        "| contender | batch | vs dynamic | tokens/s | vs dynamic | step ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    d = largest.get("dynamic", {})
+    for name, r in largest.items():
+        if r.get("batch") is None:
+            lines.append(f"| {name} | {r.get('error')} (tried {r.get('tried')}) | | | | |")
+            continue
+        rb = f"{r['batch'] / d['batch']:.2f}x" if d.get("batch") else ""
+        rt = f"{r['tokens_per_s'] / d['tokens_per_s']:.2f}x" if d.get("batch") else ""
+        lines.append(f"| {name} | {r['batch']} | {rb} | {r['tokens_per_s']:.0f} | {rt} | {r['step_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", default="4096,16384,32768")
+    parser.add_argument("--batch", type=int, default=8, help="common batch for the per-context rows")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=4096)
+    parser.add_argument("--tries", type=int, default=5, help="attempts for the largest batch")
+    parser.add_argument("--backoff", type=float, default=0.8, help="batch factor after an out-of-memory try")
+    parser.add_argument(
+        "--sdpa", choices=("no-cudnn", "default"), default="no-cudnn", help="SDPA backends (see sdpa_backends)"
+    )
+    parser.add_argument("--reserve-gib", type=float, default=3.0, help="memory kept free for activations")
+    parser.add_argument("--no-largest", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer toy model (to check the script on CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="JSON path")
+    args = parser.parse_args(argv)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    names = [c.strip() for c in args.contenders.split(",")]
+    torch.manual_seed(0)
+    shape = TINY if args.tiny else LLAMA_8B
+    model = build_model(shape, args.device)
+    cfg = model.config
+    bf16_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    rows = []
+    for context in contexts:
+        for name in names:
+            row = run_one(name, model, args.batch, context, args)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append(row)
+    largest = {}
+    if not args.no_largest:
+        context = max(contexts)
+        for name in names:
+            measured = [r for r in rows if r["contender"] == name and r["context"] == context and "error" not in r]
+            per_token = measured[0]["kv_bytes_per_token"] if measured else bf16_per_token
+            largest[name] = largest_batch(name, model, per_token, context, args)
+            print(json.dumps(largest[name]), file=sys.stderr, flush=True)
+    env = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
+        "torch": torch.__version__,
+        "shape": shape,
+        "bf16_bytes_per_token": bf16_per_token,
+        "argv": sys.argv[1:] if argv is None else argv,
+        "sdpa": args.sdpa,
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"environment": env, "rows": rows, "largest": largest}, f, indent=2)
+    print(table(rows, largest, bf16_per_token, None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""What an evaluation compares: caches built by kvpolicy policies or by transformers itself.
+
+A :class:`Contender` makes a fresh cache for a model and says how many bytes a cache holds.
+``hf_quantized`` is transformers' own ``QuantizedCache`` with the quanto backend, used as
+shipped (its defaults except ``nbits`` and ``residual_length``, which follow the run's bits
+and budget).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+import torch
+from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
+
+from kvpolicy.cache import KVPolicyCache
+from kvpolicy.errors import MissingDependencyError
+from kvpolicy.evaluation.matching import at_budget
+from kvpolicy.policy import Policy
+
+#: the name under which transformers' QuantizedCache (quanto backend) is evaluated
+HF_QUANTIZED = "hf_quantized"
+
+
+@attrs.frozen
+class Contender:
+    """A named way of building a cache. ``policy`` is set for kvpolicy contenders."""
+
+    name: str
+    make_cache: Callable[[torch.nn.Module], Cache]
+    policy: Policy | None = None
+    budget: int | None = None
+    bits: int | None = None
+
+
+def policy_contender(policy: Policy, budget: int | None = None, bits: int | None = None) -> Contender:
+    return Contender(policy.name, policy.make_cache, policy, budget, bits)
+
+
+def hf_quantized_contender(bits: int = 2, residual_length: int = 128) -> Contender:
+    try:
+        import optimum.quanto  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError(f"contender {HF_QUANTIZED!r}", "optimum-quanto", "quanto") from None
+
+    def make(model: torch.nn.Module) -> Cache:
+        return QuantizedCache(backend="quanto", config=model.config, nbits=bits, residual_length=residual_length)
+
+    return Contender(HF_QUANTIZED, make, None, residual_length, bits)
+
+
+def resolve_contenders(names: list[str], budget: int | None = None, bits: int | None = None) -> list[Contender]:
+    """Contenders for registered policy names, YAML paths and ``hf_quantized``; with ``budget``
+    every policy is matched to that many full-precision tokens (see :func:`at_budget`)."""
+    out = []
+    for name in names:
+        if name == HF_QUANTIZED:
+            out.append(hf_quantized_contender(bits or 2, budget or 128))
+            continue
+        policy = Policy.load(name)
+        if budget is not None or bits is not None:
+            config = policy.config
+            config = at_budget(config, budget, bits) if budget is not None else _with_bits(config, bits)
+            policy = Policy(config, policy.registry)
+        if Path(str(name)).suffix in (".yaml", ".yml"):
+            policy.config = attrs.evolve(policy.config, name=Path(name).stem)
+        out.append(policy_contender(policy, budget, bits))
+    return out
+
+
+def _with_bits(config, bits):
+    keys = attrs.evolve(config.keys, quant=attrs.evolve(config.keys.quant, bits=bits))
+    values = attrs.evolve(config.values, quant=attrs.evolve(config.values.quant, bits=bits))
+    return attrs.evolve(config, keys=keys, values=values)
+
+
+def _leaf_bytes(t) -> int:
+    if t is None or not isinstance(t, torch.Tensor):
+        return 0
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(_leaf_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes of key/value data a cache holds (packed codes, scales, full-precision tokens, positions)."""
+    if isinstance(cache, KVPolicyCache):
+        return cache.memory().total_bytes
+    total = 0
+    for layer in cache.layers:
+        for attr in ("keys", "values", "_quantized_keys", "_quantized_values"):
+            total += _leaf_bytes(getattr(layer, attr, None))
+    return total
+
+
+def replay_nbytes(contender: Contender, model: torch.nn.Module, prefill: int, steps: int, dtype=torch.bfloat16) -> dict:
+    """Bytes the contender's cache holds after a prefill of ``prefill`` tokens and ``steps``
+    single-token updates with ``dtype`` keys/values (what a 16-bit deployment holds),
+    next to a 16-bit ``DynamicCache`` after the same updates."""
+    from kvpolicy.cache import attention_layout
+
+    num_layers, kv_heads, head_dim = attention_layout(model)
+    cache = contender.make_cache(model)
+    baseline = DynamicCache()
+    g = torch.Generator().manual_seed(0)
+    for length in [prefill] + [1] * steps:
+        for layer in range(num_layers):
+            k = torch.randn(1, kv_heads, length, head_dim, generator=g).to(dtype)
+            v = torch.randn(1, kv_heads, length, head_dim, generator=g).to(dtype)
+            cache.update(k, v, layer)
+            baseline.update(k, v, layer)
+    held, base = cache_nbytes(cache), cache_nbytes(baseline)
+    return {"kv_bytes": held, "baseline_16bit_bytes": base, "kv_ratio": held / base}

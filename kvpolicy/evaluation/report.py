@@ -1,0 +1,181 @@
+"""Write an evaluation as JSON, a markdown table and PNG plots (matplotlib)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kvpolicy.evaluation.runner import EvaluationResult
+
+#: (task, metric key) columns of the summary table, in order
+SUMMARY_COLUMNS = [
+    ("fidelity", "kl"),
+    ("fidelity", "top1"),
+    ("fidelity", "ppl"),
+    ("fidelity", "attn_err"),
+    ("passkey", "accuracy"),
+    ("code", "exact_match"),
+    ("code", "edit_sim"),
+    ("humaneval", "pass@1"),
+    ("humaneval", "same_as_full"),
+    ("fidelity", "kv_ratio"),
+]
+
+
+def _fmt(value, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def summary_table(result: EvaluationResult) -> str:
+    """One row per contender, one column per (task, metric) that was run."""
+    tasks = {t.task: t for t in result.tasks}
+    columns = [(tasks[t], m) for t, key in SUMMARY_COLUMNS if t in tasks for m in tasks[t].metrics if m.key == key]
+    arrows = {True: "↑", False: "↓"}
+    header = ["policy", *[f"{m.label} {arrows[m.higher_is_better]}" for _, m in columns]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for contender in result.contenders:
+        name = contender["name"]
+        cells = [name, *[_fmt(task.rows[name].get(m.key), m.fmt) for task, m in columns]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def task_table(task) -> str:
+    header = ["policy", *[m.label for m in task.metrics]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in task.rows.items():
+        lines.append("| " + " | ".join([name, *[_fmt(row.get(m.key), m.fmt) for m in task.metrics]]) + " |")
+    return "\n".join(lines)
+
+
+def sweep_table(rows: list[dict]) -> str:
+    lines = [
+        "| policy | bits | budget | KV bytes vs 16-bit | KL vs 16-bit | top-1 agreement |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["policy"], r["bits"], r["budget"])):
+        lines.append(
+            f"| {r['policy']} | {r['bits']} | {r['budget']} | {r['kv_ratio']:.3f} | {r['kl']:.4f} | {r['top1']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown(result: EvaluationResult, command: str | None = None) -> str:
+    parts = ["# kvpolicy evaluation", ""]
+    if command:
+        parts += ["Command:", "", "```", command, "```", ""]
+    env = result.environment
+    parts += [
+        f"Model `{env['model']}` ({env['dtype']}), torch {env['torch']}, transformers {env['transformers']}, "
+        f"{env['machine']}. Settings: `{json.dumps(result.settings)}`.",
+        "",
+        "## Summary",
+        "",
+        summary_table(result),
+        "",
+    ]
+    for task in result.tasks:
+        parts += [f"## {task.task}", "", f"Settings: `{json.dumps(task.settings)}`", "", task_table(task), ""]
+    if result.sweep:
+        parts += ["## Sweep (fidelity at each budget and bit width)", "", sweep_table(result.sweep), ""]
+    parts += ["Seconds per task: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()), ""]
+    return "\n".join(parts)
+
+
+def plot(result: EvaluationResult, out_dir: Path) -> list[Path]:
+    """Summary bars, attention error by layer, passkey by length and the sweep trade-off."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    tasks = {t.task: t for t in result.tasks}
+    names = [c["name"] for c in result.contenders]
+    columns = [(tasks[t], m) for t, key in SUMMARY_COLUMNS if t in tasks for m in tasks[t].metrics if m.key == key]
+    columns = [(t, m) for t, m in columns if any(t.rows[n].get(m.key) is not None for n in names)]
+    if columns:
+        fig, axes = plt.subplots(1, len(columns), figsize=(2.6 * len(columns), 3.6), squeeze=False)
+        for ax, (task, metric) in zip(axes[0], columns):
+            values = [task.rows[n].get(metric.key) or 0.0 for n in names]
+            ax.bar(range(len(names)), values, color=[f"C{i}" for i in range(len(names))])
+            ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+            ax.set_title(f"{metric.label} {'↑' if metric.higher_is_better else '↓'}", fontsize=8)
+            ax.tick_params(axis="y", labelsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "summary.png"))
+    fidelity = tasks.get("fidelity")
+    if fidelity is not None and any(r.get("attn_err_by_layer") for r in fidelity.rows.values()):
+        fig, ax = plt.subplots(figsize=(6.5, 3.6))
+        for i, name in enumerate(names):
+            layers = fidelity.rows[name].get("attn_err_by_layer")
+            if layers:
+                ax.plot(range(len(layers)), layers, marker=".", label=name, color=f"C{i}")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("relative L1 error of attention output")
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "attention_error_by_layer.png"))
+    passkey = tasks.get("passkey")
+    if passkey is not None:
+        lengths = passkey.settings["lengths"]
+        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        for i, name in enumerate(names):
+            ax.plot(lengths, [passkey.rows[name][f"acc@{n}"] for n in lengths], marker="o", label=name, color=f"C{i}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{n // 1024}K" for n in lengths])
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("passkey accuracy")
+        ax.set_ylim(-0.05, 1.05)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "passkey_by_length.png"))
+    if result.sweep:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        policies = sorted({r["policy"] for r in result.sweep})
+        for i, policy in enumerate(policies):
+            for nbits, marker, style in ((2, "o", "-"), (4, "s", "--")):
+                rows = sorted(
+                    (r for r in result.sweep if r["policy"] == policy and r["bits"] == nbits),
+                    key=lambda r: r["kv_ratio"],
+                )
+                if not rows:
+                    continue
+                ratios = [r["kv_ratio"] for r in rows]
+                label = f"{policy} {nbits}-bit"
+                axes[0].plot(
+                    ratios, [r["top1"] for r in rows], marker=marker, linestyle=style, color=f"C{i}", label=label
+                )
+                axes[1].plot(
+                    ratios, [r["kl"] for r in rows], marker=marker, linestyle=style, color=f"C{i}", label=label
+                )
+        axes[0].set_ylabel("top-1 agreement with 16-bit ↑")
+        axes[1].set_ylabel("KL vs 16-bit ↓")
+        axes[1].set_yscale("log")
+        for ax in axes:
+            ax.set_xlabel("KV bytes vs 16-bit (lower = more compression)")
+        axes[0].legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir / "accuracy_vs_compression.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def write(result: EvaluationResult, out_dir: str | Path, command: str | None = None) -> list[Path]:
+    """``results.json``, ``results.md`` and the plots in ``out_dir``; returns the written paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = result.to_dict()
+    if command:
+        data["command"] = command
+    (out_dir / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    (out_dir / "results.md").write_text(markdown(result, command))
+    return [out_dir / "results.json", out_dir / "results.md", *plot(result, out_dir)]

@@ -1,0 +1,110 @@
+"""Run tasks over contenders and collect one result; budget/bits sweeps for the trade-off plot."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+
+import attrs
+import torch
+
+from kvpolicy.evaluation.code_completion import CodeCompletion
+from kvpolicy.evaluation.contenders import Contender, resolve_contenders
+from kvpolicy.evaluation.fidelity import Fidelity
+from kvpolicy.evaluation.humaneval import HumanEval
+from kvpolicy.evaluation.passkey import Passkey
+from kvpolicy.evaluation.task import Task, TaskResult
+
+TASKS: dict[str, type[Task]] = {
+    "fidelity": Fidelity,
+    "passkey": Passkey,
+    "code": CodeCompletion,
+    "humaneval": HumanEval,
+}
+
+
+@attrs.define
+class EvaluationResult:
+    settings: dict
+    environment: dict
+    contenders: list[dict]
+    tasks: list[TaskResult]
+    sweep: list[dict] = attrs.field(factory=list)
+    seconds: dict[str, float] = attrs.field(factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "settings": self.settings,
+            "environment": self.environment,
+            "contenders": self.contenders,
+            "tasks": [t.to_dict() for t in self.tasks],
+            "sweep": self.sweep,
+            "seconds": self.seconds,
+        }
+
+
+def environment(model: torch.nn.Module) -> dict:
+    import transformers
+
+    return {
+        "model": getattr(model.config, "name_or_path", "") or type(model).__name__,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+    }
+
+
+def describe(contender: Contender) -> dict:
+    out = {"name": contender.name, "budget": contender.budget, "bits": contender.bits}
+    if contender.policy is not None:
+        out["policy"] = contender.policy.to_dict()
+        out["full_precision_budget"] = contender.policy.budget()
+    return out
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer,
+    tasks: Sequence[Task],
+    contenders: Sequence[Contender],
+    settings: dict | None = None,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Every task over every contender, on the same samples."""
+    results, seconds = [], {}
+    for task in tasks:
+        start = time.perf_counter()
+        results.append(task.run(model, tokenizer, contenders, progress))
+        seconds[task.name] = time.perf_counter() - start
+    return EvaluationResult(
+        settings=settings or {},
+        environment=environment(model),
+        contenders=[describe(c) for c in contenders],
+        tasks=results,
+        seconds=seconds,
+    )
+
+
+def sweep(
+    model: torch.nn.Module,
+    tokenizer,
+    policies: Sequence[str],
+    budgets: Sequence[int],
+    bits: Sequence[int],
+    task: Task,
+    progress: bool = True,
+) -> list[dict]:
+    """``task`` (a fidelity task) at every budget x bits; one row per policy and point."""
+    from tqdm.auto import tqdm
+
+    rows = []
+    points = [(b, n) for n in bits for b in budgets]
+    for budget, nbits in tqdm(points, desc="sweep", disable=not progress):
+        contenders = resolve_contenders(list(policies), budget, nbits)
+        result = task.run(model, tokenizer, contenders, progress)
+        for name, row in result.rows.items():
+            rows.append({"policy": name, "budget": budget, "bits": nbits, **row})
+    return rows
