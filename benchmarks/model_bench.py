@@ -14,9 +14,11 @@ Measured per contender:
 * decode tokens/s and per-step latency at a common batch for each context;
 * the largest batch at the longest context: predicted from the measured bytes per token
   and the free memory, then confirmed by filling and decoding (backing off on OOM);
-* tokens/s at that batch.
+* tokens/s at that batch;
+* the fused executor's achieved bandwidth on the bytes it reads, against a measured
+  device-to-device copy (one layer, ``benchmarks/attention_bench.py``'s measurement).
 
-    python benchmarks/model_bench.py --out benchmarks/results/model_h100.json
+    python -m benchmarks.model_bench --out benchmarks/results/model_h100.json
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ def largest_batch(name, model, per_token: float, context: int, args) -> dict:
     return {"contender": name, "context": context, "batch": None, "tried": tries, "error": row.get("error")}
 
 
-def table(rows: list[dict], largest: dict, bf16_per_token: float, copy: dict | None) -> str:
+def table(rows: list[dict], largest: dict, bf16_per_token: float, bandwidth: list[dict]) -> str:
     lines = [
         "| contender | context | batch | KV B/token | vs bf16 | step ms | tokens/s | vs dynamic |",
         "|---|---|---|---|---|---|---|---|",
@@ -212,6 +214,19 @@ def table(rows: list[dict], largest: dict, bf16_per_token: float, copy: dict | N
         rb = f"{r['batch'] / d['batch']:.2f}x" if d.get("batch") else ""
         rt = f"{r['tokens_per_s'] / d['tokens_per_s']:.2f}x" if d.get("batch") else ""
         lines.append(f"| {name} | {r['batch']} | {rb} | {r['tokens_per_s']:.0f} | {rt} | {r['step_ms']:.1f} |")
+    if bandwidth:
+        lines += [
+            "",
+            "Fused executor, one layer:",
+            "",
+            "| context | batch | fused ms | GB/s read | % of copy |",
+            "|---|---|---|---|---|",
+        ]
+        for r in bandwidth:
+            lines.append(
+                f"| {r['context']} | {r['batch']} | {r['fused_2bit_ms']:.3f} | {r['fused_read_GBps']:.0f} | "
+                f"{100 * r['fused_frac_of_copy']:.1f}% |"
+            )
     return "\n".join(lines)
 
 
@@ -230,6 +245,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--reserve-gib", type=float, default=3.0, help="memory kept free for activations")
     parser.add_argument("--no-largest", action="store_true")
+    parser.add_argument("--no-bandwidth", action="store_true", help="skip the fused executor's bandwidth rows")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer toy model (to check the script on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="JSON path")
@@ -255,6 +271,15 @@ def main(argv=None) -> int:
             per_token = measured[0]["kv_bytes_per_token"] if measured else bf16_per_token
             largest[name] = largest_batch(name, model, per_token, context, args)
             print(json.dumps(largest[name]), file=sys.stderr, flush=True)
+    bandwidth = []
+    if args.device == "cuda" and not args.no_bandwidth:
+        # the fused executor alone, one Llama-8B layer, against a device-to-device copy
+        from benchmarks.attention_bench import copy_bandwidth, measure
+
+        copy_bw = copy_bandwidth()
+        for context in contexts:
+            bandwidth.append(measure(context, args.batch, copy_bw))
+            print(json.dumps(bandwidth[-1]), file=sys.stderr, flush=True)
     env = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
         "torch": torch.__version__,
@@ -265,8 +290,8 @@ def main(argv=None) -> int:
     }
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"environment": env, "rows": rows, "largest": largest}, f, indent=2)
-    print(table(rows, largest, bf16_per_token, None))
+            json.dump({"environment": env, "rows": rows, "largest": largest, "bandwidth": bandwidth}, f, indent=2)
+    print(table(rows, largest, bf16_per_token, bandwidth))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Plots for docs/results/performance.md from model_bench.py's JSON.
 
-    python benchmarks/plot_model_bench.py benchmarks/results/model_h100.json docs/results
+python benchmarks/plot_model_bench.py benchmarks/results/model_h100.json docs/results
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpolicy import attention
-from kvpolicy.errors import NotSupportedError, UnsupportedModelError
+from kvpolicy.errors import CacheMismatchError, NotSupportedError, UnsupportedModelError
 from kvpolicy.executors import AttentionStep, Executor
 from kvpolicy.store import TensorStore
 
@@ -73,6 +73,8 @@ class KVPolicyLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        else:
+            self._check_matches(key_states)
         step = AttentionStep(
             keys=self.key_store.view(),
             values=self.value_store.view(),
@@ -83,6 +85,16 @@ class KVPolicyLayer(CacheLayerMixin):
         self.key_store.append(key_states)
         self.value_store.append(value_states)
         return attention.tag(key_states, step, self.executor), value_states
+
+    def _check_matches(self, key_states: torch.Tensor) -> None:
+        got = (key_states.dtype, key_states.device, (key_states.shape[0], key_states.shape[1], key_states.shape[3]))
+        held = (self.dtype, self.device, self.shape)
+        if got != held:
+            raise CacheMismatchError(
+                f"this cache layer holds {held[0]} tensors on {held[1]} with (batch, kv_heads, head_dim)={held[2]}; "
+                f"got {got[0]} on {got[1]} with {got[2]}. A cache serves one model, dtype, device and batch: "
+                "build a new one with policy.make_cache(model), or reorder it with the cache's batch methods"
+            )
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # the mask spans every position seen; the executor picks the columns it keeps
@@ -102,6 +114,9 @@ class KVPolicyLayer(CacheLayerMixin):
     def _map_batch(self, fn) -> None:
         self.key_store.map_batch(fn)
         self.value_store.map_batch(fn)
+        if self.is_initialized:  # the batch size may change (repeat, select)
+            rows = fn(torch.empty(self.shape[0], 1)).shape[0]
+            self.shape = (rows, *self.shape[1:])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))

@@ -41,6 +41,10 @@ class UnsupportedModelError(KVPolicyError, ValueError):
     """The model has layers or a cache layout a kvpolicy cache cannot serve."""
 
 
+class CacheMismatchError(KVPolicyError, ValueError):
+    """A cache received tensors of another dtype, device or shape than it holds."""
+
+
 class NotSupportedError(KVPolicyError, NotImplementedError):
     """A transformers cache operation that this policy cannot perform faithfully."""
 

@@ -104,6 +104,32 @@ class Policy:
         ]
         return math.lcm(*groups) if groups else DEFAULT_BLOCK
 
+    def memory_bound(self, tokens: int, batch: int, kv_heads: int, head_dim: int, element_size: int = 2) -> int:
+        """Most bytes one layer's stores can hold after ``tokens`` tokens (native backend).
+
+        Full-precision tokens up to the selector's budget, a staging buffer below one
+        packing block, every remaining token packed (codes plus scales and zeros), and 4
+        bytes of position per held token. Growth beyond this bound is a leak.
+        """
+        budgets = self.budget()
+        per_token = batch * kv_heads * head_dim * element_size
+        total = 0
+        for spec, budget in ((self.config.keys, budgets["keys"]), (self.config.values, budgets["values"])):
+            fp = tokens if budget is None else min(tokens, budget)
+            total += fp * (per_token + 4)
+            if spec.demote != "quantize":
+                continue
+            staged = min(tokens, self.demote_block() - 1)
+            total += staged * (per_token + 4)
+            quant = spec.quant
+            codes = batch * kv_heads * head_dim * quant.bits / 8
+            if quant.axis == "token":
+                scales = 2 * batch * kv_heads * (head_dim // quant.group_size) * element_size
+            else:
+                scales = 2 * batch * kv_heads * head_dim * element_size / quant.group_size
+            total += int(tokens * (codes + scales + 4))
+        return total
+
     def _store(self, spec: TensorSpec, section: str, head_dim: int) -> TensorStore:
         backend = None
         if spec.demote == "quantize":

@@ -201,3 +201,19 @@ def test_bad_group_size_for_head_dim_is_named_at_make_cache(model):
     )
     with pytest.raises(kvpolicy.ConfigError, match="values.quant.group_size: got 48.*head_dim=64"):
         policy.make_cache(model)
+
+
+def test_tensors_of_another_dtype_or_batch_are_refused_clearly(model):
+    policy = Policy.load("kivi")
+    cache = policy.make_cache(model)
+    k = torch.randn(2, 1, 5, 64)
+    cache.update(k, k, 0)
+    with pytest.raises(kvpolicy.errors.CacheMismatchError, match=r"holds torch.float32 .* got torch.float16"):
+        cache.update(k.half(), k.half(), 0)
+    with pytest.raises(
+        kvpolicy.errors.CacheMismatchError, match=r"\(batch, kv_heads, head_dim\)=\(2, 1, 64\); got .*\(3, 1, 64\)"
+    ):
+        cache.update(torch.randn(3, 1, 1, 64), torch.randn(3, 1, 1, 64), 0)
+    cache.batch_repeat_interleave(2)  # a batch operation updates what the layer expects
+    cache.update(torch.randn(4, 1, 1, 64), torch.randn(4, 1, 1, 64), 0)
+    assert cache.layers[0].key_store.length == 6

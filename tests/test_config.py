@@ -94,7 +94,7 @@ def test_unknown_names_suggest_registered_ones():
         Policy.from_dict(data)
     data = base()
     data["keys"]["quant"]["backend"] = "natve"
-    with pytest.raises(UnknownNameError, match="Did you mean 'native'.*Registered quantizers: native"):
+    with pytest.raises(UnknownNameError, match="Did you mean 'native'.*Registered quantizers: hqq, native, quanto"):
         Policy.from_dict(data)
     with pytest.raises(UnknownNameError, match="unknown policy 'logqant'. Did you mean 'logquant'"):
         Policy.load("logqant")
