@@ -99,22 +99,28 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def fidelity_task(args: argparse.Namespace):
+    """The fidelity task of the ``evaluate`` options (also what ``--sweep-budgets`` runs)."""
+    from kvpolicy.evaluation.fidelity import Fidelity
+
+    return Fidelity(
+        length=args.fidelity_length,
+        decode_tokens=args.decode_tokens,
+        prose_documents=args.documents,
+        code_documents=args.documents,
+    )
+
+
 def build_tasks(args: argparse.Namespace) -> list:
     """The task objects the ``evaluate`` options ask for."""
     from kvpolicy.errors import UnknownNameError
     from kvpolicy.evaluation import TASKS
     from kvpolicy.evaluation.code_completion import CodeCompletion
-    from kvpolicy.evaluation.fidelity import Fidelity
     from kvpolicy.evaluation.humaneval import HumanEval
     from kvpolicy.evaluation.passkey import Passkey
 
     made = {
-        "fidelity": lambda: Fidelity(
-            length=args.fidelity_length,
-            decode_tokens=args.decode_tokens,
-            prose_documents=args.documents,
-            code_documents=args.documents,
-        ),
+        "fidelity": lambda: fidelity_task(args),
         "passkey": lambda: Passkey(lengths=args.passkey_lengths, depths=args.passkey_depths),
         "code": lambda: CodeCompletion(context=args.code_context, samples=args.samples),
         "humaneval": lambda: HumanEval(samples=args.samples, execute=args.execute),
@@ -149,7 +155,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     from kvpolicy.evaluation import evaluate, resolve_contenders
     from kvpolicy.evaluation import report as report_module
-    from kvpolicy.evaluation.fidelity import Fidelity
     from kvpolicy.evaluation.runner import sweep
 
     budget = args.budget or None
@@ -160,12 +165,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     settings = {"policies": _csv(args.policies), "tasks": _csv(args.tasks), "budget": budget, "bits": args.bits}
     result = evaluate(model, tokenizer, tasks, contenders, settings, progress=not args.quiet)
     if args.sweep_budgets:
-        fidelity = Fidelity(
-            length=args.fidelity_length,
-            decode_tokens=args.decode_tokens,
-            prose_documents=args.documents,
-            code_documents=args.documents,
-        )
+        fidelity = fidelity_task(args)
         policies = [p for p in _csv(args.policies) if p != "full"]
         result.sweep = sweep(model, tokenizer, policies, args.sweep_budgets, args.sweep_bits, fidelity, not args.quiet)
     command = "kvpolicy " + " ".join(shlex.quote(a) for a in (args.argv or []))

@@ -11,10 +11,9 @@ from typing import ClassVar
 
 import torch
 
-from kvpolicy.backends.row_packed import RowPacked, as_grouped, from_grouped
+from kvpolicy.backends.row_packed import RowPacked, RowPackedBackend, as_grouped, from_grouped
 from kvpolicy.config import QuantSpec
 from kvpolicy.errors import MissingDependencyError
-from kvpolicy.quantizers import QuantizerBackend
 
 
 def _quantizer():
@@ -25,7 +24,7 @@ def _quantizer():
     return Quantizer
 
 
-class HQQQuantizer(QuantizerBackend):
+class HQQQuantizer(RowPackedBackend):
     """HQQ (optimized zero points) at 2 or 4 bits."""
 
     name: ClassVar[str] = "hqq"
@@ -58,12 +57,6 @@ class HQQQuantizer(QuantizerBackend):
             decode=lambda block, axis=spec.axis, dtype=x.dtype: _decode(quantizer, block, axis, dtype),
             block_nbytes=_block_nbytes,
         )
-
-    def concat(self, blocks: list[RowPacked]) -> RowPacked:
-        out = blocks[0]
-        for block in blocks[1:]:
-            out = out.concat_with(block)
-        return out
 
 
 def _decode(quantizer, block, axis: str, dtype: torch.dtype) -> torch.Tensor:

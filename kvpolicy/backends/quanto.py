@@ -11,10 +11,9 @@ from typing import ClassVar
 
 import torch
 
-from kvpolicy.backends.row_packed import RowPacked, as_grouped, from_grouped
+from kvpolicy.backends.row_packed import RowPacked, RowPackedBackend, as_grouped, from_grouped
 from kvpolicy.config import QuantSpec
 from kvpolicy.errors import MissingDependencyError
-from kvpolicy.quantizers import QuantizerBackend
 
 
 def _quanto():
@@ -33,7 +32,7 @@ def _leaf_tensors(t) -> list[tuple[str, torch.Tensor]]:
     return [(f"{name}{sub}", leaf) for name in names for sub, leaf in _leaf_tensors(getattr(t, name))]
 
 
-class QuantoQuantizer(QuantizerBackend):
+class QuantoQuantizer(RowPackedBackend):
     """optimum-quanto ``qint2``/``qint4`` with min/max (``MaxOptimizer``) scales."""
 
     name: ClassVar[str] = "quanto"
@@ -58,12 +57,6 @@ class QuantoQuantizer(QuantizerBackend):
             decode=lambda block, axis=spec.axis: from_grouped(block.dequantize(), axis),
             block_nbytes=_block_nbytes,
         )
-
-    def concat(self, blocks: list[RowPacked]) -> RowPacked:
-        out = blocks[0]
-        for block in blocks[1:]:
-            out = out.concat_with(block)
-        return out
 
 
 def _block_nbytes(block) -> tuple[int, int]:

@@ -14,6 +14,8 @@ from typing import Any
 import attrs
 import torch
 
+from kvpolicy.quantizers import QuantizerBackend
+
 
 @attrs.frozen
 class RowPacked:
@@ -74,13 +76,17 @@ class RowPacked:
             trim=(start - first_offset, last_end - stop),
         )
 
-    def concat_with(self, other: RowPacked) -> RowPacked:
-        if self.trim != (0, 0) or other.trim != (0, 0):
+
+class RowPackedBackend(QuantizerBackend):
+    """A backend whose packed regions are :class:`RowPacked`: joins blocks row by row."""
+
+    def concat(self, blocks: list[RowPacked]) -> RowPacked:
+        if any(block.trim != (0, 0) for block in blocks):
             raise ValueError("cannot concatenate trimmed slices")
         return attrs.evolve(
-            self,
-            rows=tuple(a + b for a, b in zip(self.rows, other.rows, strict=True)),
-            lengths=self.lengths + other.lengths,
+            blocks[0],
+            rows=tuple(sum(parts, ()) for parts in zip(*(b.rows for b in blocks), strict=True)),
+            lengths=sum((b.lengths for b in blocks), ()),
         )
 
 

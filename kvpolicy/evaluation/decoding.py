@@ -16,10 +16,11 @@ from transformers.cache_utils import Cache, DynamicCache
 
 
 @torch.no_grad()
-def prefill(model: torch.nn.Module, ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
-    """``(cache, logits [len(ids), V] float32)`` of a full-precision forward over ``ids``."""
+def prefill(model: torch.nn.Module, ids: list[int], logits_to_keep: int = 0) -> tuple[DynamicCache, torch.Tensor]:
+    """``(cache, float32 logits [n, V])`` of a full-precision forward over ``ids``; ``n`` is
+    ``len(ids)``, or the last ``logits_to_keep`` positions when that is set."""
     cache = DynamicCache(config=model.config)
-    out = model(torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    out = model(torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
     return cache, out.logits[0].float()
 
 

@@ -19,7 +19,7 @@ import attrs
 import torch
 
 from kvpolicy.evaluation.contenders import Contender, replay_nbytes
-from kvpolicy.evaluation.decoding import ingest, step
+from kvpolicy.evaluation.decoding import ingest, prefill, step
 from kvpolicy.evaluation.probe import attach_probes
 from kvpolicy.evaluation.task import Metric, Task, TaskResult, progress_bar
 from kvpolicy.evaluation.texts import code_documents, prose_documents
@@ -56,8 +56,7 @@ class Fidelity(Task):
         sums = {c.name: {"kl": 0.0, "top1": 0.0, "nll": 0.0, "n": 0, "layers": None} for c in contenders}
         bar = progress_bar(len(docs) * len(contenders), "fidelity", progress)
         for doc_name, ids in docs:
-            source = _prefill_with_tail_logits(model, ids, self.decode_tokens)
-            cache_src, ref_logits = source
+            cache_src, ref_logits = prefill(model, ids, logits_to_keep=self.decode_tokens)
             ref = torch.log_softmax(ref_logits[:-1], dim=-1)  # predictions for ids[prefix+1:]
             targets = torch.tensor(ids[prefix + 1 :])
             for contender in contenders:
@@ -100,13 +99,3 @@ class Fidelity(Task):
                 **replay_nbytes(contender, model, prefix, self.decode_tokens - 1),
             }
         return result
-
-
-@torch.no_grad()
-def _prefill_with_tail_logits(model, ids: list[int], tail: int):
-    """One forward over ``ids``; the cache and the float32 logits of the last ``tail`` positions."""
-    from transformers.cache_utils import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    out = model(torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=tail)
-    return cache, out.logits[0].float()
