@@ -19,6 +19,13 @@ Measured per contender:
   device-to-device copy (one layer, ``benchmarks/attention_bench.py``'s measurement).
 
     python -m benchmarks.model_bench --out benchmarks/results/model_h100.json
+
+Under torchrun with several ranks the same model is sharded by transformers' tensor
+parallelism (``tp_plan="auto"``): each rank holds its shard of the weights and of the KV
+heads, and bytes per token and largest batch are per rank (every rank holds the same):
+
+    torchrun --standalone --nproc-per-node 2 -m benchmarks.model_bench --contexts 32768 \
+        --contenders dynamic,kivi,logquant --no-bandwidth --out benchmarks/results/model_tp2_h200.json
 """
 
 from __future__ import annotations
@@ -51,9 +58,63 @@ TINY = dict(LLAMA_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=
 CONTENDERS = ("dynamic", "hf_quantized", "kivi", "logquant", "partial_logquant")
 
 
+def tensor_parallel() -> bool:
+    """Under torchrun with more than one rank: shard the model with transformers' TP."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def build_tensor_parallel_model(shape: dict):
+    """The same random model, sharded by ``from_pretrained(tp_plan="auto")``: each rank saves a
+    checkpoint of the config and one tensor; transformers initialises every missing weight."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from kvpolicy.distributed import load_tensor_parallel
+
+    folder = tempfile.mkdtemp(prefix=f"kvpolicy_tp_rank{os.environ.get('RANK', '0')}_")
+    LlamaConfig(**shape).save_pretrained(folder)
+    save_file({"model.norm.weight": torch.ones(shape["hidden_size"])}, f"{folder}/model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    model = load_tensor_parallel(folder, torch.bfloat16)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def local_kv_heads(model) -> int:
+    """KV heads this process holds (all of them, or this rank's shard under TP)."""
+    weight = model.model.layers[0].self_attn.k_proj.weight
+    rows = weight.to_local().shape[0] if hasattr(weight, "to_local") else weight.shape[0]
+    return rows // model.config.head_dim
+
+
+def any_rank(flag: bool) -> bool:
+    """True where any rank says so (the flag itself outside TP)."""
+    if not tensor_parallel():
+        return flag
+    t = torch.tensor([int(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def smallest_over_ranks(value: int) -> int:
+    """The smallest ``value`` of all ranks, so that every rank tries the same batch."""
+    if not tensor_parallel():
+        return value
+    t = torch.tensor([value], device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t.item())
+
+
 def build_model(shape: dict, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if tensor_parallel():
+        return build_tensor_parallel_model(shape)
     config = LlamaConfig(**shape)
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
@@ -90,7 +151,7 @@ def cache_bytes(cache) -> int:
 def fill(cache, model, batch: int, context: int, chunk: int, device: str) -> None:
     """Hand ``context`` random tokens per sequence to every layer, ``chunk`` at a time."""
     cfg = model.config
-    shape = (batch, cfg.num_key_value_heads, 0, cfg.head_dim)
+    shape = (batch, local_kv_heads(model), 0, cfg.head_dim)
     for layer in range(cfg.num_hidden_layers):
         for start in range(0, context, chunk):
             n = min(chunk, context - start)
@@ -116,7 +177,8 @@ def sdpa_backends(name: str):
 @torch.inference_mode()
 def decode(model, cache, batch: int, steps: int, warmup: int, device: str) -> float:
     """Median seconds per decode step (one token per sequence)."""
-    tokens = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    g = torch.Generator().manual_seed(0)  # the same tokens on every rank
+    tokens = torch.randint(0, model.config.vocab_size, (batch, 1), generator=g).to(model.device)
     times = []
     for i in range(warmup + steps):
         if device == "cuda":
@@ -146,7 +208,13 @@ def run_one(name, model, batch, context, args) -> dict:
     try:
         cache = make_cache(name, model)
         t0 = time.perf_counter()
-        fill(cache, model, batch, context, args.chunk, args.device)
+        try:
+            fill(cache, model, batch, context, args.chunk, model.device)
+            failed = False
+        except torch.OutOfMemoryError:
+            failed = True
+        if any_rank(failed):  # no rank may enter the model's all-reduces alone
+            raise torch.OutOfMemoryError("out of memory while filling")
         row["fill_s"] = time.perf_counter() - t0
         held = cache_bytes(cache)
         row["kv_bytes"] = held
@@ -168,8 +236,8 @@ def run_one(name, model, batch, context, args) -> dict:
 
 def largest_batch(name, model, per_token: float, context: int, args) -> dict:
     """Predict from bytes/token and free memory, confirm by running; back off on OOM."""
-    free = (torch.cuda.mem_get_info()[0] if args.device == "cuda" else 8 * 2**30) - args.reserve_gib * 2**30
-    batch = max(1, int(free / (per_token * context)))
+    free = (torch.cuda.mem_get_info(model.device)[0] if args.device == "cuda" else 8 * 2**30) - args.reserve_gib * 2**30
+    batch = smallest_over_ranks(max(1, int(free / (per_token * context))))
     tries = []
     for _ in range(args.tries):
         row = run_one(name, model, batch, context, args)
@@ -256,12 +324,16 @@ def main(argv=None) -> int:
     shape = TINY if args.tiny else LLAMA_8B
     model = build_model(shape, args.device)
     cfg = model.config
-    bf16_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+    # per process: under TP each rank holds its shard of the KV heads and reports its own bytes
+    bf16_per_token = 2 * cfg.num_hidden_layers * local_kv_heads(model) * cfg.head_dim * 2
+    world = torch.distributed.get_world_size() if tensor_parallel() else 1
+    rank = torch.distributed.get_rank() if tensor_parallel() else 0
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if rank == 0 else (lambda text: None)
     rows = []
     for context in contexts:
         for name in names:
             row = run_one(name, model, args.batch, context, args)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            say(json.dumps(row))
             rows.append(row)
     largest = {}
     if not args.no_largest:
@@ -270,9 +342,9 @@ def main(argv=None) -> int:
             measured = [r for r in rows if r["contender"] == name and r["context"] == context and "error" not in r]
             per_token = measured[0]["kv_bytes_per_token"] if measured else bf16_per_token
             largest[name] = largest_batch(name, model, per_token, context, args)
-            print(json.dumps(largest[name]), file=sys.stderr, flush=True)
+            say(json.dumps(largest[name]))
     bandwidth = []
-    if args.device == "cuda" and not args.no_bandwidth:
+    if args.device == "cuda" and not args.no_bandwidth and world == 1:
         # the fused executor alone, one Llama-8B layer, against a device-to-device copy
         from benchmarks.attention_bench import copy_bandwidth, measure
 
@@ -287,7 +359,11 @@ def main(argv=None) -> int:
         "bf16_bytes_per_token": bf16_per_token,
         "argv": sys.argv[1:] if argv is None else argv,
         "sdpa": args.sdpa,
+        "world_size": world,
+        "kv_heads_per_rank": local_kv_heads(model),
     }
+    if rank:
+        return 0
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"environment": env, "rows": rows, "largest": largest, "bandwidth": bandwidth}, f, indent=2)
