@@ -31,7 +31,11 @@ def kvpolicy_attention(module, query, key, value, attention_mask, **kwargs):
     if tagged is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     step, executor = tagged
-    return executor.attend(module, query, step, attention_mask, **kwargs), None
+    mask = step.row_sinks.remap(attention_mask) if step.row_sinks is not None else attention_mask
+    out = executor.attend(module, query, step, mask, **kwargs)
+    if step.after_prefill is not None and attention_mask is not None:
+        step.after_prefill(attention_mask)
+    return out, None
 
 
 def register() -> None:

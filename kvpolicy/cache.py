@@ -16,6 +16,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvpolicy import attention
 from kvpolicy.errors import CacheMismatchError, NotSupportedError, UnsupportedModelError
 from kvpolicy.executors import AttentionStep, Executor
+from kvpolicy.row_sinks import RowSinks
 from kvpolicy.store import TensorStore
 
 
@@ -48,7 +49,6 @@ class KVPolicyLayer(CacheLayerMixin):
     """One decoder layer's cache: a key store, a value store and the executor that reads them."""
 
     is_sliding = False
-    is_croppable = False
     supports_early_init = False
 
     def __init__(self, key_store: TensorStore, value_store: TensorStore, executor: Executor, config=None):
@@ -57,6 +57,9 @@ class KVPolicyLayer(CacheLayerMixin):
         self.value_store = value_store
         self.executor = executor
         self._config = config
+        # attention sinks kept on both sides are placed per row in a left-padded batch
+        self.sinks = min(key_store.selector.sinks, value_store.selector.sinks)
+        self.row_sinks: RowSinks | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -75,16 +78,28 @@ class KVPolicyLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         else:
             self._check_matches(key_states)
+        prefill = self.key_store.length == 0
         step = AttentionStep(
             keys=self.key_store.view(),
             values=self.value_store.view(),
             new_keys=key_states,
             new_values=value_states,
             past_length=self.key_store.length,
+            row_sinks=self.row_sinks,
+            after_prefill=(lambda mask: self._place_row_sinks(mask, key_states, value_states))
+            if prefill and self.sinks
+            else None,
         )
         self.key_store.append(key_states)
         self.value_store.append(value_states)
         return attention.tag(key_states, step, self.executor), value_states
+
+    def _place_row_sinks(self, prefill_mask: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """After a left-padded prefill: each row's first real tokens become its sinks."""
+        self.row_sinks = RowSinks.from_prefill_mask(prefill_mask, self.sinks)
+        if self.row_sinks is not None:
+            self.row_sinks.place(self.key_store, keys)
+            self.row_sinks.place(self.value_store, values)
 
     def _check_matches(self, key_states: torch.Tensor) -> None:
         got = (key_states.dtype, key_states.device, (key_states.shape[0], key_states.shape[1], key_states.shape[3]))
@@ -109,11 +124,14 @@ class KVPolicyLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.key_store.reset()
         self.value_store.reset()
+        self.row_sinks = None
         self.is_initialized = False
 
     def _map_batch(self, fn) -> None:
         self.key_store.map_batch(fn)
         self.value_store.map_batch(fn)
+        if self.row_sinks is not None:
+            self.row_sinks = self.row_sinks.map_batch(fn)
         if self.is_initialized:  # the batch size may change (repeat, select)
             rows = fn(torch.empty(self.shape[0], 1)).shape[0]
             self.shape = (rows, *self.shape[1:])
@@ -127,12 +145,25 @@ class KVPolicyLayer(CacheLayerMixin):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices, ...])
 
+    @property
+    def is_croppable(self) -> bool:
+        """Only a policy that never demotes (every token kept, like ``full``) can roll back exactly."""
+        return self.key_store.selector.budget is None and self.value_store.selector.budget is None
+
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
+        """Drop the newest ``-tokens_to_remove`` tokens (assisted decoding's rollback)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number, the count of newest tokens to remove")
+        if not tokens_to_remove or not self.is_initialized:
+            return
+        if not self.is_croppable:
             raise NotSupportedError(
-                "crop/rollback is not supported by kvpolicy caches: demoted tokens were quantized "
-                "or evicted and cannot be restored (assisted decoding needs a croppable cache)"
+                "crop/rollback is not supported by this policy: it demotes tokens (quantizes or evicts them) "
+                "and which tokens it keeps depends on the length, so a rollback cannot restore the cache it had. "
+                "Assisted and prompt-lookup decoding need a croppable cache: use the 'full' policy or DynamicCache"
             )
+        self.key_store.crop(-tokens_to_remove)
+        self.value_store.crop(-tokens_to_remove)
 
     def offload(self):
         raise NotSupportedError("offloading is not supported by kvpolicy caches")

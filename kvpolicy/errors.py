@@ -30,7 +30,8 @@ class UnknownNameError(KVPolicyError, KeyError):
         self.known = sorted(known)
         close = difflib.get_close_matches(str(name), self.known, n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        message = f"unknown {kind} {name!r}.{hint} Registered {kind}s: {', '.join(self.known) or '(none)'}"
+        kinds = kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
+        message = f"unknown {kind} {name!r}.{hint} Registered {kinds}: {', '.join(self.known) or '(none)'}"
         super().__init__(message)
 
     def __str__(self) -> str:  # KeyError quotes its message otherwise

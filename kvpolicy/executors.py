@@ -10,7 +10,8 @@ order-independent, and each region's positions select the right columns of the m
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 import torch
@@ -19,6 +20,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from kvpolicy import partial_attention as pa
 from kvpolicy.quantizers import Packed
 from kvpolicy.store import TensorView, take_tokens, to_device
+
+if TYPE_CHECKING:
+    from kvpolicy.row_sinks import RowSinks
 
 
 @attrs.frozen
@@ -33,6 +37,10 @@ class AttentionStep:
     new_keys: torch.Tensor
     new_values: torch.Tensor
     past_length: int
+    #: per-row sink placement to apply to the mask (a left-padded batch, after its prefill)
+    row_sinks: RowSinks | None = None
+    #: called with the prefill's mask once attention is done (places per-row sinks)
+    after_prefill: Callable[[torch.Tensor], None] | None = None
 
 
 class Executor(ABC):

@@ -50,6 +50,12 @@ class Selector(ABC):
         """Bool mask over ``positions`` (int tensor, any order): which are kept at ``length``."""
         return torch.isin(positions.to(torch.int64), self.keep(length).to(positions.device))
 
+    @property
+    def sinks(self) -> int:
+        """How many first tokens are kept for good (attention sinks). In a left-padded batch
+        the cache places each row's own first real tokens there (see :mod:`kvpolicy.row_sinks`)."""
+        return 0
+
 
 @attrs.define
 class AllSelector(Selector):
@@ -77,6 +83,10 @@ class SinkSelector(Selector):
 
     @property
     def budget(self) -> int | None:
+        return self.size
+
+    @property
+    def sinks(self) -> int:
         return self.size
 
     def keep(self, length: int) -> torch.Tensor:
@@ -162,6 +172,10 @@ class UnionSelector(Selector):
     def budget(self) -> int | None:
         budgets = [m.budget for m in self.members]
         return None if any(b is None for b in budgets) else sum(budgets)
+
+    @property
+    def sinks(self) -> int:
+        return max(m.sinks for m in self.members)
 
     def keep(self, length: int) -> torch.Tensor:
         return torch.unique(torch.cat([m.keep(length) for m in self.members]))

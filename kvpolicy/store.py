@@ -150,6 +150,15 @@ class TensorStore:
         self.staging = x[:, :, ready:].contiguous() if rest else None
         self.staging_pos = pos[ready:]
 
+    def crop(self, tokens: int) -> None:
+        """Forget the newest ``tokens`` tokens; only while nothing was ever demoted."""
+        if self.packed is not None or self.staging is not None or self.evicted:
+            raise RuntimeError("a store that has demoted tokens cannot be cropped")
+        self.length = max(0, self.length - tokens)
+        keep = self.fp_pos < self.length
+        self.fp_pos = self.fp_pos[keep]
+        self.fp = None if self.fp is None or not len(self.fp_pos) else self.fp[:, :, : len(self.fp_pos)]
+
     def nbytes(self) -> dict[str, int]:
         """True bytes held by this store's tensors, by region."""
         packed = self.packed.nbytes() if self.packed is not None else {"codes": 0, "scales": 0}

@@ -33,3 +33,9 @@ def smollm():
     from kvpolicy.models import load_default_model
 
     return load_default_model(dtype=torch.float32)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests.recording import write_if_asked
+
+    write_if_asked()

@@ -112,17 +112,6 @@ def test_kvpolicy_list_shows_the_third_party_selector(third_party):
     assert "(plugin: kvpolicy_logquant)" in result.stdout
 
 
-def test_a_broken_plugin_is_named_and_does_not_break_the_others(tmp_path, monkeypatch):
-    make_distribution(tmp_path, "fine_plugin", "[kvpolicy]\nbroken = no_such_module_here\nfine = fine_plugin\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.warns(RuntimeWarning, match="plugin 'broken' failed to load.*ModuleNotFoundError"):
-        registry = Registry()
-    assert "broken" in registry.load_errors
-    assert "every_kth" in registry.names("selector")  # the healthy plugin still loaded
-    assert "logquant" in registry.names("policy")
-    sys.modules.pop("fine_plugin", None)
-
-
 def test_a_name_clash_keeps_the_first_provider():
     from kvpolicy.hookspecs import hookimpl
     from kvpolicy.selectors import WindowSelector

@@ -15,9 +15,10 @@ import torch
 from kvpolicy import Policy
 from kvpolicy.selectors import LogSelector
 from tests.conftest import tiny_llama
+from tests.recording import record
 
 STEPS = int(os.environ.get("KVPOLICY_SOAK_STEPS", "2000"))
-CHECKPOINTS = 10
+CHECKPOINTS = max(10, STEPS // 1000)  # memory is read every 1,000 steps in the 20,000-step soak
 
 
 @pytest.mark.parametrize("name", ["kivi", "logquant", "partial_logquant", "streaming"])
@@ -49,6 +50,15 @@ def test_memory_stays_within_the_policy_bound(name):
                             if isinstance(selector, LogSelector):
                                 assert len(selector._memo_sparse) <= selector.window
     print(f"\n{name}: (step, bytes held, bound) = {records}")
+    per_layer_token_16bit = 2 * batch * kv_heads * head_dim * 2 * len(cache.layers)
+    record(
+        "soak",
+        name,
+        policy=name,
+        steps=STEPS,
+        checkpoints=[{"step": s, "held_bytes": h, "bound_bytes": b} for s, h, b in records],
+        final_ratio_vs_16bit=round(records[-1][1] / (per_layer_token_16bit * records[-1][0]), 4),
+    )
     # streaming holds a constant amount once the window is full
     if name == "streaming":
         assert records[-1][1] == records[1][1]

@@ -9,9 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpolicy.config import QuantSpec
+from kvpolicy.policy import Policy
 from kvpolicy.quantizers import NativeQuantizer
 from kvpolicy.selectors import LogSelector, SinkSelector, UnionSelector, WindowSelector
 from kvpolicy.store import TensorStore
+from tests.test_executor import FakeAttention, naive_attention
 
 backend = NativeQuantizer()
 
@@ -19,9 +21,9 @@ backend = NativeQuantizer()
 class ReferenceStore:
     """Keeps every original token; demotes by replaying the selector step by step."""
 
-    def __init__(self, selector, demote, spec):
+    def __init__(self, selector, demote, spec, block=None):
         self.selector, self.demote, self.spec = selector, demote, spec
-        self.block = spec.group_size if spec.axis == "channel" else 1
+        self.block = block or (spec.group_size if spec.axis == "channel" else 1)
         self.original: dict[int, torch.Tensor] = {}  # position -> [B, H, D]
         self.full: set[int] = set()
         self.queue: list[int] = []  # demoted, waiting for a whole block
@@ -151,3 +153,49 @@ def test_policy_stores_share_a_block_so_equal_selectors_pack_in_the_same_order()
         assert len(layer.key_store.packed_pos) % block == 0
         assert torch.equal(layer.key_store.packed_pos, layer.value_store.packed_pos)
         assert torch.equal(layer.key_store.staging_pos, layer.value_store.staging_pos)
+
+
+SHIPPED = ["full", "kivi", "sink_kivi", "logquant", "partial_logquant", "streaming"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    name=st.sampled_from(SHIPPED),
+    prefill=st.integers(1, 300),
+    decode=st.lists(st.integers(1, 4), min_size=1, max_size=30),
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    groups=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_every_shipped_policy_matches_its_slow_reference(name, prefill, decode, batch, kv_heads, groups, seed):
+    """The policy's stores and executor against the reference stores + float64 attention."""
+    g = torch.Generator().manual_seed(seed)
+    layer = Policy.load(name).new_layer(head_dim=64)
+    references = [
+        ReferenceStore(copy.deepcopy(store.selector), store.demote, store.spec, store.block)
+        for store in (layer.key_store, layer.value_store)
+    ]
+    past = 0
+    for q in [prefill, *decode]:
+        keys, values = torch.randn(2, batch, kv_heads, q, 64, generator=g)
+        query = torch.randn(batch, kv_heads * groups, q, 64, generator=g)
+        held_k, held_v = (r.expected() for r in references)
+        step = layer.update(keys, values)[0]._kvpolicy_step[0]
+        out = layer.executor.attend(FakeAttention(groups), query, step, None, scaling=0.125)
+        positions = sorted(held_k)
+        assert positions == sorted(held_v)
+        new_pos = list(range(past, past + q))
+        all_k = torch.stack([held_k[p] for p in positions] + [keys[:, :, i] for i in range(q)], dim=2)
+        all_v = torch.stack([held_v[p] for p in positions] + [values[:, :, i] for i in range(q)], dim=2)
+        pad = torch.ones(batch, past + q, dtype=torch.bool)
+        expected = naive_attention(query, all_k, all_v, torch.tensor(positions + new_pos), pad, past, 0.125)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-4)
+        for reference, store, x in zip(references, (layer.key_store, layer.value_store), (keys, values)):
+            reference.append(x)
+            tensor, stored_pos = store.view().materialize()
+            want = reference.expected()
+            assert sorted(stored_pos.tolist()) == sorted(want)
+            for i, p in enumerate(stored_pos.tolist()):
+                assert torch.equal(tensor[:, :, i], want[p]), f"{name}: position {p}"
+        past += q

@@ -1,0 +1,437 @@
+"""Reliability: bad input, left-padded batches, cache reuse and transformers features.
+
+Every case records what was tried and what happened (see ``tests/recording.py``); the
+docs' reliability page is rendered from that record:
+
+    KVPOLICY_RECORD=docs/results/reliability.json pytest tests/test_reliability.py tests/test_soak.py
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import attrs
+import pytest
+import torch
+import yaml
+from transformers import DynamicCache, MistralConfig, MistralForCausalLM, T5Config, T5ForConditionalGeneration
+
+import kvpolicy
+from kvpolicy import Policy, PolicyConfig
+from kvpolicy.errors import (
+    CacheMismatchError,
+    ConfigError,
+    MissingDependencyError,
+    NotSupportedError,
+    UnknownNameError,
+    UnsupportedModelError,
+)
+from tests.conftest import tiny_llama
+from tests.recording import record
+
+SHIPPED = ["full", "kivi", "sink_kivi", "logquant", "partial_logquant", "streaming"]
+
+
+def policy_dict(**keys_changes) -> dict:
+    keys = {"retain": [{"type": "window", "size": 8}], "quant": {"bits": 2, "group_size": 32, "axis": "channel"}}
+    keys.update(keys_changes)
+    values = {"retain": [{"type": "window", "size": 8}], "quant": {"bits": 2, "group_size": 32, "axis": "token"}}
+    return {"name": "p", "keys": keys, "values": values}
+
+
+def with_quant(**quant) -> dict:
+    data = policy_dict()
+    data["values"]["quant"].update(quant)
+    return data
+
+
+class _Holder:
+    """A stand-in model: only ``config`` is read before anything runs."""
+
+    def __init__(self, config):
+        self.config = config
+
+
+def _yaml(tmp_path, text: str) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    Policy.load(str(path))
+
+
+def _mismatch(kind: str) -> None:
+    cache = Policy.load("kivi").make_cache(tiny_llama())
+    k = torch.randn(2, 1, 5, 64)
+    cache.update(k, k, 0)
+    other = {"dtype": k.half(), "batch": torch.randn(3, 1, 1, 64), "device": k.to("meta")}[kind]
+    cache.update(other, other, 0)
+
+
+def _missing_package(monkeypatch, module: str, backend: str) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    Policy.from_dict(with_quant(backend=backend)).make_cache(tiny_llama())
+
+
+def _linear_attention_model():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=2)
+    config.layer_types = ["full_attention", "linear_attention"]
+    Policy.load("kivi").make_cache(_Holder(config))
+
+
+def _not_attached() -> None:
+    model = tiny_llama()
+    cache = Policy.load("kivi").make_cache(model)
+    model.set_attn_implementation("eager")
+    model(torch.randint(1, 256, (1, 4)), past_key_values=cache)
+
+
+@attrs.frozen
+class BadInput:
+    label: str
+    trigger: Callable
+    error: type[BaseException]
+    says: tuple[str, ...]
+
+
+BAD_INPUTS = [
+    BadInput("policy name `logqant`", lambda tp, mp: Policy.load("logqant"), UnknownNameError,
+             ("unknown policy 'logqant'", "Did you mean 'logquant'", "Registered policies:")),
+    BadInput("selector type `windw`", lambda tp, mp: Policy.from_dict(policy_dict(retain=[{"type": "windw"}])),
+             UnknownNameError, ("unknown selector 'windw'", "Did you mean 'window'")),
+    BadInput("quantizer backend `natve`", lambda tp, mp: Policy.from_dict(with_quant(backend="natve")),
+             UnknownNameError, ("unknown quantizer 'natve'", "Did you mean 'native'", "hqq, native, quanto")),
+    BadInput("executor `fusd`", lambda tp, mp: Policy.from_dict({**policy_dict(), "executor": "fusd"}),
+             UnknownNameError, ("unknown executor 'fusd'", "Did you mean 'fused'")),
+    BadInput("window size `'big'` (wrong type)",
+             lambda tp, mp: Policy.from_dict(policy_dict(retain=[{"type": "window", "size": "big"}])),
+             ConfigError, ("keys.retain[0].size: got 'big'",)),
+    BadInput("window size `-4` (negative budget)",
+             lambda tp, mp: Policy.from_dict(policy_dict(retain=[{"type": "window", "size": -4}])),
+             ConfigError, ("keys.retain[0].size: got -4", "positive")),
+    BadInput("unknown key `retian`", lambda tp, mp: PolicyConfig.from_dict(policy_dict(retian=[])),
+             ConfigError, ("keys.retian", "one of the keys")),
+    BadInput("`bits: 3` on the native backend", lambda tp, mp: Policy.from_dict(with_quant(bits=3)).make_cache(
+        tiny_llama()), ConfigError, ("values.quant.bits: got 3", "2 | 4 | 8 for backend 'native'")),
+    BadInput("`bits: 8` on the hqq backend",
+             lambda tp, mp: Policy.from_dict(with_quant(bits=8, backend="hqq")).make_cache(tiny_llama()),
+             ConfigError, ("values.quant.bits: got 8", "2 | 4 for backend 'hqq'")),
+    BadInput("per-token `group_size: 48` with head_dim 64",
+             lambda tp, mp: Policy.from_dict(with_quant(group_size=48)).make_cache(tiny_llama()),
+             ConfigError, ("values.quant.group_size: got 48", "a divisor of head_dim=64")),
+    BadInput("`axis: row`", lambda tp, mp: PolicyConfig.from_dict(with_quant(axis="row")), ConfigError,
+             ("values.quant.axis: got 'row'", "channel | token")),
+    BadInput("keys evicted, values quantized",
+             lambda tp, mp: PolicyConfig.from_dict(policy_dict(demote="evict")), ConfigError,
+             ("eviction must apply to keys and values alike",)),
+    BadInput("YAML with a Python object tag", lambda tp, mp: _yaml(tp, "name: !!python/object/apply:os.system ['x']\n"),
+             ConfigError, ("valid YAML",)),
+    BadInput("YAML syntax error", lambda tp, mp: _yaml(tp, "name: [unclosed\n"), ConfigError, ("valid YAML",)),
+    BadInput("YAML that is a list", lambda tp, mp: _yaml(tp, "- a\n- b\n"), ConfigError, ("mapping",)),
+    BadInput("policy file that does not exist", lambda tp, mp: Policy.load("no/such/policy.yaml"), ConfigError,
+             ("existing YAML file or a registered policy name",)),
+    BadInput("backend `quanto` without optimum-quanto installed",
+             lambda tp, mp: _missing_package(mp, "optimum.quanto", "quanto"), MissingDependencyError,
+             ("optimum-quanto", "pip install 'kvpolicy[quanto]'")),
+    BadInput("backend `hqq` without hqq installed",
+             lambda tp, mp: _missing_package(mp, "hqq.core.quantize", "hqq"), MissingDependencyError,
+             ("'hqq'", "pip install 'kvpolicy[hqq]'")),
+    BadInput("sliding-window model (Mistral)", lambda tp, mp: Policy.load("kivi").make_cache(MistralForCausalLM(
+        MistralConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, sliding_window=16))),
+             UnsupportedModelError, ("sliding-window attention (sliding_window=16)",)),
+    BadInput("encoder-decoder model (T5)", lambda tp, mp: Policy.load("kivi").make_cache(T5ForConditionalGeneration(
+        T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2))),
+             UnsupportedModelError, ("cross-attention",)),
+    BadInput("model with linear-attention layers", lambda tp, mp: _linear_attention_model(), UnsupportedModelError,
+             ("layer types ['linear_attention']",)),
+    BadInput("float16 tensors into a float32 cache", lambda tp, mp: _mismatch("dtype"), CacheMismatchError,
+             ("holds torch.float32", "got torch.float16")),
+    BadInput("batch 3 into a batch-2 cache", lambda tp, mp: _mismatch("batch"), CacheMismatchError,
+             ("(batch, kv_heads, head_dim)=(2, 1, 64)", "(3, 1, 64)")),
+    BadInput("tensors on another device", lambda tp, mp: _mismatch("device"), CacheMismatchError,
+             ("on cpu", "got torch.float32 on meta")),
+    BadInput("cache used after the model left `kvpolicy` attention", lambda tp, mp: _not_attached(), RuntimeError,
+             ("attention set to 'kvpolicy'", "'eager'")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda c: c.label)
+def test_bad_input_gets_a_clear_error(case, tmp_path, monkeypatch):
+    with pytest.raises(case.error) as caught:
+        case.trigger(tmp_path, monkeypatch)
+    message = str(caught.value)
+    for piece in case.says:
+        assert piece in message, f"{piece!r} not in {message!r}"
+    record("bad_input", f"{BAD_INPUTS.index(case):02d}", input=case.label, error=type(caught.value).__name__,
+           message=message)  # fmt: skip
+
+
+def test_a_broken_plugin_is_named_and_the_others_still_load(tmp_path, monkeypatch):
+    from tests.test_registry import make_distribution
+
+    make_distribution(tmp_path, "fine_plugin", "[kvpolicy]\nbroken = no_such_module_here\nfine = fine_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(RuntimeWarning) as warned:
+        registry = kvpolicy.Registry()
+    sys.modules.pop("fine_plugin", None)
+    message = str(next(w.message for w in warned if "broken" in str(w.message)))
+    assert "plugin 'broken' failed to load" in message and "ModuleNotFoundError" in message
+    assert "every_kth" in registry.names("selector") and "logquant" in registry.names("policy")
+    record("bad_input", "99", input="a plugin whose module is missing", error="RuntimeWarning (others load)",
+           message=message)  # fmt: skip
+
+
+def test_yaml_cannot_construct_objects(tmp_path):
+    marker = tmp_path / "ran"
+    text = yaml.safe_dump(policy_dict()) + f"executor: !!python/object/apply:os.system ['touch {marker}']\n"
+    with pytest.raises(ConfigError):
+        _yaml(tmp_path, text)
+    assert not marker.exists()
+
+
+# --- left-padded batches ---------------------------------------------------------------
+
+
+def left_padded(lengths: list[int], seed: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(1, 256, (n,), generator=g)
+        mask[row, width - n :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("name", ["streaming", "sink_kivi"])
+def test_sinks_are_each_rows_first_real_tokens(name):
+    model = tiny_llama()
+    lengths = [300, 150, 20, 3]
+    inputs = left_padded(lengths)
+    cache = Policy.load(name).make_cache(model)
+    with torch.no_grad():
+        model(**inputs, past_key_values=cache, use_cache=True)
+    plain = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(**inputs, past_key_values=plain, use_cache=True)
+    width, layer = max(lengths), cache.layers[0]
+    sinks = layer.sinks
+    slots = layer.key_store.fp_pos < sinks
+    for row, n in enumerate(lengths):
+        first_real = plain.layers[0].keys[row, :, width - n : width - n + min(sinks, n)]
+        held = layer.key_store.fp[row][:, slots][:, : min(sinks, n)]
+        assert torch.equal(held, first_real), f"row {row}"
+
+
+@pytest.mark.parametrize("name", ["streaming", "full"])
+def test_padded_rows_equal_each_row_alone_exactly_without_quantization(name):
+    model = tiny_llama()
+    lengths = [300, 150, 20, 3]
+    inputs = left_padded(lengths)
+    policy = Policy.load(name)
+    with torch.no_grad():
+        together = model.generate(**inputs, past_key_values=policy.make_cache(model), max_new_tokens=40,
+                                  do_sample=False)  # fmt: skip
+        width = inputs["input_ids"].shape[1]
+        for row, n in enumerate(lengths):
+            ids = inputs["input_ids"][row : row + 1, width - n :]
+            alone = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                past_key_values=policy.make_cache(model),
+                max_new_tokens=40,
+                do_sample=False,
+            )
+            assert torch.equal(together[row, width:], alone[0, n:]), f"row {row} ({n} tokens)"
+
+
+#: Tolerance for quantizing policies, in standard deviations of the row-alone logits.
+#: Retention and quantization blocks follow the batch's positions, not the row's: a
+#: padded row is selected at the batch's length (logquant's log pattern falls partly on
+#: padding) and its first real tokens share a quantization group with padding tokens.
+BATCH_LOGIT_DRIFT = 1.5
+#: a greedy token may differ from the row alone only where the alone top-two logits are
+#: closer than this (a near tie), after which the two continuations are not compared
+BATCH_NEAR_TIE = 0.25
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", SHIPPED)
+def test_left_padded_batch_matches_each_prompt_alone(smollm, name):
+    from tests.test_smollm2 import PROMPTS, batch
+
+    model, tokenizer = smollm
+    policy = kvpolicy.load_policy(name)
+
+    def generate(inputs):
+        with torch.no_grad():
+            return model.generate(**inputs, past_key_values=policy.make_cache(model), max_new_tokens=64,
+                                  do_sample=False, output_logits=True, return_dict_in_generate=True)  # fmt: skip
+
+    inputs = batch(tokenizer, PROMPTS)
+    width = inputs["input_ids"].shape[1]
+    together = generate(inputs)
+    for row, prompt in enumerate(PROMPTS):
+        single = batch(tokenizer, [prompt])
+        n = single["input_ids"].shape[1]
+        alone = generate(single)
+        new_alone = alone.sequences[0, n:]
+        assert len(new_alone) > 8, "the row should generate real text"
+        new_together = together.sequences[row, width : width + len(new_alone)]
+        agreed, drift, outcome = 0, 0.0, "same tokens"
+        for step in range(len(new_alone)):
+            logits = alone.logits[step][0]
+            if new_together[step] != new_alone[step]:
+                top = logits.topk(2).values
+                margin = float((top[0] - top[1]) / logits.std())
+                assert margin <= BATCH_NEAR_TIE, f"row {row} step {step}: differs without a near tie ({margin:.3f})"
+                outcome = f"near tie at token {step} (margin {margin:.3f} std), then diverges"
+                break
+            agreed += 1
+            drift = max(drift, float((together.logits[step][row] - logits).abs().max() / logits.std()))
+        if name in ("full", "streaming"):
+            assert agreed == len(new_alone) and drift < 1e-3
+        assert drift <= BATCH_LOGIT_DRIFT, f"row {row}: logits drift {drift:.3f} std"
+        record("batching", f"{SHIPPED.index(name)}{row}", policy=name, prompt_tokens=n, batch_width=width,
+               agreed=agreed, compared=len(new_alone), drift_std=round(drift, 4), outcome=outcome)  # fmt: skip
+
+
+# --- cache reuse and transformers features ---------------------------------------------
+
+
+def _generate(model, cache, inputs, **kwargs):
+    with torch.no_grad():
+        return model.generate(**inputs, past_key_values=cache, max_new_tokens=12, do_sample=False, **kwargs)
+
+
+def feature_multi_turn(model, policy):
+    cache = policy.make_cache(model)
+    first = left_padded([200, 90])
+    out = _generate(model, cache, first)
+    follow = torch.randint(1, 256, (2, 7), generator=torch.Generator().manual_seed(5))
+    mask = torch.cat([first["attention_mask"], torch.ones(2, out.shape[1] - first["input_ids"].shape[1] + 7)], 1)
+    second = _generate(model, cache, {"input_ids": torch.cat([out, follow], 1), "attention_mask": mask.long()})
+    assert second.shape == (2, out.shape[1] + 7 + 12) and cache.get_seq_length() == second.shape[1] - 1
+    if policy.name == "full":
+        dyn = DynamicCache(config=model.config)
+        out_d = _generate(model, dyn, first)
+        again = _generate(model, dyn, {"input_ids": torch.cat([out_d, follow], 1), "attention_mask": mask.long()})
+        assert torch.equal(second, again)
+        return "works; equals DynamicCache"
+    return "works"
+
+
+def _stored(cache) -> list[torch.Tensor]:
+    out = []
+    for layer in cache.layers:
+        for store in (layer.key_store, layer.value_store):
+            tensor, _ = store.view().materialize()
+            out.append(tensor)
+    return out
+
+
+def _batch_method(model, policy, apply: Callable, expect: Callable) -> None:
+    cache = policy.make_cache(model)
+    with torch.no_grad():
+        model(**left_padded([260, 100, 180]), past_key_values=cache, use_cache=True)
+    before = _stored(cache)
+    apply(cache)
+    after = _stored(cache)
+    for b, a in zip(before, after):
+        assert torch.equal(a, expect(b))
+
+
+def feature_reorder(model, policy):
+    index = torch.tensor([2, 0, 0])
+    _batch_method(model, policy, lambda c: c.reorder_cache(index), lambda t: t[index])
+    return "works; rows move exactly"
+
+
+def feature_select_repeat(model, policy):
+    _batch_method(model, policy, lambda c: c.batch_repeat_interleave(2), lambda t: t.repeat_interleave(2, 0))
+    index = torch.tensor([0, 2])
+    _batch_method(model, policy, lambda c: c.batch_select_indices(index), lambda t: t[index])
+    return "works; rows move exactly"
+
+
+def feature_beam_search(model, policy):
+    out = _generate(model, policy.make_cache(model), left_padded([200, 90]), num_beams=3)
+    assert out.shape == (2, 212)
+    if policy.name == "full":
+        assert torch.equal(out, _generate(model, DynamicCache(config=model.config), left_padded([200, 90]),
+                                          num_beams=3))  # fmt: skip
+        return "works; equals DynamicCache"
+    return "works"
+
+
+def feature_reset(model, policy):
+    cache = policy.make_cache(model)
+    _generate(model, cache, left_padded([250]))
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.memory().total_bytes == 0
+    assert torch.equal(_generate(model, cache, left_padded([40], seed=9)),
+                       _generate(model, policy.make_cache(model), left_padded([40], seed=9)))  # fmt: skip
+    return "works; equals a fresh cache"
+
+
+def feature_assisted(model, policy):
+    inputs = {"input_ids": left_padded([30])["input_ids"]}
+    with torch.no_grad():
+        out = model.generate(**inputs, past_key_values=policy.make_cache(model), assistant_model=tiny_llama(seed=1),
+                             max_new_tokens=12, do_sample=False)  # fmt: skip
+    assert torch.equal(out, _generate(model, DynamicCache(config=model.config), inputs))
+    return "works; equals greedy decoding"
+
+
+def feature_crop(model, policy):
+    cache = policy.make_cache(model)
+    _generate(model, cache, left_padded([30]))
+    length = cache.get_seq_length()
+    cache.crop(-5)
+    assert cache.get_seq_length() == length - 5
+    return "works"
+
+
+def feature_offload(model, policy):
+    cache = policy.make_cache(model)
+    _generate(model, cache, left_padded([30]))
+    cache.layers[0].offload()
+
+
+FEATURES = {
+    "multi-turn (continue on the same cache)": feature_multi_turn,
+    "beam search (`reorder_cache`)": feature_beam_search,
+    "`reorder_cache`": feature_reorder,
+    "`batch_repeat_interleave` / `batch_select_indices`": feature_select_repeat,
+    "`reset`": feature_reset,
+    "`crop` (rollback)": feature_crop,
+    "assisted decoding (crops)": feature_assisted,
+    "offload": feature_offload,
+}
+#: what each policy cannot do, by design
+REFUSED = (
+    {("`crop` (rollback)", p) for p in SHIPPED if p != "full"}
+    | {("assisted decoding (crops)", p) for p in SHIPPED if p != "full"}
+    | {("offload", p) for p in SHIPPED}
+)
+
+
+@pytest.fixture(scope="module")
+def feature_model():
+    return tiny_llama()
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_transformers_feature_works_or_is_refused_clearly(feature_model, feature, name):
+    policy = kvpolicy.load_policy(name)
+    if (feature, name) in REFUSED:
+        with pytest.raises(NotSupportedError) as caught:
+            FEATURES[feature](feature_model, policy)
+        result = f"refused: {caught.value}"
+    else:
+        result = FEATURES[feature](feature_model, policy)
+    key = f"{list(FEATURES).index(feature)}{SHIPPED.index(name)}"
+    record("features", key, feature=feature, policy=name, result=result)
