@@ -69,6 +69,9 @@ def _mismatch(kind: str) -> None:
 
 def _missing_package(monkeypatch, module: str, backend: str) -> None:
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    parent, _, child = module.rpartition(".")
+    if parent in sys.modules:  # an earlier import left the submodule on its package
+        monkeypatch.delattr(sys.modules[parent], child, raising=False)
     Policy.from_dict(with_quant(backend=backend)).make_cache(tiny_llama())
 
 
