@@ -92,22 +92,23 @@ def local_kv_heads(model) -> int:
     return rows // model.config.head_dim
 
 
-def any_rank(flag: bool) -> bool:
-    """True where any rank says so (the flag itself outside TP)."""
+def _all_reduce(value: int, op) -> int:
+    """``value`` reduced over the ranks with ``op`` (``value`` itself outside TP)."""
     if not tensor_parallel():
-        return flag
-    t = torch.tensor([int(flag)], device="cuda" if torch.cuda.is_available() else "cpu")
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
+        return value
+    t = torch.tensor([value], device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(t, op=op)
+    return int(t.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True where any rank says so."""
+    return bool(_all_reduce(int(flag), torch.distributed.ReduceOp.MAX))
 
 
 def smallest_over_ranks(value: int) -> int:
     """The smallest ``value`` of all ranks, so that every rank tries the same batch."""
-    if not tensor_parallel():
-        return value
-    t = torch.tensor([value], device="cuda" if torch.cuda.is_available() else "cpu")
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return int(t.item())
+    return _all_reduce(value, torch.distributed.ReduceOp.MIN)
 
 
 def build_model(shape: dict, device: str):
@@ -326,8 +327,9 @@ def main(argv=None) -> int:
     cfg = model.config
     # per process: under TP each rank holds its shard of the KV heads and reports its own bytes
     bf16_per_token = 2 * cfg.num_hidden_layers * local_kv_heads(model) * cfg.head_dim * 2
-    world = torch.distributed.get_world_size() if tensor_parallel() else 1
-    rank = torch.distributed.get_rank() if tensor_parallel() else 0
+    from kvpolicy.distributed import rank_and_world
+
+    rank, world = rank_and_world()
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if rank == 0 else (lambda text: None)
     rows = []
     for context in contexts:

@@ -56,10 +56,11 @@ class RowSinks:
         b, h, _, d = prefill.shape
         index = to_device(source, device)[:, None, :, None].expand(b, h, len(slots), d)
         moved = torch.gather(prefill, 2, index)
-        old = store.fp.index_select(2, to_device(slots, device))
+        slots = to_device(slots, device)
+        old = store.fp.index_select(2, slots)
         new = torch.where(to_device(take, device)[:, None, :, None], moved.to(old.dtype), old)
-        fp = store.fp.clone()
-        fp[:, :, to_device(slots, device)] = new
+        fp = store.fp.clone()  # a new tensor: views taken before stay as they were
+        fp[:, :, slots] = new
         store.fp = fp
 
     def remap(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -8,6 +8,7 @@ docs' reliability page is rendered from that record:
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 
@@ -29,6 +30,7 @@ from kvpolicy.errors import (
 )
 from tests.conftest import tiny_llama
 from tests.recording import record
+from tests.test_cache import greedy, left_padded_batch
 
 SHIPPED = ["full", "kivi", "sink_kivi", "logquant", "partial_logquant", "streaming"]
 
@@ -197,15 +199,7 @@ def test_yaml_cannot_construct_objects(tmp_path):
 # --- left-padded batches ---------------------------------------------------------------
 
 
-def left_padded(lengths: list[int], seed: int = 3) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = torch.randint(1, 256, (n,), generator=g)
-        mask[row, width - n :] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+left_padded = functools.partial(left_padded_batch, seed=3)
 
 
 @pytest.mark.parametrize("name", ["streaming", "sink_kivi"])
@@ -305,8 +299,7 @@ def test_left_padded_batch_matches_each_prompt_alone(smollm, name):
 
 
 def _generate(model, cache, inputs, **kwargs):
-    with torch.no_grad():
-        return model.generate(**inputs, past_key_values=cache, max_new_tokens=12, do_sample=False, **kwargs)
+    return greedy(model, inputs, cache, n=12, **kwargs)
 
 
 def feature_multi_turn(model, policy):

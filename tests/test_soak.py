@@ -50,14 +50,14 @@ def test_memory_stays_within_the_policy_bound(name):
                             if isinstance(selector, LogSelector):
                                 assert len(selector._memo_sparse) <= selector.window
     print(f"\n{name}: (step, bytes held, bound) = {records}")
-    per_layer_token_16bit = 2 * batch * kv_heads * head_dim * 2 * len(cache.layers)
+    bytes_per_token_16bit = 2 * batch * kv_heads * head_dim * 2 * len(cache.layers)
     record(
         "soak",
         name,
         policy=name,
         steps=STEPS,
         checkpoints=[{"step": s, "held_bytes": h, "bound_bytes": b} for s, h, b in records],
-        final_ratio_vs_16bit=round(records[-1][1] / (per_layer_token_16bit * records[-1][0]), 4),
+        final_ratio_vs_16bit=round(records[-1][1] / (bytes_per_token_16bit * records[-1][0]), 4),
     )
     # streaming holds a constant amount once the window is full
     if name == "streaming":

@@ -18,27 +18,19 @@ one process's top-two logits are further apart than twice the tolerance.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.tp_agreement import example
 from kvpolicy.distributed import NVLINK_MULTICAST_OFF, memory_by_rank, replicate_kv_heads, safe_environment
 from tests.conftest import tiny_llama
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tensor_parallel.py"
 #: float32 logit drift, tensor-parallel vs one process, in logit standard deviations
 TP_FULL_TOLERANCE = 1e-3
 TP_QUANTIZED_TOLERANCE = 0.25
-
-
-def example():
-    spec = importlib.util.spec_from_file_location("tensor_parallel_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_both(checkpoint: Path, policy: str, tmp_path: Path, *extra: str) -> tuple[dict, dict]:
