@@ -3,7 +3,7 @@
 A backend turns a full-precision block ``x`` of shape ``[B, H, n, D]`` into a packed
 object and back. The native backend is pure torch: asymmetric min/max quantization with
 one scale and one zero (the group minimum) per group, codes bit-packed into ``uint8``
-along the head dimension (four 2-bit codes per byte).
+along the head dimension (four 2-bit codes per byte, in planes: see :func:`pack_codes`).
 
 * ``axis="token"`` (per-token, values): groups of ``group_size`` channels within a token;
   scale/zero shape ``[B, H, n, D // group_size]``.
@@ -71,20 +71,26 @@ class QuantizerBackend(ABC):
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes in ``[0, 2**bits)`` along the last dim into uint8 (``8 // bits`` per byte)."""
+    """Pack integer codes in ``[0, 2**bits)`` along the last dim into uint8 (``8 // bits`` per byte).
+
+    Planar layout: with ``W = d * bits // 8`` bytes, byte ``j`` holds channels ``j, j + W,
+    j + 2W, ...`` at bit offsets ``0, bits, 2 * bits, ...``. Unpacking the ``i``-th code of every
+    byte of a row therefore yields the contiguous channels ``i*W .. (i+1)*W - 1``, which is
+    what lets the fused kernel work on whole channel slices without reordering.
+    """
     per_byte = 8 // bits
     *lead, d = codes.shape
-    grouped = codes.to(torch.uint8).reshape(*lead, d // per_byte, per_byte)
+    planes = codes.to(torch.uint8).reshape(*lead, per_byte, d // per_byte)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-    return (grouped << shifts).sum(dim=-1, dtype=torch.uint8)
+    return (planes << shifts[:, None]).sum(dim=-2, dtype=torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`; returns uint8 codes with the last dim ``8 // bits`` times longer."""
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     mask = (1 << bits) - 1
-    codes = (packed.unsqueeze(-1) >> shifts) & mask
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
+    planes = (packed.unsqueeze(-2) >> shifts[:, None]) & mask
+    return planes.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
 
 
 @attrs.frozen

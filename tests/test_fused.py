@@ -6,13 +6,21 @@ On a machine without CUDA these tests skip, and the CPU fallback of the ``fused`
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from kvpolicy import Policy
 from kvpolicy.executors import ReferenceExecutor
+from tests import kernel_cases
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -100,3 +108,39 @@ def test_fused_matches_float64_reference_on_many_shapes(dtype):
 def test_fused_executor_falls_back_to_chunked_on_cpu():
     rel, reference = run_case("cpu", torch.float32, 2, 3, 3, 64, 300, 2, 2, 64, 64, True, seed=1)
     assert rel < 1e-5
+
+
+def _kernel_cases(command: list[str], env: dict[str, str]) -> list[dict]:
+    root = pathlib.Path(__file__).parent.parent
+    done = subprocess.run(command, cwd=root, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def _interpreter_works() -> bool:
+    """Triton's interpreter is installed and usable (triton 3.6's breaks on numpy >= 2.4)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import numpy
+
+    return tuple(int(x) for x in numpy.__version__.split(".")[:2]) < (2, 4)
+
+
+@pytest.mark.skipif(not _interpreter_works(), reason="needs triton's CPU interpreter and numpy < 2.4")
+def test_fused_kernel_in_the_triton_interpreter_matches_float64():
+    """The kernel's arithmetic (planar codes, folded scales, splits, padding) on CPU, in CI."""
+    results = _kernel_cases([sys.executable, "-m", "tests.kernel_cases"], {"TRITON_INTERPRET": "1"})
+    assert len(results) == len(kernel_cases.CASES)
+    for r in results:
+        assert r["shape_ok"] and r["rel_err"] <= 1e-2 and r["lse_err"] <= 1e-2, r
+
+
+@cuda
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="needs compute-sanitizer")
+def test_fused_kernel_touches_no_memory_outside_its_tensors():
+    """memcheck over every case, including a last split that ends past the packed region."""
+    command = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3"]
+    results = _kernel_cases([*command, sys.executable, "-m", "tests.kernel_cases", "--device", "cuda"], {})
+    assert len(results) == len(kernel_cases.CASES)
+    for r in results:
+        assert r["shape_ok"] and r["rel_err"] <= 1e-2, r

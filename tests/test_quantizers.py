@@ -112,3 +112,15 @@ def test_constant_group_does_not_divide_by_zero():
     x = torch.full((1, 1, 4, 64), 3.25)
     out = backend.quantize(x, QuantSpec(bits=2, group_size=64, axis="token")).dequantize()
     assert torch.equal(out, x)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_packing_is_planar(bits):
+    """Byte j holds channels j, j + W, j + 2W, ... (W bytes per row): the fused kernel relies on it."""
+    d = 32
+    width = d * bits // 8
+    codes = torch.arange(d) % (1 << bits)
+    packed = pack_codes(codes[None], bits)[0]
+    for j in range(width):
+        expected = sum(int(codes[j + i * width]) << (i * bits) for i in range(8 // bits))
+        assert int(packed[j]) == expected
