@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from kvpolicy.evaluation.agreement import GreedyAgreement, greedy_agreement
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tensor_parallel.py"
 
 
@@ -30,20 +32,24 @@ def example():
     return module
 
 
+def row_agreements(tp: dict, one: dict) -> list[GreedyAgreement]:
+    """Each row of a 2-rank run (``tp``) against the same row of the one-process run."""
+    w = one["prompt_width"]
+    return [
+        greedy_agreement(tp["tokens"][row, w:], tp["logits"][:, row], one["tokens"][row, w:], one["logits"][:, row])
+        for row in range(one["tokens"].shape[0])
+    ]
+
+
 def agreement(tp: dict, one: dict) -> dict:
     """Tokens agreeing before the first difference, and logit drift while they agree."""
-    width = one["prompt_width"]
-    new_tp, new_one = tp["tokens"][:, width:], one["tokens"][:, width:]
-    agreed, worst, worst_rel = 0, 0.0, 0.0
-    for row in range(new_one.shape[0]):
-        for step in range(new_one.shape[1]):
-            diff = (tp["logits"][step, row] - one["logits"][step, row]).abs().max().item()
-            worst = max(worst, diff)
-            worst_rel = max(worst_rel, diff / one["logits"][step, row].std().item())
-            if new_tp[row, step] != new_one[row, step]:
-                break
-            agreed += 1
-    return {"agreed": agreed, "of": new_one.numel(), "max_logit_diff": worst, "max_diff_over_std": worst_rel}
+    rows = row_agreements(tp, one)
+    return {
+        "agreed": sum(r.agreed for r in rows),
+        "of": sum(r.compared for r in rows),
+        "max_logit_diff": max(r.max_logit_diff for r in rows),
+        "max_diff_over_std": max(r.drift for r in rows),
+    }
 
 
 def main(argv=None) -> int:

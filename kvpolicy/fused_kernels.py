@@ -16,8 +16,14 @@ import triton.language as tl
 
 @triton.jit
 def plane(codes, i: tl.constexpr, BITS: tl.constexpr):
-    """Codes of plane ``i`` of a byte tile, as float16 (exact: codes are small integers)."""
-    return ((codes >> (i * BITS)) & ((1 << BITS) - 1)).to(tl.float16)
+    """Codes of plane ``i`` of a byte tile, as float16 (exact: codes are small integers).
+
+    Integer-to-float conversion runs at a quarter of the integer rate, so the code is placed
+    in the mantissa of 1024.0 instead (float16 bits ``0x6400 | c`` are ``1024 + c``) and
+    1024 is subtracted, which is exact.
+    """
+    bits = ((codes.to(tl.int16) >> (i * BITS)) & ((1 << BITS) - 1)) | 0x6400
+    return bits.to(tl.float16, bitcast=True) - 1024.0
 
 
 @triton.jit

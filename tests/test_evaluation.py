@@ -163,3 +163,26 @@ def test_cli_names_unknown_tasks(capsys):
     assert main(["evaluate", "--tasks", "fidelty", "--policies", "kivi"]) == 2
     err = capsys.readouterr().err
     assert "unknown task 'fidelty'" in err and "Did you mean 'fidelity'" in err
+
+
+def test_greedy_agreement_measures_drift_until_the_first_different_token():
+    import torch
+
+    from kvpolicy.evaluation.agreement import greedy_agreement
+
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(6, 50, generator=g)
+    reference_tokens = reference.argmax(-1)
+    same = greedy_agreement(reference_tokens, reference, reference_tokens, reference)
+    assert same.identical and same.agreed == 6 and same.drift == 0 and same.divergence_margin is None
+    shifted = reference + 0.1
+    moved = greedy_agreement(reference_tokens, shifted, reference_tokens, reference)
+    assert moved.identical and moved.max_logit_diff == pytest.approx(0.1, abs=1e-6)
+    assert moved.drift == pytest.approx(max(0.1 / float(r.std()) for r in reference), rel=1e-5)
+    tokens = reference_tokens.clone()
+    tokens[3] = (tokens[3] + 1) % 50
+    split = greedy_agreement(tokens, shifted, reference_tokens, reference)
+    top = reference[3].topk(2).values
+    assert split.agreed == 3 and not split.identical
+    assert split.divergence_margin == pytest.approx(float(top[0] - top[1]) / float(reference[3].std()), rel=1e-5)
+    assert split.drift == pytest.approx(max(0.1 / float(r.std()) for r in reference[:3]), rel=1e-5)

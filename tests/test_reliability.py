@@ -28,6 +28,7 @@ from kvpolicy.errors import (
     UnknownNameError,
     UnsupportedModelError,
 )
+from kvpolicy.evaluation.agreement import greedy_agreement
 from tests.conftest import tiny_llama
 from tests.recording import record
 from tests.test_cache import greedy, left_padded_batch
@@ -276,20 +277,19 @@ def test_left_padded_batch_matches_each_prompt_alone(smollm, name):
         alone = generate(single)
         new_alone = alone.sequences[0, n:]
         assert len(new_alone) > 8, "the row should generate real text"
-        new_together = together.sequences[row, width : width + len(new_alone)]
-        agreed, drift, outcome = 0, 0.0, "same tokens"
-        for step in range(len(new_alone)):
-            logits = alone.logits[step][0]
-            if new_together[step] != new_alone[step]:
-                top = logits.topk(2).values
-                margin = float((top[0] - top[1]) / logits.std())
-                assert margin <= BATCH_NEAR_TIE, f"row {row} step {step}: differs without a near tie ({margin:.3f})"
-                outcome = f"near tie at token {step} (margin {margin:.3f} std), then diverges"
-                break
-            agreed += 1
-            drift = max(drift, float((together.logits[step][row] - logits).abs().max() / logits.std()))
+        steps = len(new_alone)
+        new_together = together.sequences[row, width : width + steps]
+        result = greedy_agreement(
+            new_together, torch.stack(together.logits[:steps])[:, row], new_alone, torch.stack(alone.logits)[:, 0]
+        )
+        outcome = "same tokens"
+        if not result.identical:
+            margin = result.divergence_margin
+            assert margin <= BATCH_NEAR_TIE, f"row {row} step {result.agreed}: not a near tie ({margin:.3f})"
+            outcome = f"near tie at token {result.agreed} (margin {margin:.3f} std), then diverges"
+        agreed, drift = result.agreed, result.drift
         if name in ("full", "streaming"):
-            assert agreed == len(new_alone) and drift < 1e-3
+            assert result.identical and drift < 1e-3
         assert drift <= BATCH_LOGIT_DRIFT, f"row {row}: logits drift {drift:.3f} std"
         record("batching", f"{SHIPPED.index(name)}{row}", policy=name, prompt_tokens=n, batch_width=width,
                agreed=agreed, compared=len(new_alone), drift_std=round(drift, 4), outcome=outcome)  # fmt: skip
