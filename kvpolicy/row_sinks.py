@@ -58,10 +58,9 @@ class RowSinks:
         moved = torch.gather(prefill, 2, index)
         slots = to_device(slots, device)
         old = store.fp.index_select(2, slots)
-        new = torch.where(to_device(take, device)[:, None, :, None], moved.to(old.dtype), old)
-        fp = store.fp.clone()  # a new tensor: views taken before stay as they were
-        fp[:, :, slots] = new
-        store.fp = fp
+        store.overwrite_full_precision(
+            slots, torch.where(to_device(take, device)[:, None, :, None], moved.to(old.dtype), old)
+        )
 
     def remap(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         """The step's bool mask ``[B, 1, q, L]`` with each padded row's sink slots shown and

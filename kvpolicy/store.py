@@ -150,6 +150,14 @@ class TensorStore:
         self.staging = x[:, :, ready:].contiguous() if rest else None
         self.staging_pos = pos[ready:]
 
+    def overwrite_full_precision(self, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the full-precision tokens at region indices ``slots`` (int64, on the device)
+        with ``values`` ``[B, H, len(slots), D]``; positions are unchanged. A new tensor, so
+        views taken before stay as they were."""
+        fp = self.fp.clone()
+        fp[:, :, slots] = values
+        self.fp = fp
+
     def crop(self, tokens: int) -> None:
         """Forget the newest ``tokens`` tokens; only while nothing was ever demoted."""
         if self.packed is not None or self.staging is not None or self.evicted:
