@@ -6,8 +6,8 @@ and values) it times every launch configuration of the fused kernel, plus:
 * ``read only``: a kernel that reads exactly the packed bytes in the same blocks and order
   and only sums them: the bandwidth this access pattern can reach, the ceiling of the sweep;
 * ``copy``: a device-to-device copy (bytes read + written), the issue's yardstick;
-* ``baseline`` (optional, ``--baseline path.py``): another version of ``packed_decode_attention``
-  in a file, timed at its defaults on the same data.
+* ``baselines`` (optional, ``--baseline a.py b.py``): other versions of ``packed_decode_attention``,
+  one per file, each timed at its defaults on the same data.
 
 Every configuration's output is checked against float32 attention over the dequantized
 tokens. Prints a table last and writes JSON.
@@ -22,6 +22,7 @@ import functools
 import importlib.util
 import itertools
 import json
+from pathlib import Path
 
 import torch
 import triton
@@ -29,7 +30,15 @@ import triton.language as tl
 
 from benchmarks.attention_bench import bench, copy_bandwidth
 from kvpolicy.config import QuantSpec
-from kvpolicy.fused import MAX_REGISTERS, NUM_STAGES, NUM_WARPS, SPLIT_FACTOR, packed_decode_attention, triton_cdiv
+from kvpolicy.fused import (
+    GROUPS_PER_BLOCK,
+    MAX_REGISTERS,
+    NUM_STAGES,
+    NUM_WARPS,
+    SPLIT_FACTOR,
+    packed_decode_attention,
+    triton_cdiv,
+)
 from kvpolicy.quantizers import NativeQuantizer
 
 SHAPES = [(8, 32768, 64), (32, 32768, 64), (74, 32768, 64), (8, 32768, 32), (32, 4096, 64)]  # batch, tokens, group
@@ -82,13 +91,14 @@ def reference(q, kp, vp, scale):
 
 
 def load_baseline(path: str):
-    spec = importlib.util.spec_from_file_location("baseline_fused", path)
+    name = Path(path).stem
+    spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.packed_decode_attention
 
 
-def sweep_shape(b: int, n: int, group: int, args, baseline, sms: int, copy_bw: float) -> tuple[dict, dict]:
+def sweep_shape(b: int, n: int, group: int, args, baselines: dict, sms: int, copy_bw: float) -> tuple[dict, dict]:
     """Every launch configuration at one shape, plus the yardsticks; ``(summary, sweep)``."""
     hkv, g, d, scale = 8, 4, 128, 128**-0.5
     backend = NativeQuantizer()
@@ -100,28 +110,38 @@ def sweep_shape(b: int, n: int, group: int, args, baseline, sms: int, copy_bw: f
     nbytes = sum(kp.nbytes().values()) + sum(vp.nbytes().values())
     expected = reference(q, kp, vp, scale)
     rows = []
-    configs = itertools.product(args.warps, args.stages, args.split_factors, args.max_registers)
-    for warps, stages, factor, regs in configs:
+    configs = itertools.product(args.warps, args.stages, args.split_factors, args.max_registers, args.groups_per_block)
+    for warps, stages, factor, regs, per_block in configs:
         run = functools.partial(
             packed_decode_attention, q, kp, vp, scale, None,
             num_warps=warps, num_stages=stages, split_factor=factor, max_registers=regs or None,
+            groups_per_block=per_block,
         )  # fmt: skip
         try:
             out = run()[0].reshape(expected.shape)
             ms = bench(run, warmup=3, reps=20)
         except Exception as err:  # a configuration that does not compile (registers, shared memory)
             print(
-                f"warps={warps} stages={stages} factor={factor} max_registers={regs}: {type(err).__name__}: {err}"[:300]
+                f"warps={warps} stages={stages} factor={factor} max_registers={regs} groups_per_block={per_block}:"
+                f" {type(err).__name__}: {err}"[:300]
             )
             continue
         rel = float((out - expected).norm() / expected.norm())
         rows.append(
-            {"ms": ms, "warps": warps, "stages": stages, "split_factor": factor, "max_registers": regs, "rel_err": rel}
-        )
+            {
+                "ms": ms, "warps": warps, "stages": stages, "split_factor": factor, "max_registers": regs,
+                "groups_per_block": per_block, "rel_err": rel,
+            }
+        )  # fmt: skip
     rows.sort(key=lambda r: r["ms"])
-    defaults = (NUM_WARPS, NUM_STAGES, SPLIT_FACTOR, MAX_REGISTERS or 0)
-    default = [r["ms"] for r in rows if (r["warps"], r["stages"], r["split_factor"], r["max_registers"]) == defaults]
-    base_ms = bench(functools.partial(baseline, q, kp, vp, scale, None)) if baseline else float("nan")
+    defaults = (NUM_WARPS, NUM_STAGES, SPLIT_FACTOR, MAX_REGISTERS or 0, GROUPS_PER_BLOCK if group <= 64 else 1)
+    keys = ("warps", "stages", "split_factor", "max_registers", "groups_per_block")
+    default = [r["ms"] for r in rows if tuple(r[k] for k in keys) == defaults]
+    baseline_ms = {name: bench(functools.partial(fn, q, kp, vp, scale, None)) for name, fn in baselines.items()}
+    baseline_err = {
+        name: float((fn(q, kp, vp, scale, None)[0].reshape(expected.shape) - expected).norm() / expected.norm())
+        for name, fn in baselines.items()
+    }
     summary = {
         "batch": b,
         "tokens": n,
@@ -129,7 +149,8 @@ def sweep_shape(b: int, n: int, group: int, args, baseline, sms: int, copy_bw: f
         "bytes": nbytes,
         "copy_GBps": copy_bw / 1e9,
         "read_only_ms": time_read_only(kp, vp, b, hkv, n, group, sms),
-        "baseline_ms": base_ms,
+        "baseline_ms": baseline_ms,
+        "baseline_rel_err": baseline_err,
         "default_ms": default[0] if default else float("nan"),
         "best": rows[0],
         "worst_rel_err": max(r["rel_err"] for r in rows),
@@ -139,20 +160,21 @@ def sweep_shape(b: int, n: int, group: int, args, baseline, sms: int, copy_bw: f
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--baseline", help="a file with another packed_decode_attention to time alongside")
+    parser.add_argument("--baseline", nargs="*", default=[], help="files with other packed_decode_attention versions")
     parser.add_argument("--warps", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--split-factors", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--max-registers", type=int, nargs="+", default=[0], help="register caps to try (0: none)")
+    parser.add_argument("--groups-per-block", type=int, nargs="+", default=[1, 2], help="key groups per loop block")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.manual_seed(0)
-    baseline = load_baseline(args.baseline) if args.baseline else None
+    baselines = {Path(path).stem: load_baseline(path) for path in args.baseline}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     copy_bw = copy_bandwidth()
     summary, sweeps = [], []
     for b, n, group in SHAPES:
-        shape_summary, sweep = sweep_shape(b, n, group, args, baseline, sms, copy_bw)
+        shape_summary, sweep = sweep_shape(b, n, group, args, baselines, sms, copy_bw)
         summary.append(shape_summary)
         sweeps.append(sweep)
         torch.cuda.empty_cache()
@@ -164,19 +186,24 @@ def main() -> None:
         for r in sweep["rows"][:5]:
             print(
                 f"  {r['ms']:.3f} ms  warps={r['warps']} stages={r['stages']} split_factor={r['split_factor']}"
-                f" max_registers={r['max_registers']}"
+                f" max_registers={r['max_registers']} groups_per_block={r['groups_per_block']}"
             )
     print(f"\n{torch.cuda.get_device_name()}, copy {copy_bw / 1e9:.0f} GB/s (read + write)")
+    names = list(baselines)
     print(
-        f"{'b':>3} {'ctx':>6} {'grp':>4} {'MB':>5} {'read ms':>8} {'base ms':>8} {'dflt ms':>8} {'best ms':>8}"
-        f" {'w/s/f/r':>9} {'% copy':>7} {'% read':>7} {'rel err':>8}"
+        f"{'b':>3} {'ctx':>6} {'grp':>4} {'MB':>5} {'read ms':>8}"
+        + "".join(f" {name[:8]:>8}" for name in names)
+        + f" {'dflt ms':>8} {'best ms':>8} {'w/s/f/r/g':>11} {'% copy':>7} {'% read':>7} {'rel err':>8}"
     )
     for s in summary:
         best = s["best"]
-        config = f"{best['warps']}/{best['stages']}/{best['split_factor']}/{best['max_registers']}"
+        config = "/".join(
+            str(best[k]) for k in ("warps", "stages", "split_factor", "max_registers", "groups_per_block")
+        )
         print(
             f"{s['batch']:>3} {s['tokens']:>6} {s['group']:>4} {s['bytes'] / 1e6:>5.0f} {s['read_only_ms']:>8.3f}"
-            f" {s['baseline_ms']:>8.3f} {s['default_ms']:>8.3f} {best['ms']:>8.3f} {config:>9}"
+            + "".join(f" {s['baseline_ms'][name]:>8.3f}" for name in names)
+            + f" {s['default_ms']:>8.3f} {best['ms']:>8.3f} {config:>11}"
             f" {100 * s['bytes'] / (best['ms'] / 1e3) / (s['copy_GBps'] * 1e9):>6.1f}%"
             f" {100 * s['read_only_ms'] / best['ms']:>6.0f}% {s['worst_rel_err']:>8.1e}"
         )

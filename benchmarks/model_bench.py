@@ -252,7 +252,14 @@ def largest_batch(name, model, per_token: float, context: int, args) -> dict:
     return {"contender": name, "context": context, "batch": None, "tried": tries, "error": row.get("error")}
 
 
-def table(rows: list[dict], largest: dict, bf16_per_token: float, bandwidth: list[dict]) -> str:
+def table(
+    rows: list[dict],
+    largest: dict,
+    bf16_per_token: float,
+    bandwidth: list[dict],
+    at_common: list[dict] = (),
+    reference: dict | None = None,
+) -> str:
     lines = [
         "| contender | context | batch | KV B/token | vs bf16 | step ms | tokens/s | vs dynamic |",
         "|---|---|---|---|---|---|---|---|",
@@ -283,6 +290,20 @@ def table(rows: list[dict], largest: dict, bf16_per_token: float, bandwidth: lis
         rb = f"{r['batch'] / d['batch']:.2f}x" if d.get("batch") else ""
         rt = f"{r['tokens_per_s'] / d['tokens_per_s']:.2f}x" if d.get("batch") else ""
         lines.append(f"| {name} | {r['batch']} | {rb} | {r['tokens_per_s']:.0f} | {rt} | {r['step_ms']:.1f} |")
+    if at_common and reference:
+        lines += [
+            "",
+            f"Per step at {reference['contender']}'s largest batch ({reference['batch']}):",
+            "",
+            f"| contender | step ms | {reference['contender']} step ms | speed-up |",
+            "|---|---|---|---|",
+        ]
+        for r in at_common:
+            if "error" in r:
+                lines.append(f"| {r['contender']} | {r['error']} | | |")
+            else:
+                ratio = reference["step_ms"] / r["step_ms"]
+                lines.append(f"| {r['contender']} | {r['step_ms']:.1f} | {reference['step_ms']:.1f} | {ratio:.2f}x |")
     if bandwidth:
         lines += [
             "",
@@ -314,6 +335,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--reserve-gib", type=float, default=3.0, help="memory kept free for activations")
     parser.add_argument("--no-largest", action="store_true")
+    parser.add_argument(
+        "--common-largest",
+        default="hf_quantized",
+        help="also time every other contender at this contender's largest batch ('' to skip)",
+    )
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the fused executor's bandwidth rows")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer toy model (to check the script on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -345,6 +371,14 @@ def main(argv=None) -> int:
             per_token = measured[0]["kv_bytes_per_token"] if measured else bf16_per_token
             largest[name] = largest_batch(name, model, per_token, context, args)
             say(json.dumps(largest[name]))
+    at_common = []
+    common = largest.get(args.common_largest, {}).get("batch")
+    if common:
+        # per-step latency at one batch for all: the reference contender's largest
+        for name in names:
+            if name != args.common_largest:
+                at_common.append(run_one(name, model, common, max(contexts), args))
+                say(json.dumps(at_common[-1]))
     bandwidth = []
     if args.device == "cuda" and not args.no_bandwidth and world == 1:
         # the fused executor alone, one Llama-8B layer, against a device-to-device copy
@@ -368,8 +402,9 @@ def main(argv=None) -> int:
         return 0
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"environment": env, "rows": rows, "largest": largest, "bandwidth": bandwidth}, f, indent=2)
-    print(table(rows, largest, bf16_per_token, bandwidth))
+            record = {"environment": env, "rows": rows, "largest": largest, "at_common_largest": at_common}
+            json.dump(record | {"bandwidth": bandwidth}, f, indent=2)
+    print(table(rows, largest, bf16_per_token, bandwidth, at_common, largest.get(args.common_largest)))
     return 0
 
 

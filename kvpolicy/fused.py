@@ -16,6 +16,8 @@ Used by :class:`FusedExecutor` for decode steps (one query token) on CUDA; every
 from __future__ import annotations
 
 import functools
+import math
+import os
 from typing import ClassVar
 
 import torch
@@ -25,10 +27,11 @@ from kvpolicy.quantizers import NativePacked, Packed
 
 # launch configuration (see benchmarks/NOTES.md for how these were chosen)
 NUM_WARPS = 4
-NUM_STAGES = 3
+NUM_STAGES = 2
 SPLIT_FACTOR = 16  # programs per SM to aim for when splitting the tokens
 MERGE_BLOCK_S = 32
 MAX_REGISTERS = 128  # per-thread register cap: 4 programs per SM instead of 3
+GROUPS_PER_BLOCK = 2  # key groups (of up to 64 tokens) per block of the kernel's loop
 
 
 @functools.cache
@@ -36,6 +39,11 @@ def _kernels():
     from kvpolicy import fused_kernels
 
     return fused_kernels.packed_decode, fused_kernels.merge_splits
+
+
+def _interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter, which cannot run PTX."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_available() -> bool:
@@ -57,18 +65,24 @@ def packed_decode_attention(
     num_stages: int = NUM_STAGES,
     split_factor: int = SPLIT_FACTOR,
     max_registers: int | None = MAX_REGISTERS,
+    groups_per_block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(o, lse)`` of one decode step over the packed region, float32 ``[B, H_kv, G, D]`` and ``[B, H_kv, G]``.
 
     ``grouped``: ``[B, H_kv, G, D]`` queries; ``bias``: additive float32 ``[B, N]`` or ``None``;
     keys per-channel (``axis="channel"``), values per-token, same token order (see
-    :func:`fusable` for the shapes served). The tokens are split into blocks of one key
-    group; ``splits`` programs per (row, KV head) each take a contiguous run of blocks, and a
-    second kernel merges their partial results.
+    :func:`fusable` for the shapes served). The tokens are split into blocks of
+    ``groups_per_block`` key groups (1 or 2; default: 2 for groups of up to 64 tokens);
+    ``splits`` programs per (row, KV head) each take a contiguous run of blocks, and a second
+    kernel merges their partial results.
     """
     b, hkv, g, d = grouped.shape
     n = keys.num_tokens
-    block_n = keys.group_size
+    if groups_per_block is None:
+        groups_per_block = GROUPS_PER_BLOCK if keys.group_size <= 64 else 1
+    if groups_per_block not in (1, 2):
+        raise ValueError(f"groups_per_block must be 1 or 2, got {groups_per_block!r}")
+    block_n = keys.group_size * groups_per_block
     if splits is None:
         sms = torch.cuda.get_device_properties(grouped.device).multi_processor_count if grouped.is_cuda else 8
         splits = max(1, min(triton_cdiv(n, block_n), triton_cdiv(split_factor * sms, b * hkv)))
@@ -84,9 +98,9 @@ def packed_decode_attention(
         keys.codes.contiguous(), keys.scale.contiguous(), keys.zero.contiguous(),
         values.codes.contiguous(), values.scale.contiguous(), values.zero.contiguous(),
         bias.contiguous() if has_bias else out, out, lse,
-        n, hkv, g, float(scaling), tokens_per_split,
+        n, hkv, g, float(scaling) * math.log2(math.e), tokens_per_split,
         D=d, KBITS=keys.bits, VBITS=values.bits, VG=values.group_size,
-        BLOCK_N=block_n, BLOCK_G=block_g, HAS_BIAS=has_bias,
+        KG=keys.group_size, BLOCK_N=block_n, BLOCK_G=block_g, HAS_BIAS=has_bias, FAST=not _interpreted(),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}),
     )  # fmt: skip
     merged = torch.empty(b, hkv, g, d, dtype=torch.float32, device=grouped.device)

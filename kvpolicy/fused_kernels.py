@@ -13,23 +13,60 @@ slice of channels, so nothing is reshaped or reordered in registers.
 import triton
 import triton.language as tl
 
+LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in base 2: exp2 is one instruction
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.constexpr_function
+def unpack_ptx(i, bits):
+    """PTX turning 4 packed bytes (``$2``) into the float16 codes of plane ``i``, two per register.
+
+    The bytes are permuted to ``(b0, b2, b1, b3)`` so that each 16-bit lane holds one byte of
+    each output pair. The plane's bits, masked in place, are set into the mantissa of 1024.0
+    (``0x6400 | c << i*bits`` is ``1024 + c * 2**(i*bits)``), and one fused multiply-add
+    per pair, ``x * 2**-(i*bits) - 1024 * 2**-(i*bits)``, gives ``c`` exactly.
+    """
+    shift = i * bits
+    mask = ((1 << bits) - 1) << shift
+    # float16 bit patterns, twice per register: 2**-shift (biased exponent 15 - shift) and
+    # -1024 * 2**-shift (sign bit, biased exponent 25 - shift)
+    scale2 = ((15 - shift) << 10) * 0x10001
+    offset2 = (0x8000 | (25 - shift) << 10) * 0x10001
+    return f"""{{
+    .reg .b32 t, u, a, b, m, o, s, z;
+    mov.b32 m, {mask * 0x10001:#010x};
+    mov.b32 o, 0x64006400;
+    mov.b32 s, {scale2:#010x};
+    mov.b32 z, {offset2:#010x};
+    prmt.b32 t, $2, $2, 0x3120;
+    shr.u32 u, t, 8;
+    lop3.b32 a, t, m, o, 0xEA;
+    lop3.b32 b, u, m, o, 0xEA;
+    fma.rn.f16x2 $0, a, s, z;
+    fma.rn.f16x2 $1, b, s, z;
+    }}"""
+
 
 @triton.jit
-def plane(codes, i: tl.constexpr, BITS: tl.constexpr):
+def plane(codes, i: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
     """Codes of plane ``i`` of a byte tile, as float16 (exact: codes are small integers).
 
-    The code is placed in the mantissa of 1024.0 (float16 bits ``0x6400 | c`` are
-    ``1024 + c``) and 1024 is subtracted, which is exact; measured 8-11% faster than a plain
-    integer-to-float cast at large batches (``benchmarks/NOTES.md``, v10).
+    A code placed in the mantissa of 1024.0 (float16 bits ``0x6400 | c`` are ``1024 + c``)
+    becomes a float16 with one subtraction. ``FAST`` does it for 4 bytes at a time in PTX
+    (:func:`unpack_ptx`, CUDA only); otherwise in Triton (also runs in the interpreter).
     """
-    bits = ((codes.to(tl.int16) >> (i * BITS)) & ((1 << BITS) - 1)) | 0x6400
-    return bits.to(tl.float16, bitcast=True) - 1024.0
+    if FAST:
+        out = tl.inline_asm_elementwise(unpack_ptx(i, BITS), "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        bits = ((codes.to(tl.int16) >> (i * BITS)) & ((1 << BITS) - 1)) | 0x6400
+        out = bits.to(tl.float16, bitcast=True) - 1024.0
+    return out
 
 
 @triton.jit
 def key_plane_scores(
     kb, q_row, G_LIVE, KS, KZ, group_row, block_live, j, scaling,
-    i: tl.constexpr, KW: tl.constexpr, KBITS: tl.constexpr,
+    i: tl.constexpr, KW: tl.constexpr, KBITS: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """Scores of channels ``i*KW + j`` with the per-channel scale folded into the query,
     ``q.(c*s + z) = (q*s).c + q.z``: ``((q*s).c [BLOCK_G, BLOCK_N], q*z [BLOCK_G, KW])``; the
@@ -38,48 +75,89 @@ def key_plane_scores(
     ks = tl.load(KS + group_row + i * KW + j, mask=block_live, other=0.0).to(tl.float32)
     kz = tl.load(KZ + group_row + i * KW + j, mask=block_live, other=0.0).to(tl.float32)
     qs = (q * ks[None, :]).to(tl.float16)
-    return tl.dot(qs, tl.trans(plane(kb, i, KBITS))), q * kz[None, :]
+    return tl.dot(qs, tl.trans(plane(kb, i, KBITS, FAST))), q * kz[None, :]
+
+
+@triton.jit
+def group_scores(
+    kb, q_row, G_LIVE, KS, KZ, group_row, group_live, j, scaling,
+    KW: tl.constexpr, KBITS: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    """Scores ``[BLOCK_G, BLOCK_N]`` of every token of the block with the scales of the key
+    group at ``group_row`` (all planes, zero terms included)."""
+    s, z = key_plane_scores(kb, q_row, G_LIVE, KS, KZ, group_row, group_live, j, scaling, 0, KW, KBITS, FAST)
+    if KBITS < 8:
+        s1, z1 = key_plane_scores(kb, q_row, G_LIVE, KS, KZ, group_row, group_live, j, scaling, 1, KW, KBITS, FAST)
+        s += s1
+        z += z1
+    if KBITS < 4:
+        s2, z2 = key_plane_scores(kb, q_row, G_LIVE, KS, KZ, group_row, group_live, j, scaling, 2, KW, KBITS, FAST)
+        s3, z3 = key_plane_scores(kb, q_row, G_LIVE, KS, KZ, group_row, group_live, j, scaling, 3, KW, KBITS, FAST)
+        s += s2 + s3
+        z += z2 + z3
+    return s + tl.sum(z, 1)[:, None]
+
+
+@triton.jit
+def scaled_probs(p, VS, token_row, live, group, VG: tl.constexpr, D: tl.constexpr):
+    """``p * s`` with the per-token scale of value group ``group``, float16 ``[BLOCK_G, BLOCK_N]``."""
+    vs = tl.load(VS + token_row * (D // VG) + group, mask=live, other=0.0).to(tl.float32)
+    return (p * vs[None, :]).to(tl.float16)
 
 
 @triton.jit
 def value_plane(
-    acc, vb, p, VS, VZ, token_row, j, live,
+    acc, vb, probs, VS, VZ, token_row, j, live,
     i: tl.constexpr, VW: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr, D: tl.constexpr,
+    FAST: tl.constexpr,
 ):  # fmt: skip
     """``acc + p @ v`` for channels ``i*VW + j``: ``[BLOCK_G, VW]``.
 
-    When the plane lies inside one value group (``VG % VW == 0``) the per-token scale is
-    folded into the probabilities (``p.(c*s + z) = (p*s).c + (p*z).1``); otherwise the plane
-    is dequantized with each channel's group scale.
+    When the plane lies inside one value group (``VG % VW == 0``), ``probs`` already carry the
+    group's per-token scale (:func:`scaled_probs`) and the codes go to the matrix units as
+    they are (``p.(c*s + z) = (p*s).c + p.z``, the zero term is summed by the caller).
+    Otherwise ``probs`` is ``p`` and the plane is dequantized with each channel's group scale.
     """
     if VG % VW == 0:
-        group = (i * VW) // VG
-        vs = tl.load(VS + token_row * (D // VG) + group, mask=live, other=0.0).to(tl.float32)
-        vz = tl.load(VZ + token_row * (D // VG) + group, mask=live, other=0.0).to(tl.float32)
-        # the zero term sum_n p*z is the same for every channel: a product with ones keeps it on
-        # the matrix units instead of a cross-warp reduction
-        out = tl.dot((p * vs[None, :]).to(tl.float16), plane(vb, i, VBITS), acc)
-        out = tl.dot((p * vz[None, :]).to(tl.float16), tl.full(vb.shape, 1.0, tl.float16), out)
+        out = tl.dot(probs, plane(vb, i, VBITS, FAST), acc)
     else:
         groups = token_row[:, None] * (D // VG) + (i * VW + j[None, :]) // VG
         vs = tl.load(VS + groups, mask=live[:, None], other=0.0).to(tl.float32)
         vz = tl.load(VZ + groups, mask=live[:, None], other=0.0).to(tl.float32)
-        v = plane(vb, i, VBITS).to(tl.float32) * vs + vz
-        out = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
+        v = plane(vb, i, VBITS, FAST).to(tl.float32) * vs + vz
+        out = tl.dot(probs, v.to(tl.float16), acc)
     return out
+
+
+@triton.constexpr_function
+def sums_width(d, vg, vw):
+    """Columns of the running sums: the softmax denominator, then (when value scales are
+    folded, ``vg % vw == 0``) one zero term per value group; a power of two, at least 16."""
+    needed = 1 + (d // vg if vg % vw == 0 else 0)
+    return max(16, 1 << (needed - 1).bit_length())
+
+
+@triton.jit
+def finish_plane(acc, sums, cols, safe, i: tl.constexpr, VW: tl.constexpr, VG: tl.constexpr):
+    """Normalised output of plane ``i``: ``(acc + zero term of its group) / denominator``."""
+    if VG % VW == 0:
+        acc += tl.sum(tl.where(cols[None, :] == 1 + (i * VW) // VG, sums, 0.0), 1)[:, None]
+    return acc / safe[:, None]
 
 
 @triton.jit
 def packed_decode(
     Q, KC, KS, KZ, VC, VS, VZ, BIAS, OUT, LSE,
-    N, HKV, G, scaling, tokens_per_split,
+    N, HKV, G, scaling_log2, tokens_per_split,
     D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HAS_BIAS: tl.constexpr,
+    KG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """One program: one (batch row, KV head) and tokens ``[start, start + tokens_per_split)``.
 
-    Blocks of ``BLOCK_N`` tokens (one key group, so one key scale row per block) keep an
-    online softmax for the ``G`` query heads that share the KV head.
+    Blocks of ``BLOCK_N`` tokens (one or two key groups of ``KG`` tokens, so one or two key
+    scale rows per block) keep an online softmax for the ``G`` query heads that share the KV head. Scores are in base 2
+    (``scaling_log2`` is the softmax scale times log2(e)); ``LSE`` is written in base e.
+    ``FAST``: unpack codes in PTX (CUDA) rather than in Triton (also the interpreter).
     """
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -94,7 +172,9 @@ def packed_decode(
     g_live = offs_g[:, None] < G
     q_row = Q + (bh * G + offs_g[:, None]) * D
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    denom = tl.zeros([BLOCK_G, 16], tl.float32)
+    SW: tl.constexpr = sums_width(D, VG, VW)
+    cols = tl.arange(0, SW)
+    sums = tl.zeros([BLOCK_G, SW], tl.float32)  # see below: denominator, then zero terms
     acc0 = tl.zeros([BLOCK_G, VW], tl.float32)
     acc1 = tl.zeros([BLOCK_G, VW], tl.float32)
     acc2 = tl.zeros([BLOCK_G, VW], tl.float32)
@@ -107,47 +187,68 @@ def packed_decode(
         live = n < end
         token_row = bh * N + n
         kb = tl.load(KC + token_row[:, None] * KW + kj[None, :], mask=live[:, None], other=0)
-        group_row = (bh * (N // BLOCK_N) + first // BLOCK_N) * D
-        block_live = first < end  # the last split may end past the region: read no scale row there
-        s, z = key_plane_scores(kb, q_row, g_live, KS, KZ, group_row, block_live, kj, scaling, 0, KW, KBITS)
-        if KBITS < 8:
-            s1, z1 = key_plane_scores(kb, q_row, g_live, KS, KZ, group_row, block_live, kj, scaling, 1, KW, KBITS)
-            s += s1
-            z += z1
-        if KBITS < 4:
-            s2, z2 = key_plane_scores(kb, q_row, g_live, KS, KZ, group_row, block_live, kj, scaling, 2, KW, KBITS)
-            s3, z3 = key_plane_scores(kb, q_row, g_live, KS, KZ, group_row, block_live, kj, scaling, 3, KW, KBITS)
-            s += s2 + s3
-            z += z2 + z3
-        s += tl.sum(z, 1)[:, None]
+        group_row = (bh * (N // KG) + first // KG) * D
+        # the last split may end past the region: read no scale row there
+        s = group_scores(kb, q_row, g_live, KS, KZ, group_row, first < end, kj, scaling_log2, KW, KBITS, FAST)
+        if BLOCK_N == 2 * KG:  # the block's second key group
+            s2 = group_scores(
+                kb, q_row, g_live, KS, KZ, group_row + D, first + KG < end, kj, scaling_log2, KW, KBITS, FAST
+            )
+            s = tl.where(offs_n[None, :] < KG, s, s2)
         if HAS_BIAS:
-            s += tl.load(BIAS + b * N + n, mask=live, other=float("-inf"))[None, :]
+            s += tl.load(BIAS + b * N + n, mask=live, other=float("-inf"))[None, :] * LOG2E
         s = tl.where(live[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        # the softmax denominator, on the matrix units: every column of p @ 1 is sum_n p
-        denom = tl.dot(p.to(tl.float16), tl.full([BLOCK_N, 16], 1.0, tl.float16), denom * alpha[:, None])
+        # rescale the running sums only in blocks that raise some row's maximum (rare once a
+        # few blocks are seen); p <= 1 either way
+        if tl.max((m_new > m).to(tl.int32), 0) > 0:
+            alpha = tl.exp2(m - tl.where(m_new == float("-inf"), 0.0, m_new))[:, None]
+            sums *= alpha
+            acc0 *= alpha
+            acc1 *= alpha
+            acc2 *= alpha
+            acc3 *= alpha
+            m = m_new
+        p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m)[:, None])
+        p16 = p.to(tl.float16)
+        # one product on the matrix units gives the softmax denominator (column 0) and, when
+        # value scales are folded, each value group's zero term sum_n p*z (column 1 + group)
+        if VG % VW == 0:
+            zeros = tl.load(
+                VZ + token_row[:, None] * (D // VG) + cols[None, :] - 1,
+                mask=live[:, None] & (cols[None, :] >= 1) & (cols[None, :] <= D // VG),
+                other=0.0,
+            ).to(tl.float32)
+        else:
+            zeros = tl.zeros([BLOCK_N, SW], tl.float32)
+        sums = tl.dot(p16, tl.where(cols[None, :] == 0, 1.0, zeros).to(tl.float16), sums)
         vb = tl.load(VC + token_row[:, None] * VW + vj[None, :], mask=live[:, None], other=0)
-        acc0 = value_plane(acc0 * alpha[:, None], vb, p, VS, VZ, token_row, vj, live, 0, VW, VBITS, VG, D)
+        probs = p16
+        if VG % VW == 0:
+            probs = scaled_probs(p, VS, token_row, live, 0, VG, D)
+        acc0 = value_plane(acc0, vb, probs, VS, VZ, token_row, vj, live, 0, VW, VBITS, VG, D, FAST)
         if VBITS < 8:
-            acc1 = value_plane(acc1 * alpha[:, None], vb, p, VS, VZ, token_row, vj, live, 1, VW, VBITS, VG, D)
+            if VG % VW == 0 and VW >= VG:  # plane 1 starts a new value group
+                probs = scaled_probs(p, VS, token_row, live, VW // VG, VG, D)
+            acc1 = value_plane(acc1, vb, probs, VS, VZ, token_row, vj, live, 1, VW, VBITS, VG, D, FAST)
         if VBITS < 4:
-            acc2 = value_plane(acc2 * alpha[:, None], vb, p, VS, VZ, token_row, vj, live, 2, VW, VBITS, VG, D)
-            acc3 = value_plane(acc3 * alpha[:, None], vb, p, VS, VZ, token_row, vj, live, 3, VW, VBITS, VG, D)
-        m = m_new
-    total = tl.max(denom, 1)
+            if VG % VW == 0 and (2 * VW) % VG == 0:
+                probs = scaled_probs(p, VS, token_row, live, (2 * VW) // VG, VG, D)
+            acc2 = value_plane(acc2, vb, probs, VS, VZ, token_row, vj, live, 2, VW, VBITS, VG, D, FAST)
+            if VG % VW == 0 and VW >= VG:
+                probs = scaled_probs(p, VS, token_row, live, (3 * VW) // VG, VG, D)
+            acc3 = value_plane(acc3, vb, probs, VS, VZ, token_row, vj, live, 3, VW, VBITS, VG, D, FAST)
+    total = tl.sum(tl.where(cols[None, :] == 0, sums, 0.0), 1)
     safe = tl.where(total > 0, total, 1.0)
     row = (bh * splits + split) * G + offs_g
     out = OUT + row[:, None] * D + vj[None, :]
-    tl.store(out, acc0 / safe[:, None], mask=g_live)
+    tl.store(out, finish_plane(acc0, sums, cols, safe, 0, VW, VG), mask=g_live)
     if VBITS < 8:
-        tl.store(out + VW, acc1 / safe[:, None], mask=g_live)
+        tl.store(out + VW, finish_plane(acc1, sums, cols, safe, 1, VW, VG), mask=g_live)
     if VBITS < 4:
-        tl.store(out + 2 * VW, acc2 / safe[:, None], mask=g_live)
-        tl.store(out + 3 * VW, acc3 / safe[:, None], mask=g_live)
-    tl.store(LSE + row, tl.where(total > 0, m + tl.log(safe), float("-inf")), mask=offs_g < G)
+        tl.store(out + 2 * VW, finish_plane(acc2, sums, cols, safe, 2, VW, VG), mask=g_live)
+        tl.store(out + 3 * VW, finish_plane(acc3, sums, cols, safe, 3, VW, VG), mask=g_live)
+    tl.store(LSE + row, tl.where(total > 0, (m + tl.log2(safe)) * LN2, float("-inf")), mask=offs_g < G)
 
 
 @triton.jit

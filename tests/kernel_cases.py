@@ -43,7 +43,9 @@ def float64_attention(query, keys, values, scaling, bias):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
-    device = parser.parse_args().device
+    parser.add_argument("--groups-per-block", type=int, help="key groups per kernel block (default: the kernel's)")
+    args = parser.parse_args()
+    device = args.device
     backend = NativeQuantizer()
     for seed, (b, hkv, g, d, n, kbits, vbits, kgroup, vgroup, padded, splits) in enumerate(CASES):
         gen = torch.Generator().manual_seed(seed)
@@ -61,7 +63,9 @@ def main() -> None:
             bias[0, : n // 3] = float("-inf")
         on_device = [t.to(device) if t is not None else None for t in (query, bias)]
         keys_d, values_d = (x.map_batch(lambda t: t.to(device)) for x in (keys, values))
-        out, lse = packed_decode_attention(on_device[0], keys_d, values_d, d**-0.5, on_device[1], splits=splits)
+        out, lse = packed_decode_attention(
+            on_device[0], keys_d, values_d, d**-0.5, on_device[1], splits=splits, groups_per_block=args.groups_per_block
+        )
         out, lse = out.cpu(), lse.cpu()
         expected, expected_lse = float64_attention(query, keys, values, d**-0.5, bias)
         print(

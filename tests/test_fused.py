@@ -127,9 +127,12 @@ def _interpreter_works() -> bool:
 
 
 @pytest.mark.skipif(not _interpreter_works(), reason="needs triton's CPU interpreter and numpy < 2.4")
-def test_fused_kernel_in_the_triton_interpreter_matches_float64():
-    """The kernel's arithmetic (planar codes, folded scales, splits, padding) on CPU, in CI."""
-    results = _kernel_cases([sys.executable, "-m", "tests.kernel_cases"], {"TRITON_INTERPRET": "1"})
+@pytest.mark.parametrize("groups_per_block", [1, 2])
+def test_fused_kernel_in_the_triton_interpreter_matches_float64(groups_per_block):
+    """The kernel's arithmetic (planar codes, folded scales, one or two key groups per block,
+    splits, padding) on CPU, in CI. The interpreter runs the Triton unpacking, not the PTX."""
+    command = [sys.executable, "-m", "tests.kernel_cases", "--groups-per-block", str(groups_per_block)]
+    results = _kernel_cases(command, {"TRITON_INTERPRET": "1"})
     assert len(results) == len(kernel_cases.CASES)
     for r in results:
         assert r["shape_ok"] and r["rel_err"] <= 1e-2 and r["lse_err"] <= 1e-2, r
@@ -144,3 +147,44 @@ def test_fused_kernel_touches_no_memory_outside_its_tensors():
     assert len(results) == len(kernel_cases.CASES)
     for r in results:
         assert r["shape_ok"] and r["rel_err"] <= 1e-2, r
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_ptx_unpacking_constants_give_every_code_exactly(bits):
+    """For each plane, the mask selects the plane's bits in both 16-bit halves, and
+    ``(1024 + c * 2**shift) * scale + offset`` (one rounding to float16, as ``fma.f16x2``)
+    is ``c`` for every code ``c``."""
+    import re
+    import struct
+
+    from kvpolicy.fused_kernels import unpack_ptx
+
+    def half(pattern: int) -> float:
+        assert pattern >> 16 == pattern & 0xFFFF  # the same value in both halves
+        return struct.unpack("<e", struct.pack("<H", pattern & 0xFFFF))[0]
+
+    for plane in range(8 // bits):
+        ptx = unpack_ptx(plane, bits)
+        constants = dict(re.findall(r"mov\.b32 (\w), (0x[0-9a-f]+);", ptx))
+        mask, scale, offset = (int(constants[name], 16) for name in "msz")
+        shift = plane * bits
+        assert mask == (((1 << bits) - 1) << shift) * 0x10001
+        assert int(constants["o"], 16) == 0x64006400
+        for code in range(1 << bits):
+            mantissa = struct.unpack("<e", struct.pack("<H", 0x6400 | code << shift))[0]
+            assert mantissa == 1024 + code * 2**shift
+            exact = mantissa * half(scale) + half(offset)
+            assert struct.unpack("<e", struct.pack("<e", exact))[0] == code
+
+
+def test_groups_per_block_must_be_one_or_two():
+    from kvpolicy.config import QuantSpec
+    from kvpolicy.fused import packed_decode_attention
+    from kvpolicy.quantizers import NativeQuantizer
+
+    backend = NativeQuantizer()
+    keys = backend.quantize(torch.randn(1, 1, 64, 64), QuantSpec(bits=2, group_size=64, axis="channel"))
+    values = backend.quantize(torch.randn(1, 1, 64, 64), QuantSpec(bits=2, group_size=64, axis="token"))
+    with pytest.raises(ValueError, match="groups_per_block must be 1 or 2, got 3"):
+        packed_decode_attention(torch.randn(1, 1, 4, 64), keys, values, 0.125, None, groups_per_block=3)
