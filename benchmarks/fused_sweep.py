@@ -31,11 +31,11 @@ import triton.language as tl
 from benchmarks.attention_bench import bench, copy_bandwidth
 from kvpolicy.config import QuantSpec
 from kvpolicy.fused import (
-    GROUPS_PER_BLOCK,
     MAX_REGISTERS,
     NUM_STAGES,
     NUM_WARPS,
     SPLIT_FACTOR,
+    default_groups_per_block,
     packed_decode_attention,
     triton_cdiv,
 )
@@ -49,7 +49,7 @@ def read_only(
     KC, KS, KZ, VC, VS, VZ, SINK, N, tokens_per_split,
     KW: tl.constexpr, D: tl.constexpr, VGN: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Reads one (row, head)'s packed bytes block by block, as the fused kernel does, and sums them."""
+    """Reads one (row, head)'s packed bytes in blocks of one key group, in the fused kernel's order, and sums them."""
     bh = tl.program_id(0)
     start = tl.program_id(1) * tokens_per_split
     offs_n = tl.arange(0, BLOCK_N)
@@ -134,7 +134,7 @@ def sweep_shape(b: int, n: int, group: int, args, baselines: dict, sms: int, cop
             }
         )  # fmt: skip
     rows.sort(key=lambda r: r["ms"])
-    defaults = (NUM_WARPS, NUM_STAGES, SPLIT_FACTOR, MAX_REGISTERS or 0, GROUPS_PER_BLOCK if group <= 64 else 1)
+    defaults = (NUM_WARPS, NUM_STAGES, SPLIT_FACTOR, MAX_REGISTERS or 0, default_groups_per_block(group))
     keys = ("warps", "stages", "split_factor", "max_registers", "groups_per_block")
     default = [r["ms"] for r in rows if tuple(r[k] for k in keys) == defaults]
     baseline_ms = {name: bench(functools.partial(fn, q, kp, vp, scale, None)) for name, fn in baselines.items()}

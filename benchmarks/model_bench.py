@@ -402,8 +402,11 @@ def main(argv=None) -> int:
         return 0
     if args.out:
         with open(args.out, "w") as f:
-            record = {"environment": env, "rows": rows, "largest": largest, "at_common_largest": at_common}
-            json.dump(record | {"bandwidth": bandwidth}, f, indent=2)
+            record = {
+                "environment": env, "rows": rows, "largest": largest, "at_common_largest": at_common,
+                "bandwidth": bandwidth,
+            }  # fmt: skip
+            json.dump(record, f, indent=2)
     print(table(rows, largest, bf16_per_token, bandwidth, at_common, largest.get(args.common_largest)))
     return 0
 

@@ -41,6 +41,17 @@ def _kernels():
     return fused_kernels.packed_decode, fused_kernels.merge_splits
 
 
+def default_groups_per_block(group_size: int) -> int:
+    """Key groups per block of the kernel's loop: two for groups of up to 64 tokens, else one."""
+    return GROUPS_PER_BLOCK if group_size <= 64 else 1
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (asked once: this runs every decode step)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _interpreted() -> bool:
     """Whether Triton runs kernels in its CPU interpreter, which cannot run PTX."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -79,12 +90,12 @@ def packed_decode_attention(
     b, hkv, g, d = grouped.shape
     n = keys.num_tokens
     if groups_per_block is None:
-        groups_per_block = GROUPS_PER_BLOCK if keys.group_size <= 64 else 1
+        groups_per_block = default_groups_per_block(keys.group_size)
     if groups_per_block not in (1, 2):
         raise ValueError(f"groups_per_block must be 1 or 2, got {groups_per_block!r}")
     block_n = keys.group_size * groups_per_block
     if splits is None:
-        sms = torch.cuda.get_device_properties(grouped.device).multi_processor_count if grouped.is_cuda else 8
+        sms = _multiprocessors(grouped.device) if grouped.is_cuda else 8
         splits = max(1, min(triton_cdiv(n, block_n), triton_cdiv(split_factor * sms, b * hkv)))
     tokens_per_split = triton_cdiv(triton_cdiv(n, splits), block_n) * block_n
     splits = triton_cdiv(n, tokens_per_split)

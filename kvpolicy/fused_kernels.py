@@ -106,6 +106,16 @@ def scaled_probs(p, VS, token_row, live, group, VG: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
+def plane_probs(probs, p, VS, token_row, live, i: tl.constexpr, VW: tl.constexpr, VG: tl.constexpr, D: tl.constexpr):
+    """The float16 probabilities plane ``i`` multiplies: when value scales are folded
+    (``VG % VW == 0``), ``p`` times the scale of the plane's value group, computed afresh only
+    where the plane starts a group and otherwise the previous plane's ``probs``."""
+    if VG % VW == 0 and (i * VW) % VG == 0:
+        probs = scaled_probs(p, VS, token_row, live, (i * VW) // VG, VG, D)
+    return probs
+
+
+@triton.jit
 def value_plane(
     acc, vb, probs, VS, VZ, token_row, j, live,
     i: tl.constexpr, VW: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr, D: tl.constexpr,
@@ -223,20 +233,15 @@ def packed_decode(
             zeros = tl.zeros([BLOCK_N, SW], tl.float32)
         sums = tl.dot(p16, tl.where(cols[None, :] == 0, 1.0, zeros).to(tl.float16), sums)
         vb = tl.load(VC + token_row[:, None] * VW + vj[None, :], mask=live[:, None], other=0)
-        probs = p16
-        if VG % VW == 0:
-            probs = scaled_probs(p, VS, token_row, live, 0, VG, D)
+        probs = plane_probs(p16, p, VS, token_row, live, 0, VW, VG, D)
         acc0 = value_plane(acc0, vb, probs, VS, VZ, token_row, vj, live, 0, VW, VBITS, VG, D, FAST)
         if VBITS < 8:
-            if VG % VW == 0 and VW >= VG:  # plane 1 starts a new value group
-                probs = scaled_probs(p, VS, token_row, live, VW // VG, VG, D)
+            probs = plane_probs(probs, p, VS, token_row, live, 1, VW, VG, D)
             acc1 = value_plane(acc1, vb, probs, VS, VZ, token_row, vj, live, 1, VW, VBITS, VG, D, FAST)
         if VBITS < 4:
-            if VG % VW == 0 and (2 * VW) % VG == 0:
-                probs = scaled_probs(p, VS, token_row, live, (2 * VW) // VG, VG, D)
+            probs = plane_probs(probs, p, VS, token_row, live, 2, VW, VG, D)
             acc2 = value_plane(acc2, vb, probs, VS, VZ, token_row, vj, live, 2, VW, VBITS, VG, D, FAST)
-            if VG % VW == 0 and VW >= VG:
-                probs = scaled_probs(p, VS, token_row, live, (3 * VW) // VG, VG, D)
+            probs = plane_probs(probs, p, VS, token_row, live, 3, VW, VG, D)
             acc3 = value_plane(acc3, vb, probs, VS, VZ, token_row, vj, live, 3, VW, VBITS, VG, D, FAST)
     total = tl.sum(tl.where(cols[None, :] == 0, sums, 0.0), 1)
     safe = tl.where(total > 0, total, 1.0)
