@@ -60,6 +60,12 @@ class KVPolicyLayer(CacheLayerMixin):
         # attention sinks kept on both sides are placed per row in a left-padded batch
         self.sinks = min(key_store.selector.sinks, value_store.selector.sinks)
         self.row_sinks: RowSinks | None = None
+        # equal selectors, demotion and blocks keep both stores' positions identical
+        self.aligned = (
+            key_store.selector == value_store.selector
+            and key_store.demote == value_store.demote
+            and key_store.block == value_store.block
+        )
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -89,6 +95,7 @@ class KVPolicyLayer(CacheLayerMixin):
             after_prefill=(lambda mask: self._place_row_sinks(mask, key_states, value_states))
             if prefill and self.sinks
             else None,
+            aligned=self.aligned,
         )
         self.key_store.append(key_states)
         self.value_store.append(value_states)

@@ -41,6 +41,9 @@ class AttentionStep:
     row_sinks: RowSinks | None = None
     #: called with the prefill's mask once attention is done (places per-row sinks)
     after_prefill: Callable[[torch.Tensor], None] | None = None
+    #: keys and values are known to hold the same positions in the same order (their stores
+    #: retain and demote alike), so executors need not compare the views' positions
+    aligned: bool = False
 
 
 class Executor(ABC):
@@ -160,7 +163,7 @@ class ChunkedExecutor(Executor):
     chunk_tokens: int = 4096
 
     def attend(self, module, query, step, attention_mask, scaling=None, **kwargs):
-        if not views_aligned(step.keys, step.values):
+        if not (step.aligned or views_aligned(step.keys, step.values)):
             return ReferenceExecutor().attend(module, query, step, attention_mask, scaling=scaling, **kwargs)
         b, hq, q, d = query.shape
         kv_heads = step.new_keys.shape[1]

@@ -5,9 +5,10 @@ it reads the 2/4/8-bit codes once, unpacks them plane by plane (see
 :func:`kvpolicy.quantizers.pack_codes`) and keeps an online softmax for all query heads that
 share the KV head (GQA without copying). Key scales are folded into the query and value
 scales into the probabilities, so codes go to the matrix units as they are; nothing is
-written to memory in 16-bit. A second kernel merges the slices; the executor merges that
-with the full-precision region's result (:mod:`kvpolicy.partial_attention`). The kernels
-live in :mod:`kvpolicy.fused_kernels`, imported only where Triton is.
+written to memory in 16-bit. A second kernel attends the full-precision tokens and merges
+everything into the step's output (:func:`decode_attention`), so a decode step costs the
+host two kernel launches per layer. The kernels live in :mod:`kvpolicy.fused_kernels`,
+imported only where Triton is.
 
 Used by :class:`FusedExecutor` for decode steps (one query token) on CUDA; every other case
 (CPU, prefill, keys and values stored in different orders) goes to the chunked executor.
@@ -18,11 +19,11 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from kvpolicy.executors import ChunkedExecutor
+from kvpolicy.executors import ChunkedExecutor, allowed_columns, views_aligned
 from kvpolicy.quantizers import NativePacked, Packed
 
 # launch configuration (see benchmarks/NOTES.md for how these were chosen)
@@ -32,13 +33,14 @@ SPLIT_FACTOR = 16  # programs per SM to aim for when splitting the tokens
 MERGE_BLOCK_S = 32
 MAX_REGISTERS = 128  # per-thread register cap: 4 programs per SM instead of 3
 GROUPS_PER_BLOCK = 2  # key groups (of up to 64 tokens) per block of the kernel's loop
+FULL_PRECISION_BLOCK = 32  # full-precision tokens per block of the finishing kernel
 
 
 @functools.cache
 def _kernels():
     from kvpolicy import fused_kernels
 
-    return fused_kernels.packed_decode, fused_kernels.merge_splits
+    return fused_kernels.packed_decode, fused_kernels.merge_splits, fused_kernels.finish_decode
 
 
 def default_groups_per_block(group_size: int) -> int:
@@ -71,6 +73,32 @@ def packed_decode_attention(
     values: NativePacked,
     scaling: float,
     bias: torch.Tensor | None,
+    **launch: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o, lse)`` of one decode step over the packed region, float32 ``[B, H_kv, G, D]`` and ``[B, H_kv, G]``.
+
+    ``grouped``: ``[B, H_kv, G, D]`` queries; ``bias``: additive float32 ``[B, N]`` or ``None``;
+    keys per-channel (``axis="channel"``), values per-token, same token order (see
+    :func:`fusable` for the shapes served). ``launch``: the settings of :func:`packed_splits`
+    (``splits``, ``num_warps``, ``groups_per_block``, ...). A second kernel merges the splits.
+    """
+    b, hkv, g, d = grouped.shape
+    out, lse = packed_splits(grouped, keys, values, scaling, bias, **launch)
+    merged = torch.empty(b, hkv, g, d, dtype=torch.float32, device=grouped.device)
+    total = torch.empty(b, hkv, g, dtype=torch.float32, device=grouped.device)
+    merge = _kernels()[1]
+    merge[(b * hkv,)](
+        out, lse, merged, total, out.shape[1], g, D=d, BLOCK_G=triton_next_power_of_2(g), BLOCK_S=MERGE_BLOCK_S
+    )
+    return merged, total
+
+
+def packed_splits(
+    grouped: torch.Tensor,
+    keys: NativePacked,
+    values: NativePacked,
+    scaling: float,
+    bias: torch.Tensor | None,
     splits: int | None = None,
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
@@ -78,14 +106,12 @@ def packed_decode_attention(
     max_registers: int | None = MAX_REGISTERS,
     groups_per_block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(o, lse)`` of one decode step over the packed region, float32 ``[B, H_kv, G, D]`` and ``[B, H_kv, G]``.
+    """The packed region's unmerged partial results: float32 ``o`` ``[B*H_kv, S, G, D]`` and
+    base-e ``lse`` ``[B*H_kv, S, G]``, one per split (shapes as :func:`packed_decode_attention`).
 
-    ``grouped``: ``[B, H_kv, G, D]`` queries; ``bias``: additive float32 ``[B, N]`` or ``None``;
-    keys per-channel (``axis="channel"``), values per-token, same token order (see
-    :func:`fusable` for the shapes served). The tokens are split into blocks of
-    ``groups_per_block`` key groups (1 or 2; default: 2 for groups of up to 64 tokens);
-    ``splits`` programs per (row, KV head) each take a contiguous run of blocks, and a second
-    kernel merges their partial results.
+    The tokens are split into blocks of ``groups_per_block`` key groups (1 or 2; default: 2
+    for groups of up to 64 tokens); ``splits`` programs per (row, KV head) each take a
+    contiguous run of blocks (default: about ``split_factor`` programs per SM).
     """
     b, hkv, g, d = grouped.shape
     n = keys.num_tokens
@@ -103,7 +129,7 @@ def packed_decode_attention(
     out = torch.empty(b * hkv, splits, g, d, dtype=torch.float32, device=grouped.device)
     lse = torch.empty(b * hkv, splits, g, dtype=torch.float32, device=grouped.device)
     has_bias = bias is not None
-    decode, merge = _kernels()
+    decode = _kernels()[0]
     decode[(b * hkv, splits)](
         grouped.contiguous(),
         keys.codes.contiguous(), keys.scale.contiguous(), keys.zero.contiguous(),
@@ -114,10 +140,64 @@ def packed_decode_attention(
         KG=keys.group_size, BLOCK_N=block_n, BLOCK_G=block_g, HAS_BIAS=has_bias, FAST=not _interpreted(),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}),
     )  # fmt: skip
-    merged = torch.empty(b, hkv, g, d, dtype=torch.float32, device=grouped.device)
-    total = torch.empty(b, hkv, g, dtype=torch.float32, device=grouped.device)
-    merge[(b * hkv,)](out, lse, merged, total, splits, g, D=d, BLOCK_G=triton_next_power_of_2(g), BLOCK_S=MERGE_BLOCK_S)
-    return merged, total
+    return out, lse
+
+
+def decode_attention(
+    query: torch.Tensor,
+    full_precision: list[tuple[torch.Tensor, torch.Tensor]],
+    keys: NativePacked | None,
+    values: NativePacked | None,
+    scaling: float,
+    full_precision_bias: torch.Tensor | None = None,
+    packed_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode step's attention output ``[B, 1, H_q, D]`` in ``query``'s dtype.
+
+    ``query``: ``[B, H_q, 1, D]``; ``full_precision``: up to three ``(keys, values)`` pairs of
+    ``[B, H_kv, n_i, D]`` (kept, staged and new tokens: any order, they are one set);
+    ``keys``/``values``: the packed region or ``None``; biases: additive float32 ``[B, Σ n_i]``
+    over the full-precision tokens in that order and ``[B, N]`` over the packed ones, or ``None``.
+    The packed region is split as in :func:`packed_decode_attention`; one more kernel attends
+    the full-precision tokens and merges everything, so no 16-bit copy and no float32 partial
+    result leaves the GPU's kernels.
+    """
+    b, hq, q, d = query.shape
+    if q != 1 or len(full_precision) > 3:
+        raise ValueError(
+            "decode_attention takes one query token and at most 3 full-precision pairs, "
+            f"got {q} and {len(full_precision)}"
+        )
+    hkv = full_precision[0][0].shape[1]
+    g = hq // hkv
+    grouped = query.reshape(b, hkv, g, d)
+    if keys is not None:
+        out, lse = packed_splits(grouped, keys, values, scaling, packed_bias)
+    else:
+        out = lse = grouped  # not read: no splits
+    segments = [_segment(k, v) for k, v in full_precision]
+    while len(segments) < 3:
+        segments.append((*segments[0][:2], 0, 0, 0, 0))
+    output = torch.empty(b, 1, hq, d, dtype=query.dtype, device=query.device)
+    has_bias = full_precision_bias is not None
+    finish = _kernels()[2]
+    finish[(b * hkv,)](
+        grouped.contiguous(), *segments[0], *segments[1], *segments[2],
+        full_precision_bias.contiguous() if has_bias else output, out, lse, out.shape[1] if keys is not None else 0,
+        hkv, g, float(scaling) * math.log2(math.e), output,
+        D=d, BLOCK_G=max(16, triton_next_power_of_2(g)), BLOCK_T=FULL_PRECISION_BLOCK, HAS_BIAS=has_bias,
+        num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return output
+
+
+def _segment(keys: torch.Tensor, values: torch.Tensor) -> tuple:
+    """``(keys, values, n, batch stride, head stride, token stride)`` of a full-precision pair
+    ``[B, H_kv, n, D]``: views are read in place when both share strides with contiguous
+    channels, otherwise copied."""
+    if keys.stride() != values.stride() or keys.stride(-1) != 1:
+        keys, values = keys.contiguous(), values.contiguous()
+    return keys, values, keys.shape[2], keys.stride(0), keys.stride(1), keys.stride(2)
 
 
 def fusable(grouped: torch.Tensor, keys: Packed, values: Packed) -> bool:
@@ -152,14 +232,42 @@ def triton_next_power_of_2(x: int) -> int:
 
 
 class FusedExecutor(ChunkedExecutor):
-    """Decode steps read the packed bytes directly in a Triton kernel (CUDA); the rest is chunked.
+    """Decode steps read the packed bytes directly in Triton kernels (CUDA); the rest is chunked.
 
-    Supports the native backend with keys per-channel and values per-token (KIVI's layout),
-    2/4/8 bits, key groups of 16 tokens or more, value groups that divide the head dimension,
-    bf16/fp16/fp32 (see :func:`fusable`).
+    A decode step is two kernels: :func:`packed_splits` over the packed region and one that
+    attends the full-precision tokens (kept, staged, new) and merges both into the output
+    (:func:`decode_attention`). Supports the native backend with keys per-channel and values
+    per-token (KIVI's layout), 2/4/8 bits, key groups of 16 tokens or more, value groups that
+    divide the head dimension, bf16/fp16/fp32 (see :func:`fusable`). Prefill, CPU tensors and
+    keys and values stored in different orders go to the chunked executor.
     """
 
     name: ClassVar[str] = "fused"
+
+    def attend(self, module, query, step, attention_mask, scaling=None, **kwargs):
+        keys, values = step.keys, step.values
+        if not (
+            query.shape[2] == 1
+            and (query.is_cuda or _interpreted())
+            and _power_of_two(query.shape[-1])
+            and query.shape[-1] >= 16  # the matrix units' smallest inner dimension
+            and (keys.packed is None or fusable(query, keys.packed, values.packed))
+            and triton_available()
+            and (step.aligned or views_aligned(keys, values))
+        ):
+            return super().attend(module, query, step, attention_mask, scaling=scaling, **kwargs)
+        b, _, _, d = query.shape
+        scaling = scaling if scaling is not None else d**-0.5
+        full = [(k, v) for k, v in ((keys.fp, values.fp), (keys.staging, values.staging)) if k is not None]
+        full.append((step.new_keys, step.new_values))
+        fp_bias = packed_bias = None
+        if attention_mask is not None:
+            past = step.past_length
+            fp_pos = torch.cat([keys.fp_pos, keys.staging_pos, torch.tensor([past], dtype=torch.int32)])
+            fp_bias = token_bias(allowed_columns(attention_mask, fp_pos, past, 1, query.device), b)
+            if keys.packed is not None:
+                packed_bias = token_bias(allowed_columns(attention_mask, keys.packed_pos, past, 1, query.device), b)
+        return decode_attention(query, full, keys.packed, values.packed, scaling, fp_bias, packed_bias)
 
     def packed_attention(self, grouped, keys, values, positions, scaling, bias, q):
         if not (q == 1 and grouped.is_cuda and fusable(grouped, keys, values) and triton_available()):
@@ -167,3 +275,11 @@ class FusedExecutor(ChunkedExecutor):
         column_bias = bias(positions)  # [B or 1, 1, G, n] for a decode step, or None
         token_bias = None if column_bias is None else column_bias[:, 0, 0, :].expand(grouped.shape[0], -1)
         return packed_decode_attention(grouped, keys, values, scaling, token_bias)
+
+
+def token_bias(allowed: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """Bool ``[B or 1, 1, 1, n]`` (True = attend) of a decode step -> additive float32 ``[B, n]``."""
+    if allowed is None:
+        return None
+    bias = torch.zeros(allowed.shape[0], allowed.shape[-1], dtype=torch.float32, device=allowed.device)
+    return bias.masked_fill_(~allowed[:, 0, 0, :], float("-inf")).expand(batch, -1)

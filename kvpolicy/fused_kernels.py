@@ -1,8 +1,10 @@
 """Triton kernels of the fused decode executor (imported only where Triton is installed).
 
 ``packed_decode`` computes one decode step's attention over a slice of the packed tokens of
-one (batch row, KV head); ``merge_splits`` combines the slices by log-sum-exp. See
-:func:`kvpolicy.fused.packed_decode_attention` for the shapes.
+one (batch row, KV head). ``finish_decode`` attends the full-precision tokens (kept, staged
+and new, read in place) and merges them with the slices by log-sum-exp into the step's
+output (:func:`kvpolicy.fused.decode_attention`); ``merge_splits`` merges the slices alone
+(:func:`kvpolicy.fused.packed_decode_attention`, the packed region's ``(o, lse)``).
 
 Codes are packed in planes (:func:`kvpolicy.quantizers.pack_codes`): the ``i``-th code of
 the ``W`` bytes of a token row holds channels ``i*W .. (i+1)*W - 1``. A tile of bytes
@@ -283,3 +285,88 @@ def merge_splits(OUT, LSE, MERGED, TOTAL, S, G, D: tl.constexpr, BLOCK_G: tl.con
     safe = tl.where(weight_sum > 0, weight_sum, 1.0)
     tl.store(MERGED + (bh * G + offs_g[:, None]) * D + offs_d[None, :], acc / safe[:, None], mask=g_live[:, None])
     tl.store(TOTAL + bh * G + offs_g, tl.where(weight_sum > 0, top_safe + tl.log(safe), float("-inf")), mask=g_live)
+
+
+@triton.jit
+def full_precision_segment(
+    m, total, acc, q, K, V, n, stride_b, stride_h, stride_t, b, h, bias_row, scaling_log2,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over ``n`` full-precision tokens of a ``[B, H_kv, n, D]`` pair ``K``/``V``
+    (same strides, channels contiguous) for batch row ``b`` and KV head ``h``, in float32:
+    ``(max, denominator, acc)``. ``bias_row`` points at these tokens' additive biases."""
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, D)
+    for t0 in range(0, n, BLOCK_T):
+        t = t0 + offs_t
+        live = t < n
+        rows = b * stride_b + h * stride_h + t[:, None] * stride_t + offs_d[None, :]
+        k = tl.load(K + rows, mask=live[:, None], other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scaling_log2
+        if HAS_BIAS:
+            s += tl.load(bias_row + t, mask=live, other=float("-inf"))[None, :] * LOG2E
+        s = tl.where(live[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        v = tl.load(V + rows, mask=live[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        total = total * alpha + tl.sum(p, 1)
+        m = m_new
+    return m, total, acc
+
+
+# sizes and batch/head strides change from step to step: one compiled variant serves them all
+@triton.jit(do_not_specialize=["NF", "FB", "FH", "NS", "SB", "SH", "NN", "NB", "NH", "S"])
+def finish_decode(
+    Q, FK, FV, NF, FB, FH, FT, SK, SV, NS, SB, SH, ST, NK, NV, NN, NB, NH, NT,
+    BIAS, OUT, LSE, S, HKV, G, scaling_log2, OUTPUT,
+    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """One program per (batch row, KV head): attention over the full-precision tokens (three
+    ``[B, H_kv, n, D]`` segments with their batch, head and token strides: kept ``NF``, staged
+    ``NS`` and new ``NN`` tokens), merged by log-sum-exp with the ``S`` splits of the packed region (``OUT``
+    ``[B*H_kv, S, G, D]``, ``LSE`` in base e), written to ``OUTPUT`` ``[B, H_kv*G, D]`` in its
+    dtype. ``BIAS``: additive float32 ``[B, NF+NS+NN]`` over the segments in that order."""
+    bh = tl.program_id(0)
+    b = bh // HKV
+    h = bh % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    g_live = offs_g < G
+    q = tl.load(Q + (bh * G + offs_g[:, None]) * D + offs_d[None, :], mask=g_live[:, None], other=0.0)
+    q = q.to(tl.float32)
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    total = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    bias_row = BIAS + b * (NF + NS + NN)
+    m, total, acc = full_precision_segment(
+        m, total, acc, q, FK, FV, NF, FB, FH, FT, b, h, bias_row, scaling_log2, D, BLOCK_T, HAS_BIAS
+    )
+    m, total, acc = full_precision_segment(
+        m, total, acc, q, SK, SV, NS, SB, SH, ST, b, h, bias_row + NF, scaling_log2, D, BLOCK_T, HAS_BIAS
+    )
+    m, total, acc = full_precision_segment(
+        m, total, acc, q, NK, NV, NN, NB, NH, NT, b, h, bias_row + NF + NS, scaling_log2, D, BLOCK_T, HAS_BIAS
+    )
+    # the full-precision part as one more partial result: normalised output and base-e lse
+    safe = tl.where(total > 0, total, 1.0)
+    top = tl.where(total > 0, (m + tl.log2(safe)) * LN2, float("-inf"))
+    fp_lse = top
+    acc = acc / safe[:, None]
+    for s in range(0, S):
+        top = tl.maximum(top, tl.load(LSE + (bh * S + s) * G + offs_g, mask=g_live, other=float("-inf")))
+    top_safe = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp(fp_lse - top_safe)
+    weight_sum = w
+    acc = acc * w[:, None]
+    for s in range(0, S):
+        lse = tl.load(LSE + (bh * S + s) * G + offs_g, mask=g_live, other=float("-inf"))
+        w = tl.exp(lse - top_safe)
+        part = tl.load(OUT + ((bh * S + s) * G + offs_g[:, None]) * D + offs_d[None, :], mask=g_live[:, None])
+        acc += w[:, None] * part
+        weight_sum += w
+    out = acc / tl.where(weight_sum > 0, weight_sum, 1.0)[:, None]
+    target = OUTPUT + (bh * G + offs_g[:, None]) * D + offs_d[None, :]
+    tl.store(target, out.to(OUTPUT.dtype.element_ty), mask=g_live[:, None])

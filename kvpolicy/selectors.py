@@ -50,6 +50,15 @@ class Selector(ABC):
         """Bool mask over ``positions`` (int tensor, any order): which are kept at ``length``."""
         return torch.isin(positions.to(torch.int64), self.keep(length).to(positions.device))
 
+    def may_demote(self, previous: int, length: int) -> bool:
+        """Whether growing from ``previous`` to ``length`` tokens can demote a position: one kept
+        at ``previous``, or new in ``[previous, length)``, that ``keep(length)`` drops.
+
+        ``False`` promises that nothing is demoted, so a store skips :meth:`is_kept` (it runs
+        for every layer, keys and values, at every step). ``True`` is always safe.
+        """
+        return True
+
     @property
     def sinks(self) -> int:
         """How many first tokens are kept for good (attention sinks). In a left-padded batch
@@ -73,6 +82,9 @@ class AllSelector(Selector):
     def is_kept(self, positions: torch.Tensor, length: int) -> torch.Tensor:
         return torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
 
+    def may_demote(self, previous: int, length: int) -> bool:
+        return False
+
 
 @attrs.define
 class SinkSelector(Selector):
@@ -95,6 +107,9 @@ class SinkSelector(Selector):
     def is_kept(self, positions: torch.Tensor, length: int) -> torch.Tensor:
         return positions < min(length, self.size)
 
+    def may_demote(self, previous: int, length: int) -> bool:
+        return length > self.size  # positions past the sinks are never kept
+
 
 @attrs.define
 class WindowSelector(Selector):
@@ -114,6 +129,9 @@ class WindowSelector(Selector):
 
     def is_kept(self, positions: torch.Tensor, length: int) -> torch.Tensor:
         return positions >= length - self.size
+
+    def may_demote(self, previous: int, length: int) -> bool:
+        return length > self.size  # the window's oldest token leaves at every step past its size
 
 
 @attrs.define
@@ -160,6 +178,10 @@ class LogSelector(Selector):
         sparse = torch.tensor(self.sparse(k), dtype=torch.int64)
         return torch.cat([sparse, torch.arange(k * self.window, length, dtype=torch.int64)])
 
+    def may_demote(self, previous: int, length: int) -> bool:
+        # between flushes the kept set only grows: the window takes every new token
+        return self.flushes(length) != self.flushes(previous)
+
 
 @attrs.define
 class UnionSelector(Selector):
@@ -185,6 +207,10 @@ class UnionSelector(Selector):
         for member in self.members:
             kept |= member.is_kept(positions, length)
         return kept
+
+    def may_demote(self, previous: int, length: int) -> bool:
+        # a position the union kept was kept by some member, which keeps it unless it may demote
+        return any(m.may_demote(previous, length) for m in self.members)
 
 
 BUILTIN_SELECTORS: tuple[type[Selector], ...] = (AllSelector, SinkSelector, WindowSelector, LogSelector)

@@ -48,6 +48,13 @@ def take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.index_select(2, to_device(index, x.device))
 
 
+def take_run(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """``x[:, :, start:stop]``: a view when it is most of ``x`` (keeping ``x`` alive costs
+    little), else a copy (so a short run does not hold a long prefill in memory)."""
+    run = x[:, :, start:stop]
+    return run if 2 * (stop - start) >= x.shape[2] else run.clone()
+
+
 def to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on ``device`` without a host/device sync (pinned, non-blocking copy)."""
     if torch.device(device).type != "cuda":
@@ -119,20 +126,28 @@ class TensorStore:
         """Add ``x`` (``[B, H, q, D]``, positions ``length .. length+q-1``) and demote what the selector drops."""
         q = x.shape[2]
         new_pos = torch.arange(self.length, self.length + q, dtype=torch.int32)
-        self.length += q
+        previous, self.length = self.length, self.length + q
         if self.fp is None:
             cand, cand_pos = x, new_pos
         else:
             cand, cand_pos = torch.cat([self.fp, x], dim=2), torch.cat([self.fp_pos, new_pos])
-        kept = self.selector.is_kept(cand_pos, self.length)
-        if bool(kept.all()):
+        if not self.selector.may_demote(previous, self.length):
             self.fp, self.fp_pos = cand, cand_pos
             return
-        idx_keep = kept.nonzero().squeeze(-1)
-        idx_drop = (~kept).nonzero().squeeze(-1)
-        self.fp_pos, demoted_pos = cand_pos[idx_keep], cand_pos[idx_drop]
-        self.fp = take_tokens(cand, idx_keep)
-        demoted = take_tokens(cand, idx_drop)
+        kept = self.selector.is_kept(cand_pos, self.length)
+        idx_drop = kept.logical_not().nonzero().squeeze(-1)
+        dropped = len(idx_drop)
+        if not dropped:
+            self.fp, self.fp_pos = cand, cand_pos
+            return
+        if int(idx_drop[-1]) == dropped - 1:  # the oldest arrivals leave (a window moving on)
+            self.fp_pos, demoted_pos = cand_pos[dropped:], cand_pos[:dropped]
+            self.fp, demoted = take_run(cand, dropped, cand.shape[2]), cand[:, :, :dropped]
+        else:
+            idx_keep = kept.nonzero().squeeze(-1)
+            self.fp_pos, demoted_pos = cand_pos[idx_keep], cand_pos[idx_drop]
+            self.fp = take_tokens(cand, idx_keep)
+            demoted = take_tokens(cand, idx_drop)
         if self.demote == "evict":
             self.evicted += len(demoted_pos)
             return
@@ -147,7 +162,8 @@ class TensorStore:
             self.packed = block if self.packed is None else self.backend.concat([self.packed, block])
             self.packed_pos = torch.cat([self.packed_pos, pos[:ready]])
         rest = len(pos) - ready
-        self.staging = x[:, :, ready:].contiguous() if rest else None
+        # a copy: the rest may be a view of a long prefill that must not stay alive
+        self.staging = x[:, :, ready:].clone(memory_format=torch.contiguous_format) if rest else None
         self.staging_pos = pos[ready:]
 
     def overwrite_full_precision(self, slots: torch.Tensor, values: torch.Tensor) -> None:

@@ -1,4 +1,9 @@
-"""Run the fused Triton kernel on a set of cases against float64 attention; one JSON line each.
+"""Run the fused Triton kernels on a set of cases against float64 attention; one JSON line each.
+
+Each case checks :func:`~kvpolicy.fused.packed_decode_attention` (the packed region alone:
+``rel_err``, ``lse_err``) and :func:`~kvpolicy.fused.decode_attention` (a whole decode step:
+full-precision segments of kept, staged and new tokens plus the packed region, ``step_err``;
+``fp_only_err`` without a packed region).
 
 ``TRITON_INTERPRET=1 python -m tests.kernel_cases`` runs it in Triton's CPU interpreter (the
 variable must be set before the kernels are defined); ``--device cuda`` on a GPU, e.g. under
@@ -16,7 +21,7 @@ import json
 import torch
 
 from kvpolicy.config import QuantSpec
-from kvpolicy.fused import packed_decode_attention
+from kvpolicy.fused import decode_attention, packed_decode_attention
 from kvpolicy.quantizers import NativeQuantizer
 
 # batch, kv heads, query heads per kv head, head dim, tokens, key bits, value bits, key group,
@@ -38,6 +43,54 @@ def float64_attention(query, keys, values, scaling, bias):
     if bias is not None:
         scores = scores + bias.double()[:, None, None, :]
     return torch.einsum("bhgn,bhnd->bhgd", torch.softmax(scores, -1), v), torch.logsumexp(scores, -1)
+
+
+def full_precision_segments(b, hkv, d, seed, gen):
+    """Kept, staged (absent in some cases) and new tokens: ``[(keys, values)]`` of ``[B, H_kv, n, D]``.
+    The kept tokens are a slice of a longer region (a window that moved on), the new token a
+    transposed view (as a model's projection gives it): both are read in place by stride."""
+    kept, staged = 40 + 7 * seed, 5 * (seed % 3)
+    segments = [tuple(torch.randn(2, b, hkv, kept + 3, d, generator=gen).half()[:, :, :, 3:])]
+    if staged:
+        segments.append(tuple(torch.randn(2, b, hkv, staged, d, generator=gen).half()))
+    new = torch.randn(2, b, 1, hkv, d, generator=gen).half().transpose(2, 3)
+    segments.append((new[0], new[1]))
+    return segments
+
+
+def float64_step(query, segments, keys, values, scaling, fp_bias, packed_bias):
+    """Output ``[B, 1, H_q, D]`` of softmax attention over the segments and the packed tokens."""
+    k = torch.cat([s[0] for s in segments], 2).double()
+    v = torch.cat([s[1] for s in segments], 2).double()
+    if keys is not None:
+        k = torch.cat([k, keys.dequantize().double()], 2)
+        v = torch.cat([v, values.dequantize().double()], 2)
+    b, hq, _, d = query.shape
+    grouped = query.double().reshape(b, k.shape[1], hq // k.shape[1], d)
+    scores = torch.einsum("bhgd,bhnd->bhgn", grouped, k) * scaling
+    biases = [x for x in (fp_bias, packed_bias if keys is not None else None) if x is not None]
+    if biases:
+        scores = scores + torch.cat(biases, 1).double()[:, None, None, :]
+    out = torch.einsum("bhgn,bhnd->bhgd", torch.softmax(scores, -1), v)
+    return out.reshape(b, 1, hq, d)
+
+
+def step_error(query, segments, keys, values, scaling, fp_bias, packed_bias, device) -> float:
+    def move(t):
+        return None if t is None else t.to(device)
+
+    got = decode_attention(
+        move(query),
+        [(move(k), move(v)) for k, v in segments],
+        None if keys is None else keys.map_batch(move),
+        None if values is None else values.map_batch(move),
+        scaling,
+        move(fp_bias),
+        move(packed_bias),
+    ).cpu()
+    expected = float64_step(query, segments, keys, values, scaling, fp_bias, packed_bias)
+    assert got.shape == expected.shape and got.dtype == query.dtype, (got.shape, expected.shape)
+    return float((got.double() - expected).norm() / expected.norm())
 
 
 def main() -> None:
@@ -68,6 +121,15 @@ def main() -> None:
         )
         out, lse = out.cpu(), lse.cpu()
         expected, expected_lse = float64_attention(query, keys, values, d**-0.5, bias)
+        segments = full_precision_segments(b, hkv, d, seed, gen)
+        fp_bias = None
+        if padded:
+            fp_bias = torch.zeros(b, sum(k.shape[2] for k, _ in segments))
+            fp_bias[0, :3] = float("-inf")
+        step_query = query.reshape(b, hkv * g, 1, d)
+        step_args = (step_query, segments, keys, values, d**-0.5, fp_bias, bias, device)
+        step_err = step_error(*step_args)
+        fp_only_err = step_error(step_query, segments, None, None, d**-0.5, fp_bias, None, device)
         print(
             json.dumps(
                 {
@@ -75,6 +137,8 @@ def main() -> None:
                     "shape_ok": list(out.shape) == [b, hkv, g, d] and list(lse.shape) == [b, hkv, g],
                     "rel_err": float((out.double() - expected).norm() / expected.norm()),
                     "lse_err": float((lse.double() - expected_lse).abs().max()),
+                    "step_err": step_err,
+                    "fp_only_err": fp_only_err,
                 }
             )
         )

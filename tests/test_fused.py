@@ -18,72 +18,10 @@ import sys
 import pytest
 import torch
 
-from kvpolicy import Policy
-from kvpolicy.executors import ReferenceExecutor
-from tests import kernel_cases
+from tests import executor_cases, kernel_cases
+from tests.executor_cases import run_case
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-class Module(torch.nn.Module):
-    def __init__(self, groups):
-        super().__init__()
-        self.num_key_value_groups = groups
-        self.is_causal = True
-
-
-def policy(window, kbits, vbits, kgroup, vgroup, executor="fused"):
-    def side(bits, group, axis):
-        return {
-            "retain": [{"type": "window", "size": window}],
-            "quant": {"bits": bits, "group_size": group, "axis": axis},
-        }
-
-    return Policy.from_dict(
-        {
-            "name": "t",
-            "keys": side(kbits, kgroup, "channel"),
-            "values": side(vbits, vgroup, "token"),
-            "executor": executor,
-        }
-    )
-
-
-def float64_attention(query, step, mask, scaling):
-    """softmax(q k^T) v in float64 from the stored (dequantized) tokens plus the new one."""
-    ref_step_k, pos = step.keys.materialize()
-    ref_step_v, pos_v = step.values.materialize()
-    assert torch.equal(pos, pos_v)
-    keys = torch.cat([ref_step_k, step.new_keys], 2).double()
-    values = torch.cat([ref_step_v, step.new_values], 2).double()
-    positions = torch.cat([pos.long().to(query.device), torch.tensor([step.past_length], device=query.device)])
-    groups = query.shape[1] // keys.shape[1]
-    keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
-    scores = torch.einsum("bhqd,bhnd->bhqn", query.double(), keys) * scaling
-    if mask is not None:
-        scores = scores.masked_fill(~mask[..., positions], float("-inf"))
-    return torch.einsum("bhqn,bhnd->bhqd", torch.softmax(scores, -1), values).transpose(1, 2)
-
-
-def run_case(device, dtype, batch, kv_heads, groups, head_dim, length, kbits, vbits, kgroup, vgroup, padded, seed):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    layer = policy(16, kbits, vbits, kgroup, vgroup).new_layer(head_dim)
-    pad = torch.ones(batch, length + 1, dtype=torch.bool)
-    if padded:
-        for row in range(1, batch):
-            pad[row, : int(torch.randint(0, length, (1,), generator=g))] = False
-    k, v = (torch.randn(2, batch, kv_heads, length, head_dim, generator=g) * 2).to(device, dtype)
-    layer.update(k, v)
-    k1, v1 = torch.randn(2, batch, kv_heads, 1, head_dim, generator=g).to(device, dtype)
-    step = layer.update(k1, v1)[0]._kvpolicy_step[0]
-    query = torch.randn(batch, kv_heads * groups, 1, head_dim, generator=g).to(device, dtype)
-    mask = pad[:, None, None, :].to(device) if padded else None
-    scaling = head_dim**-0.5
-    got = layer.executor.attend(Module(groups), query, step, mask, scaling=scaling)
-    expected = float64_attention(query, step, mask, scaling)
-    assert got.shape == expected.shape and got.dtype == dtype and not torch.isnan(got).any()
-    rel = (got.double() - expected).norm() / expected.norm()
-    return float(rel), ReferenceExecutor().attend(Module(groups), query, step, mask, scaling=scaling)
 
 
 @cuda
@@ -105,7 +43,8 @@ def test_fused_matches_float64_reference_on_many_shapes(dtype):
     print(f"worst relative error {dtype}: {worst:.2e}")
 
 
-def test_fused_executor_falls_back_to_chunked_on_cpu():
+def test_fused_executor_falls_back_to_chunked_on_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     rel, reference = run_case("cpu", torch.float32, 2, 3, 3, 64, 300, 2, 2, 64, 64, True, seed=1)
     assert rel < 1e-5
 
@@ -136,6 +75,17 @@ def test_fused_kernel_in_the_triton_interpreter_matches_float64(groups_per_block
     assert len(results) == len(kernel_cases.CASES)
     for r in results:
         assert r["shape_ok"] and r["rel_err"] <= 1e-2 and r["lse_err"] <= 1e-2, r
+        assert r["step_err"] <= 1e-2 and r["fp_only_err"] <= 1e-2, r
+
+
+@pytest.mark.skipif(not _interpreter_works(), reason="needs triton's CPU interpreter and numpy < 2.4")
+def test_fused_executor_in_the_triton_interpreter_matches_float64():
+    """The executor's decode path (full-precision segments, padding biases, both kernels) on
+    CPU, in CI: cached layers built by a policy, attended by the fused executor."""
+    results = _kernel_cases([sys.executable, "-m", "tests.executor_cases"], {"TRITON_INTERPRET": "1"})
+    assert len(results) == len(executor_cases.CASES)
+    for r in results:
+        assert r["path"] == "fused" and r["rel_err"] <= 1e-2, r
 
 
 @cuda
@@ -146,7 +96,7 @@ def test_fused_kernel_touches_no_memory_outside_its_tensors():
     results = _kernel_cases([*command, sys.executable, "-m", "tests.kernel_cases", "--device", "cuda"], {})
     assert len(results) == len(kernel_cases.CASES)
     for r in results:
-        assert r["shape_ok"] and r["rel_err"] <= 1e-2, r
+        assert r["shape_ok"] and r["rel_err"] <= 1e-2 and r["step_err"] <= 1e-2, r
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")

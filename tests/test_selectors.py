@@ -119,3 +119,28 @@ def test_bad_selector_parameter_names_field_and_value(cls, field, bad):
     with pytest.raises(ConfigError) as err:
         cls(**{field: bad})
     assert field in str(err.value) and repr(bad) in str(err.value) and "positive integer" in str(err.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(selector=selector_strategy(), t1=lengths, step=st.integers(1, 100))
+def test_may_demote_false_promises_that_nothing_is_demoted(selector, t1, step):
+    """Stores skip selection when ``may_demote`` is False: everything kept at ``t1`` and every
+    new position must then still be kept."""
+    t2 = t1 + step
+    before = set(selector.keep(t1).tolist()) | set(range(t1, t2))
+    if not selector.may_demote(t1, t2):
+        assert before <= set(selector.keep(t2).tolist())
+
+
+@pytest.mark.parametrize(
+    "selector, quiet",
+    [
+        (WindowSelector(size=8), [(0, 8), (3, 5)]),
+        (LogSelector(window=4), [(0, 8), (9, 12)]),  # flushes at t = 9, 13, ...
+        (SinkSelector(size=4), [(0, 4)]),
+        (AllSelector(), [(0, 1000)]),
+    ],
+)
+def test_may_demote_is_false_where_each_selector_keeps_everything(selector, quiet):
+    for previous, length in quiet:
+        assert not selector.may_demote(previous, length)
