@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from kvpolicy import partial_attention as pa
 from kvpolicy.executors import ChunkedExecutor, allowed_columns, views_aligned
 from kvpolicy.quantizers import NativePacked, Packed
 
@@ -185,7 +186,8 @@ def decode_attention(
         grouped.contiguous(), *segments[0], *segments[1], *segments[2],
         full_precision_bias.contiguous() if has_bias else output, out, lse, out.shape[1] if keys is not None else 0,
         hkv, g, float(scaling) * math.log2(math.e), output,
-        D=d, BLOCK_G=max(16, triton_next_power_of_2(g)), BLOCK_T=FULL_PRECISION_BLOCK, HAS_BIAS=has_bias,
+        D=d, BLOCK_G=max(16, triton_next_power_of_2(g)), BLOCK_T=FULL_PRECISION_BLOCK, BLOCK_S=MERGE_BLOCK_S,
+        HAS_BIAS=has_bias,
         num_warps=NUM_WARPS,
     )  # fmt: skip
     return output
@@ -264,22 +266,20 @@ class FusedExecutor(ChunkedExecutor):
         if attention_mask is not None:
             past = step.past_length
             fp_pos = torch.cat([keys.fp_pos, keys.staging_pos, torch.tensor([past], dtype=torch.int32)])
-            fp_bias = token_bias(allowed_columns(attention_mask, fp_pos, past, 1, query.device), b)
+            fp_bias = token_bias(pa.group_bias(allowed_columns(attention_mask, fp_pos, past, 1, query.device), 1), b)
             if keys.packed is not None:
-                packed_bias = token_bias(allowed_columns(attention_mask, keys.packed_pos, past, 1, query.device), b)
+                allowed = allowed_columns(attention_mask, keys.packed_pos, past, 1, query.device)
+                packed_bias = token_bias(pa.group_bias(allowed, 1), b)
         return decode_attention(query, full, keys.packed, values.packed, scaling, fp_bias, packed_bias)
 
     def packed_attention(self, grouped, keys, values, positions, scaling, bias, q):
         if not (q == 1 and grouped.is_cuda and fusable(grouped, keys, values) and triton_available()):
             return super().packed_attention(grouped, keys, values, positions, scaling, bias, q)
         column_bias = bias(positions)  # [B or 1, 1, G, n] for a decode step, or None
-        token_bias = None if column_bias is None else column_bias[:, 0, 0, :].expand(grouped.shape[0], -1)
-        return packed_decode_attention(grouped, keys, values, scaling, token_bias)
+        return packed_decode_attention(grouped, keys, values, scaling, token_bias(column_bias, grouped.shape[0]))
 
 
-def token_bias(allowed: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-    """Bool ``[B or 1, 1, 1, n]`` (True = attend) of a decode step -> additive float32 ``[B, n]``."""
-    if allowed is None:
-        return None
-    bias = torch.zeros(allowed.shape[0], allowed.shape[-1], dtype=torch.float32, device=allowed.device)
-    return bias.masked_fill_(~allowed[:, 0, 0, :], float("-inf")).expand(batch, -1)
+def token_bias(column_bias: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """A decode step's additive bias ``[B or 1, 1, R, n]`` (every row alike, see
+    :func:`kvpolicy.partial_attention.group_bias`) -> ``[B, n]``, as the kernels read it."""
+    return None if column_bias is None else column_bias[:, 0, 0, :].expand(batch, -1)

@@ -259,22 +259,23 @@ def packed_decode(
 
 
 @triton.jit
-def merge_splits(OUT, LSE, MERGED, TOTAL, S, G, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Log-sum-exp merge of the ``S`` splits of one (batch row, KV head): ``[S, G, D] -> [G, D]``."""
-    bh = tl.program_id(0)
-    offs_g = tl.arange(0, BLOCK_G)
+def merge_partials(
+    lse0, out0, OUT, LSE, bh, S, G, offs_g, offs_d, g_live,
+    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+):  # fmt: skip
+    """Log-sum-exp merge of one partial result (``lse0`` ``[BLOCK_G]`` in base e, normalised
+    ``out0`` ``[BLOCK_G, D]``; ``-inf`` and zeros for none) with the ``S`` splits of (batch row,
+    KV head) ``bh`` in ``OUT``/``LSE``: ``(out [BLOCK_G, D], lse [BLOCK_G])``."""
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, D)
-    g_live = offs_g < G
-    top = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    top = lse0
     for s0 in range(0, S, BLOCK_S):
         s = s0 + offs_s
         live = (s < S)[:, None] & g_live[None, :]
         lse = tl.load(LSE + (bh * S + s[:, None]) * G + offs_g[None, :], mask=live, other=float("-inf"))
         top = tl.maximum(top, tl.max(lse, 0))
     top_safe = tl.where(top == float("-inf"), 0.0, top)
-    weight_sum = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    weight_sum = tl.exp(lse0 - top_safe)
+    acc = out0 * weight_sum[:, None]
     for s in range(0, S):
         lse = tl.load(LSE + (bh * S + s) * G + offs_g, mask=g_live, other=float("-inf"))
         w = tl.exp(lse - top_safe)
@@ -283,8 +284,22 @@ def merge_splits(OUT, LSE, MERGED, TOTAL, S, G, D: tl.constexpr, BLOCK_G: tl.con
         )
         weight_sum += w
     safe = tl.where(weight_sum > 0, weight_sum, 1.0)
-    tl.store(MERGED + (bh * G + offs_g[:, None]) * D + offs_d[None, :], acc / safe[:, None], mask=g_live[:, None])
-    tl.store(TOTAL + bh * G + offs_g, tl.where(weight_sum > 0, top_safe + tl.log(safe), float("-inf")), mask=g_live)
+    return acc / safe[:, None], tl.where(weight_sum > 0, top_safe + tl.log(safe), float("-inf"))
+
+
+@triton.jit
+def merge_splits(OUT, LSE, MERGED, TOTAL, S, G, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Log-sum-exp merge of the ``S`` splits of one (batch row, KV head): ``[S, G, D] -> [G, D]``."""
+    bh = tl.program_id(0)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    g_live = offs_g < G
+    none = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    merged, total = merge_partials(
+        none, tl.zeros([BLOCK_G, D], tl.float32), OUT, LSE, bh, S, G, offs_g, offs_d, g_live, D, BLOCK_G, BLOCK_S
+    )
+    tl.store(MERGED + (bh * G + offs_g[:, None]) * D + offs_d[None, :], merged, mask=g_live[:, None])
+    tl.store(TOTAL + bh * G + offs_g, total, mask=g_live)
 
 
 @triton.jit
@@ -322,7 +337,7 @@ def full_precision_segment(
 def finish_decode(
     Q, FK, FV, NF, FB, FH, FT, SK, SV, NS, SB, SH, ST, NK, NV, NN, NB, NH, NT,
     BIAS, OUT, LSE, S, HKV, G, scaling_log2, OUTPUT,
-    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, HAS_BIAS: tl.constexpr,
+    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
     """One program per (batch row, KV head): attention over the full-precision tokens (three
     ``[B, H_kv, n, D]`` segments with their batch, head and token strides: kept ``NF``, staged
@@ -352,21 +367,9 @@ def finish_decode(
     )
     # the full-precision part as one more partial result: normalised output and base-e lse
     safe = tl.where(total > 0, total, 1.0)
-    top = tl.where(total > 0, (m + tl.log2(safe)) * LN2, float("-inf"))
-    fp_lse = top
-    acc = acc / safe[:, None]
-    for s in range(0, S):
-        top = tl.maximum(top, tl.load(LSE + (bh * S + s) * G + offs_g, mask=g_live, other=float("-inf")))
-    top_safe = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.exp(fp_lse - top_safe)
-    weight_sum = w
-    acc = acc * w[:, None]
-    for s in range(0, S):
-        lse = tl.load(LSE + (bh * S + s) * G + offs_g, mask=g_live, other=float("-inf"))
-        w = tl.exp(lse - top_safe)
-        part = tl.load(OUT + ((bh * S + s) * G + offs_g[:, None]) * D + offs_d[None, :], mask=g_live[:, None])
-        acc += w[:, None] * part
-        weight_sum += w
-    out = acc / tl.where(weight_sum > 0, weight_sum, 1.0)[:, None]
+    fp_lse = tl.where(total > 0, (m + tl.log2(safe)) * LN2, float("-inf"))
+    out, _ = merge_partials(
+        fp_lse, acc / safe[:, None], OUT, LSE, bh, S, G, offs_g, offs_d, g_live, D, BLOCK_G, BLOCK_S
+    )
     target = OUTPUT + (bh * G + offs_g[:, None]) * D + offs_d[None, :]
     tl.store(target, out.to(OUTPUT.dtype.element_ty), mask=g_live[:, None])

@@ -131,12 +131,11 @@ class TensorStore:
             cand, cand_pos = x, new_pos
         else:
             cand, cand_pos = torch.cat([self.fp, x], dim=2), torch.cat([self.fp_pos, new_pos])
-        if not self.selector.may_demote(previous, self.length):
-            self.fp, self.fp_pos = cand, cand_pos
-            return
-        kept = self.selector.is_kept(cand_pos, self.length)
-        idx_drop = kept.logical_not().nonzero().squeeze(-1)
-        dropped = len(idx_drop)
+        dropped = 0
+        if self.selector.may_demote(previous, self.length):
+            kept = self.selector.is_kept(cand_pos, self.length)
+            idx_drop = kept.logical_not().nonzero().squeeze(-1)
+            dropped = len(idx_drop)
         if not dropped:
             self.fp, self.fp_pos = cand, cand_pos
             return
