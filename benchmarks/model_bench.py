@@ -13,7 +13,8 @@ Measured per contender:
 * KV bytes per token (from the cache's own tensors) and the ratio to bf16;
 * decode tokens/s and per-step latency at a common batch for each context;
 * the largest batch at the longest context: predicted from the measured bytes per token
-  and the free memory, then confirmed by filling and decoding (backing off on OOM);
+  and the free memory, then confirmed by filling and decoding (backing off on OOM, then
+  bisecting between the largest batch that ran and the smallest that did not);
 * tokens/s at that batch;
 * the fused executor's achieved bandwidth on the bytes it reads, against a measured
   device-to-device copy (one layer, ``benchmarks/attention_bench.py``'s measurement).
@@ -236,20 +237,32 @@ def run_one(name, model, batch, context, args) -> dict:
 
 
 def largest_batch(name, model, per_token: float, context: int, args) -> dict:
-    """Predict from bytes/token and free memory, confirm by running; back off on OOM."""
+    """Predict from bytes/token and free memory, confirm by running; back off on OOM, then
+    bisect between the largest batch that ran and the smallest that did not (``--tries`` runs in all)."""
     free = (torch.cuda.mem_get_info(model.device)[0] if args.device == "cuda" else 8 * 2**30) - args.reserve_gib * 2**30
     batch = smallest_over_ranks(max(1, int(free / (per_token * context))))
-    tries = []
+    tries, best, failed = [], None, None
     for _ in range(args.tries):
         row = run_one(name, model, batch, context, args)
         tries.append(batch)
         if "error" not in row:
-            row["tried"] = tries
-            return row
-        if row["error"] != "out of memory" or batch == 1:
+            best = row
+        elif row["error"] != "out of memory":
             break
-        batch = max(1, math.floor(batch * args.backoff))
-    return {"contender": name, "context": context, "batch": None, "tried": tries, "error": row.get("error")}
+        else:
+            failed = batch
+        if best is None:
+            if batch == 1:
+                break
+            batch = max(1, math.floor(batch * args.backoff))
+        elif failed is None or failed - best["batch"] <= 1:
+            break
+        else:
+            batch = (best["batch"] + failed) // 2
+    if best is None:
+        return {"contender": name, "context": context, "batch": None, "tried": tries, "error": row.get("error")}
+    best["tried"] = tries
+    return best
 
 
 def table(
@@ -328,7 +341,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=4096)
-    parser.add_argument("--tries", type=int, default=5, help="attempts for the largest batch")
+    parser.add_argument("--tries", type=int, default=6, help="runs to find the largest batch")
     parser.add_argument("--backoff", type=float, default=0.8, help="batch factor after an out-of-memory try")
     parser.add_argument(
         "--sdpa", choices=("no-cudnn", "default"), default="no-cudnn", help="SDPA backends (see sdpa_backends)"

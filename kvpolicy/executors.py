@@ -18,8 +18,9 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvpolicy import partial_attention as pa
-from kvpolicy.quantizers import Packed
-from kvpolicy.store import TensorView, take_tokens, to_device
+from kvpolicy.pairing import PairedRegions, Pairing
+from kvpolicy.store import TensorView, take_tokens
+from kvpolicy.transfer import to_device
 
 if TYPE_CHECKING:
     from kvpolicy.row_sinks import RowSinks
@@ -139,32 +140,33 @@ def allowed_columns(
     return (positions[None, :] <= query_pos[:, None])[None, None].to(device)
 
 
-def views_aligned(keys: TensorView, values: TensorView) -> bool:
-    """True when keys and values hold the same positions in the same order in every region."""
-    return all(
-        torch.equal(a, b)
-        for a, b in (
-            (keys.fp_pos, values.fp_pos),
-            (keys.staging_pos, values.staging_pos),
-            (keys.packed_pos, values.packed_pos),
-        )
-    )
-
-
 class ChunkedExecutor(Executor):
     """Attention region by region, the packed region a chunk at a time, merged by log-sum-exp.
 
     Never holds more than ``chunk_tokens`` dequantized tokens at once (per layer), so peak
-    memory stays far below a 16-bit copy of the cache. Falls back to :class:`ReferenceExecutor`
-    when keys and values are stored in different orders (different retention for K and V).
+    memory stays far below a 16-bit copy of the cache. Keys and values stored in different
+    orders (different retention for K and V) are paired first (:class:`~kvpolicy.pairing.Pairing`).
     """
 
     name: ClassVar[str] = "chunked"
     chunk_tokens: int = 4096
 
+    def __init__(self) -> None:
+        self.pairing = Pairing()  # remembers this layer's packed key/value pairs across steps
+
     def attend(self, module, query, step, attention_mask, scaling=None, **kwargs):
-        if not (step.aligned or views_aligned(step.keys, step.values)):
-            return ReferenceExecutor().attend(module, query, step, attention_mask, scaling=scaling, **kwargs)
+        regions = self.pairing(step.keys, step.values, step.aligned)
+        return self.attend_regions(query, regions, step, attention_mask, scaling)
+
+    def attend_regions(
+        self,
+        query: torch.Tensor,
+        regions: PairedRegions,
+        step: AttentionStep,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        """:meth:`attend` over the step's cached tokens, already paired (see :mod:`kvpolicy.pairing`)."""
         b, hq, q, d = query.shape
         kv_heads = step.new_keys.shape[1]
         groups = hq // kv_heads
@@ -175,32 +177,34 @@ class ChunkedExecutor(Executor):
         def bias(positions: torch.Tensor) -> torch.Tensor | None:
             return pa.group_bias(allowed_columns(attention_mask, positions, past, q, query.device), groups)
 
-        # full-precision tokens: kept, staged and new
+        # full-precision tokens: kept, staged (or gathered) and new
         new_pos = torch.arange(past, past + q, dtype=torch.int32)
-        fp_keys = [t for t in (step.keys.fp, step.keys.staging, step.new_keys) if t is not None]
-        fp_values = [t for t in (step.values.fp, step.values.staging, step.new_values) if t is not None]
-        fp_pos = torch.cat([step.keys.fp_pos, step.keys.staging_pos, new_pos])
+        fp_keys = [k for k, _ in regions.full_precision] + [step.new_keys]
+        fp_values = [v for _, v in regions.full_precision] + [step.new_values]
+        fp_pos = torch.cat([regions.full_precision_pos, new_pos])
         result = pa.partial(grouped, torch.cat(fp_keys, 2), torch.cat(fp_values, 2), scaling, bias(fp_pos))
-        if step.keys.packed is not None:
-            packed = self.packed_attention(
-                grouped, step.keys.packed, step.values.packed, step.keys.packed_pos, scaling, bias, q
-            )
-            result = pa.merge([result, packed])
+        if regions.packed_keys is not None:
+            result = pa.merge([result, self.packed_attention(grouped, regions, scaling, bias)])
         return pa.ungroup_output(result[0], hq, q).to(query.dtype)
 
-    def packed_attention(self, grouped, keys: Packed, values: Packed, positions, scaling, bias, q: int):
-        """``(o, lse)`` over the packed region for a step of ``q`` query tokens; the fused
-        executor replaces this for decode steps."""
-        result = None
-        n = keys.num_tokens
-        for start in range(0, n, self.chunk_tokens):
-            stop = min(n, start + self.chunk_tokens)
-            part = pa.partial(
-                grouped,
-                keys.slice_tokens(start, stop).dequantize(),
-                values.slice_tokens(start, stop).dequantize(),
-                scaling,
-                bias(positions[start:stop]),
-            )
-            result = part if result is None else pa.merge([result, part])
-        return result
+    def packed_attention(
+        self, grouped: torch.Tensor, regions: PairedRegions, scaling: float, bias: Callable
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(o, lse)`` over the packed keys paired with packed values, ``chunk_tokens`` keys
+        at a time (``bias(positions)``: the additive bias of those positions' columns)."""
+        keys, values, rows = regions.packed_keys, regions.packed_values, regions.value_rows
+        parts = []
+        for start in range(0, keys.num_tokens, self.chunk_tokens):
+            stop = min(keys.num_tokens, start + self.chunk_tokens)
+            k, positions = keys.slice_tokens(start, stop).dequantize(), regions.packed_pos[start:stop]
+            if rows is None:
+                v = values.slice_tokens(start, stop).dequantize()
+            else:
+                paired = (rows[start:stop] >= 0).nonzero().squeeze(-1)
+                if not len(paired):
+                    continue
+                k, positions = take_tokens(k, paired), positions[paired]
+                v = values.dequantize_tokens(rows[start:stop][paired])
+            part = pa.partial(grouped, k, v, scaling, bias(positions))
+            parts = [pa.merge([*parts, part])]
+        return parts[0]

@@ -11,7 +11,7 @@ host two kernel launches per layer. The kernels live in :mod:`kvpolicy.fused_ker
 imported only where Triton is.
 
 Used by :class:`FusedExecutor` for decode steps (one query token) on CUDA; every other case
-(CPU, prefill, keys and values stored in different orders) goes to the chunked executor.
+(CPU, prefill) goes to the chunked executor.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from kvpolicy import partial_attention as pa
-from kvpolicy.executors import ChunkedExecutor, allowed_columns, views_aligned
+from kvpolicy.executors import ChunkedExecutor, allowed_columns
 from kvpolicy.quantizers import NativePacked, Packed
 
 # launch configuration (see benchmarks/NOTES.md for how these were chosen)
@@ -74,17 +74,20 @@ def packed_decode_attention(
     values: NativePacked,
     scaling: float,
     bias: torch.Tensor | None,
+    value_rows: torch.Tensor | None = None,
     **launch: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(o, lse)`` of one decode step over the packed region, float32 ``[B, H_kv, G, D]`` and ``[B, H_kv, G]``.
 
     ``grouped``: ``[B, H_kv, G, D]`` queries; ``bias``: additive float32 ``[B, N]`` or ``None``;
-    keys per-channel (``axis="channel"``), values per-token, same token order (see
-    :func:`fusable` for the shapes served). ``launch``: the settings of :func:`packed_splits`
-    (``splits``, ``num_warps``, ``groups_per_block``, ...). A second kernel merges the splits.
+    keys per-channel (``axis="channel"``), values per-token (see :func:`fusable` for the
+    shapes served), in the same token order or paired by ``value_rows`` (int32 ``[N]`` on the
+    device: the value row of each key, ``-1`` to leave the key out; see
+    :mod:`kvpolicy.pairing`). ``launch``: the settings of :func:`packed_splits` (``splits``,
+    ``num_warps``, ``groups_per_block``, ...). A second kernel merges the splits.
     """
     b, hkv, g, d = grouped.shape
-    out, lse = packed_splits(grouped, keys, values, scaling, bias, **launch)
+    out, lse = packed_splits(grouped, keys, values, scaling, bias, value_rows, **launch)
     merged = torch.empty(b, hkv, g, d, dtype=torch.float32, device=grouped.device)
     total = torch.empty(b, hkv, g, dtype=torch.float32, device=grouped.device)
     merge = _kernels()[1]
@@ -100,6 +103,7 @@ def packed_splits(
     values: NativePacked,
     scaling: float,
     bias: torch.Tensor | None,
+    value_rows: torch.Tensor | None = None,
     splits: int | None = None,
     num_warps: int = NUM_WARPS,
     num_stages: int = NUM_STAGES,
@@ -129,16 +133,17 @@ def packed_splits(
     block_g = max(16, triton_next_power_of_2(g))
     out = torch.empty(b * hkv, splits, g, d, dtype=torch.float32, device=grouped.device)
     lse = torch.empty(b * hkv, splits, g, dtype=torch.float32, device=grouped.device)
-    has_bias = bias is not None
+    has_bias, gather = bias is not None, value_rows is not None
     decode = _kernels()[0]
     decode[(b * hkv, splits)](
         grouped.contiguous(),
         keys.codes.contiguous(), keys.scale.contiguous(), keys.zero.contiguous(),
         values.codes.contiguous(), values.scale.contiguous(), values.zero.contiguous(),
-        bias.contiguous() if has_bias else out, out, lse,
-        n, hkv, g, float(scaling) * math.log2(math.e), tokens_per_split,
+        value_rows if gather else out, bias.contiguous() if has_bias else out, out, lse,
+        n, values.num_tokens, hkv, g, float(scaling) * math.log2(math.e), tokens_per_split,
         D=d, KBITS=keys.bits, VBITS=values.bits, VG=values.group_size,
-        KG=keys.group_size, BLOCK_N=block_n, BLOCK_G=block_g, HAS_BIAS=has_bias, FAST=not _interpreted(),
+        KG=keys.group_size, BLOCK_N=block_n, BLOCK_G=block_g, HAS_BIAS=has_bias, GATHER=gather,
+        FAST=not _interpreted(),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}),
     )  # fmt: skip
     return out, lse
@@ -152,13 +157,15 @@ def decode_attention(
     scaling: float,
     full_precision_bias: torch.Tensor | None = None,
     packed_bias: torch.Tensor | None = None,
+    value_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step's attention output ``[B, 1, H_q, D]`` in ``query``'s dtype.
 
     ``query``: ``[B, H_q, 1, D]``; ``full_precision``: up to three ``(keys, values)`` pairs of
     ``[B, H_kv, n_i, D]`` (kept, staged and new tokens: any order, they are one set);
     ``keys``/``values``: the packed region or ``None``; biases: additive float32 ``[B, Σ n_i]``
-    over the full-precision tokens in that order and ``[B, N]`` over the packed ones, or ``None``.
+    over the full-precision tokens in that order and ``[B, N]`` over the packed ones, or ``None``;
+    ``value_rows``: pairs packed keys with value rows (see :func:`packed_decode_attention`).
     The packed region is split as in :func:`packed_decode_attention`; one more kernel attends
     the full-precision tokens and merges everything, so no 16-bit copy and no float32 partial
     result leaves the GPU's kernels.
@@ -173,7 +180,7 @@ def decode_attention(
     g = hq // hkv
     grouped = query.reshape(b, hkv, g, d)
     if keys is not None:
-        out, lse = packed_splits(grouped, keys, values, scaling, packed_bias)
+        out, lse = packed_splits(grouped, keys, values, scaling, packed_bias, value_rows)
     else:
         out = lse = grouped  # not read: no splits
     segments = [_segment(k, v) for k, v in full_precision]
@@ -202,10 +209,11 @@ def _segment(keys: torch.Tensor, values: torch.Tensor) -> tuple:
     return keys, values, keys.shape[2], keys.stride(0), keys.stride(1), keys.stride(2)
 
 
-def fusable(grouped: torch.Tensor, keys: Packed, values: Packed) -> bool:
+def fusable(grouped: torch.Tensor, keys: Packed, values: Packed, paired_by_rows: bool = False) -> bool:
     """Whether :func:`packed_decode_attention` serves these shapes: native packing, keys
     per-channel in groups of 16 tokens or more (powers of two), values per-token, a
-    power-of-two head dimension and at least 16 bytes of codes per token row."""
+    power-of-two head dimension, at least 16 bytes of codes per token row, and as many keys
+    as values unless they are ``paired_by_rows``."""
     if not (isinstance(keys, NativePacked) and isinstance(values, NativePacked)):
         return False
     d = grouped.shape[-1]
@@ -217,7 +225,7 @@ def fusable(grouped: torch.Tensor, keys: Packed, values: Packed) -> bool:
         and d * values.bits // 8 >= 16
         and _power_of_two(keys.group_size)
         and keys.group_size >= 16
-        and keys.num_tokens == values.num_tokens
+        and (paired_by_rows or keys.num_tokens == values.num_tokens)
     )
 
 
@@ -240,43 +248,38 @@ class FusedExecutor(ChunkedExecutor):
     attends the full-precision tokens (kept, staged, new) and merges both into the output
     (:func:`decode_attention`). Supports the native backend with keys per-channel and values
     per-token (KIVI's layout), 2/4/8 bits, key groups of 16 tokens or more, value groups that
-    divide the head dimension, bf16/fp16/fp32 (see :func:`fusable`). Prefill, CPU tensors and
-    keys and values stored in different orders go to the chunked executor.
+    divide the head dimension, bf16/fp16/fp32 (see :func:`fusable`). Keys and values stored in
+    different orders are paired first (:mod:`kvpolicy.pairing`): the kernel reads each packed
+    key's value row where it is. Prefill and CPU tensors go to the chunked executor.
     """
 
     name: ClassVar[str] = "fused"
 
-    def attend(self, module, query, step, attention_mask, scaling=None, **kwargs):
-        keys, values = step.keys, step.values
+    def attend_regions(self, query, regions, step, attention_mask, scaling):
+        keys, values = regions.packed_keys, regions.packed_values
+        paired_by_rows = regions.value_rows is not None
         if not (
             query.shape[2] == 1
             and (query.is_cuda or _interpreted())
             and _power_of_two(query.shape[-1])
             and query.shape[-1] >= 16  # the matrix units' smallest inner dimension
-            and (keys.packed is None or fusable(query, keys.packed, values.packed))
+            and (keys is None or fusable(query, keys, values, paired_by_rows))
             and triton_available()
-            and (step.aligned or views_aligned(keys, values))
         ):
-            return super().attend(module, query, step, attention_mask, scaling=scaling, **kwargs)
+            return super().attend_regions(query, regions, step, attention_mask, scaling)
         b, _, _, d = query.shape
         scaling = scaling if scaling is not None else d**-0.5
-        full = [(k, v) for k, v in ((keys.fp, values.fp), (keys.staging, values.staging)) if k is not None]
-        full.append((step.new_keys, step.new_values))
+        full = [*regions.full_precision, (step.new_keys, step.new_values)]
         fp_bias = packed_bias = None
         if attention_mask is not None:
             past = step.past_length
-            fp_pos = torch.cat([keys.fp_pos, keys.staging_pos, torch.tensor([past], dtype=torch.int32)])
+            fp_pos = torch.cat([regions.full_precision_pos, torch.tensor([past], dtype=torch.int32)])
             fp_bias = token_bias(pa.group_bias(allowed_columns(attention_mask, fp_pos, past, 1, query.device), 1), b)
-            if keys.packed is not None:
-                allowed = allowed_columns(attention_mask, keys.packed_pos, past, 1, query.device)
+            if keys is not None:
+                allowed = allowed_columns(attention_mask, regions.packed_pos, past, 1, query.device)
                 packed_bias = token_bias(pa.group_bias(allowed, 1), b)
-        return decode_attention(query, full, keys.packed, values.packed, scaling, fp_bias, packed_bias)
-
-    def packed_attention(self, grouped, keys, values, positions, scaling, bias, q):
-        if not (q == 1 and grouped.is_cuda and fusable(grouped, keys, values) and triton_available()):
-            return super().packed_attention(grouped, keys, values, positions, scaling, bias, q)
-        column_bias = bias(positions)  # [B or 1, 1, G, n] for a decode step, or None
-        return packed_decode_attention(grouped, keys, values, scaling, token_bias(column_bias, grouped.shape[0]))
+        value_rows = regions.value_rows_on(query.device)
+        return decode_attention(query, full, keys, values, scaling, fp_bias, packed_bias, value_rows)
 
 
 def token_bias(column_bias: torch.Tensor | None, batch: int) -> torch.Tensor | None:

@@ -159,16 +159,19 @@ def finish_plane(acc, sums, cols, safe, i: tl.constexpr, VW: tl.constexpr, VG: t
 
 @triton.jit
 def packed_decode(
-    Q, KC, KS, KZ, VC, VS, VZ, BIAS, OUT, LSE,
-    N, HKV, G, scaling_log2, tokens_per_split,
+    Q, KC, KS, KZ, VC, VS, VZ, VROWS, BIAS, OUT, LSE,
+    N, NV, HKV, G, scaling_log2, tokens_per_split,
     D: tl.constexpr, KBITS: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr,
-    KG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HAS_BIAS: tl.constexpr, FAST: tl.constexpr,
+    KG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GATHER: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """One program: one (batch row, KV head) and tokens ``[start, start + tokens_per_split)``.
 
     Blocks of ``BLOCK_N`` tokens (one or two key groups of ``KG`` tokens, so one or two key
     scale rows per block) keep an online softmax for the ``G`` query heads that share the KV head. Scores are in base 2
     (``scaling_log2`` is the softmax scale times log2(e)); ``LSE`` is written in base e.
+    ``GATHER``: packed key ``n`` pairs with value row ``VROWS[n]`` of ``NV`` (a key with row
+    ``-1`` is left out); otherwise with value row ``n``.
     ``FAST``: unpack codes in PTX (CUDA) rather than in Triton (also the interpreter).
     """
     bh = tl.program_id(0)
@@ -198,6 +201,12 @@ def packed_decode(
         n = first + offs_n
         live = n < end
         token_row = bh * N + n
+        if GATHER:  # values are per-token rows, so each key's may be read from anywhere
+            value_row = tl.load(VROWS + n, mask=live, other=-1)
+            live = value_row >= 0
+            value_row = bh * NV + tl.where(live, value_row, 0)
+        else:
+            value_row = token_row
         kb = tl.load(KC + token_row[:, None] * KW + kj[None, :], mask=live[:, None], other=0)
         group_row = (bh * (N // KG) + first // KG) * D
         # the last split may end past the region: read no scale row there
@@ -227,24 +236,24 @@ def packed_decode(
         # value scales are folded, each value group's zero term sum_n p*z (column 1 + group)
         if VG % VW == 0:
             zeros = tl.load(
-                VZ + token_row[:, None] * (D // VG) + cols[None, :] - 1,
+                VZ + value_row[:, None] * (D // VG) + cols[None, :] - 1,
                 mask=live[:, None] & (cols[None, :] >= 1) & (cols[None, :] <= D // VG),
                 other=0.0,
             ).to(tl.float32)
         else:
             zeros = tl.zeros([BLOCK_N, SW], tl.float32)
         sums = tl.dot(p16, tl.where(cols[None, :] == 0, 1.0, zeros).to(tl.float16), sums)
-        vb = tl.load(VC + token_row[:, None] * VW + vj[None, :], mask=live[:, None], other=0)
-        probs = plane_probs(p16, p, VS, token_row, live, 0, VW, VG, D)
-        acc0 = value_plane(acc0, vb, probs, VS, VZ, token_row, vj, live, 0, VW, VBITS, VG, D, FAST)
+        vb = tl.load(VC + value_row[:, None] * VW + vj[None, :], mask=live[:, None], other=0)
+        probs = plane_probs(p16, p, VS, value_row, live, 0, VW, VG, D)
+        acc0 = value_plane(acc0, vb, probs, VS, VZ, value_row, vj, live, 0, VW, VBITS, VG, D, FAST)
         if VBITS < 8:
-            probs = plane_probs(probs, p, VS, token_row, live, 1, VW, VG, D)
-            acc1 = value_plane(acc1, vb, probs, VS, VZ, token_row, vj, live, 1, VW, VBITS, VG, D, FAST)
+            probs = plane_probs(probs, p, VS, value_row, live, 1, VW, VG, D)
+            acc1 = value_plane(acc1, vb, probs, VS, VZ, value_row, vj, live, 1, VW, VBITS, VG, D, FAST)
         if VBITS < 4:
-            probs = plane_probs(probs, p, VS, token_row, live, 2, VW, VG, D)
-            acc2 = value_plane(acc2, vb, probs, VS, VZ, token_row, vj, live, 2, VW, VBITS, VG, D, FAST)
-            probs = plane_probs(probs, p, VS, token_row, live, 3, VW, VG, D)
-            acc3 = value_plane(acc3, vb, probs, VS, VZ, token_row, vj, live, 3, VW, VBITS, VG, D, FAST)
+            probs = plane_probs(probs, p, VS, value_row, live, 2, VW, VG, D)
+            acc2 = value_plane(acc2, vb, probs, VS, VZ, value_row, vj, live, 2, VW, VBITS, VG, D, FAST)
+            probs = plane_probs(probs, p, VS, value_row, live, 3, VW, VG, D)
+            acc3 = value_plane(acc3, vb, probs, VS, VZ, value_row, vj, live, 3, VW, VBITS, VG, D, FAST)
     total = tl.sum(tl.where(cols[None, :] == 0, sums, 0.0), 1)
     safe = tl.where(total > 0, total, 1.0)
     row = (bh * splits + split) * G + offs_g

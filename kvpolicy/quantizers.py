@@ -22,6 +22,7 @@ import torch
 
 from kvpolicy.config import QuantSpec
 from kvpolicy.errors import ConfigError
+from kvpolicy.transfer import to_device
 
 
 class Packed(Protocol):
@@ -40,6 +41,10 @@ class Packed(Protocol):
 
     def slice_tokens(self, start: int, stop: int) -> Packed:
         """Tokens ``start:stop`` (multiples of the per-channel group size), sharing storage."""
+
+    def dequantize_tokens(self, index: torch.Tensor) -> torch.Tensor:
+        """Full-precision tokens at ``index`` (int64, on the host), ``[B, H, len(index), D]``;
+        reads only what those tokens need where the layout allows."""
 
 
 class QuantizerBackend(ABC):
@@ -134,6 +139,21 @@ class NativePacked:
         return attrs.evolve(
             self, codes=self.codes[:, :, start:stop], scale=self.scale[:, :, a:b], zero=self.zero[:, :, a:b]
         )
+
+    def dequantize_tokens(self, index: torch.Tensor) -> torch.Tensor:
+        # a token's codes are one row; its scale and zero are its own row (per-token groups)
+        # or its group's row (per-channel groups)
+        rows = to_device(index, self.codes.device)
+        groups = rows if self.axis == "token" else torch.div(rows, self.group_size, rounding_mode="floor")
+        codes = unpack_codes(self.codes.index_select(2, rows), self.bits).float()
+        scale, zero = self.scale.index_select(2, groups).float(), self.zero.index_select(2, groups).float()
+        if self.axis == "token":
+            b, h, n, d = codes.shape
+            grouped = codes.reshape(b, h, n, d // self.group_size, self.group_size)
+            out = (grouped * scale.unsqueeze(-1) + zero.unsqueeze(-1)).reshape(b, h, n, d)
+        else:
+            out = codes * scale + zero
+        return out.to(self.scale.dtype)
 
 
 class NativeQuantizer(QuantizerBackend):

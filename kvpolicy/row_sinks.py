@@ -22,7 +22,8 @@ from collections.abc import Callable
 import attrs
 import torch
 
-from kvpolicy.store import TensorStore, to_device
+from kvpolicy.store import TensorStore
+from kvpolicy.transfer import to_device
 
 
 @attrs.frozen

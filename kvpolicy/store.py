@@ -28,6 +28,7 @@ import torch
 from kvpolicy.config import QuantSpec
 from kvpolicy.quantizers import Packed, QuantizerBackend
 from kvpolicy.selectors import Selector
+from kvpolicy.transfer import to_device
 
 
 def _tensor_bytes(t: torch.Tensor | None) -> int:
@@ -53,13 +54,6 @@ def take_run(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     little), else a copy (so a short run does not hold a long prefill in memory)."""
     run = x[:, :, start:stop]
     return run if 2 * (stop - start) >= x.shape[2] else run.clone()
-
-
-def to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device`` without a host/device sync (pinned, non-blocking copy)."""
-    if torch.device(device).type != "cuda":
-        return index.to(device)
-    return index.pin_memory().to(device, non_blocking=True)
 
 
 @attrs.frozen

@@ -19,12 +19,15 @@ from kvpolicy import Policy, fused
 from kvpolicy.executors import ReferenceExecutor
 
 # dtype, batch, kv heads, query heads per kv head, head dim, cached tokens, key bits, value
-# bits, key group, value group, left padding
+# bits, key group, value group, left padding, key retention ("log": keys keep a log-distributed
+# set, values a window, so the two sides are stored in different orders, as in PartialLogQuant)
 CASES = [
-    ("float16", 2, 2, 4, 64, 300, 2, 2, 64, 64, True),
-    ("float16", 1, 3, 3, 64, 140, 4, 2, 32, 32, False),
-    ("float32", 3, 1, 2, 128, 77, 2, 4, 32, 64, True),
-    ("float16", 1, 2, 1, 64, 10, 2, 2, 32, 32, False),  # nothing packed yet
+    ("float16", 2, 2, 4, 64, 300, 2, 2, 64, 64, True, "window"),
+    ("float16", 1, 3, 3, 64, 140, 4, 2, 32, 32, False, "window"),
+    ("float32", 3, 1, 2, 128, 77, 2, 4, 32, 64, True, "window"),
+    ("float16", 1, 2, 1, 64, 10, 2, 2, 32, 32, False, "window"),  # nothing packed yet
+    ("float16", 2, 2, 4, 64, 300, 2, 2, 32, 64, True, "log"),
+    ("float16", 1, 1, 2, 64, 40, 2, 2, 16, 64, False, "log"),  # a packed key whose value is staged
 ]
 
 
@@ -35,18 +38,20 @@ class Module(torch.nn.Module):
         self.is_causal = True
 
 
-def policy(window, kbits, vbits, kgroup, vgroup, executor="fused"):
-    def side(bits, group, axis):
-        return {
-            "retain": [{"type": "window", "size": window}],
-            "quant": {"bits": bits, "group_size": group, "axis": axis},
-        }
+def policy(window, kbits, vbits, kgroup, vgroup, executor="fused", key_retention="window"):
+    """Keys per-channel, values per-token; both keep a window of ``window``, or the keys a
+    log-distributed set (``key_retention="log"``, log window ``window // 2``)."""
 
+    def side(bits, group, axis, retain):
+        return {"retain": [retain], "quant": {"bits": bits, "group_size": group, "axis": axis}}
+
+    window_retain = {"type": "window", "size": window}
+    key_retain = window_retain if key_retention == "window" else {"type": "log", "window": window // 2}
     return Policy.from_dict(
         {
             "name": "t",
-            "keys": side(kbits, kgroup, "channel"),
-            "values": side(vbits, vgroup, "token"),
+            "keys": side(kbits, kgroup, "channel", key_retain),
+            "values": side(vbits, vgroup, "token", window_retain),
             "executor": executor,
         }
     )
@@ -56,7 +61,9 @@ def float64_attention(query, step, mask, scaling):
     """softmax(q k^T) v in float64 from the stored (dequantized) tokens plus the new one."""
     ref_step_k, pos = step.keys.materialize()
     ref_step_v, pos_v = step.values.materialize()
-    assert torch.equal(pos, pos_v)
+    order_k, order_v = torch.argsort(pos), torch.argsort(pos_v)
+    assert torch.equal(pos[order_k], pos_v[order_v])
+    ref_step_k, ref_step_v, pos = ref_step_k[:, :, order_k], ref_step_v[:, :, order_v], pos[order_k]
     keys = torch.cat([ref_step_k, step.new_keys], 2).double()
     values = torch.cat([ref_step_v, step.new_values], 2).double()
     positions = torch.cat([pos.long().to(query.device), torch.tensor([step.past_length], device=query.device)])
@@ -68,10 +75,12 @@ def float64_attention(query, step, mask, scaling):
     return torch.einsum("bhqn,bhnd->bhqd", torch.softmax(scores, -1), values).transpose(1, 2)
 
 
-def run_case(device, dtype, batch, kv_heads, groups, head_dim, length, kbits, vbits, kgroup, vgroup, padded, seed):
+def run_case(
+    device, dtype, batch, kv_heads, groups, head_dim, length, kbits, vbits, kgroup, vgroup, padded, retention, seed
+):
     """``(relative error vs float64, the reference executor's output)`` of one decode step."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    layer = policy(16, kbits, vbits, kgroup, vgroup).new_layer(head_dim)
+    layer = policy(16, kbits, vbits, kgroup, vgroup, key_retention=retention).new_layer(head_dim)
     pad = torch.ones(batch, length + 1, dtype=torch.bool)
     if padded:
         for row in range(1, batch):

@@ -3,7 +3,8 @@
 Each case checks :func:`~kvpolicy.fused.packed_decode_attention` (the packed region alone:
 ``rel_err``, ``lse_err``) and :func:`~kvpolicy.fused.decode_attention` (a whole decode step:
 full-precision segments of kept, staged and new tokens plus the packed region, ``step_err``;
-``fp_only_err`` without a packed region).
+``fp_only_err`` without a packed region; ``gather_err``: the packed region with its values
+stored in another order and paired by value rows).
 
 ``TRITON_INTERPRET=1 python -m tests.kernel_cases`` runs it in Triton's CPU interpreter (the
 variable must be set before the kernels are defined); ``--device cuda`` on a GPU, e.g. under
@@ -43,6 +44,32 @@ def float64_attention(query, keys, values, scaling, bias):
     if bias is not None:
         scores = scores + bias.double()[:, None, None, :]
     return torch.einsum("bhgn,bhnd->bhgd", torch.softmax(scores, -1), v), torch.logsumexp(scores, -1)
+
+
+def gather_error(query, keys, backend, vbits, vgroup, scaling, bias, gen, device) -> float:
+    """Relative error of the packed region with values in another order (and more of them):
+    packed key ``i`` pairs with value row ``rows[i]``, every fifth key with none (``-1``)."""
+    b, hkv, n, d = keys.codes.shape[0], keys.codes.shape[1], keys.num_tokens, query.shape[-1]
+    values = backend.quantize(
+        torch.randn(b, hkv, n + 37, d, generator=gen).half(), QuantSpec(bits=vbits, group_size=vgroup, axis="token")
+    )
+    rows = torch.randperm(n + 37, generator=gen)[:n]
+    rows[::5] = -1
+    out, _ = packed_decode_attention(
+        query.to(device),
+        keys.map_batch(lambda t: t.to(device)),
+        values.map_batch(lambda t: t.to(device)),
+        scaling,
+        None if bias is None else bias.to(device),
+        rows.to(torch.int32).to(device),
+    )
+    paired = rows >= 0
+    k, v = keys.dequantize().double()[:, :, paired], values.dequantize().double()[:, :, rows[paired]]
+    scores = torch.einsum("bhgd,bhnd->bhgn", query.double(), k) * scaling
+    if bias is not None:
+        scores = scores + bias.double()[:, paired][:, None, None, :]
+    expected = torch.einsum("bhgn,bhnd->bhgd", torch.softmax(scores, -1), v)
+    return float((out.cpu().double() - expected).norm() / expected.norm())
 
 
 def full_precision_segments(b, hkv, d, seed, gen):
@@ -130,6 +157,7 @@ def main() -> None:
         step_args = (step_query, segments, keys, values, d**-0.5, fp_bias, bias, device)
         step_err = step_error(*step_args)
         fp_only_err = step_error(step_query, segments, None, None, d**-0.5, fp_bias, None, device)
+        gather_err = gather_error(query, keys, backend, vbits, vgroup, d**-0.5, bias, gen, device)
         print(
             json.dumps(
                 {
@@ -139,6 +167,7 @@ def main() -> None:
                     "lse_err": float((lse.double() - expected_lse).abs().max()),
                     "step_err": step_err,
                     "fp_only_err": fp_only_err,
+                    "gather_err": gather_err,
                 }
             )
         )

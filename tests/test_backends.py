@@ -124,3 +124,14 @@ def test_missing_package_names_the_extra(name, monkeypatch):
     )
     with pytest.raises(MissingDependencyError, match=rf"pip install 'kvpolicy\[{name}\]'"):
         policy.new_layer(64)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_dequantizing_some_tokens_equals_picking_from_the_whole(name, axis):
+    backend = _backend(name)
+    x = _data((2, 2, 96, 64), 3).to(torch.bfloat16)
+    spec = QuantSpec(backend=name, bits=2, group_size=32, axis=axis)
+    packed = backend.concat([backend.quantize(x[:, :, :32], spec), backend.quantize(x[:, :, 32:], spec)])
+    index = torch.tensor([70, 5, 33, 33, 94])
+    assert torch.equal(packed.dequantize_tokens(index), packed.dequantize()[:, :, index])

@@ -119,9 +119,13 @@ def test_mismatched_key_value_positions_are_refused():
         layer.executor.attend(FakeAttention(1), torch.randn(1, 1, 1, 16), keys._kvpolicy_step[0], None)
 
 
-@settings(max_examples=40, deadline=None)
+# keys, values: equal retention, or different (stored in different orders, paired per step)
+CHUNKED_KINDS = [(kind, kind) for kind in sorted(POLICY_YAMLS)] + [("log", "kivi"), ("kivi", "log")]
+
+
+@settings(max_examples=60, deadline=None)
 @given(
-    kind=st.sampled_from(sorted(POLICY_YAMLS)),
+    kinds=st.sampled_from(CHUNKED_KINDS),
     prefill=st.integers(1, 60),
     decode=st.lists(st.integers(1, 3), min_size=1, max_size=6),
     batch=st.integers(1, 3),
@@ -130,12 +134,12 @@ def test_mismatched_key_value_positions_are_refused():
     chunk=st.sampled_from([8, 16, 4096]),
     seed=st.integers(0, 2**16),
 )
-def test_chunked_executor_matches_reference(kind, prefill, decode, batch, groups, padded, chunk, seed):
+def test_chunked_executor_matches_reference(kinds, prefill, decode, batch, groups, padded, chunk, seed):
     from kvpolicy.executors import ChunkedExecutor, ReferenceExecutor
 
     g = torch.Generator().manual_seed(seed)
-    tensor = POLICY_YAMLS[kind]
-    layer = Policy.from_dict({"name": kind, "keys": tensor, "values": tensor}).new_layer(head_dim=16)
+    keys_yaml, values_yaml = (POLICY_YAMLS[kind] for kind in kinds)
+    layer = Policy.from_dict({"name": "p", "keys": keys_yaml, "values": values_yaml}).new_layer(head_dim=16)
     chunked = ChunkedExecutor()
     chunked.chunk_tokens = chunk
     module = FakeAttention(groups)
@@ -156,15 +160,18 @@ def test_chunked_executor_matches_reference(kind, prefill, decode, batch, groups
         past += q
 
 
-def test_chunked_executor_never_materializes_the_whole_cache(monkeypatch):
+@pytest.mark.parametrize("kinds", [("kivi", "kivi"), ("log", "kivi")])
+def test_chunked_executor_never_materializes_the_whole_cache(monkeypatch, kinds):
     from kvpolicy.executors import ChunkedExecutor
+    from kvpolicy.quantizers import NativePacked
     from kvpolicy.store import TensorView
 
     def refuse(self):
-        raise AssertionError("materialize() dequantizes the whole cache")
+        raise AssertionError("dequantizes the whole cache")
 
-    tensor = POLICY_YAMLS["kivi"]
-    layer = Policy.from_dict({"name": "k", "keys": tensor, "values": tensor, "executor": "chunked"}).new_layer(16)
+    keys_yaml, values_yaml = (POLICY_YAMLS[kind] for kind in kinds)
+    policy = {"name": "k", "keys": keys_yaml, "values": values_yaml, "executor": "chunked"}
+    layer = Policy.from_dict(policy).new_layer(16)
     assert isinstance(layer.executor, ChunkedExecutor)
     layer.executor.chunk_tokens = 16
     seen = []
@@ -178,7 +185,22 @@ def test_chunked_executor_never_materializes_the_whole_cache(monkeypatch):
     monkeypatch.setattr(TensorView, "materialize", refuse)
     layer.update(torch.randn(1, 2, 200, 16), torch.randn(1, 2, 200, 16))
     keys, _ = layer.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
-    out = layer.executor.attend(FakeAttention(2), torch.randn(1, 4, 1, 16), keys._kvpolicy_step[0], None, scaling=0.25)
+    step = keys._kvpolicy_step[0]
+    monkeypatch.setattr(NativePacked, "dequantize", refuse_whole(NativePacked.dequantize, step))
+    out = layer.executor.attend(FakeAttention(2), torch.randn(1, 4, 1, 16), step, None, scaling=0.25)
     assert out.shape == (1, 1, 4, 16)
-    # one full-precision part (window + staging + new) and packed chunks of at most 16 tokens
-    assert max(seen[1:]) <= 16 and sum(seen[1:]) == len(keys._kvpolicy_step[0].keys.packed_pos)
+    # one full-precision part (window, staging or gathered tokens, new) and packed chunks of at
+    # most 16 tokens; together every cached token once
+    assert max(seen[1:]) <= 16 and sum(seen) == len(step.keys) + 1
+    assert seen[0] < 64  # the full-precision part stays small
+
+
+def refuse_whole(dequantize, step):
+    """``NativePacked.dequantize`` that fails on a store's whole packed region."""
+
+    def guarded(packed):
+        if packed is step.keys.packed or packed is step.values.packed:
+            raise AssertionError("dequantizes a whole packed region")
+        return dequantize(packed)
+
+    return guarded

@@ -56,6 +56,12 @@ class RowPacked:
         order = fn(torch.arange(len(self.rows))).tolist()
         return attrs.evolve(self, rows=tuple(self.rows[i] for i in order))
 
+    def dequantize_tokens(self, index: torch.Tensor) -> torch.Tensor:
+        """Dequantizes the blocks spanning ``index`` (a library block decodes as a whole)."""
+        first, last = int(index.min()), int(index.max())
+        span = self.slice_tokens(first, last + 1).dequantize()
+        return span.index_select(2, (index - first).to(span.device))
+
     def slice_tokens(self, start: int, stop: int) -> RowPacked:
         start, stop = start + self.trim[0], stop + self.trim[0]
         first = last = None
