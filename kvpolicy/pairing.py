@@ -18,6 +18,7 @@ When both stores retain alike, the regions pass through untouched (``value_rows`
 from __future__ import annotations
 
 import attrs
+import numpy as np
 import torch
 
 from kvpolicy.quantizers import Packed
@@ -57,24 +58,26 @@ class PairedRegions:
 @attrs.define(eq=False)
 class PackedPairing:
     """Which packed value row pairs with each packed key. It depends only on the two packed
-    regions, which change once per packed block, so :class:`Pairing` keeps it across steps."""
+    regions, which change once per packed block, so :class:`Pairing` keeps it across steps.
+    Host bookkeeping is numpy: a few hundred integers, where each torch call costs more than
+    the work."""
 
     key_pos: torch.Tensor  # the keys' packed positions it was worked out for
     value_pos: torch.Tensor  # the values' packed positions
     value_rows: torch.Tensor  # int64 [N_k]: value row of each packed key, -1 where none
-    unpaired: torch.Tensor  # int64: indices of the packed keys with no packed value
-    row_of_position: torch.Tensor  # int64: packed value row of each position, -1 where none
+    unpaired: np.ndarray  # int64: indices of the packed keys with no packed value
+    row_of_position: np.ndarray  # int64: packed value row of each position, -1 where none
     _on_device: dict = attrs.field(factory=dict)
 
     @classmethod
     def of(cls, keys: TensorView, values: TensorView) -> PackedPairing:
-        key_pos, value_pos = keys.packed_pos.to(torch.int64), values.packed_pos.to(torch.int64)
-        newest = max(int(key_pos.max()) if len(key_pos) else -1, int(value_pos.max()) if len(value_pos) else -1)
-        row_of_position = torch.full((newest + 1,), -1, dtype=torch.int64)
-        row_of_position[value_pos] = torch.arange(len(value_pos))
+        key_pos, value_pos = keys.packed_pos.numpy(), values.packed_pos.numpy()
+        newest = max(int(key_pos.max(initial=-1)), int(value_pos.max(initial=-1)))
+        row_of_position = np.full(newest + 1, -1, dtype=np.int64)
+        row_of_position[value_pos] = np.arange(len(value_pos))
         value_rows = row_of_position[key_pos]
-        unpaired = (value_rows < 0).nonzero().squeeze(-1)
-        return cls(keys.packed_pos, values.packed_pos, value_rows, unpaired, row_of_position)
+        unpaired = np.flatnonzero(value_rows < 0)
+        return cls(keys.packed_pos, values.packed_pos, torch.from_numpy(value_rows), unpaired, row_of_position)
 
     def serves(self, keys: TensorView, values: TensorView) -> bool:
         # regions are replaced, never changed in place: the same position tensors, the same regions
@@ -87,12 +90,12 @@ class PackedPairing:
             self._on_device[key] = to_device(self.value_rows.to(torch.int32), device)
         return self._on_device[key]
 
-    def packed_rows_of(self, positions: torch.Tensor) -> torch.Tensor:
+    def packed_rows_of(self, positions: np.ndarray) -> np.ndarray:
         """int64: the packed value row of each of ``positions``, -1 where none."""
-        positions, known = positions.to(torch.int64), len(self.row_of_position)
+        known = len(self.row_of_position)
         if not known:
-            return torch.full(positions.shape, -1, dtype=torch.int64)
-        return torch.where(positions < known, self.row_of_position[positions.clamp(max=known - 1)], -1)
+            return np.full(len(positions), -1, dtype=np.int64)
+        return np.where(positions < known, self.row_of_position[np.minimum(positions, known - 1)], -1)
 
 
 class Pairing:
@@ -125,21 +128,23 @@ class Pairing:
         packed = self._packed
         # gathered tokens, in key order: every unpacked key, then the packed keys left unpaired
         key_unpacked, unpaired = len(keys.fp_pos) + len(keys.staging_pos), len(packed.unpaired)
-        positions = torch.cat([keys.fp_pos, keys.staging_pos, keys.packed_pos[packed.unpaired]])
+        positions = np.concatenate(
+            [keys.fp_pos.numpy(), keys.staging_pos.numpy(), keys.packed_pos.numpy()[packed.unpaired]]
+        )
         pairs = ()
         if len(positions):
             value_slots = _value_slots(values, packed, positions)
             if unpaired:
-                key_slots = torch.cat([torch.arange(key_unpacked), key_unpacked + packed.unpaired])
+                key_slots = np.concatenate([np.arange(key_unpacked), key_unpacked + packed.unpaired])
                 gathered_keys = gather(keys, key_slots, self._key_rows)
             else:  # the unpacked keys as they are
                 parts = [t for t in (keys.fp, keys.staging) if t is not None]
                 gathered_keys = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
             pairs = ((gathered_keys, gather(values, value_slots, self._value_rows)),)
-        paired = unpaired < len(packed.value_rows)
-        if not paired:
-            return PairedRegions(pairs, positions, None, None, keys.packed_pos[:0])
-        return PairedRegions(pairs, positions, keys.packed, values.packed, keys.packed_pos, packed)
+        full_pos = torch.from_numpy(positions)
+        if unpaired == len(packed.value_rows):  # no packed key has a packed value
+            return PairedRegions(pairs, full_pos, None, None, keys.packed_pos[:0])
+        return PairedRegions(pairs, full_pos, keys.packed, values.packed, keys.packed_pos, packed)
 
 
 def pair_regions(keys: TensorView, values: TensorView, aligned: bool) -> PairedRegions:
@@ -147,17 +152,18 @@ def pair_regions(keys: TensorView, values: TensorView, aligned: bool) -> PairedR
     return Pairing()(keys, values, aligned)
 
 
-def _value_slots(values: TensorView, packed: PackedPairing, positions: torch.Tensor) -> torch.Tensor:
+def _value_slots(values: TensorView, packed: PackedPairing, positions: np.ndarray) -> np.ndarray:
     """int64: each of ``positions``' index in ``values``' regions (full precision, staging,
-    packed). The unpacked values are few: they are matched by comparison."""
-    unpacked = torch.cat([values.fp_pos, values.staging_pos])
+    packed); the unpacked values are found by a sorted search."""
+    unpacked = np.concatenate([values.fp_pos.numpy(), values.staging_pos.numpy()])
     slots = len(unpacked) + packed.packed_rows_of(positions)
-    in_unpacked = torch.zeros(positions.shape, dtype=torch.bool)
+    found = np.zeros(len(positions), dtype=bool)
     if len(unpacked):
-        match = positions[:, None] == unpacked[None, :]
-        in_unpacked = match.any(1)
-        slots = torch.where(in_unpacked, match.to(torch.int8).argmax(1), slots)
-    if not bool((in_unpacked | (slots >= len(unpacked))).all()):
+        order = np.argsort(unpacked, kind="stable")
+        at = np.minimum(np.searchsorted(unpacked[order], positions), len(unpacked) - 1)
+        found = unpacked[order[at]] == positions
+        slots = np.where(found, order[at], slots)
+    if not (found | (slots >= len(unpacked))).all():
         raise RuntimeError("key and value stores hold different positions; eviction must match")
     return slots
 
@@ -167,33 +173,60 @@ class DequantizedRows:
     packed tokens a step gathers stay the same until a block is packed or a flush moves them."""
 
     def __init__(self) -> None:
-        self._last: tuple[Packed, torch.Tensor, torch.Tensor] | None = None
+        self._last: tuple[Packed, np.ndarray, torch.Tensor] | None = None
 
-    def __call__(self, packed: Packed, rows: torch.Tensor) -> torch.Tensor:
+    def __call__(self, packed: Packed, rows: np.ndarray) -> torch.Tensor:
         last = self._last
-        if last is not None and last[0] is packed and torch.equal(last[1], rows):
+        if last is not None and last[0] is packed and np.array_equal(last[1], rows):
             return last[2]
-        tokens = packed.dequantize_tokens(rows)
+        tokens = packed.dequantize_tokens(torch.from_numpy(rows))
         self._last = (packed, rows, tokens)
         return tokens
 
 
-def gather(view: TensorView, slots: torch.Tensor, dequantize: DequantizedRows | None = None) -> torch.Tensor:
+def gather(view: TensorView, slots, dequantize: DequantizedRows | None = None) -> torch.Tensor:
     """Full-precision tokens ``[B, H, len(slots), D]`` of ``view`` at ``slots`` (int64 host
-    indices into its regions in the order full precision, staging, packed); packed tokens
-    are dequantized one by one (through ``dequantize`` when given, else afresh)."""
+    indices, numpy or torch, into its regions in the order full precision, staging, packed);
+    packed tokens are dequantized one by one (through ``dequantize`` when given, else afresh).
+
+    Slots come in runs (a window's tokens are consecutive on both sides), so the result is
+    the runs' slices joined by one concatenation, or a region itself when one run covers it;
+    only scattered slots are gathered by index.
+    """
+    slots = np.asarray(slots, dtype=np.int64)
     unpacked = len(view.fp_pos) + len(view.staging_pos)
-    parts = [t for t in (view.fp, view.staging) if t is not None]
-    if len(slots) and int(slots.max()) >= unpacked:
+    sources = [(t, start) for t, start in ((view.fp, 0), (view.staging, len(view.fp_pos))) if t is not None]
+    if len(slots) and slots.max() >= unpacked:
         in_packed = slots >= unpacked
         rows = slots[in_packed] - unpacked
-        parts.append((dequantize or DequantizedRows())(view.packed, rows))
-        slots = slots.clone()
-        slots[in_packed] = unpacked + torch.arange(len(rows))
-    pool = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-    if len(slots) == pool.shape[2] and bool((slots == torch.arange(len(slots))).all()):
-        return pool  # every token, in region order: no gather
-    return pool.index_select(2, to_device(slots, pool.device))
+        sources.append(((dequantize or DequantizedRows())(view.packed, rows), unpacked))
+        slots = slots.copy()
+        slots[in_packed] = unpacked + np.arange(len(rows))
+    pieces = _run_slices(sources, slots)
+    if pieces is not None:
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+    pool = torch.cat([t for t, _ in sources], dim=2)
+    return pool.index_select(2, to_device(torch.from_numpy(slots), pool.device))
+
+
+#: more runs than this are gathered by index instead (one copy, whatever the pattern)
+MAX_RUNS = 8
+
+
+def _run_slices(sources: list[tuple[torch.Tensor, int]], slots: np.ndarray) -> list[torch.Tensor] | None:
+    """Slices of ``sources`` (``(tensor, first slot)``, in slot order) that make up ``slots``
+    in order, or ``None`` when that takes more than :data:`MAX_RUNS` slices."""
+    edges = [0, *(np.flatnonzero(np.diff(slots) != 1) + 1).tolist(), len(slots)]
+    if len(edges) > MAX_RUNS + 1:
+        return None
+    pieces = []
+    for a, b in zip(edges, edges[1:]):
+        start, stop = int(slots[a]), int(slots[a]) + b - a
+        for tensor, first in sources:
+            lo, hi = max(start, first), min(stop, first + tensor.shape[2])
+            if lo < hi:
+                pieces.append(tensor[:, :, lo - first : hi - first])
+    return pieces if len(pieces) <= MAX_RUNS else None
 
 
 def _same_positions(keys: TensorView, values: TensorView) -> bool:

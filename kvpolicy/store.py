@@ -147,7 +147,8 @@ class TensorStore:
         self._stage(demoted, demoted_pos)
 
     def _stage(self, x: torch.Tensor, pos: torch.Tensor) -> None:
-        if self.staging is not None:
+        joined = self.staging is not None  # then x becomes a new tensor of exactly these tokens
+        if joined:
             x, pos = torch.cat([self.staging, x], dim=2), torch.cat([self.staging_pos, pos])
         ready = (len(pos) // self.block) * self.block
         if ready:
@@ -155,8 +156,12 @@ class TensorStore:
             self.packed = block if self.packed is None else self.backend.concat([self.packed, block])
             self.packed_pos = torch.cat([self.packed_pos, pos[:ready]])
         rest = len(pos) - ready
-        # a copy: the rest may be a view of a long prefill that must not stay alive
-        self.staging = x[:, :, ready:].clone(memory_format=torch.contiguous_format) if rest else None
+        if not rest:
+            self.staging = None
+        elif joined and not ready:
+            self.staging = x
+        else:  # a copy: the rest may be a view of a long prefill that must not stay alive
+            self.staging = x[:, :, ready:].clone(memory_format=torch.contiguous_format)
         self.staging_pos = pos[ready:]
 
     def overwrite_full_precision(self, slots: torch.Tensor, values: torch.Tensor) -> None:

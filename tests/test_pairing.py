@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvpolicy import pairing
 from kvpolicy.pairing import pair_regions
 from kvpolicy.policy import Policy
 
@@ -80,3 +82,21 @@ def test_equal_retention_passes_the_stores_tensors_through():
     regions = pair_regions(step.keys, step.values, step.aligned)
     assert regions.value_rows is None and regions.packed_keys is step.keys.packed
     assert regions.full_precision[0][0] is step.keys.fp and regions.full_precision[0][1] is step.values.fp
+
+
+@pytest.mark.parametrize("pattern", ["runs", "scattered"])
+def test_gather_takes_runs_as_slices_and_scattered_slots_by_index(pattern):
+    """Runs of consecutive slots (across region boundaries too) come back as slices; more
+    runs than ``MAX_RUNS`` are gathered by index. Either way: the tokens at those slots."""
+    layer = layer_of("window9", "window9", 4)
+    layer.update(*torch.randn(2, 1, 2, 30, 8))
+    step = layer.update(*torch.randn(2, 1, 2, 1, 8))[0]._kvpolicy_step[0]
+    view = step.keys
+    tensor, _ = view.materialize()  # region order: full precision, staging, packed
+    n = tensor.shape[2]
+    if pattern == "runs":  # a packed run, then the staging/full-precision boundary, then the start
+        slots = torch.cat([torch.arange(n - 6, n - 2), torch.arange(5, 12), torch.arange(0, 3)])
+    else:
+        slots = torch.arange(n - 1, -1, -2)
+    assert (len(torch.diff(slots).ne(1).nonzero()) >= pairing.MAX_RUNS) == (pattern == "scattered")
+    assert torch.equal(pairing.gather(view, slots), tensor[:, :, slots])
