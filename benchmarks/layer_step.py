@@ -18,10 +18,10 @@ import contextlib
 import statistics
 import time
 
-import attrs
 import torch
 
-from kvpolicy import Policy, load_policy, pairing
+from benchmarks.model_bench import fused_policy
+from kvpolicy import pairing
 
 
 class Module(torch.nn.Module):
@@ -40,8 +40,7 @@ def gather_by(mode: str):
 
 
 def build(name: str, batch: int, context: int, device: str):
-    policy = load_policy(name)
-    layer = Policy(attrs.evolve(policy.config, executor="fused"), policy.registry).new_layer(128)
+    layer = fused_policy(name).new_layer(128)
     keys, values = torch.randn(2, batch, 8, context, 128, dtype=torch.bfloat16, device=device)
     layer.update(keys, values)
     return layer

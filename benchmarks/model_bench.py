@@ -137,11 +137,15 @@ def make_cache(name: str, model):
         return DynamicCache(config=model.config)
     if name == "hf_quantized":
         return QuantizedCache(backend="quanto", config=model.config, nbits=2, q_group_size=64, residual_length=128)
+    return fused_policy(name).make_cache(model)
+
+
+def fused_policy(name: str):
+    """The registered policy ``name`` with the ``fused`` executor."""
     from kvpolicy.policy import Policy
 
     policy = Policy.load(name)
-    policy = Policy(attrs.evolve(policy.config, executor="fused"), policy.registry)
-    return policy.make_cache(model)
+    return Policy(attrs.evolve(policy.config, executor="fused"), policy.registry)
 
 
 def cache_bytes(cache) -> int:

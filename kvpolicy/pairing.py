@@ -31,18 +31,25 @@ class PairedRegions:
     """The cached tokens of one step as an executor attends them.
 
     ``full_precision``: ``(keys, values)`` pairs ``[B, H, n_i, D]`` whose positions are
-    ``full_precision_pos`` (int32 host ``[Σ n_i]``, in that order); ``packed_keys``/
+    ``full_precision_pos_parts`` (int32 host, in that order: joined on demand by
+    :attr:`full_precision_pos`, which a decode step without a mask never needs); ``packed_keys``/
     ``packed_values``: the packed regions (or ``None``) with ``packed_pos`` the keys'
     positions; ``pairing``: which packed value row pairs with each packed key, ``None`` when
     row ``i`` pairs with row ``i``.
     """
 
     full_precision: tuple[tuple[torch.Tensor, torch.Tensor], ...]
-    full_precision_pos: torch.Tensor
+    full_precision_pos_parts: tuple[torch.Tensor, ...]
     packed_keys: Packed | None
     packed_values: Packed | None
     packed_pos: torch.Tensor
     pairing: PackedPairing | None = None
+
+    @property
+    def full_precision_pos(self) -> torch.Tensor:
+        """int32 host ``[Σ n_i]``: the positions of the full-precision pairs, in their order."""
+        parts = self.full_precision_pos_parts
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @property
     def value_rows(self) -> torch.Tensor | None:
@@ -119,7 +126,7 @@ class Pairing:
         """
         if aligned or _same_positions(keys, values):
             pairs = tuple((k, v) for k, v in ((keys.fp, values.fp), (keys.staging, values.staging)) if k is not None)
-            full_pos = torch.cat([keys.fp_pos, keys.staging_pos])
+            full_pos = (keys.fp_pos, keys.staging_pos)
             return PairedRegions(pairs, full_pos, keys.packed, values.packed, keys.packed_pos)
         if len(keys) != len(values):
             raise RuntimeError("key and value stores hold different positions; eviction must match")
@@ -141,7 +148,7 @@ class Pairing:
                 parts = [t for t in (keys.fp, keys.staging) if t is not None]
                 gathered_keys = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
             pairs = ((gathered_keys, gather(values, value_slots, self._value_rows)),)
-        full_pos = torch.from_numpy(positions)
+        full_pos = (torch.from_numpy(positions),)
         if unpaired == len(packed.value_rows):  # no packed key has a packed value
             return PairedRegions(pairs, full_pos, None, None, keys.packed_pos[:0])
         return PairedRegions(pairs, full_pos, keys.packed, values.packed, keys.packed_pos, packed)

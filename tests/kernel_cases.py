@@ -38,8 +38,9 @@ CASES = [
 ]
 
 
-def float64_attention(query, keys, values, scaling, bias):
-    k, v = keys.dequantize().double(), values.dequantize().double()
+def float64_attention(query, k, v, scaling, bias):
+    """Softmax attention in float64 of grouped ``query`` over dense ``k``/``v``: ``(out, lse)``."""
+    k, v = k.double(), v.double()
     scores = torch.einsum("bhgd,bhnd->bhgn", query.double(), k) * scaling
     if bias is not None:
         scores = scores + bias.double()[:, None, None, :]
@@ -64,11 +65,8 @@ def gather_error(query, keys, backend, vbits, vgroup, scaling, bias, gen, device
         rows.to(torch.int32).to(device),
     )
     paired = rows >= 0
-    k, v = keys.dequantize().double()[:, :, paired], values.dequantize().double()[:, :, rows[paired]]
-    scores = torch.einsum("bhgd,bhnd->bhgn", query.double(), k) * scaling
-    if bias is not None:
-        scores = scores + bias.double()[:, paired][:, None, None, :]
-    expected = torch.einsum("bhgn,bhnd->bhgd", torch.softmax(scores, -1), v)
+    k, v = keys.dequantize()[:, :, paired], values.dequantize()[:, :, rows[paired]]
+    expected, _ = float64_attention(query, k, v, scaling, None if bias is None else bias[:, paired])
     return float((out.cpu().double() - expected).norm() / expected.norm())
 
 
@@ -93,12 +91,9 @@ def float64_step(query, segments, keys, values, scaling, fp_bias, packed_bias):
         k = torch.cat([k, keys.dequantize().double()], 2)
         v = torch.cat([v, values.dequantize().double()], 2)
     b, hq, _, d = query.shape
-    grouped = query.double().reshape(b, k.shape[1], hq // k.shape[1], d)
-    scores = torch.einsum("bhgd,bhnd->bhgn", grouped, k) * scaling
+    grouped = query.reshape(b, k.shape[1], hq // k.shape[1], d)
     biases = [x for x in (fp_bias, packed_bias if keys is not None else None) if x is not None]
-    if biases:
-        scores = scores + torch.cat(biases, 1).double()[:, None, None, :]
-    out = torch.einsum("bhgn,bhnd->bhgd", torch.softmax(scores, -1), v)
+    out, _ = float64_attention(grouped, k, v, scaling, torch.cat(biases, 1) if biases else None)
     return out.reshape(b, 1, hq, d)
 
 
@@ -147,7 +142,7 @@ def main() -> None:
             on_device[0], keys_d, values_d, d**-0.5, on_device[1], splits=splits, groups_per_block=args.groups_per_block
         )
         out, lse = out.cpu(), lse.cpu()
-        expected, expected_lse = float64_attention(query, keys, values, d**-0.5, bias)
+        expected, expected_lse = float64_attention(query, keys.dequantize(), values.dequantize(), d**-0.5, bias)
         segments = full_precision_segments(b, hkv, d, seed, gen)
         fp_bias = None
         if padded:
