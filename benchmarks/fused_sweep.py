@@ -134,7 +134,7 @@ def sweep_shape(b: int, n: int, group: int, args, baselines: dict, sms: int, cop
             }
         )  # fmt: skip
     rows.sort(key=lambda r: r["ms"])
-    defaults = (NUM_WARPS, NUM_STAGES, SPLIT_FACTOR, MAX_REGISTERS or 0, default_groups_per_block(group))
+    defaults = (NUM_WARPS, NUM_STAGES, SPLIT_FACTOR, MAX_REGISTERS or 0, default_groups_per_block(group, 4))
     keys = ("warps", "stages", "split_factor", "max_registers", "groups_per_block")
     default = [r["ms"] for r in rows if tuple(r[k] for k in keys) == defaults]
     baseline_ms = {name: bench(functools.partial(fn, q, kp, vp, scale, None)) for name, fn in baselines.items()}
@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--split-factors", type=int, nargs="+", default=[4, 8, 16, 32])
     parser.add_argument("--max-registers", type=int, nargs="+", default=[0], help="register caps to try (0: none)")
-    parser.add_argument("--groups-per-block", type=int, nargs="+", default=[1, 2], help="key groups per loop block")
+    parser.add_argument("--groups-per-block", type=int, nargs="+", default=[1, 2, 4], help="key groups per loop block")
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.manual_seed(0)

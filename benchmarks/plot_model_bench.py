@@ -1,12 +1,15 @@
 """Plots for docs/results/performance.md from model_bench.py's JSON.
 
-python benchmarks/plot_model_bench.py benchmarks/results/model_h100.json docs/results
+python benchmarks/plot_model_bench.py benchmarks/results/model_h100.json docs/results [--only latency|largest]
+
+``performance_latency.png`` (step latency and bytes per token against context length) and
+``performance_largest_batch.png`` (largest batch and its tokens/s); ``--only`` writes one.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -15,12 +18,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def main(path: str, out_dir: str) -> None:
+def main(path: str, out_dir: str, only: str | None = None) -> None:
     data = json.loads(Path(path).read_text())
     rows = [r for r in data["rows"] if "error" not in r]
     names = list(dict.fromkeys(r["contender"] for r in rows))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if only in (None, "latency"):
+        plot_latency(rows, names, out)
+    if only in (None, "largest"):
+        plot_largest(data, names, out)
+
+
+def plot_latency(rows: list[dict], names: list[str], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, name in enumerate(names):
         mine = sorted((r for r in rows if r["contender"] == name), key=lambda r: r["context"])
@@ -35,6 +45,10 @@ def main(path: str, out_dir: str) -> None:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "performance_latency.png", dpi=130)
+    print(f"wrote {out / 'performance_latency.png'}")
+
+
+def plot_largest(data: dict, names: list[str], out: Path) -> None:
     largest = {k: v for k, v in data["largest"].items() if v.get("batch")}
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     labels = list(largest)
@@ -46,8 +60,13 @@ def main(path: str, out_dir: str) -> None:
         ax.tick_params(axis="x", rotation=30, labelsize=8)
     fig.tight_layout()
     fig.savefig(out / "performance_largest_batch.png", dpi=130)
-    print(f"wrote {out / 'performance_latency.png'}, {out / 'performance_largest_batch.png'}")
+    print(f"wrote {out / 'performance_largest_batch.png'}")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="model_bench.py's JSON")
+    parser.add_argument("out_dir")
+    parser.add_argument("--only", choices=("latency", "largest"), help="write one of the two plots")
+    args = parser.parse_args()
+    main(args.path, args.out_dir, args.only)

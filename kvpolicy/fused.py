@@ -33,7 +33,8 @@ NUM_STAGES = 2
 SPLIT_FACTOR = 16  # programs per SM to aim for when splitting the tokens
 MERGE_BLOCK_S = 32
 MAX_REGISTERS = 128  # per-thread register cap: 4 programs per SM instead of 3
-GROUPS_PER_BLOCK = 2  # key groups (of up to 64 tokens) per block of the kernel's loop
+BLOCK_TOKENS = 128  # tokens per block of the kernel's loop, by default
+GROUPS_PER_BLOCK_CHOICES = (1, 2, 4)  # key groups per block, each on its own rows of the tiles
 FULL_PRECISION_BLOCK = 32  # full-precision tokens per block of the finishing kernel
 
 
@@ -44,9 +45,13 @@ def _kernels():
     return fused_kernels.packed_decode, fused_kernels.merge_splits, fused_kernels.finish_decode
 
 
-def default_groups_per_block(group_size: int) -> int:
-    """Key groups per block of the kernel's loop: two for groups of up to 64 tokens, else one."""
-    return GROUPS_PER_BLOCK if group_size <= 64 else 1
+def default_groups_per_block(group_size: int, heads_per_kv: int = 4) -> int:
+    """Key groups per block of the kernel's loop: enough for blocks of :data:`BLOCK_TOKENS`
+    tokens (4 groups of 32, 2 of 64, 1 of 128 or more), fewer where the group's rows
+    (``heads_per_kv`` query heads, padded to a power of two) would not fit 16 rows."""
+    rows = triton_next_power_of_2(heads_per_kv)
+    wanted = max(1, min(BLOCK_TOKENS // group_size, 16 // rows))
+    return max(r for r in GROUPS_PER_BLOCK_CHOICES if r <= wanted)
 
 
 @functools.cache
@@ -111,28 +116,30 @@ def packed_splits(
     max_registers: int | None = MAX_REGISTERS,
     groups_per_block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed region's unmerged partial results: float32 ``o`` ``[B*H_kv, S, G, D]`` and
-    base-e ``lse`` ``[B*H_kv, S, G]``, one per split (shapes as :func:`packed_decode_attention`).
+    """The packed region's unmerged partial results: float32 ``o`` ``[B*H_kv, P, G, D]`` and
+    base-e ``lse`` ``[B*H_kv, P, G]`` (shapes as :func:`packed_decode_attention`).
 
-    The tokens are split into blocks of ``groups_per_block`` key groups (1 or 2; default: 2
-    for groups of up to 64 tokens); ``splits`` programs per (row, KV head) each take a
-    contiguous run of blocks (default: about ``split_factor`` programs per SM).
+    The tokens are split into blocks of ``groups_per_block`` key groups (1, 2 or 4; default:
+    :func:`default_groups_per_block`); ``splits`` programs per (row, KV head) each take a
+    contiguous run of blocks (default: about ``split_factor`` programs per SM). A program
+    gives each of its block's key groups its own rows of the matrix-unit tiles, so it writes
+    ``groups_per_block`` partial results: ``P = splits * groups_per_block``.
     """
     b, hkv, g, d = grouped.shape
     n = keys.num_tokens
     if groups_per_block is None:
-        groups_per_block = default_groups_per_block(keys.group_size)
-    if groups_per_block not in (1, 2):
-        raise ValueError(f"groups_per_block must be 1 or 2, got {groups_per_block!r}")
+        groups_per_block = default_groups_per_block(keys.group_size, g)
+    if groups_per_block not in GROUPS_PER_BLOCK_CHOICES:
+        raise ValueError(f"groups_per_block must be one of {GROUPS_PER_BLOCK_CHOICES}, got {groups_per_block!r}")
     block_n = keys.group_size * groups_per_block
     if splits is None:
         sms = _multiprocessors(grouped.device) if grouped.is_cuda else 8
         splits = max(1, min(triton_cdiv(n, block_n), triton_cdiv(split_factor * sms, b * hkv)))
     tokens_per_split = triton_cdiv(triton_cdiv(n, splits), block_n) * block_n
     splits = triton_cdiv(n, tokens_per_split)
-    block_g = max(16, triton_next_power_of_2(g))
-    out = torch.empty(b * hkv, splits, g, d, dtype=torch.float32, device=grouped.device)
-    lse = torch.empty(b * hkv, splits, g, dtype=torch.float32, device=grouped.device)
+    block_g = max(16, groups_per_block * triton_next_power_of_2(g))
+    out = torch.empty(b * hkv, splits * groups_per_block, g, d, dtype=torch.float32, device=grouped.device)
+    lse = torch.empty(b * hkv, splits * groups_per_block, g, dtype=torch.float32, device=grouped.device)
     has_bias, gather = bias is not None, value_rows is not None
     decode = _kernels()[0]
     decode[(b * hkv, splits)](

@@ -67,34 +67,35 @@ def plane(codes, i: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
 
 @triton.jit
 def key_plane_scores(
-    kb, q_row, G_LIVE, KS, KZ, group_row, block_live, j, scaling,
+    kb, q_row, row_live, KS, KZ, group_row, group_live, j, scaling,
     i: tl.constexpr, KW: tl.constexpr, KBITS: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """Scores of channels ``i*KW + j`` with the per-channel scale folded into the query,
-    ``q.(c*s + z) = (q*s).c + q.z``: ``((q*s).c [BLOCK_G, BLOCK_N], q*z [BLOCK_G, KW])``; the
-    caller sums the zero terms of all planes once."""
-    q = tl.load(q_row + i * KW + j[None, :], mask=G_LIVE, other=0.0).to(tl.float32) * scaling
-    ks = tl.load(KS + group_row + i * KW + j, mask=block_live, other=0.0).to(tl.float32)
-    kz = tl.load(KZ + group_row + i * KW + j, mask=block_live, other=0.0).to(tl.float32)
-    qs = (q * ks[None, :]).to(tl.float16)
-    return tl.dot(qs, tl.trans(plane(kb, i, KBITS, FAST))), q * kz[None, :]
+    ``q.(c*s + z) = (q*s).c + q.z``: ``((q*s).c [BLOCK_G, BLOCK_N], q*z [BLOCK_G, KW])``. Each
+    row carries the scales of its own key group (``group_row`` ``[BLOCK_G]``); the caller sums
+    the zero terms of all planes once."""
+    q = tl.load(q_row + i * KW + j[None, :], mask=row_live, other=0.0).to(tl.float32) * scaling
+    at = group_row[:, None] + i * KW + j[None, :]
+    ks = tl.load(KS + at, mask=group_live[:, None], other=0.0).to(tl.float32)
+    kz = tl.load(KZ + at, mask=group_live[:, None], other=0.0).to(tl.float32)
+    return tl.dot((q * ks).to(tl.float16), tl.trans(plane(kb, i, KBITS, FAST))), q * kz
 
 
 @triton.jit
-def group_scores(
-    kb, q_row, G_LIVE, KS, KZ, group_row, group_live, j, scaling,
+def block_scores(
+    kb, q_row, row_live, KS, KZ, group_row, group_live, j, scaling,
     KW: tl.constexpr, KBITS: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
-    """Scores ``[BLOCK_G, BLOCK_N]`` of every token of the block with the scales of the key
-    group at ``group_row`` (all planes, zero terms included)."""
-    s, z = key_plane_scores(kb, q_row, G_LIVE, KS, KZ, group_row, group_live, j, scaling, 0, KW, KBITS, FAST)
+    """Scores ``[BLOCK_G, BLOCK_N]`` of every token of the block, each row with the scales of
+    its key group (all planes, zero terms included)."""
+    s, z = key_plane_scores(kb, q_row, row_live, KS, KZ, group_row, group_live, j, scaling, 0, KW, KBITS, FAST)
     if KBITS < 8:
-        s1, z1 = key_plane_scores(kb, q_row, G_LIVE, KS, KZ, group_row, group_live, j, scaling, 1, KW, KBITS, FAST)
+        s1, z1 = key_plane_scores(kb, q_row, row_live, KS, KZ, group_row, group_live, j, scaling, 1, KW, KBITS, FAST)
         s += s1
         z += z1
     if KBITS < 4:
-        s2, z2 = key_plane_scores(kb, q_row, G_LIVE, KS, KZ, group_row, group_live, j, scaling, 2, KW, KBITS, FAST)
-        s3, z3 = key_plane_scores(kb, q_row, G_LIVE, KS, KZ, group_row, group_live, j, scaling, 3, KW, KBITS, FAST)
+        s2, z2 = key_plane_scores(kb, q_row, row_live, KS, KZ, group_row, group_live, j, scaling, 2, KW, KBITS, FAST)
+        s3, z3 = key_plane_scores(kb, q_row, row_live, KS, KZ, group_row, group_live, j, scaling, 3, KW, KBITS, FAST)
         s += s2 + s3
         z += z2 + z3
     return s + tl.sum(z, 1)[:, None]
@@ -167,9 +168,14 @@ def packed_decode(
 ):  # fmt: skip
     """One program: one (batch row, KV head) and tokens ``[start, start + tokens_per_split)``.
 
-    Blocks of ``BLOCK_N`` tokens (one or two key groups of ``KG`` tokens, so one or two key
-    scale rows per block) keep an online softmax for the ``G`` query heads that share the KV head. Scores are in base 2
-    (``scaling_log2`` is the softmax scale times log2(e)); ``LSE`` is written in base e.
+    Blocks of ``BLOCK_N`` tokens hold ``R = BLOCK_N // KG`` key groups, and the ``BLOCK_G``
+    rows of the matrix-unit tiles hold ``R`` copies of the ``G`` query heads that share the
+    KV head (row ``r``: head ``r % (BLOCK_G // R)``, key group ``r // (BLOCK_G // R)``). A row
+    multiplies its query by its own group's key scales and sees only that group's tokens, so
+    one product per plane serves the block's ``R`` groups, and each row keeps its own online
+    softmax: the kernel writes ``R`` partial results per split (``OUT`` ``[B*H_kv, S*R, G, D]``),
+    merged later like splits. Scores are in base 2 (``scaling_log2`` is the softmax scale
+    times log2(e)); ``LSE`` is written in base e.
     ``GATHER``: packed key ``n`` pairs with value row ``VROWS[n]`` of ``NV`` (a key with row
     ``-1`` is left out); otherwise with value row ``n``.
     ``FAST``: unpack codes in PTX (CUDA) rather than in Triton (also the interpreter).
@@ -180,12 +186,16 @@ def packed_decode(
     b = bh // HKV
     KW: tl.constexpr = D * KBITS // 8
     VW: tl.constexpr = D * VBITS // 8
-    offs_g = tl.arange(0, BLOCK_G)
+    R: tl.constexpr = BLOCK_N // KG
+    GP: tl.constexpr = BLOCK_G // R  # rows per key group
+    offs_r = tl.arange(0, BLOCK_G)
+    head = offs_r % GP
+    slot = offs_r // GP  # the row's key group in the block
     offs_n = tl.arange(0, BLOCK_N)
     kj = tl.arange(0, KW)
     vj = tl.arange(0, VW)
-    g_live = offs_g[:, None] < G
-    q_row = Q + (bh * G + offs_g[:, None]) * D
+    row_live = (head < G)[:, None]
+    q_row = Q + (bh * G + head[:, None]) * D
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     SW: tl.constexpr = sums_width(D, VG, VW)
     cols = tl.arange(0, SW)
@@ -196,6 +206,7 @@ def packed_decode(
     acc3 = tl.zeros([BLOCK_G, VW], tl.float32)
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, N)
+    mine = (offs_n[None, :] // KG == slot[:, None]) & row_live  # [BLOCK_G, BLOCK_N]
     for step in range(0, tokens_per_split, BLOCK_N):
         first = start + step  # a multiple of BLOCK_N
         n = first + offs_n
@@ -208,17 +219,14 @@ def packed_decode(
         else:
             value_row = token_row
         kb = tl.load(KC + token_row[:, None] * KW + kj[None, :], mask=live[:, None], other=0)
-        group_row = (bh * (N // KG) + first // KG) * D
+        group_row = (bh * (N // KG) + first // KG + slot) * D
         # the last split may end past the region: read no scale row there
-        s = group_scores(kb, q_row, g_live, KS, KZ, group_row, first < end, kj, scaling_log2, KW, KBITS, FAST)
-        if BLOCK_N == 2 * KG:  # the block's second key group
-            s2 = group_scores(
-                kb, q_row, g_live, KS, KZ, group_row + D, first + KG < end, kj, scaling_log2, KW, KBITS, FAST
-            )
-            s = tl.where(offs_n[None, :] < KG, s, s2)
+        s = block_scores(
+            kb, q_row, row_live, KS, KZ, group_row, first + slot * KG < end, kj, scaling_log2, KW, KBITS, FAST
+        )
         if HAS_BIAS:
             s += tl.load(BIAS + b * N + n, mask=live, other=float("-inf"))[None, :] * LOG2E
-        s = tl.where(live[None, :], s, float("-inf"))
+        s = tl.where(mine & live[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         # rescale the running sums only in blocks that raise some row's maximum (rare once a
         # few blocks are seen); p <= 1 either way
@@ -256,15 +264,15 @@ def packed_decode(
             acc3 = value_plane(acc3, vb, probs, VS, VZ, value_row, vj, live, 3, VW, VBITS, VG, D, FAST)
     total = tl.sum(tl.where(cols[None, :] == 0, sums, 0.0), 1)
     safe = tl.where(total > 0, total, 1.0)
-    row = (bh * splits + split) * G + offs_g
+    row = ((bh * splits + split) * R + slot) * G + head
     out = OUT + row[:, None] * D + vj[None, :]
-    tl.store(out, finish_plane(acc0, sums, cols, safe, 0, VW, VG), mask=g_live)
+    tl.store(out, finish_plane(acc0, sums, cols, safe, 0, VW, VG), mask=row_live)
     if VBITS < 8:
-        tl.store(out + VW, finish_plane(acc1, sums, cols, safe, 1, VW, VG), mask=g_live)
+        tl.store(out + VW, finish_plane(acc1, sums, cols, safe, 1, VW, VG), mask=row_live)
     if VBITS < 4:
-        tl.store(out + 2 * VW, finish_plane(acc2, sums, cols, safe, 2, VW, VG), mask=g_live)
-        tl.store(out + 3 * VW, finish_plane(acc3, sums, cols, safe, 3, VW, VG), mask=g_live)
-    tl.store(LSE + row, tl.where(total > 0, (m + tl.log2(safe)) * LN2, float("-inf")), mask=offs_g < G)
+        tl.store(out + 2 * VW, finish_plane(acc2, sums, cols, safe, 2, VW, VG), mask=row_live)
+        tl.store(out + 3 * VW, finish_plane(acc3, sums, cols, safe, 3, VW, VG), mask=row_live)
+    tl.store(LSE + row, tl.where(total > 0, (m + tl.log2(safe)) * LN2, float("-inf")), mask=head < G)
 
 
 @triton.jit

@@ -81,10 +81,11 @@ def _interpreter_works() -> bool:
 
 
 @pytest.mark.skipif(not _interpreter_works(), reason="needs triton's CPU interpreter and numpy < 2.4")
-@pytest.mark.parametrize("groups_per_block", [1, 2])
+@pytest.mark.parametrize("groups_per_block", [1, 2, 4])
 def test_fused_kernel_in_the_triton_interpreter_matches_float64(groups_per_block):
-    """The kernel's arithmetic (planar codes, folded scales, one or two key groups per block,
-    splits, padding) on CPU, in CI. The interpreter runs the Triton unpacking, not the PTX."""
+    """The kernel's arithmetic (planar codes, folded scales, 1, 2 or 4 key groups per block,
+    each on its own rows, splits, padding) on CPU, in CI. The interpreter runs the Triton
+    unpacking, not the PTX."""
     command = [sys.executable, "-m", "tests.kernel_cases", "--groups-per-block", str(groups_per_block)]
     results = _kernel_cases(command, {"TRITON_INTERPRET": "1"})
     assert len(results) == len(kernel_cases.CASES)
@@ -143,7 +144,7 @@ def test_ptx_unpacking_constants_give_every_code_exactly(bits):
             assert struct.unpack("<e", struct.pack("<e", exact))[0] == code
 
 
-def test_groups_per_block_must_be_one_or_two():
+def test_groups_per_block_must_be_one_two_or_four():
     from kvpolicy.config import QuantSpec
     from kvpolicy.fused import packed_decode_attention
     from kvpolicy.quantizers import NativeQuantizer
@@ -151,5 +152,19 @@ def test_groups_per_block_must_be_one_or_two():
     backend = NativeQuantizer()
     keys = backend.quantize(torch.randn(1, 1, 64, 64), QuantSpec(bits=2, group_size=64, axis="channel"))
     values = backend.quantize(torch.randn(1, 1, 64, 64), QuantSpec(bits=2, group_size=64, axis="token"))
-    with pytest.raises(ValueError, match="groups_per_block must be 1 or 2, got 3"):
+    with pytest.raises(ValueError, match=r"groups_per_block must be one of \(1, 2, 4\), got 3"):
         packed_decode_attention(torch.randn(1, 1, 4, 64), keys, values, 0.125, None, groups_per_block=3)
+
+
+def test_default_groups_per_block_fills_128_token_blocks_within_16_rows():
+    """The default stacks key groups up to blocks of 128 tokens (the swept best: 4 groups of
+    32, 2 of 64), but never so many that the groups' query rows exceed one 16-row tile."""
+    from kvpolicy.fused import GROUPS_PER_BLOCK_CHOICES, default_groups_per_block, triton_next_power_of_2
+
+    assert [default_groups_per_block(group, 4) for group in (16, 32, 64, 128, 256)] == [4, 4, 2, 1, 1]
+    assert [default_groups_per_block(32, heads) for heads in (1, 2, 4, 5, 8, 16, 32)] == [4, 4, 4, 2, 2, 1, 1]
+    for group in (16, 32, 64, 128, 256):
+        for heads in range(1, 33):
+            r = default_groups_per_block(group, heads)
+            assert r in GROUPS_PER_BLOCK_CHOICES
+            assert r == 1 or (r * group <= 128 and r * triton_next_power_of_2(heads) <= 16)
