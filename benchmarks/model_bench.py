@@ -14,12 +14,19 @@ Measured per contender:
 * decode tokens/s and per-step latency at a common batch for each context;
 * the largest batch at the longest context: predicted from the measured bytes per token
   and the free memory, then confirmed by filling and decoding (backing off on OOM, then
-  bisecting between the largest batch that ran and the smallest that did not);
+  bisecting between the largest batch that ran and the smallest that did not; each batch
+  that did not fit is listed with the phase, fill or decode, that ran out of memory);
 * tokens/s at that batch;
 * the fused executor's achieved bandwidth on the bytes it reads, against a measured
   device-to-device copy (one layer, ``benchmarks/attention_bench.py``'s measurement).
 
     python -m benchmarks.model_bench --out benchmarks/results/model_h100.json
+
+PyTorch's allocator runs with expandable segments (``--allocator expandable``, the default,
+unless ``PYTORCH_CUDA_ALLOC_CONF`` is already set): with fixed-size cached blocks, the many
+different sizes a quantized cache allocates while it fills and decodes left ~8 GiB
+reserved but unused on an H100, and the largest batch was set by fragmentation instead of
+by the bytes each cache holds.
 
 Under torchrun with several ranks the same model is sharded by transformers' tensor
 parallelism (``tp_plan="auto"``): each rank holds its shard of the weights and of the KV
@@ -35,6 +42,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -211,6 +219,7 @@ def run_one(name, model, batch, context, args) -> dict:
     release()
     row = {"contender": name, "batch": batch, "context": context}
     cache = None
+    phase = "fill"
     try:
         cache = make_cache(name, model)
         t0 = time.perf_counter()
@@ -225,14 +234,17 @@ def run_one(name, model, batch, context, args) -> dict:
         held = cache_bytes(cache)
         row["kv_bytes"] = held
         row["kv_bytes_per_token"] = held / (batch * context)
+        phase = "decode"
         with sdpa_backends(args.sdpa):
             step = decode(model, cache, batch, args.steps, args.warmup, args.device)
         row["step_ms"] = step * 1e3
         row["tokens_per_s"] = batch / step
         if args.device == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30  # allocated + cached blocks
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
+        row["oom_during"] = phase
     except Exception as err:  # report and go on with the other contenders
         row["error"] = f"{type(err).__name__}: {err}"[:300]
     del cache
@@ -245,7 +257,7 @@ def largest_batch(name, model, per_token: float, context: int, args) -> dict:
     bisect between the largest batch that ran and the smallest that did not (``--tries`` runs in all)."""
     free = (torch.cuda.mem_get_info(model.device)[0] if args.device == "cuda" else 8 * 2**30) - args.reserve_gib * 2**30
     batch = smallest_over_ranks(max(1, int(free / (per_token * context))))
-    tries, best, failed = [], None, None
+    tries, best, failed, failures = [], None, None, []
     for _ in range(args.tries):
         row = run_one(name, model, batch, context, args)
         tries.append(batch)
@@ -255,6 +267,7 @@ def largest_batch(name, model, per_token: float, context: int, args) -> dict:
             break
         else:
             failed = batch
+            failures.append({"batch": batch, "oom_during": row.get("oom_during")})
         if best is None:
             if batch == 1:
                 break
@@ -266,6 +279,7 @@ def largest_batch(name, model, per_token: float, context: int, args) -> dict:
     if best is None:
         return {"contender": name, "context": context, "batch": None, "tried": tries, "error": row.get("error")}
     best["tried"] = tries
+    best["out_of_memory"] = failures  # the batches that did not fit, and in which phase
     return best
 
 
@@ -360,8 +374,16 @@ def main(argv=None) -> int:
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the fused executor's bandwidth rows")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer toy model (to check the script on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--allocator",
+        choices=("expandable", "default"),
+        default="expandable",
+        help="PyTorch's CUDA allocator: expandable segments, or fixed cached blocks (see above)",
+    )
     parser.add_argument("--out", help="JSON path")
     args = parser.parse_args(argv)
+    if args.allocator == "expandable":
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # read at the first allocation
     contexts = [int(c) for c in args.contexts.split(",")]
     names = [c.strip() for c in args.contenders.split(",")]
     torch.manual_seed(0)
@@ -408,6 +430,7 @@ def main(argv=None) -> int:
     env = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
         "torch": torch.__version__,
+        "allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default"),
         "shape": shape,
         "bf16_bytes_per_token": bf16_per_token,
         "argv": sys.argv[1:] if argv is None else argv,

@@ -13,7 +13,7 @@ def test_largest_batch_backs_off_then_bisects(monkeypatch, fits, tries, expected
 
     def run_one(name, model, batch, context, args):
         row = {"contender": name, "batch": batch, "context": context}
-        return row if batch <= fits else {**row, "error": "out of memory"}
+        return row if batch <= fits else {**row, "error": "out of memory", "oom_during": "fill"}
 
     monkeypatch.setattr(model_bench, "run_one", run_one)
     monkeypatch.setattr(model_bench, "smallest_over_ranks", lambda value: value)
@@ -23,6 +23,8 @@ def test_largest_batch_backs_off_then_bisects(monkeypatch, fits, tries, expected
     row = model_bench.largest_batch("c", None, per_token, context, args)
     assert row["batch"] == expected and len(row["tried"]) == runs
     assert all(batch > fits for batch in row["tried"] if batch > expected)
+    too_large = [batch for batch in row["tried"] if batch > fits]
+    assert row["out_of_memory"] == [{"batch": batch, "oom_during": "fill"} for batch in too_large]
 
 
 def test_largest_batch_reports_an_error_that_is_not_memory(monkeypatch):
@@ -33,3 +35,21 @@ def test_largest_batch_reports_an_error_that_is_not_memory(monkeypatch):
     args = SimpleNamespace(device="cpu", reserve_gib=0.0, tries=5, backoff=0.8)
     row = model_bench.largest_batch("c", None, 1.0, 2**20, args)
     assert row["batch"] is None and row["error"] == "ValueError: bad" and row["tried"] == [8192]
+
+
+@pytest.mark.parametrize("phase", ["fill", "decode"])
+def test_run_one_says_in_which_phase_memory_ran_out(monkeypatch, phase):
+    import torch
+
+    from benchmarks import model_bench
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(model_bench, "make_cache", lambda name, model: object())
+    monkeypatch.setattr(model_bench, "cache_bytes", lambda cache: 0)
+    monkeypatch.setattr(model_bench, "fill", out_of_memory if phase == "fill" else lambda *a: None)
+    monkeypatch.setattr(model_bench, "decode", out_of_memory)
+    args = SimpleNamespace(device="cpu", chunk=4, sdpa="auto", steps=1, warmup=0)
+    row = model_bench.run_one("c", SimpleNamespace(device="cpu"), 2, 8, args)
+    assert row["error"] == "out of memory" and row["oom_during"] == phase
