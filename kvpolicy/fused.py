@@ -36,6 +36,13 @@ MAX_REGISTERS = 128  # per-thread register cap: 4 programs per SM instead of 3
 BLOCK_TOKENS = 128  # tokens per block of the kernel's loop, by default
 GROUPS_PER_BLOCK_CHOICES = (1, 2, 4)  # key groups per block, each on its own rows of the tiles
 FULL_PRECISION_BLOCK = 32  # full-precision tokens per block of the finishing kernel
+# the Gluon kernel (kvpolicy.fused_mma): one warp per program
+MMA_BLOCK_TOKENS = 64  # tokens per block of its loop (at most: a key group when smaller)
+MMA_SPLIT_FACTOR = 32  # programs per SM to aim for
+MMA_MAX_REGISTERS: int | None = None
+MMA_EXACT_KEYS = False  # subtract the key codes' offsets per code rather than once per row
+MMA_STAGES = 3  # blocks in flight through shared memory (cp.async); 0: read straight into registers
+KERNELS = ("mma", "triton")
 
 
 @functools.cache
@@ -43,6 +50,40 @@ def _kernels():
     from kvpolicy import fused_kernels
 
     return fused_kernels.packed_decode, fused_kernels.merge_splits, fused_kernels.finish_decode
+
+
+@functools.cache
+def _mma_kernel():
+    from kvpolicy import fused_mma
+
+    return fused_mma.packed_decode_mma
+
+
+@functools.cache
+def gluon_available() -> bool:
+    """Whether Triton has Gluon (3.5+) with the NVIDIA ``mma_v2`` this kernel needs."""
+    try:
+        from triton.experimental.gluon.language.nvidia.ampere import mma_v2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def mma_fusable(grouped: torch.Tensor, keys: NativePacked, values: NativePacked) -> bool:
+    """Whether the Gluon kernel (:mod:`kvpolicy.fused_mma`) serves these shapes: a CUDA device
+    with ``mma.sync`` (compute capability 8.0+), head dimension 128, 2-bit keys and values, up to
+    8 query heads per KV head, value groups of 32, 64 or 128 channels (keys as :func:`fusable`)."""
+    return (
+        grouped.is_cuda
+        and not _interpreted()
+        and grouped.shape[-1] == 128
+        and grouped.shape[-2] <= 8
+        and keys.bits == 2
+        and values.bits == 2
+        and values.group_size in (32, 64, 128)
+        and torch.cuda.get_device_capability(grouped.device) >= (8, 0)
+        and gluon_available()
+    )
 
 
 def default_groups_per_block(group_size: int, heads_per_kv: int = 4) -> int:
@@ -115,6 +156,8 @@ def packed_splits(
     split_factor: int = SPLIT_FACTOR,
     max_registers: int | None = MAX_REGISTERS,
     groups_per_block: int | None = None,
+    kernel: str | None = None,
+    **mma: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The packed region's unmerged partial results: float32 ``o`` ``[B*H_kv, P, G, D]`` and
     base-e ``lse`` ``[B*H_kv, P, G]`` (shapes as :func:`packed_decode_attention`).
@@ -124,7 +167,16 @@ def packed_splits(
     contiguous run of blocks (default: about ``split_factor`` programs per SM). A program
     gives each of its block's key groups its own rows of the matrix-unit tiles, so it writes
     ``groups_per_block`` partial results: ``P = splits * groups_per_block``.
+
+    ``kernel``: ``"mma"`` (:func:`mma_splits`, where :func:`mma_fusable`; the default there),
+    ``"triton"`` (this one's own, everywhere else); ``mma``: that kernel's settings.
     """
+    if kernel not in (None, *KERNELS):
+        raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
+    if kernel == "mma" or (kernel is None and mma_fusable(grouped, keys, values)):
+        if not mma_fusable(grouped, keys, values):
+            raise ValueError("kernel='mma' does not serve these shapes (see kvpolicy.fused.mma_fusable)")
+        return mma_splits(grouped, keys, values, scaling, bias, value_rows, splits=splits, **mma)
     b, hkv, g, d = grouped.shape
     n = keys.num_tokens
     if groups_per_block is None:
@@ -152,6 +204,49 @@ def packed_splits(
         KG=keys.group_size, BLOCK_N=block_n, BLOCK_G=block_g, HAS_BIAS=has_bias, GATHER=gather,
         FAST=not _interpreted(),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": max_registers} if max_registers else {}),
+    )  # fmt: skip
+    return out, lse
+
+
+def mma_splits(
+    grouped: torch.Tensor,
+    keys: NativePacked,
+    values: NativePacked,
+    scaling: float,
+    bias: torch.Tensor | None,
+    value_rows: torch.Tensor | None = None,
+    splits: int | None = None,
+    block_tokens: int = MMA_BLOCK_TOKENS,
+    split_factor: int = MMA_SPLIT_FACTOR,
+    max_registers: int | None = MMA_MAX_REGISTERS,
+    exact_keys: bool = MMA_EXACT_KEYS,
+    stages: int = MMA_STAGES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`packed_splits` through the Gluon kernel (:mod:`kvpolicy.fused_mma`): one warp per
+    program, ``splits`` programs per (row, KV head) (default: about ``split_factor`` programs
+    per SM), each over a contiguous run of blocks of ``min(block_tokens, key group)`` tokens;
+    one partial result per program, ``P = splits``. ``stages``: blocks in flight through shared
+    memory (``cp.async``; value groups of 128 channels read straight into registers, 0)."""
+    b, hkv, g, d = grouped.shape
+    n = keys.num_tokens
+    block_n = min(block_tokens, keys.group_size)
+    if splits is None:
+        sms = _multiprocessors(grouped.device)
+        splits = max(1, min(triton_cdiv(n, block_n), triton_cdiv(split_factor * sms, b * hkv)))
+    tokens_per_split = triton_cdiv(triton_cdiv(n, splits), block_n) * block_n
+    splits = triton_cdiv(n, tokens_per_split)
+    out = torch.empty(b * hkv, splits, g, d, dtype=torch.float32, device=grouped.device)
+    lse = torch.empty(b * hkv, splits, g, dtype=torch.float32, device=grouped.device)
+    has_bias, gather = bias is not None, value_rows is not None
+    _mma_kernel()[(b * hkv, splits)](
+        grouped.contiguous(),
+        keys.codes.contiguous().view(torch.int32), keys.scale.contiguous(), keys.zero.contiguous(),
+        values.codes.contiguous().view(torch.int32), values.scale.contiguous(), values.zero.contiguous(),
+        value_rows if gather else out, bias.contiguous() if has_bias else out, out, lse,
+        n, values.num_tokens, hkv, g, float(scaling) * math.log2(math.e), tokens_per_split,
+        KG=keys.group_size, VG=values.group_size, BLOCK_N=block_n, HAS_BIAS=has_bias, GATHER=gather,
+        EXACT_KEYS=exact_keys, STAGES=stages if values.group_size <= 64 else 0,
+        num_warps=1, **({"maxnreg": max_registers} if max_registers else {}),
     )  # fmt: skip
     return out, lse
 

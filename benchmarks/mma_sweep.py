@@ -1,0 +1,171 @@
+"""Check the Gluon kernel (``kernel="mma"``) against float64 and time it against the Triton kernel.
+
+1. Correctness: fresh random cases (batch, KV heads, query heads per KV head 1-8, key groups
+   16-128, value groups 32-128, padding bias, values paired by rows, several splits, bf16 and
+   fp16), each against float64 attention over the dequantized tokens, for every variant
+   (block of 32/64 tokens, key offsets exact or per row). The output is poisoned first.
+2. Speed, per shape (a Llama-3.1-8B layer: 8 KV heads of 128, 4 query heads each), in one
+   process: the read-only kernel and a device copy (the yardsticks of ``fused_sweep``), the
+   Triton kernel at its defaults (timed first and last: the drift), every Gluon variant.
+
+Prints a table last and writes JSON.
+
+    python -m benchmarks.mma_sweep --out benchmarks/results/mma_sweep_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+
+import torch
+
+from benchmarks.attention_bench import bench, copy_bandwidth
+from benchmarks.fused_sweep import reference, time_read_only
+from kvpolicy.config import QuantSpec
+from kvpolicy.fused import packed_decode_attention
+from kvpolicy.quantizers import NativeQuantizer
+
+SHAPES = [(8, 32768, 64), (32, 32768, 64), (74, 32768, 64), (128, 32768, 64), (8, 32768, 32), (74, 32768, 32),
+          (32, 4096, 64)]  # fmt: skip
+# batch, kv heads, query heads per kv head, tokens, key group, value group, padded, paired by rows, splits, dtype
+CASES = [
+    (2, 2, 4, 1024, 64, 64, False, False, None, torch.bfloat16),
+    (1, 3, 3, 512, 32, 32, True, False, 3, torch.bfloat16),
+    (2, 1, 8, 768, 128, 128, True, True, 2, torch.float16),
+    (1, 2, 1, 256, 16, 64, False, True, 5, torch.bfloat16),
+    (3, 2, 5, 640, 64, 32, True, False, 4, torch.float16),
+    (1, 1, 4, 4096, 64, 64, False, False, 1, torch.bfloat16),
+    (2, 2, 7, 192, 64, 128, False, True, None, torch.bfloat16),
+]
+
+
+def float64_reference(q, kp, vp, scale, bias, rows):
+    k, v = kp.dequantize().double(), vp.dequantize().double()
+    if rows is not None:
+        v = v[:, :, rows.clamp_min(0).long()]
+    s = torch.einsum("bhgd,bhnd->bhgn", q.double(), k) * scale
+    if bias is not None:
+        s = s + bias.double()[:, None, None, :]
+    if rows is not None:
+        s = s.masked_fill((rows < 0)[None, None, None, :], float("-inf"))
+    return torch.einsum("bhgn,bhnd->bhgd", torch.softmax(s, -1), v)
+
+
+def check(variants: list[dict], gen: torch.Generator, device: str = "cuda", kernel: str = "mma") -> list[dict]:
+    """Relative error of every variant on every case, fresh data each time."""
+    backend = NativeQuantizer()
+    results = []
+    for case, variant in itertools.product(CASES, variants):
+        b, hkv, g, n, kg, vg, padded, paired, splits, dtype = case
+        d, scale = 128, 128**-0.5
+        k = torch.randn(b, hkv, n, d, generator=gen).to(dtype).to(device) * 3 + torch.randn(d, generator=gen).to(device)
+        kp = backend.quantize(k.to(dtype), QuantSpec(bits=2, group_size=kg, axis="channel"))
+        nv = n + 37 if paired else n
+        vp = backend.quantize(torch.randn(b, hkv, nv, d, generator=gen).to(dtype).to(device), QuantSpec(bits=2, group_size=vg, axis="token"))
+        rows = None
+        if paired:
+            rows = torch.randperm(nv, generator=gen)[:n].int()
+            rows[::5] = -1
+        bias = None
+        if padded:
+            bias = torch.zeros(b, n)
+            bias[0, : n // 3] = float("-inf")
+            bias = bias.to(device)
+        q = torch.randn(b, hkv, g, d, generator=gen).to(dtype).to(device)
+        expected = float64_reference(q, kp, vp, scale, bias, rows.to(device) if rows is not None else None)
+        out, _ = packed_decode_attention(
+            q, kp, vp, scale, bias, rows.to(device) if rows is not None else None, splits=splits, kernel=kernel, **variant
+        )
+        rel = float((out.double() - expected).norm() / expected.norm())
+        results.append({"case": [str(c) for c in case], **variant, "rel_err": rel, "finite": bool(out.isfinite().all())})
+    return results
+
+
+def time_shape(b, n, group, variants, copy_bw, sms) -> dict:
+    hkv, g, d, scale = 8, 4, 128, 128**-0.5
+    backend = NativeQuantizer()
+    k, v = torch.randn(2, b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+    kp = backend.quantize(k * 2, QuantSpec(bits=2, group_size=group, axis="channel"))
+    vp = backend.quantize(v, QuantSpec(bits=2, group_size=group, axis="token"))
+    del k, v
+    q = torch.randn(b, hkv, g, d, device="cuda", dtype=torch.bfloat16)
+    nbytes = sum(kp.nbytes().values()) + sum(vp.nbytes().values())
+    expected = reference(q, kp, vp, scale)
+
+    def timed(**kw):
+        run = functools.partial(packed_decode_attention, q, kp, vp, scale, None, **kw)
+        out = run()[0].reshape(expected.shape)
+        return bench(run, warmup=3, reps=20), float((out - expected).norm() / expected.norm())
+
+    row = {"batch": b, "tokens": n, "group": group, "bytes": nbytes, "copy_GBps": copy_bw / 1e9}
+    row["read_only_ms"] = time_read_only(kp, vp, b, hkv, n, group, sms)
+    row["triton_ms"], row["triton_err"] = timed(kernel="triton")
+    row["mma"] = []
+    for variant in variants:
+        ms, err = timed(kernel="mma", **variant)
+        row["mma"].append({**variant, "ms": ms, "rel_err": err})
+    row["triton_again_ms"], _ = timed(kernel="triton")
+    row["mma"].sort(key=lambda r: r["ms"])
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--block-tokens", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--exact-keys", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--split-factors", type=int, nargs="+", default=[16, 32, 64])
+    parser.add_argument("--max-registers", type=int, nargs="+", default=[0])
+    parser.add_argument("--stages", type=int, nargs="+", default=[0, 3])
+    parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    variants = [
+        {"block_tokens": bt, "exact_keys": bool(ex), "split_factor": sf, "max_registers": mr or None, "stages": st}
+        for bt, ex, sf, mr, st in itertools.product(
+            args.block_tokens, args.exact_keys, args.split_factors, args.max_registers, args.stages
+        )
+    ]
+    record = {"device": torch.cuda.get_device_name()}
+    if not args.skip_check:
+        keys = ("block_tokens", "exact_keys", "stages")
+        shape_variants = {tuple(v[k] for k in keys): v for v in variants}.values()
+        record["check"] = check([{k: v[k] for k in keys} for v in shape_variants], gen)
+        worst = max(r["rel_err"] for r in record["check"])
+        print(f"check: {len(record['check'])} runs, worst rel err {worst:.2e}, all finite:",
+              all(r["finite"] for r in record["check"]))  # fmt: skip
+        for r in record["check"]:
+            if r["rel_err"] > 1e-2 or not r["finite"]:
+                print("  FAIL", r)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    copy_bw = copy_bandwidth()
+    record["shapes"] = []
+    for b, n, group in SHAPES:
+        record["shapes"].append(time_shape(b, n, group, variants, copy_bw, sms))
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=2)
+    for s in record["shapes"]:
+        print(f"\nb={s['batch']} n={s['tokens']} group={s['group']}: fastest mma variants")
+        for r in s["mma"][:4]:
+            print(f"  {r['ms']:.3f} ms  block {r['block_tokens']} exact {r['exact_keys']} split_factor"
+                  f" {r['split_factor']} max_registers {r['max_registers']} stages {r['stages']}"
+                  f" err {r['rel_err']:.1e}")  # fmt: skip
+    print(f"\n{record['device']}, copy {copy_bw / 1e9:.0f} GB/s (read + write)")
+    print(f"{'b':>4} {'ctx':>6} {'grp':>4} {'MB':>5} {'read ms':>8} {'triton':>8} {'again':>8} {'mma ms':>8}"
+          f" {'vs trit':>7} {'% copy':>7} {'% read':>7} {'err':>8}")  # fmt: skip
+    for s in record["shapes"]:
+        best = s["mma"][0]
+        pct = 100 * s["bytes"] / (best["ms"] / 1e3) / (s["copy_GBps"] * 1e9)
+        print(f"{s['batch']:>4} {s['tokens']:>6} {s['group']:>4} {s['bytes'] / 1e6:>5.0f} {s['read_only_ms']:>8.3f}"
+              f" {s['triton_ms']:>8.3f} {s['triton_again_ms']:>8.3f} {best['ms']:>8.3f}"
+              f" {s['triton_ms'] / best['ms']:>6.2f}x {pct:>6.1f}% {100 * s['read_only_ms'] / best['ms']:>6.0f}%"
+              f" {best['rel_err']:>8.1e}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

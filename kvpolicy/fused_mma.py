@@ -1,0 +1,511 @@
+"""Gluon kernel of the fused decode executor: 2-bit codes go from global memory to the matrix
+units without passing through shared memory (imported only where Gluon is, Triton >= 3.5).
+
+Triton picks register layouts itself and moves the unpacked codes through shared memory to
+reach the matrix-unit operands (benchmarks/NOTES.md, v16). Gluon lets the kernel name every
+layout, so each thread loads exactly the 32-bit words whose codes its operand registers hold:
+
+* Scores ``S = Q Kᵀ`` [16 rows, BLOCK_N tokens]: the key codes are the right operand ``Kᵀ``
+  ``[channels, tokens]``. In ``mma.m16n8k16`` a thread holds token ``lane // 4`` of each
+  8-token tile and 4 channel slots of each 16-channel tile. Which channel sits in which slot
+  is free (the contraction sums over channels), as long as the query uses the same order. So
+  thread ``(t, c) = (lane // 4, lane % 4)`` loads words ``2c, 2c+1`` of token ``t`` of the
+  tile (8 bytes: 32 codes), and the channels follow from the words (:func:`key_channel`).
+* Output ``Oᵀ = Vᵀ Pᵀ`` [channels, heads]: the value codes are the left operand ``Vᵀ``
+  ``[channels, tokens]``; a thread holds 4 tokens of each 16-token tile (``2c, 2c+1, 2c+8,
+  2c+9``) and one 32-bit word of each (word ``t``: 16 codes). ``Pᵀ`` is the scores'
+  accumulator transposed: in this orientation it is already the right operand's layout, so
+  the probabilities never leave the registers that computed them (as in FlashAttention-2).
+* A code pair becomes float16 in two instructions (:func:`unpack_pairs_ptx`).
+
+One warp per program, so nothing is shared between warps: no barrier, no shared memory in
+the loop. Key scales are folded into the query (``q.(c*s + z) = (q*s).c + q.z``), value scales
+into the probabilities (``p.(c*s + z) = (p*s).c + p.z``). Serves 2-bit keys (per-channel,
+groups of 16+ tokens) and values (per-token, groups of 32, 64 or 128 channels), head
+dimension 128 and up to 8 query heads per KV head: see :func:`kvpolicy.fused.mma_fusable`.
+"""
+
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+LOG2E = gl.constexpr(1.4426950408889634)
+LN2 = gl.constexpr(0.6931471805599453)
+HEAD_DIM = gl.constexpr(128)  # channels per head served
+WORDS = gl.constexpr(8)  # 32-bit words of 2-bit codes per token row
+ROWS = gl.constexpr(8)  # query heads per KV head served (the low half of the 16 rows of the matrix tiles)
+LANES = gl.constexpr([[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]])  # mma.m16n8k16: lane = 4 * row + column pair
+
+
+@gluon.constexpr_function
+def _log2(x):
+    return x.bit_length() - 1
+
+
+@gluon.constexpr_function
+def key_words_layout(block_n):
+    """Key code words ``[BLOCK_N tokens, 8 words]``: thread ``(t, c)`` holds words ``2c, 2c+1``
+    (adjacent: one 8-byte load) of token ``t`` of every 8-token tile."""
+    regs = [[0, 1]] + [[8 << i, 0] for i in range(_log2(block_n // 8))]
+    return gl.DistributedLinearLayout(regs, [[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]], [], [], [block_n, WORDS])
+
+
+@gluon.constexpr_function
+def token_regs(block_n):
+    """Register bases of the tokens of a block as the value operand holds them: ``2c + {0, 1}``
+    and ``+8`` of every 16-token tile (lanes give ``2c``)."""
+    return [1, 8] + [16 << i for i in range(_log2(block_n // 16))]
+
+
+@gluon.constexpr_function
+def value_words_layout(block_n):
+    """Value code words ``[BLOCK_N tokens, 8 words]``: thread ``(t, c)`` holds word ``t`` of
+    tokens ``2c, 2c+1, 2c+8, 2c+9`` of every 16-token tile (the left operand's tokens)."""
+    regs = [[r, 0] for r in token_regs(block_n)]
+    return gl.DistributedLinearLayout(regs, [[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]], [], [], [block_n, WORDS])
+
+
+@gluon.constexpr_function
+def value_scales_layout(block_n, groups):
+    """Per-token value scales ``[BLOCK_N, groups]``: a token's groups adjacent in one thread
+    (one load per token), tokens as in :func:`value_words_layout`."""
+    regs = [[0, 1 << i] for i in range(_log2(groups))] + [[r, 0] for r in token_regs(block_n)]
+    return gl.DistributedLinearLayout(regs, [[2, 0], [4, 0], [0, 0], [0, 0], [0, 0]], [], [], [block_n, groups])
+
+
+@gluon.constexpr_function
+def scores_layout(block_n):
+    """Scores of the 8 real rows ``[8, BLOCK_N]``: the accumulator of ``mma.m16n8k16`` without
+    its rows 8-15."""
+    regs = [[0, 1]] + [[0, 8 << i] for i in range(_log2(block_n // 8))]
+    return gl.DistributedLinearLayout(regs, LANES, [], [], [ROWS, block_n])
+
+
+@gluon.constexpr_function
+def query_layout():
+    """The query ``[8 rows, 128 channels]`` as the key tiles need it: thread ``(t, c)`` holds
+    row ``t``, channels ``8c .. 8c+7`` of each 32-channel plane (one 16-byte load of scales)."""
+    regs = [[0, 1], [0, 2], [0, 4], [0, 32], [0, 64]]
+    return gl.DistributedLinearLayout(regs, [[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]], [], [], [ROWS, HEAD_DIM])
+
+
+@gluon.constexpr_function
+def unpack_pairs_ptx(exact):
+    """PTX turning two words (``$16``: element 0, ``$17``: element 1) into 16 float16 pairs:
+    output ``4*i + b`` holds plane ``i`` of byte ``b`` of each word (low half from ``$16``).
+
+    ``prmt`` puts bytes ``b`` of both words into one register's two 16-bit halves and ``lop3``
+    sets a plane's two bits, in place, into the mantissa of ``2**(10 - 2i)`` (exponent bits
+    ``25 - 2i``): ``2**(10 - 2i) + c`` exactly. ``exact`` subtracts that in one ``fma.f16x2``
+    per pair; otherwise the caller takes it off (see :func:`key_tile_scores`).
+    """
+    lines = [
+        ".reg .b32 lo, hi, lo8, hi8, t, m<4>, o<4>, z<4>;",
+        "prmt.b32 lo, $16, $17, 0x5410;",
+        "prmt.b32 hi, $16, $17, 0x7632;",
+        "shr.u32 lo8, lo, 8;",
+        "shr.u32 hi8, hi, 8;",
+    ]
+    for i in range(4):
+        lines.append(f"mov.b32 m{i}, {(3 << 2 * i) * 0x10001:#010x};")
+        lines.append(f"mov.b32 o{i}, {((25 - 2 * i) << 10) * 0x10001:#010x};")
+        lines.append(f"mov.b32 z{i}, {(0x8000 | (25 - 2 * i) << 10) * 0x10001:#010x};")
+    for i in range(4):
+        for b, src in enumerate(["lo", "lo8", "hi", "hi8"]):
+            if exact:
+                lines.append(f"lop3.b32 t, {src}, m{i}, o{i}, 0xEA;")
+                lines.append(f"add.rn.f16x2 ${4 * i + b}, t, z{i};")
+            else:
+                lines.append(f"lop3.b32 ${4 * i + b}, {src}, m{i}, o{i}, 0xEA;")
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+@gluon.jit
+def unpack(words, exact: gl.constexpr):
+    """16 float16 tensors of the shape and layout of ``words`` (int32, two adjacent elements
+    per thread paired): tensor ``4*i + b`` holds plane ``i`` of byte ``b``, plus ``2**(10 - 2i)``
+    unless ``exact``."""
+    return gl.inline_asm_elementwise(
+        unpack_pairs_ptx(exact), "=r," * 16 + "r,r", [words], dtype=(gl.float16,) * 16, is_pure=True, pack=2
+    )
+
+
+@gluon.jit
+def tile(x0, x1, layout: gl.constexpr):
+    """Two ``[BLOCK_N, 8]`` unpacked planes as one 16-wide operand tile ``[16, BLOCK_N]``:
+    index ``8*j + word`` (``j`` 0 for ``x0``); only registers are renamed."""
+    both = gl.permute(gl.join(x0, x1), (2, 1, 0))
+    return gl.convert_layout(gl.reshape(both, [16, x0.shape[0]]), layout, assert_trivial=True)
+
+
+@gluon.jit
+def channel(j: gl.constexpr, k):
+    """Channel of slot ``k`` (0-15) of operand tile ``j`` (keys: contraction slot; values: row).
+    Tile ``j`` joins planes ``2j, 2j+1`` of :func:`unpack` (:func:`tile`): plane ``j // 2`` of
+    bytes ``2*(j%2) + k // 8`` of word ``k % 8``, and byte ``y`` of word ``w`` plane ``i`` holds
+    channel ``4w + y + 32i`` (:func:`kvpolicy.quantizers.pack_codes`)."""
+    return 4 * (k % 8) + 2 * (j % 2) + k // 8 + 32 * (j // 2)
+
+
+@gluon.jit
+def query_tile(x, j: gl.constexpr, layout: gl.constexpr):
+    """Key tile ``j``'s left operand ``[16, 16]`` (rows 8-15 zero) from ``[8, 128]`` in
+    :func:`query_layout`, channels in :func:`channel` order; only registers are renamed."""
+    x = gl.reshape(x, [ROWS, 4, 4, 2, 2, 2])  # channel = 32i + 8c + 4e + 2h + y
+    x = gl.permute(x, (0, 5, 2, 3, 1, 4))  # row, y, c, e, i, h
+    x = gl.reshape(x, [ROWS, 16, 2, 2, 2])  # slot 8y + 2c + e; tile j = 2i + h = 4 * i1 + 2 * i0 + h
+    h0, h1 = gl.split(x)
+    x = h0 if j % 2 == 0 else h1
+    i0, i1 = gl.split(x)
+    x = i0 if (j // 2) % 2 == 0 else i1
+    i0, i1 = gl.split(x)
+    x = i0 if j // 4 == 0 else i1
+    both = gl.permute(gl.join(x, gl.zeros_like(x)), (2, 0, 1))
+    return gl.convert_layout(gl.reshape(both, [16, 16]), layout, assert_trivial=True)
+
+
+@gluon.jit
+def key_tile_scores(s, offsets, qs, u0, u1, j: gl.constexpr, lhs: gl.constexpr, rhs: gl.constexpr, EXACT: gl.constexpr):
+    """Adds key tile ``j`` to the scores ``s`` ``[16, BLOCK_N]``; unless ``EXACT`` (codes left as
+    ``2**(10 - 2i) + c`` by :func:`unpack`) also ``-2**(10 - 2i) * sum_k a[k]`` to ``offsets``
+    ``[16, 8]``, from the same products, so that the two sum to the scores of the codes."""
+    a = query_tile(qs, j, lhs)
+    s = mma_v2(a, tile(u0, u1, rhs), s)
+    if not EXACT:
+        offsets = mma_v2(a, gl.full([16, ROWS], -(1024 >> (2 * (j // 2))), gl.float16, rhs), offsets)
+    return s, offsets
+
+
+@gluon.jit
+def low_rows(x, layout: gl.constexpr):
+    """Rows 0-7 of an accumulator-layout ``[16, ...]`` tensor or ``[16]`` row vector."""
+    if len(x.shape) == 1:
+        lo, _ = gl.split(gl.permute(gl.reshape(x, [2, ROWS]), (1, 0)))
+    else:
+        lo, _ = gl.split(gl.permute(gl.reshape(x, [2, ROWS, x.shape[1]]), (1, 2, 0)))
+    return gl.convert_layout(lo, layout, assert_trivial=True)
+
+
+@gluon.jit
+def group_scales(x, tok: gl.constexpr, NG: gl.constexpr):
+    """``[BLOCK_N, NG]`` per-token values of ``NG`` (1, 2 or 4) value groups -> 4 ``[BLOCK_N]``
+    float32 tensors, group ``g * NG // 4`` in position ``g`` (repeated where ``NG < 4``)."""
+    x = x.to(gl.float32)
+    if NG == 1:
+        g0 = gl.convert_layout(gl.reshape(x, [x.shape[0]]), tok, assert_trivial=True)
+        return g0, g0, g0, g0
+    elif NG == 2:
+        g0, g1 = gl.split(x)
+        g0 = gl.convert_layout(g0, tok, assert_trivial=True)
+        g1 = gl.convert_layout(g1, tok, assert_trivial=True)
+        return g0, g0, g1, g1
+    else:
+        e, o = gl.split(gl.reshape(x, [x.shape[0], 2, 2]))
+        g0, g2 = gl.split(e)
+        g1, g3 = gl.split(o)
+        return (
+            gl.convert_layout(g0, tok, assert_trivial=True), gl.convert_layout(g1, tok, assert_trivial=True),
+            gl.convert_layout(g2, tok, assert_trivial=True), gl.convert_layout(g3, tok, assert_trivial=True),
+        )  # fmt: skip
+
+
+@gluon.jit
+def probs_operand(p, vs, rhs: gl.constexpr):
+    """``(p * s)ᵀ`` float16 ``[BLOCK_N, 8]``: the value tiles' right operand (registers renamed only)."""
+    return gl.convert_layout(gl.permute((p * vs[None, :]).to(gl.float16), (1, 0)), rhs, assert_trivial=True)
+
+
+@gluon.jit
+def key_inputs(
+    first, bh, N, KG: gl.constexpr, qc, KC, KS, KZ, stage, kc_s, ks_s, kz_s,
+    BLOCK_N: gl.constexpr, STAGED: gl.constexpr,
+):  # fmt: skip
+    """A block's key words, scales and zeros in the operand layouts, from shared-memory
+    ``stage`` (``STAGED``, see :func:`stage_block`) or straight from global memory."""
+    kwl: gl.constexpr = key_words_layout(BLOCK_N)
+    if STAGED:
+        ql: gl.constexpr = query_layout()
+        kcodes = kc_s.index(stage).load(kwl)
+        ks = ks_s.index(stage).load(gl.SliceLayout(0, ql))
+        kz = kz_s.index(stage).load(gl.SliceLayout(0, ql))
+    else:
+        kn = first + gl.arange(0, BLOCK_N, gl.SliceLayout(1, kwl))
+        kcodes = gl.load(KC + (bh * N + kn[:, None]) * WORDS + gl.arange(0, WORDS, gl.SliceLayout(0, kwl))[None, :])
+        key_row = (bh * (N // KG) + first // KG) * HEAD_DIM + qc
+        ks = gl.load(KS + key_row)
+        kz = gl.load(KZ + key_row)
+    return kcodes, ks, kz
+
+
+@gluon.jit
+def value_inputs(
+    first, bh, N, NV, VC, VS, VZ, VROWS, stage, vc_s, vs_s, vz_s,
+    BLOCK_N: gl.constexpr, NG: gl.constexpr, GATHER: gl.constexpr, STAGED: gl.constexpr,
+):  # fmt: skip
+    """A block's value words, scales and zeros in the operand layouts (as :func:`key_inputs`)
+    and the value row of each key (``GATHER``; otherwise the tokens)."""
+    vwl: gl.constexpr = value_words_layout(BLOCK_N)
+    vsl: gl.constexpr = value_scales_layout(BLOCK_N, NG)
+    rows = first + gl.arange(0, BLOCK_N, gl.SliceLayout(0, scores_layout(BLOCK_N)))
+    if GATHER:  # values are per-token rows, so each key's may be read from anywhere
+        rows = gl.load(VROWS + rows)
+        value_row = bh * NV + gl.maximum(rows, 0)
+    else:
+        value_row = bh * N + rows
+    if STAGED:
+        return vc_s.index(stage).load(vwl), vs_s.index(stage).load(vsl), vz_s.index(stage).load(vsl), rows
+    vrow = gl.convert_layout(value_row, gl.SliceLayout(1, vwl), assert_trivial=True)
+    vcodes = gl.load(VC + vrow[:, None] * WORDS + gl.arange(0, WORDS, gl.SliceLayout(0, vwl))[None, :])
+    srow = gl.convert_layout(value_row, gl.SliceLayout(1, vsl), assert_trivial=True)[:, None] * NG
+    srow += gl.arange(0, NG, gl.SliceLayout(0, vsl))[None, :]
+    return vcodes, gl.load(VS + srow), gl.load(VZ + srow), rows
+
+
+@gluon.jit
+def stage_block(
+    first, end, bh, N, NV, KG: gl.constexpr, KC, KS, KZ, VC, VS, VZ, VROWS, stage, kc_s, ks_s, kz_s, vc_s, vs_s, vz_s,
+    BLOCK_N: gl.constexpr, NG: gl.constexpr, GATHER: gl.constexpr,
+):  # fmt: skip
+    """Starts copying a block's bytes into shared-memory ``stage`` (``cp.async``, 16, 8 and
+    ``2 * NG`` bytes per copy); a block past ``end`` copies nothing."""
+    words: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [1, 1], [1, 0])
+    rows = first + gl.arange(0, BLOCK_N, gl.SliceLayout(1, words))
+    live = rows < end
+    w = gl.arange(0, WORDS, gl.SliceLayout(0, words))[None, :]
+    async_copy.async_copy_global_to_shared(kc_s.index(stage), KC + (bh * N + rows[:, None]) * WORDS + w, live[:, None])
+    if GATHER:
+        vrows = bh * NV + gl.maximum(gl.load(VROWS + rows, mask=live, other=0), 0)
+    else:
+        vrows = bh * N + rows
+    async_copy.async_copy_global_to_shared(vc_s.index(stage), VC + vrows[:, None] * WORDS + w, live[:, None])
+    channels: gl.constexpr = gl.BlockedLayout([4], [32], [1], [0])
+    c = gl.arange(0, HEAD_DIM, channels)
+    key_row = (bh * (N // KG) + first // KG) * HEAD_DIM + c
+    async_copy.async_copy_global_to_shared(ks_s.index(stage), KS + key_row, c < HEAD_DIM * (first < end))
+    async_copy.async_copy_global_to_shared(kz_s.index(stage), KZ + key_row, c < HEAD_DIM * (first < end))
+    groups: gl.constexpr = gl.BlockedLayout([1, NG], [32, 1], [1, 1], [1, 0])
+    rows = first + gl.arange(0, BLOCK_N, gl.SliceLayout(1, groups))
+    live = rows < end
+    if GATHER:
+        vrows = bh * NV + gl.maximum(gl.load(VROWS + rows, mask=live, other=0), 0)
+    else:
+        vrows = bh * N + rows
+    at = vrows[:, None] * NG + gl.arange(0, NG, gl.SliceLayout(0, groups))[None, :]
+    async_copy.async_copy_global_to_shared(vs_s.index(stage), VS + at, live[:, None])
+    async_copy.async_copy_global_to_shared(vz_s.index(stage), VZ + at, live[:, None])
+
+
+@gluon.jit
+def attend_block(
+    first, bh, b, N, NV, KG: gl.constexpr, q, qc, KC, KS, KZ, VC, VS, VZ, VROWS, BIAS,
+    stage, kc_s, ks_s, kz_s, vc_s, vs_s, vz_s,
+    m, total, zs0, zs1, zs2, zs3, a0, a1, a2, a3, a4, a5, a6, a7,
+    BLOCK_N: gl.constexpr, NG: gl.constexpr, HAS_BIAS: gl.constexpr, GATHER: gl.constexpr,
+    EXACT_KEYS: gl.constexpr, STAGED: gl.constexpr,
+):  # fmt: skip
+    """One block of ``BLOCK_N`` tokens from ``first``: the online-softmax state, updated. Its
+    inputs come from shared-memory ``stage`` (``STAGED``) or from global memory."""
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    lhs: gl.constexpr = gl.DotOperandLayout(0, mma, 2)
+    rhs: gl.constexpr = gl.DotOperandLayout(1, mma, 2)
+    sl: gl.constexpr = scores_layout(BLOCK_N)
+    tok: gl.constexpr = gl.SliceLayout(0, sl)
+    heads: gl.constexpr = gl.SliceLayout(1, sl)
+
+    # keys: scores against this block's key group, its scales folded into the query
+    kcodes, ks, kz = key_inputs(first, bh, N, KG, qc, KC, KS, KZ, stage, kc_s, ks_s, kz_s, BLOCK_N, STAGED)
+    u = unpack(kcodes, EXACT_KEYS)
+    row_term = gl.sum(q * kz.to(gl.float32)[None, :], 1)  # q . z
+    row_term = gl.convert_layout(row_term, heads, assert_trivial=True)
+    qs = (q * ks.to(gl.float32)[None, :]).to(gl.float16)
+    s = gl.zeros([16, BLOCK_N], gl.float32, mma)
+    offsets = gl.zeros([16, ROWS], gl.float32, mma)
+    s, offsets = key_tile_scores(s, offsets, qs, u[0], u[1], 0, lhs, rhs, EXACT_KEYS)
+    s, offsets = key_tile_scores(s, offsets, qs, u[2], u[3], 1, lhs, rhs, EXACT_KEYS)
+    s, offsets = key_tile_scores(s, offsets, qs, u[4], u[5], 2, lhs, rhs, EXACT_KEYS)
+    s, offsets = key_tile_scores(s, offsets, qs, u[6], u[7], 3, lhs, rhs, EXACT_KEYS)
+    s, offsets = key_tile_scores(s, offsets, qs, u[8], u[9], 4, lhs, rhs, EXACT_KEYS)
+    s, offsets = key_tile_scores(s, offsets, qs, u[10], u[11], 5, lhs, rhs, EXACT_KEYS)
+    s, offsets = key_tile_scores(s, offsets, qs, u[12], u[13], 6, lhs, rhs, EXACT_KEYS)
+    s, offsets = key_tile_scores(s, offsets, qs, u[14], u[15], 7, lhs, rhs, EXACT_KEYS)
+    if not EXACT_KEYS:
+        row_term += low_rows(gl.max(offsets, 1), heads)  # every column holds the same sum
+    s = low_rows(s, sl) + row_term[:, None]
+    vcodes, vsc, vzc, rows = value_inputs(
+        first, bh, N, NV, VC, VS, VZ, VROWS, stage, vc_s, vs_s, vz_s, BLOCK_N, NG, GATHER, STAGED
+    )
+    if GATHER:
+        s = gl.where((rows >= 0)[None, :], s, float("-inf"))  # a key without a value row
+    if HAS_BIAS:
+        s += gl.load(BIAS + b * N + first + gl.arange(0, BLOCK_N, tok))[None, :] * LOG2E
+
+    # online softmax; the accumulators are rescaled only in blocks that raise a row's maximum
+    m_new = gl.maximum(m, gl.max(s, 1))
+    if gl.max((m_new > m).to(gl.int32), 0) > 0:
+        alpha = gl.exp2(m - gl.where(m_new == float("-inf"), 0.0, m_new))
+        total *= alpha
+        zs0 *= alpha
+        zs1 *= alpha
+        zs2 *= alpha
+        zs3 *= alpha
+        col = gl.convert_layout(alpha, gl.SliceLayout(0, mma))[None, :]
+        a0 *= col
+        a1 *= col
+        a2 *= col
+        a3 *= col
+        a4 *= col
+        a5 *= col
+        a6 *= col
+        a7 *= col
+        m = m_new
+    p = gl.exp2(s - gl.where(m == float("-inf"), 0.0, m)[:, None])
+    total += gl.sum(p, 1)
+
+    # values: per-token scales folded into the probabilities
+    u = unpack(vcodes, True)
+    vs0, vs1, vs2, vs3 = group_scales(vsc, tok, NG)
+    vz0, vz1, vz2, vz3 = group_scales(vzc, tok, NG)
+    zs0 += gl.sum(p * vz0[None, :], 1)
+    r0 = probs_operand(p, vs0, rhs)
+    if NG == 1:
+        r1 = r0
+        r2 = r0
+        r3 = r0
+    elif NG == 2:
+        zs2 += gl.sum(p * vz2[None, :], 1)
+        r1 = r0
+        r2 = probs_operand(p, vs2, rhs)
+        r3 = r2
+    else:
+        zs1 += gl.sum(p * vz1[None, :], 1)
+        zs2 += gl.sum(p * vz2[None, :], 1)
+        zs3 += gl.sum(p * vz3[None, :], 1)
+        r1 = probs_operand(p, vs1, rhs)
+        r2 = probs_operand(p, vs2, rhs)
+        r3 = probs_operand(p, vs3, rhs)
+    # value tile j holds plane j // 2 (channels 32 * (j // 2) + ..), of value group r_(j // 2)
+    a0 = mma_v2(tile(u[0], u[1], lhs), r0, a0)
+    a1 = mma_v2(tile(u[2], u[3], lhs), r0, a1)
+    a2 = mma_v2(tile(u[4], u[5], lhs), r1, a2)
+    a3 = mma_v2(tile(u[6], u[7], lhs), r1, a3)
+    a4 = mma_v2(tile(u[8], u[9], lhs), r2, a4)
+    a5 = mma_v2(tile(u[10], u[11], lhs), r2, a5)
+    a6 = mma_v2(tile(u[12], u[13], lhs), r3, a6)
+    a7 = mma_v2(tile(u[14], u[15], lhs), r3, a7)
+    return m, total, zs0, zs1, zs2, zs3, a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@gluon.jit
+def packed_decode_mma(
+    Q, KC, KS, KZ, VC, VS, VZ, VROWS, BIAS, OUT, LSE,
+    N, NV, HKV, G, scaling_log2, tokens_per_split,
+    KG: gl.constexpr, VG: gl.constexpr, BLOCK_N: gl.constexpr, HAS_BIAS: gl.constexpr, GATHER: gl.constexpr,
+    EXACT_KEYS: gl.constexpr, STAGES: gl.constexpr,
+):  # fmt: skip
+    """One warp: one (batch row, KV head) and tokens ``[start, start + tokens_per_split)``.
+
+    Same contract as :func:`kvpolicy.fused_kernels.packed_decode` with one partial result per
+    split (``OUT`` ``[B*H_kv, S, G, D]`` normalised, ``LSE`` ``[B*H_kv, S, G]`` in base e): ``KC``
+    and ``VC`` are the codes viewed as int32 words ``[.., n, 8]``, ``KS``/``KZ`` ``[.., n // KG, D]``,
+    ``VS``/``VZ`` ``[.., NV, D // VG]``; ``BLOCK_N`` divides ``KG`` (so ``N`` too, a whole number
+    of key groups) and ``tokens_per_split``.
+    ``EXACT_KEYS``: subtract each key code's offset in the unpacking rather than once per row
+    (:func:`key_tile_scores`). ``STAGES``: blocks in flight through shared memory (``cp.async``,
+    0: none, each block read straight into registers; needs ``VG <= 64``). Rows past ``G`` are
+    computed but never written.
+    """
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    NG: gl.constexpr = HEAD_DIM // VG  # value groups per token
+    ql: gl.constexpr = query_layout()
+    heads: gl.constexpr = gl.SliceLayout(1, scores_layout(BLOCK_N))
+
+    bh = gl.program_id(0)
+    split = gl.program_id(1)
+    splits = gl.num_programs(1)
+    b = bh // HKV
+    start = split * tokens_per_split
+    end = gl.minimum(start + tokens_per_split, N)
+
+    qr = gl.arange(0, ROWS, gl.SliceLayout(1, ql))
+    qc = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, ql))
+    q = gl.load(Q + (bh * G + qr[:, None]) * HEAD_DIM + qc[None, :], mask=(qr < G)[:, None], other=0.0)
+    q = q.to(gl.float32) * scaling_log2
+
+    m = gl.full([ROWS], float("-inf"), gl.float32, heads)
+    total = gl.zeros([ROWS], gl.float32, heads)
+    zs0 = gl.zeros([ROWS], gl.float32, heads)  # sum of p * z of plane i's value group
+    zs1 = gl.zeros([ROWS], gl.float32, heads)
+    zs2 = gl.zeros([ROWS], gl.float32, heads)
+    zs3 = gl.zeros([ROWS], gl.float32, heads)
+    a0 = gl.zeros([16, ROWS], gl.float32, mma)  # Oᵀ, one accumulator per 16-channel tile
+    a1 = gl.zeros([16, ROWS], gl.float32, mma)
+    a2 = gl.zeros([16, ROWS], gl.float32, mma)
+    a3 = gl.zeros([16, ROWS], gl.float32, mma)
+    a4 = gl.zeros([16, ROWS], gl.float32, mma)
+    a5 = gl.zeros([16, ROWS], gl.float32, mma)
+    a6 = gl.zeros([16, ROWS], gl.float32, mma)
+    a7 = gl.zeros([16, ROWS], gl.float32, mma)
+    if STAGES == 0:
+        for first in range(start, end, BLOCK_N):  # (the pointers stand in for the unused stages)
+            m, total, zs0, zs1, zs2, zs3, a0, a1, a2, a3, a4, a5, a6, a7 = attend_block(
+                first, bh, b, N, NV, KG, q, qc, KC, KS, KZ, VC, VS, VZ, VROWS, BIAS, 0, KC, KS, KZ, VC, VS, VZ,
+                m, total, zs0, zs1, zs2, zs3, a0, a1, a2, a3, a4, a5, a6, a7,
+                BLOCK_N, NG, HAS_BIAS, GATHER, EXACT_KEYS, False,
+            )  # fmt: skip
+    else:
+        flat: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])  # per stage
+        kc_s = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, WORDS], flat)
+        vc_s = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, WORDS], flat)
+        vs_s = gl.allocate_shared_memory(VS.dtype.element_ty, [STAGES, BLOCK_N, NG], flat)
+        vz_s = gl.allocate_shared_memory(VZ.dtype.element_ty, [STAGES, BLOCK_N, NG], flat)
+        ks_s = gl.allocate_shared_memory(KS.dtype.element_ty, [STAGES, HEAD_DIM], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        kz_s = gl.allocate_shared_memory(KZ.dtype.element_ty, [STAGES, HEAD_DIM], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        for i in gl.static_range(STAGES - 1):
+            stage_block(
+                start + i * BLOCK_N, end, bh, N, NV, KG, KC, KS, KZ, VC, VS, VZ, VROWS,
+                i, kc_s, ks_s, kz_s, vc_s, vs_s, vz_s, BLOCK_N, NG, GATHER,
+            )  # fmt: skip
+            async_copy.commit_group()
+        for i in range(0, gl.cdiv(end - start, BLOCK_N)):
+            gl.thread_barrier()  # every lane is done with the stage refilled now
+            stage_block(
+                start + (i + STAGES - 1) * BLOCK_N, end, bh, N, NV, KG, KC, KS, KZ, VC, VS, VZ, VROWS,
+                (i + STAGES - 1) % STAGES, kc_s, ks_s, kz_s, vc_s, vs_s, vz_s, BLOCK_N, NG, GATHER,
+            )  # fmt: skip
+            async_copy.commit_group()
+            async_copy.wait_group(STAGES - 1)
+            gl.thread_barrier()  # and every lane's copies of this block are visible
+            m, total, zs0, zs1, zs2, zs3, a0, a1, a2, a3, a4, a5, a6, a7 = attend_block(
+                start + i * BLOCK_N, bh, b, N, NV, KG, q, qc, KC, KS, KZ, VC, VS, VZ, VROWS, BIAS,
+                i % STAGES, kc_s, ks_s, kz_s, vc_s, vs_s, vz_s,
+                m, total, zs0, zs1, zs2, zs3, a0, a1, a2, a3, a4, a5, a6, a7,
+                BLOCK_N, NG, HAS_BIAS, GATHER, EXACT_KEYS, True,
+            )  # fmt: skip
+
+    if NG == 1:
+        zs1 = zs0
+        zs2 = zs0
+        zs3 = zs0
+    elif NG == 2:
+        zs1 = zs0
+        zs3 = zs2
+    head = gl.arange(0, ROWS, heads)
+    safe = gl.where(total > 0, total, 1.0)
+    row = (bh * splits + split) * G
+    gl.store(LSE + row + head, gl.where(total > 0, (m + gl.log2(safe)) * LN2, float("-inf")), mask=head < G)
+    cols: gl.constexpr = gl.SliceLayout(0, mma)
+    inv = gl.convert_layout(1.0 / safe, cols)[None, :]
+    h = gl.arange(0, ROWS, cols)
+    k = gl.arange(0, 16, gl.SliceLayout(1, mma))
+    out = OUT + (row + h[None, :]) * HEAD_DIM
+    live = (h < G)[None, :]
+    gl.store(out + channel(0, k)[:, None], (a0 + gl.convert_layout(zs0, cols)[None, :]) * inv, mask=live)
+    gl.store(out + channel(1, k)[:, None], (a1 + gl.convert_layout(zs0, cols)[None, :]) * inv, mask=live)
+    gl.store(out + channel(2, k)[:, None], (a2 + gl.convert_layout(zs1, cols)[None, :]) * inv, mask=live)
+    gl.store(out + channel(3, k)[:, None], (a3 + gl.convert_layout(zs1, cols)[None, :]) * inv, mask=live)
+    gl.store(out + channel(4, k)[:, None], (a4 + gl.convert_layout(zs2, cols)[None, :]) * inv, mask=live)
+    gl.store(out + channel(5, k)[:, None], (a5 + gl.convert_layout(zs2, cols)[None, :]) * inv, mask=live)
+    gl.store(out + channel(6, k)[:, None], (a6 + gl.convert_layout(zs3, cols)[None, :]) * inv, mask=live)
+    gl.store(out + channel(7, k)[:, None], (a7 + gl.convert_layout(zs3, cols)[None, :]) * inv, mask=live)
