@@ -64,7 +64,10 @@ def check(variants: list[dict], gen: torch.Generator, device: str = "cuda", kern
         k = torch.randn(b, hkv, n, d, generator=gen).to(dtype).to(device) * 3 + torch.randn(d, generator=gen).to(device)
         kp = backend.quantize(k.to(dtype), QuantSpec(bits=2, group_size=kg, axis="channel"))
         nv = n + 37 if paired else n
-        vp = backend.quantize(torch.randn(b, hkv, nv, d, generator=gen).to(dtype).to(device), QuantSpec(bits=2, group_size=vg, axis="token"))
+        vp = backend.quantize(
+            torch.randn(b, hkv, nv, d, generator=gen).to(dtype).to(device),
+            QuantSpec(bits=2, group_size=vg, axis="token"),
+        )
         rows = None
         if paired:
             rows = torch.randperm(nv, generator=gen)[:n].int()
@@ -77,10 +80,20 @@ def check(variants: list[dict], gen: torch.Generator, device: str = "cuda", kern
         q = torch.randn(b, hkv, g, d, generator=gen).to(dtype).to(device)
         expected = float64_reference(q, kp, vp, scale, bias, rows.to(device) if rows is not None else None)
         out, _ = packed_decode_attention(
-            q, kp, vp, scale, bias, rows.to(device) if rows is not None else None, splits=splits, kernel=kernel, **variant
+            q,
+            kp,
+            vp,
+            scale,
+            bias,
+            rows.to(device) if rows is not None else None,
+            splits=splits,
+            kernel=kernel,
+            **variant,
         )
         rel = float((out.double() - expected).norm() / expected.norm())
-        results.append({"case": [str(c) for c in case], **variant, "rel_err": rel, "finite": bool(out.isfinite().all())})
+        results.append(
+            {"case": [str(c) for c in case], **variant, "rel_err": rel, "finite": bool(out.isfinite().all())}
+        )
     return results
 
 

@@ -372,6 +372,11 @@ def main(argv=None) -> int:
         help="also time every other contender at this contender's largest batch ('' to skip)",
     )
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the fused executor's bandwidth rows")
+    parser.add_argument(
+        "--kernel",
+        choices=("mma", "triton"),
+        help="the fused executor's packed-region kernel (default: mma where it serves)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a 2-layer toy model (to check the script on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -384,6 +389,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.allocator == "expandable":
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # read at the first allocation
+    if args.kernel:
+        import kvpolicy.fused
+
+        kvpolicy.fused.DEFAULT_KERNEL = args.kernel
     contexts = [int(c) for c in args.contexts.split(",")]
     names = [c.strip() for c in args.contenders.split(",")]
     torch.manual_seed(0)

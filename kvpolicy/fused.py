@@ -43,6 +43,7 @@ MMA_MAX_REGISTERS: int | None = None
 MMA_EXACT_KEYS = False  # subtract the key codes' offsets per code rather than once per row
 MMA_STAGES = 3  # blocks in flight through shared memory (cp.async); 0: read straight into registers
 KERNELS = ("mma", "triton")
+DEFAULT_KERNEL: str | None = None  # None: "mma" where it serves the shapes; benchmarks may pin one
 
 
 @functools.cache
@@ -169,8 +170,10 @@ def packed_splits(
     ``groups_per_block`` partial results: ``P = splits * groups_per_block``.
 
     ``kernel``: ``"mma"`` (:func:`mma_splits`, where :func:`mma_fusable`; the default there),
-    ``"triton"`` (this one's own, everywhere else); ``mma``: that kernel's settings.
+    ``"triton"`` (this one's own, everywhere else), ``None``: :data:`DEFAULT_KERNEL`; ``mma``:
+    that kernel's settings.
     """
+    kernel = kernel or DEFAULT_KERNEL
     if kernel not in (None, *KERNELS):
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
     if kernel == "mma" or (kernel is None and mma_fusable(grouped, keys, values)):

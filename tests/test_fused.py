@@ -168,3 +168,93 @@ def test_default_groups_per_block_fills_128_token_blocks_within_16_rows():
             r = default_groups_per_block(group, heads)
             assert r in GROUPS_PER_BLOCK_CHOICES
             assert r == 1 or (r * group <= 128 and r * triton_next_power_of_2(heads) <= 16)
+
+
+def _gluon_available() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    from kvpolicy.fused import gluon_available
+
+    return gluon_available()
+
+
+gluon = pytest.mark.skipif(not _gluon_available(), reason="needs triton with Gluon")
+
+
+@cuda
+@gluon
+@pytest.mark.parametrize("stages", [0, 3])
+def test_mma_kernel_matches_float64_on_fresh_cases(stages):
+    """The Gluon kernel on every case of ``benchmarks.mma_sweep`` (query heads 1-8, key groups
+    16-128, value groups 32-128, padding, values paired by rows, bf16 and fp16)."""
+    from benchmarks.mma_sweep import check
+
+    for result in check(
+        [{"stages": stages}, {"stages": stages, "block_tokens": 32, "exact_keys": True}],
+        torch.Generator().manual_seed(1),
+    ):
+        assert result["finite"] and result["rel_err"] <= 1e-2, result
+
+
+@gluon
+@pytest.mark.parametrize("stages", [0, 3])
+def test_mma_kernel_compiles_for_sm90_without_a_shared_memory_round_trip(stages):
+    """Compiled for the H100/H200 here (no GPU needed): the main loop's 104 matrix products
+    (64 scores, 8 key offsets, 32 values per 64 tokens) take their operands from registers
+    loaded in place; no shared-memory store or barrier there when reading straight from global
+    memory, and with the ``cp.async`` stages shared memory is written only by the copies."""
+    from kvpolicy.kernel_inspect import compile_for, mma_kernel_source
+
+    compiled = compile_for(mma_kernel_source(stages=stages), {"num_warps": 1})
+    loop = compiled.loop_opcodes()
+    assert loop["HMMA"] == 104
+    assert loop["STS"] == 0
+    if stages == 0:
+        assert compiled.shared_bytes == 0 and loop["LDS"] == 0 and loop["BAR"] == 0
+    else:
+        assert compiled.stack_bytes == 0  # no spills at the default
+        assert loop["LDGSTS"] > 0 and loop["BAR"] <= 2
+        assert compiled.shared_bytes == stages * 5 * 1024  # codes 2 x 2 KB, scales 4 x 256 B per stage
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("exact", [True, False])
+def test_pair_unpacking_constants_give_every_code(exact):
+    """Plane ``i``'s two bits set into the mantissa of ``2**(10 - 2i)`` give ``2**(10 - 2i) + c``
+    exactly; the exact variant's ``add.f16x2`` then gives ``c``, the other leaves the offset
+    that ``key_tile_scores`` takes off once per row (``-(1024 >> 2i)``)."""
+    import re
+    import struct
+
+    from kvpolicy.fused_mma import unpack_pairs_ptx
+
+    def half(pattern: int) -> float:
+        assert pattern >> 16 == pattern & 0xFFFF  # the same value in both halves
+        return struct.unpack("<e", struct.pack("<H", pattern & 0xFFFF))[0]
+
+    ptx = unpack_pairs_ptx(exact)
+    constants = dict(re.findall(r"mov\.b32 (\w\d), (0x[0-9a-f]+);", ptx))
+    assert ptx.count("lop3.b32") == 16 and ptx.count("add.rn.f16x2") == (16 if exact else 0)
+    for i in range(4):
+        mask, magic, offset = (int(constants[f"{name}{i}"], 16) for name in "moz")
+        assert mask == (3 << 2 * i) * 0x10001
+        assert half(magic) == 2 ** (10 - 2 * i) == 1024 >> 2 * i
+        for code in range(4):
+            value = struct.unpack("<e", struct.pack("<H", (magic | code << 2 * i) & 0xFFFF))[0]
+            assert value == 2 ** (10 - 2 * i) + code
+            assert struct.unpack("<e", struct.pack("<e", value + half(offset)))[0] == code
+
+
+def test_kernel_choice_names_the_allowed_kernels():
+    from kvpolicy.config import QuantSpec
+    from kvpolicy.fused import packed_splits
+    from kvpolicy.quantizers import NativeQuantizer
+
+    backend = NativeQuantizer()
+    keys = backend.quantize(torch.randn(1, 1, 64, 128), QuantSpec(bits=2, group_size=64, axis="channel"))
+    values = backend.quantize(torch.randn(1, 1, 64, 128), QuantSpec(bits=2, group_size=64, axis="token"))
+    query = torch.randn(1, 1, 4, 128)
+    with pytest.raises(ValueError, match=r"kernel must be one of \('mma', 'triton'\) or None, got 'cuda'"):
+        packed_splits(query, keys, values, 0.1, None, kernel="cuda")
+    with pytest.raises(ValueError, match="kernel='mma' does not serve these shapes"):
+        packed_splits(query, keys, values, 0.1, None, kernel="mma")  # a CPU tensor
