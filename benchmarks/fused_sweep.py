@@ -115,7 +115,7 @@ def sweep_shape(b: int, n: int, group: int, args, baselines: dict, sms: int, cop
         run = functools.partial(
             packed_decode_attention, q, kp, vp, scale, None,
             num_warps=warps, num_stages=stages, split_factor=factor, max_registers=regs or None,
-            groups_per_block=per_block,
+            groups_per_block=per_block, kernel="triton",
         )  # fmt: skip
         try:
             out = run()[0].reshape(expected.shape)
@@ -137,7 +137,7 @@ def sweep_shape(b: int, n: int, group: int, args, baselines: dict, sms: int, cop
     defaults = (NUM_WARPS, NUM_STAGES, SPLIT_FACTOR, MAX_REGISTERS or 0, default_groups_per_block(group, 4))
     keys = ("warps", "stages", "split_factor", "max_registers", "groups_per_block")
     default = [r["ms"] for r in rows if tuple(r[k] for k in keys) == defaults]
-    baseline_ms = {name: bench(functools.partial(fn, q, kp, vp, scale, None)) for name, fn in baselines.items()}
+    baseline_ms = {name: bench(functools.partial(fn, q, kp, vp, scale, None)) for name, fn in baselines.items()}  # noqa: E501
     baseline_err = {
         name: float((fn(q, kp, vp, scale, None)[0].reshape(expected.shape) - expected).norm() / expected.norm())
         for name, fn in baselines.items()
