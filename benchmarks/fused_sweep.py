@@ -137,7 +137,7 @@ def sweep_shape(b: int, n: int, group: int, args, baselines: dict, sms: int, cop
     defaults = (NUM_WARPS, NUM_STAGES, SPLIT_FACTOR, MAX_REGISTERS or 0, default_groups_per_block(group, 4))
     keys = ("warps", "stages", "split_factor", "max_registers", "groups_per_block")
     default = [r["ms"] for r in rows if tuple(r[k] for k in keys) == defaults]
-    baseline_ms = {name: bench(functools.partial(fn, q, kp, vp, scale, None)) for name, fn in baselines.items()}  # noqa: E501
+    baseline_ms = {name: bench(functools.partial(fn, q, kp, vp, scale, None)) for name, fn in baselines.items()}
     baseline_err = {
         name: float((fn(q, kp, vp, scale, None)[0].reshape(expected.shape) - expected).norm() / expected.norm())
         for name, fn in baselines.items()
