@@ -98,9 +98,10 @@ def load_baseline(path: str):
     return module.packed_decode_attention
 
 
-def sweep_shape(b: int, n: int, group: int, args, baselines: dict, sms: int, copy_bw: float) -> tuple[dict, dict]:
-    """Every launch configuration at one shape, plus the yardsticks; ``(summary, sweep)``."""
-    hkv, g, d, scale = 8, 4, 128, 128**-0.5
+def layer_data(b: int, n: int, group: int, hkv: int = 8, g: int = 4, d: int = 128):
+    """One Llama-8B layer's packed region on the GPU (2-bit, ``group`` for keys and values),
+    bf16 queries and the float32 reference: ``(q, keys, values, scale, packed bytes, expected)``."""
+    scale = d**-0.5
     backend = NativeQuantizer()
     k, v = torch.randn(2, b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
     kp = backend.quantize(k * 2, QuantSpec(bits=2, group_size=group, axis="channel"))
@@ -108,7 +109,13 @@ def sweep_shape(b: int, n: int, group: int, args, baselines: dict, sms: int, cop
     del k, v
     q = torch.randn(b, hkv, g, d, device="cuda", dtype=torch.bfloat16)
     nbytes = sum(kp.nbytes().values()) + sum(vp.nbytes().values())
-    expected = reference(q, kp, vp, scale)
+    return q, kp, vp, scale, nbytes, reference(q, kp, vp, scale)
+
+
+def sweep_shape(b: int, n: int, group: int, args, baselines: dict, sms: int, copy_bw: float) -> tuple[dict, dict]:
+    """Every launch configuration at one shape, plus the yardsticks; ``(summary, sweep)``."""
+    hkv = 8
+    q, kp, vp, scale, nbytes, expected = layer_data(b, n, group, hkv)
     rows = []
     configs = itertools.product(args.warps, args.stages, args.split_factors, args.max_registers, args.groups_per_block)
     for warps, stages, factor, regs, per_block in configs:

@@ -23,7 +23,7 @@ import json
 import torch
 
 from benchmarks.attention_bench import bench, copy_bandwidth
-from benchmarks.fused_sweep import reference, time_read_only
+from benchmarks.fused_sweep import layer_data, time_read_only
 from kvpolicy.config import QuantSpec
 from kvpolicy.fused import packed_decode_attention
 from kvpolicy.quantizers import NativeQuantizer
@@ -98,15 +98,8 @@ def check(variants: list[dict], gen: torch.Generator, device: str = "cuda", kern
 
 
 def time_shape(b, n, group, variants, copy_bw, sms) -> dict:
-    hkv, g, d, scale = 8, 4, 128, 128**-0.5
-    backend = NativeQuantizer()
-    k, v = torch.randn(2, b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
-    kp = backend.quantize(k * 2, QuantSpec(bits=2, group_size=group, axis="channel"))
-    vp = backend.quantize(v, QuantSpec(bits=2, group_size=group, axis="token"))
-    del k, v
-    q = torch.randn(b, hkv, g, d, device="cuda", dtype=torch.bfloat16)
-    nbytes = sum(kp.nbytes().values()) + sum(vp.nbytes().values())
-    expected = reference(q, kp, vp, scale)
+    hkv = 8
+    q, kp, vp, scale, nbytes, expected = layer_data(b, n, group, hkv)
 
     def timed(**kw):
         run = functools.partial(packed_decode_attention, q, kp, vp, scale, None, **kw)

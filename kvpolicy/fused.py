@@ -144,6 +144,19 @@ def packed_decode_attention(
     return merged, total
 
 
+def split_tokens(
+    n: int, block_n: int, rows: int, device: torch.device, splits: int | None, split_factor: int
+) -> tuple[int, int]:
+    """``(splits, tokens per split)`` for ``n`` tokens in blocks of ``block_n`` over ``rows``
+    (batch rows times KV heads): ``splits`` if given, else about ``split_factor`` programs
+    per SM; every split but the last holds a whole number of blocks."""
+    if splits is None:
+        sms = _multiprocessors(device) if device.type == "cuda" else 8
+        splits = max(1, min(triton_cdiv(n, block_n), triton_cdiv(split_factor * sms, rows)))
+    tokens_per_split = triton_cdiv(triton_cdiv(n, splits), block_n) * block_n
+    return triton_cdiv(n, tokens_per_split), tokens_per_split
+
+
 def packed_splits(
     grouped: torch.Tensor,
     keys: NativePacked,
@@ -187,11 +200,7 @@ def packed_splits(
     if groups_per_block not in GROUPS_PER_BLOCK_CHOICES:
         raise ValueError(f"groups_per_block must be one of {GROUPS_PER_BLOCK_CHOICES}, got {groups_per_block!r}")
     block_n = keys.group_size * groups_per_block
-    if splits is None:
-        sms = _multiprocessors(grouped.device) if grouped.is_cuda else 8
-        splits = max(1, min(triton_cdiv(n, block_n), triton_cdiv(split_factor * sms, b * hkv)))
-    tokens_per_split = triton_cdiv(triton_cdiv(n, splits), block_n) * block_n
-    splits = triton_cdiv(n, tokens_per_split)
+    splits, tokens_per_split = split_tokens(n, block_n, b * hkv, grouped.device, splits, split_factor)
     block_g = max(16, groups_per_block * triton_next_power_of_2(g))
     out = torch.empty(b * hkv, splits * groups_per_block, g, d, dtype=torch.float32, device=grouped.device)
     lse = torch.empty(b * hkv, splits * groups_per_block, g, dtype=torch.float32, device=grouped.device)
@@ -233,11 +242,7 @@ def mma_splits(
     b, hkv, g, d = grouped.shape
     n = keys.num_tokens
     block_n = min(block_tokens, keys.group_size)
-    if splits is None:
-        sms = _multiprocessors(grouped.device)
-        splits = max(1, min(triton_cdiv(n, block_n), triton_cdiv(split_factor * sms, b * hkv)))
-    tokens_per_split = triton_cdiv(triton_cdiv(n, splits), block_n) * block_n
-    splits = triton_cdiv(n, tokens_per_split)
+    splits, tokens_per_split = split_tokens(n, block_n, b * hkv, grouped.device, splits, split_factor)
     out = torch.empty(b * hkv, splits, g, d, dtype=torch.float32, device=grouped.device)
     lse = torch.empty(b * hkv, splits, g, dtype=torch.float32, device=grouped.device)
     has_bias, gather = bias is not None, value_rows is not None
