@@ -45,8 +45,9 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms / 1e3)
 
 
-def measure(n: int, b: int, copy_bw: float) -> dict:
-    """Time one decode step's attention over ``n`` cached tokens for batch ``b``."""
+def measure(n: int, b: int, copy_bw: float, kernel: str | None = None) -> dict:
+    """Time one decode step's attention over ``n`` cached tokens for batch ``b`` (``kernel``:
+    the packed region's, see :func:`kvpolicy.fused.packed_splits`)."""
     kv_heads, groups, d = 8, 4, 128
     backend = NativeQuantizer()
     k = torch.randn(b, kv_heads, n, d, device="cuda", dtype=torch.bfloat16)
@@ -60,12 +61,12 @@ def measure(n: int, b: int, copy_bw: float) -> dict:
     bf16_bytes = 2 * k.numel() * 2
 
     t_sdpa = bench(lambda: F.scaled_dot_product_attention(query, k, v, scale=scale, enable_gqa=True))
-    t_fused = bench(lambda: packed_decode_attention(grouped, kp, vp, scale, None))
+    t_fused = bench(lambda: packed_decode_attention(grouped, kp, vp, scale, None, kernel=kernel))
     # the same call replayed from a CUDA graph: no Python/launch gaps between its kernels
-    packed_decode_attention(grouped, kp, vp, scale, None)
+    packed_decode_attention(grouped, kp, vp, scale, None, kernel=kernel)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        packed_decode_attention(grouped, kp, vp, scale, None)
+        packed_decode_attention(grouped, kp, vp, scale, None, kernel=kernel)
     t_graph = bench(graph.replay)
 
     def dequant_sdpa():
@@ -73,7 +74,7 @@ def measure(n: int, b: int, copy_bw: float) -> dict:
 
     t_deq = bench(dequant_sdpa, warmup=2, reps=10)
     # correctness against the same dequantized tokens in float32
-    o, _ = packed_decode_attention(grouped, kp, vp, scale, None)
+    o, _ = packed_decode_attention(grouped, kp, vp, scale, None, kernel=kernel)
     ref = F.scaled_dot_product_attention(
         query.float(), kp.dequantize().float(), vp.dequantize().float(), scale=scale, enable_gqa=True
     ).reshape(b, kv_heads, groups, d)

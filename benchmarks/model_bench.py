@@ -65,6 +65,8 @@ LLAMA_8B = dict(
 TINY = dict(LLAMA_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=64, vocab_size=1024)  # fmt: skip
 CONTENDERS = ("dynamic", "hf_quantized", "kivi", "logquant", "partial_logquant")
+# --kernel -> the fused executor that takes it ("fused" picks the Gluon kernel where it serves)
+EXECUTORS = {None: "fused", "mma": "fused", "triton": "fused-triton"}
 
 
 def tensor_parallel() -> bool:
@@ -138,22 +140,22 @@ def build_model(shape: dict, device: str):
     return model.eval()
 
 
-def make_cache(name: str, model):
+def make_cache(name: str, model, executor: str = "fused"):
     from transformers.cache_utils import DynamicCache, QuantizedCache
 
     if name == "dynamic":
         return DynamicCache(config=model.config)
     if name == "hf_quantized":
         return QuantizedCache(backend="quanto", config=model.config, nbits=2, q_group_size=64, residual_length=128)
-    return fused_policy(name).make_cache(model)
+    return fused_policy(name, executor).make_cache(model)
 
 
-def fused_policy(name: str):
-    """The registered policy ``name`` with the ``fused`` executor."""
+def fused_policy(name: str, executor: str = "fused"):
+    """The registered policy ``name`` with a fused executor (``fused`` or ``fused-triton``)."""
     from kvpolicy.policy import Policy
 
     policy = Policy.load(name)
-    return Policy(attrs.evolve(policy.config, executor="fused"), policy.registry)
+    return Policy(attrs.evolve(policy.config, executor=executor), policy.registry)
 
 
 def cache_bytes(cache) -> int:
@@ -221,7 +223,7 @@ def run_one(name, model, batch, context, args) -> dict:
     cache = None
     phase = "fill"
     try:
-        cache = make_cache(name, model)
+        cache = make_cache(name, model, EXECUTORS[args.kernel])
         t0 = time.perf_counter()
         try:
             fill(cache, model, batch, context, args.chunk, model.device)
@@ -389,10 +391,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.allocator == "expandable":
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # read at the first allocation
-    if args.kernel:
-        import kvpolicy.fused
-
-        kvpolicy.fused.DEFAULT_KERNEL = args.kernel
     contexts = [int(c) for c in args.contexts.split(",")]
     names = [c.strip() for c in args.contenders.split(",")]
     torch.manual_seed(0)
@@ -434,7 +432,7 @@ def main(argv=None) -> int:
 
         copy_bw = copy_bandwidth()
         for context in contexts:
-            bandwidth.append(measure(context, args.batch, copy_bw))
+            bandwidth.append(measure(context, args.batch, copy_bw, args.kernel))
             print(json.dumps(bandwidth[-1]), file=sys.stderr, flush=True)
     env = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),

@@ -8,7 +8,7 @@ from __future__ import annotations
 from kvpolicy.backends.hqq import HQQQuantizer
 from kvpolicy.backends.quanto import QuantoQuantizer
 from kvpolicy.executors import ChunkedExecutor, ReferenceExecutor
-from kvpolicy.fused import FusedExecutor
+from kvpolicy.fused import FusedExecutor, FusedTritonExecutor
 from kvpolicy.hookspecs import hookimpl
 from kvpolicy.quantizers import NativeQuantizer
 from kvpolicy.selectors import BUILTIN_SELECTORS
@@ -26,7 +26,7 @@ def kvpolicy_quantizers():
 
 @hookimpl
 def kvpolicy_executors():
-    return [ReferenceExecutor, ChunkedExecutor, FusedExecutor]
+    return [ReferenceExecutor, ChunkedExecutor, FusedExecutor, FusedTritonExecutor]
 
 
 @hookimpl

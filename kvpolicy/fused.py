@@ -43,7 +43,6 @@ MMA_MAX_REGISTERS: int | None = None
 MMA_EXACT_KEYS = False  # subtract the key codes' offsets per code rather than once per row
 MMA_STAGES = 3  # blocks in flight through shared memory (cp.async); 0: read straight into registers
 KERNELS = ("mma", "triton")
-DEFAULT_KERNEL: str | None = None  # None: "mma" where it serves the shapes; benchmarks may pin one
 
 
 @functools.cache
@@ -182,11 +181,10 @@ def packed_splits(
     gives each of its block's key groups its own rows of the matrix-unit tiles, so it writes
     ``groups_per_block`` partial results: ``P = splits * groups_per_block``.
 
-    ``kernel``: ``"mma"`` (:func:`mma_splits`, where :func:`mma_fusable`; the default there),
-    ``"triton"`` (this one's own, everywhere else), ``None``: :data:`DEFAULT_KERNEL`; ``mma``:
-    that kernel's settings.
+    ``kernel``: ``"mma"`` (:func:`mma_splits`; an error where not :func:`mma_fusable`),
+    ``"triton"`` (this one's own), ``None``: ``"mma"`` where it serves the shapes, else
+    ``"triton"``; ``mma``: the Gluon kernel's settings.
     """
-    kernel = kernel or DEFAULT_KERNEL
     if kernel not in (None, *KERNELS):
         raise ValueError(f"kernel must be one of {KERNELS} or None, got {kernel!r}")
     if kernel == "mma" or (kernel is None and mma_fusable(grouped, keys, values)):
@@ -268,6 +266,7 @@ def decode_attention(
     full_precision_bias: torch.Tensor | None = None,
     packed_bias: torch.Tensor | None = None,
     value_rows: torch.Tensor | None = None,
+    kernel: str | None = None,
 ) -> torch.Tensor:
     """One decode step's attention output ``[B, 1, H_q, D]`` in ``query``'s dtype.
 
@@ -275,10 +274,11 @@ def decode_attention(
     ``[B, H_kv, n_i, D]`` (kept, staged and new tokens: any order, they are one set);
     ``keys``/``values``: the packed region or ``None``; biases: additive float32 ``[B, Σ n_i]``
     over the full-precision tokens in that order and ``[B, N]`` over the packed ones, or ``None``;
-    ``value_rows``: pairs packed keys with value rows (see :func:`packed_decode_attention`).
-    The packed region is split as in :func:`packed_decode_attention`; one more kernel attends
-    the full-precision tokens and merges everything, so no 16-bit copy and no float32 partial
-    result leaves the GPU's kernels.
+    ``value_rows``: pairs packed keys with value rows (see :func:`packed_decode_attention`);
+    ``kernel``: the packed region's kernel (see :func:`packed_splits`). The packed region is
+    split as in :func:`packed_decode_attention`; one more kernel attends the full-precision
+    tokens and merges everything, so no 16-bit copy and no float32 partial result leaves the
+    GPU's kernels.
     """
     b, hq, q, d = query.shape
     if q != 1 or len(full_precision) > 3:
@@ -290,7 +290,7 @@ def decode_attention(
     g = hq // hkv
     grouped = query.reshape(b, hkv, g, d)
     if keys is not None:
-        out, lse = packed_splits(grouped, keys, values, scaling, packed_bias, value_rows)
+        out, lse = packed_splits(grouped, keys, values, scaling, packed_bias, value_rows, kernel=kernel)
     else:
         out = lse = grouped  # not read: no splits
     segments = [_segment(k, v) for k, v in full_precision]
@@ -361,9 +361,14 @@ class FusedExecutor(ChunkedExecutor):
     divide the head dimension, bf16/fp16/fp32 (see :func:`fusable`). Keys and values stored in
     different orders are paired first (:mod:`kvpolicy.pairing`): the kernel reads each packed
     key's value row where it is. Prefill and CPU tensors go to the chunked executor.
+
+    The packed region goes through the Gluon kernel where it serves the shapes
+    (:func:`mma_fusable`), else through the Triton kernel; :class:`FusedTritonExecutor`
+    always takes the Triton kernel.
     """
 
     name: ClassVar[str] = "fused"
+    kernel: ClassVar[str | None] = None  # the packed region's kernel (see packed_splits)
 
     def attend_regions(self, query, regions, step, attention_mask, scaling):
         keys, values = regions.packed_keys, regions.packed_values
@@ -389,7 +394,16 @@ class FusedExecutor(ChunkedExecutor):
                 allowed = allowed_columns(attention_mask, regions.packed_pos, past, 1, query.device)
                 packed_bias = token_bias(pa.group_bias(allowed, 1), b)
         value_rows = regions.value_rows_on(query.device)
-        return decode_attention(query, full, keys, values, scaling, fp_bias, packed_bias, value_rows)
+        return decode_attention(query, full, keys, values, scaling, fp_bias, packed_bias, value_rows, self.kernel)
+
+
+class FusedTritonExecutor(FusedExecutor):
+    """:class:`FusedExecutor` with the packed region always in the Triton kernel
+    (:mod:`kvpolicy.fused_kernels`), also where the Gluon kernel would serve: the yardstick
+    the Gluon kernel is measured against, and a fallback on Triton builds without Gluon."""
+
+    name: ClassVar[str] = "fused-triton"
+    kernel: ClassVar[str | None] = "triton"
 
 
 def token_bias(column_bias: torch.Tensor | None, batch: int) -> torch.Tensor | None:

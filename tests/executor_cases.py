@@ -76,11 +76,25 @@ def float64_attention(query, step, mask, scaling):
 
 
 def run_case(
-    device, dtype, batch, kv_heads, groups, head_dim, length, kbits, vbits, kgroup, vgroup, padded, retention, seed
+    device,
+    dtype,
+    batch,
+    kv_heads,
+    groups,
+    head_dim,
+    length,
+    kbits,
+    vbits,
+    kgroup,
+    vgroup,
+    padded,
+    retention,
+    seed,
+    executor="fused",
 ):
     """``(relative error vs float64, the reference executor's output)`` of one decode step."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    layer = policy(16, kbits, vbits, kgroup, vgroup, key_retention=retention).new_layer(head_dim)
+    layer = policy(16, kbits, vbits, kgroup, vgroup, executor, key_retention=retention).new_layer(head_dim)
     pad = torch.ones(batch, length + 1, dtype=torch.bool)
     if padded:
         for row in range(1, batch):

@@ -46,10 +46,10 @@ def test_run_one_says_in_which_phase_memory_ran_out(monkeypatch, phase):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(model_bench, "make_cache", lambda name, model: object())
+    monkeypatch.setattr(model_bench, "make_cache", lambda name, model, executor: object())
     monkeypatch.setattr(model_bench, "cache_bytes", lambda cache: 0)
     monkeypatch.setattr(model_bench, "fill", out_of_memory if phase == "fill" else lambda *a: None)
     monkeypatch.setattr(model_bench, "decode", out_of_memory)
-    args = SimpleNamespace(device="cpu", chunk=4, sdpa="auto", steps=1, warmup=0)
+    args = SimpleNamespace(device="cpu", chunk=4, sdpa="auto", steps=1, warmup=0, kernel=None)
     row = model_bench.run_one("c", SimpleNamespace(device="cpu"), 2, 8, args)
     assert row["error"] == "out of memory" and row["oom_during"] == phase

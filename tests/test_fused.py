@@ -64,6 +64,51 @@ def test_fused_executor_falls_back_to_chunked_on_cpu(monkeypatch):
     assert rel < 1e-5
 
 
+@pytest.mark.parametrize(("executor", "kernel"), [("fused", None), ("fused-triton", "triton")])
+def test_fused_executors_hand_their_kernel_to_the_decode_step(monkeypatch, executor, kernel):
+    """``fused`` leaves the packed region's kernel to :func:`kvpolicy.fused.packed_splits`
+    (Gluon where it serves); ``fused-triton`` pins the Triton kernel. Checked on the decode
+    call itself, with the kernels replaced by a recorder (CPU)."""
+    from kvpolicy import fused
+
+    seen = []
+
+    def recorded(query, *args):
+        seen.append(args[-1])
+        return torch.zeros(query.shape[0], 1, query.shape[1], query.shape[3], dtype=query.dtype)
+
+    monkeypatch.setattr(fused, "_interpreted", lambda: True)
+    monkeypatch.setattr(fused, "triton_available", lambda: True)
+    monkeypatch.setattr(fused, "decode_attention", recorded)
+    run_case("cpu", torch.float32, 1, 2, 4, 128, 200, 2, 2, 64, 64, False, "window", seed=0, executor=executor)
+    assert seen == [kernel]
+
+
+@cuda
+def test_fused_takes_the_gluon_kernel_where_it_serves_and_fused_triton_never(monkeypatch):
+    from kvpolicy import fused
+
+    if not fused.gluon_available():
+        pytest.skip("needs Triton with Gluon")
+    launched = []
+
+    def recording(name):
+        real = getattr(fused, name)
+
+        def call(*args, **kwargs):
+            launched.append(name)
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in ("mma_splits", "_kernels"):  # the Gluon kernel's launch; the Triton kernels' lookup
+        monkeypatch.setattr(fused, name, recording(name))
+    for executor, expected in (("fused", "mma_splits"), ("fused-triton", "_kernels")):
+        launched.clear()
+        rel, _ = run_case("cuda", torch.bfloat16, 2, 2, 4, 128, 700, 2, 2, 64, 64, True, "window", 0, executor)
+        assert rel <= 1e-2 and launched[0] == expected, (executor, launched)
+
+
 def _kernel_cases(command: list[str], env: dict[str, str]) -> list[dict]:
     root = pathlib.Path(__file__).parent.parent
     done = subprocess.run(command, cwd=root, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
