@@ -3,7 +3,7 @@
 1. Correctness: fresh random cases (batch, KV heads, query heads per KV head 1-8, key groups
    16-128, value groups 32-128, padding bias, values paired by rows, several splits, bf16 and
    fp16), each against float64 attention over the dequantized tokens, for every variant
-   (block of 32/64 tokens, key offsets exact or per row). The output is poisoned first.
+   (block of 32/64 tokens, key offsets exact or per row, register caps).
 2. Speed, per shape (a Llama-3.1-8B layer: 8 KV heads of 128, 4 query heads each), in one
    process: the read-only kernel and a device copy (the yardsticks of ``fused_sweep``), the
    Triton kernel at its defaults (timed first and last: the drift), every Gluon variant.
@@ -130,14 +130,21 @@ def main() -> None:
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     variants = [
-        {"block_tokens": bt, "exact_keys": bool(ex), "split_factor": sf, "max_registers": mr or None, "stages": st}
-        for bt, ex, sf, mr, st in itertools.product(
-            args.block_tokens, args.exact_keys, args.split_factors, args.max_registers, args.stages
+        {
+            "block_tokens": bt,
+            "exact_keys": bool(ex),
+            "exact_values": bool(ev),
+            "split_factor": sf,
+            "max_registers": mr or None,
+            "stages": st,
+        }
+        for bt, ex, ev, sf, mr, st in itertools.product(
+            args.block_tokens, args.exact_keys, args.exact_values, args.split_factors, args.max_registers, args.stages
         )
     ]
     record = {"device": torch.cuda.get_device_name()}
     if not args.skip_check:
-        keys = ("block_tokens", "exact_keys", "stages")
+        keys = ("block_tokens", "exact_keys", "stages", "max_registers")
         shape_variants = {tuple(v[k] for k in keys): v for v in variants}.values()
         record["check"] = check([{k: v[k] for k in keys} for v in shape_variants], gen)
         worst = max(r["rel_err"] for r in record["check"])
@@ -158,8 +165,8 @@ def main() -> None:
     for s in record["shapes"]:
         print(f"\nb={s['batch']} n={s['tokens']} group={s['group']}: fastest mma variants")
         for r in s["mma"][:4]:
-            print(f"  {r['ms']:.3f} ms  block {r['block_tokens']} exact {r['exact_keys']} split_factor"
-                  f" {r['split_factor']} max_registers {r['max_registers']} stages {r['stages']}"
+            print(f"  {r['ms']:.3f} ms  block {r['block_tokens']} exact {r['exact_keys']}"
+                  f" split_factor {r['split_factor']} max_registers {r['max_registers']} stages {r['stages']}"
                   f" err {r['rel_err']:.1e}")  # fmt: skip
     print(f"\n{record['device']}, copy {copy_bw / 1e9:.0f} GB/s (read + write)")
     print(f"{'b':>4} {'ctx':>6} {'grp':>4} {'MB':>5} {'read ms':>8} {'triton':>8} {'again':>8} {'mma ms':>8}"

@@ -92,43 +92,43 @@ def query_layout():
 
 
 @gluon.constexpr_function
-def unpack_pairs_ptx(exact):
-    """PTX turning two words (``$16``: element 0, ``$17``: element 1) into 16 float16 pairs:
-    output ``4*i + b`` holds plane ``i`` of byte ``b`` of each word (low half from ``$16``).
+def unpack_pairs_ptx(exact, half):
+    """PTX turning two words (``$8``: element 0, ``$9``: element 1) into 8 float16 pairs:
+    output ``2*i + b`` holds plane ``i`` of byte ``2*half + b`` of each word (low half from ``$8``).
 
-    ``prmt`` puts bytes ``b`` of both words into one register's two 16-bit halves and ``lop3``
-    sets a plane's two bits, in place, into the mantissa of ``2**(10 - 2i)`` (exponent bits
-    ``25 - 2i``): ``2**(10 - 2i) + c`` exactly. ``exact`` subtracts that in one ``fma.f16x2``
-    per pair; otherwise the caller takes it off (see :func:`key_tile_scores`).
+    ``prmt`` puts bytes ``2*half, 2*half + 1`` of both words into one register's two 16-bit
+    halves and ``lop3`` sets a plane's two bits, in place, into the mantissa of ``2**(10 - 2i)``
+    (exponent bits ``25 - 2i``): ``2**(10 - 2i) + c`` exactly. ``exact`` subtracts that in one
+    ``add.f16x2`` per pair; otherwise the caller takes it off on the matrix units (see
+    :func:`key_tile_scores` and :func:`packed_decode_mma`). Half a word's codes per call, so
+    that the tiles of one half can be consumed before the other half is unpacked.
     """
     lines = [
-        ".reg .b32 lo, hi, lo8, hi8, t, m<4>, o<4>, z<4>;",
-        "prmt.b32 lo, $16, $17, 0x5410;",
-        "prmt.b32 hi, $16, $17, 0x7632;",
-        "shr.u32 lo8, lo, 8;",
-        "shr.u32 hi8, hi, 8;",
+        ".reg .b32 w, w8, t, m<4>, o<4>, z<4>;",
+        f"prmt.b32 w, $8, $9, {0x7632 if half else 0x5410:#06x};",
+        "shr.u32 w8, w, 8;",
     ]
     for i in range(4):
         lines.append(f"mov.b32 m{i}, {(3 << 2 * i) * 0x10001:#010x};")
         lines.append(f"mov.b32 o{i}, {((25 - 2 * i) << 10) * 0x10001:#010x};")
         lines.append(f"mov.b32 z{i}, {(0x8000 | (25 - 2 * i) << 10) * 0x10001:#010x};")
     for i in range(4):
-        for b, src in enumerate(["lo", "lo8", "hi", "hi8"]):
+        for b, src in enumerate(["w", "w8"]):
             if exact:
                 lines.append(f"lop3.b32 t, {src}, m{i}, o{i}, 0xEA;")
-                lines.append(f"add.rn.f16x2 ${4 * i + b}, t, z{i};")
+                lines.append(f"add.rn.f16x2 ${2 * i + b}, t, z{i};")
             else:
-                lines.append(f"lop3.b32 ${4 * i + b}, {src}, m{i}, o{i}, 0xEA;")
+                lines.append(f"lop3.b32 ${2 * i + b}, {src}, m{i}, o{i}, 0xEA;")
     return "{\n" + "\n".join(lines) + "\n}"
 
 
 @gluon.jit
-def unpack(words, exact: gl.constexpr):
-    """16 float16 tensors of the shape and layout of ``words`` (int32, two adjacent elements
-    per thread paired): tensor ``4*i + b`` holds plane ``i`` of byte ``b``, plus ``2**(10 - 2i)``
-    unless ``exact``."""
+def unpack(words, exact: gl.constexpr, half: gl.constexpr):
+    """8 float16 tensors of the shape and layout of ``words`` (int32, two adjacent elements
+    per thread paired): tensor ``2*i + b`` holds plane ``i`` of byte ``2*half + b``, plus
+    ``2**(10 - 2i)`` unless ``exact``."""
     return gl.inline_asm_elementwise(
-        unpack_pairs_ptx(exact), "=r," * 16 + "r,r", [words], dtype=(gl.float16,) * 16, is_pure=True, pack=2
+        unpack_pairs_ptx(exact, half), "=r," * 8 + "r,r", [words], dtype=(gl.float16,) * 8, is_pure=True, pack=2
     )
 
 
@@ -143,9 +143,9 @@ def tile(x0, x1, layout: gl.constexpr):
 @gluon.jit
 def channel(j: gl.constexpr, k):
     """Channel of slot ``k`` (0-15) of operand tile ``j`` (keys: contraction slot; values: row).
-    Tile ``j`` joins planes ``2j, 2j+1`` of :func:`unpack` (:func:`tile`): plane ``j // 2`` of
-    bytes ``2*(j%2) + k // 8`` of word ``k % 8``, and byte ``y`` of word ``w`` plane ``i`` holds
-    channel ``4w + y + 32i`` (:func:`kvpolicy.quantizers.pack_codes`)."""
+    Tile ``j`` joins outputs ``j - j % 2, j - j % 2 + 1`` of ``unpack(.., half=j % 2)``
+    (:func:`tile`): plane ``j // 2`` of bytes ``2*(j%2) + k // 8`` of word ``k % 8``, and byte
+    ``y`` of word ``w`` plane ``i`` holds channel ``4w + y + 32i`` (:func:`kvpolicy.quantizers.pack_codes`)."""
     return 4 * (k % 8) + 2 * (j % 2) + k // 8 + 32 * (j // 2)
 
 
@@ -316,20 +316,21 @@ def attend_block(
 
     # keys: scores against this block's key group, its scales folded into the query
     kcodes, ks, kz = key_inputs(first, bh, N, KG, qc, KC, KS, KZ, stage, kc_s, ks_s, kz_s, BLOCK_N, STAGED)
-    u = unpack(kcodes, EXACT_KEYS)
+    u0 = unpack(kcodes, EXACT_KEYS, 0)
     row_term = gl.sum(q * kz.to(gl.float32)[None, :], 1)  # q . z
     row_term = gl.convert_layout(row_term, heads, assert_trivial=True)
     qs = (q * ks.to(gl.float32)[None, :]).to(gl.float16)
     s = gl.zeros([16, BLOCK_N], gl.float32, mma)
     offsets = gl.zeros([16, ROWS], gl.float32, mma)
-    s, offsets = key_tile_scores(s, offsets, qs, u[0], u[1], 0, lhs, rhs, EXACT_KEYS)
-    s, offsets = key_tile_scores(s, offsets, qs, u[2], u[3], 1, lhs, rhs, EXACT_KEYS)
-    s, offsets = key_tile_scores(s, offsets, qs, u[4], u[5], 2, lhs, rhs, EXACT_KEYS)
-    s, offsets = key_tile_scores(s, offsets, qs, u[6], u[7], 3, lhs, rhs, EXACT_KEYS)
-    s, offsets = key_tile_scores(s, offsets, qs, u[8], u[9], 4, lhs, rhs, EXACT_KEYS)
-    s, offsets = key_tile_scores(s, offsets, qs, u[10], u[11], 5, lhs, rhs, EXACT_KEYS)
-    s, offsets = key_tile_scores(s, offsets, qs, u[12], u[13], 6, lhs, rhs, EXACT_KEYS)
-    s, offsets = key_tile_scores(s, offsets, qs, u[14], u[15], 7, lhs, rhs, EXACT_KEYS)
+    s, offsets = key_tile_scores(s, offsets, qs, u0[0], u0[1], 0, lhs, rhs, EXACT_KEYS)
+    s, offsets = key_tile_scores(s, offsets, qs, u0[2], u0[3], 2, lhs, rhs, EXACT_KEYS)
+    s, offsets = key_tile_scores(s, offsets, qs, u0[4], u0[5], 4, lhs, rhs, EXACT_KEYS)
+    s, offsets = key_tile_scores(s, offsets, qs, u0[6], u0[7], 6, lhs, rhs, EXACT_KEYS)
+    u1 = unpack(kcodes, EXACT_KEYS, 1)
+    s, offsets = key_tile_scores(s, offsets, qs, u1[0], u1[1], 1, lhs, rhs, EXACT_KEYS)
+    s, offsets = key_tile_scores(s, offsets, qs, u1[2], u1[3], 3, lhs, rhs, EXACT_KEYS)
+    s, offsets = key_tile_scores(s, offsets, qs, u1[4], u1[5], 5, lhs, rhs, EXACT_KEYS)
+    s, offsets = key_tile_scores(s, offsets, qs, u1[6], u1[7], 7, lhs, rhs, EXACT_KEYS)
     if not EXACT_KEYS:
         row_term += low_rows(gl.max(offsets, 1), heads)  # every column holds the same sum
     s = low_rows(s, sl) + row_term[:, None]
@@ -364,7 +365,6 @@ def attend_block(
     total += gl.sum(p, 1)
 
     # values: per-token scales folded into the probabilities
-    u = unpack(vcodes, True)
     vs0, vs1, vs2, vs3 = group_scales(vsc, tok, NG)
     vz0, vz1, vz2, vz3 = group_scales(vzc, tok, NG)
     zs0 += gl.sum(p * vz0[None, :], 1)
@@ -386,14 +386,16 @@ def attend_block(
         r2 = probs_operand(p, vs2, rhs)
         r3 = probs_operand(p, vs3, rhs)
     # value tile j holds plane j // 2 (channels 32 * (j // 2) + ..), of value group r_(j // 2)
+    u = unpack(vcodes, True, 0)
     a0 = mma_v2(tile(u[0], u[1], lhs), r0, a0)
-    a1 = mma_v2(tile(u[2], u[3], lhs), r0, a1)
-    a2 = mma_v2(tile(u[4], u[5], lhs), r1, a2)
-    a3 = mma_v2(tile(u[6], u[7], lhs), r1, a3)
-    a4 = mma_v2(tile(u[8], u[9], lhs), r2, a4)
-    a5 = mma_v2(tile(u[10], u[11], lhs), r2, a5)
-    a6 = mma_v2(tile(u[12], u[13], lhs), r3, a6)
-    a7 = mma_v2(tile(u[14], u[15], lhs), r3, a7)
+    a2 = mma_v2(tile(u[2], u[3], lhs), r1, a2)
+    a4 = mma_v2(tile(u[4], u[5], lhs), r2, a4)
+    a6 = mma_v2(tile(u[6], u[7], lhs), r3, a6)
+    u = unpack(vcodes, True, 1)
+    a1 = mma_v2(tile(u[0], u[1], lhs), r0, a1)
+    a3 = mma_v2(tile(u[2], u[3], lhs), r1, a3)
+    a5 = mma_v2(tile(u[4], u[5], lhs), r2, a5)
+    a7 = mma_v2(tile(u[6], u[7], lhs), r3, a7)
     return m, total, zs0, zs1, zs2, zs3, a0, a1, a2, a3, a4, a5, a6, a7
 
 

@@ -277,9 +277,12 @@ def test_pair_unpacking_constants_give_every_code(exact):
         assert pattern >> 16 == pattern & 0xFFFF  # the same value in both halves
         return struct.unpack("<e", struct.pack("<H", pattern & 0xFFFF))[0]
 
-    ptx = unpack_pairs_ptx(exact)
+    for half_word in (0, 1):
+        ptx = unpack_pairs_ptx(exact, half_word)
+        assert ptx.count("lop3.b32") == 8 and ptx.count("add.rn.f16x2") == (8 if exact else 0)
+        # bytes 2 * half_word and 2 * half_word + 1 of both words, one per 16-bit half
+        assert f"prmt.b32 w, $8, $9, {0x7632 if half_word else 0x5410:#06x};" in ptx
     constants = dict(re.findall(r"mov\.b32 (\w\d), (0x[0-9a-f]+);", ptx))
-    assert ptx.count("lop3.b32") == 16 and ptx.count("add.rn.f16x2") == (16 if exact else 0)
     for i in range(4):
         mask, magic, offset = (int(constants[f"{name}{i}"], 16) for name in "moz")
         assert mask == (3 << 2 * i) * 0x10001
