@@ -5,21 +5,24 @@ Triton picks register layouts itself and moves the unpacked codes through shared
 reach the matrix-unit operands (benchmarks/NOTES.md, v16). Gluon lets the kernel name every
 layout, so each thread loads exactly the 32-bit words whose codes its operand registers hold:
 
-* Scores ``S = Q Kᵀ`` [16 rows, BLOCK_N tokens]: the key codes are the right operand ``Kᵀ``
-  ``[channels, tokens]``. In ``mma.m16n8k16`` a thread holds token ``lane // 4`` of each
-  8-token tile and 4 channel slots of each 16-channel tile. Which channel sits in which slot
-  is free (the contraction sums over channels), as long as the query uses the same order. So
-  thread ``(t, c) = (lane // 4, lane % 4)`` loads words ``2c, 2c+1`` of token ``t`` of the
-  tile (8 bytes: 32 codes), and the channels follow from the words (:func:`key_channel`).
+* Scores ``Sᵀ = K Qᵀ`` [BLOCK_N tokens, 8 heads]: the key codes are the left operand ``K``
+  ``[tokens, channels]``, so the 16 rows of ``mma.m16n8k16`` are all real tokens and only the
+  8 columns hold (up to 8) heads: half the matrix products of ``S = Q Kᵀ``, whose 16 rows
+  would hold 8 heads at most. A thread holds tokens ``lane // 4`` and ``+8`` of each 16-token
+  tile and 4 channel slots of each 16-channel tile. Which channel sits in which slot is free
+  (the contraction sums over channels), as long as the query uses the same order. So thread
+  ``(t, c) = (lane // 4, lane % 4)`` loads words ``2c, 2c+1`` of its tokens (8 bytes: 32
+  codes), and the channels follow from the words (:func:`channel`).
 * Output ``Oᵀ = Vᵀ Pᵀ`` [channels, heads]: the value codes are the left operand ``Vᵀ``
   ``[channels, tokens]``; a thread holds 4 tokens of each 16-token tile (``2c, 2c+1, 2c+8,
-  2c+9``) and one 32-bit word of each (word ``t``: 16 codes). ``Pᵀ`` is the scores'
-  accumulator transposed: in this orientation it is already the right operand's layout, so
-  the probabilities never leave the registers that computed them (as in FlashAttention-2).
+  2c+9``) and one 32-bit word of each (word ``t``: 16 codes). ``Pᵀ`` is the right operand;
+  the scores' accumulator holds each token's heads in one thread, the operand each head's
+  tokens, so every 8x8 block of probabilities is transposed in registers (``movmatrix``,
+  :func:`probs_operand`) and never touches shared memory.
 * A code pair becomes float16 in two instructions (:func:`unpack_pairs_ptx`).
 
-One warp per program, so nothing is shared between warps: no barrier, no shared memory in
-the loop. Key scales are folded into the query (``q.(c*s + z) = (q*s).c + q.z``), value scales
+One warp per program, so nothing is shared between warps: the loop's shared memory holds
+only the ``cp.async`` copies of the blocks ahead (``STAGES``). Key scales are folded into the query (``q.(c*s + z) = (q*s).c + q.z``), value scales
 into the probabilities (``p.(c*s + z) = (p*s).c + p.z``). Serves 2-bit keys (per-channel,
 groups of 16+ tokens) and values (per-token, groups of 32, 64 or 128 channels), head
 dimension 128 and up to 8 query heads per KV head: see :func:`kvpolicy.fused.mma_fusable`.
@@ -35,8 +38,7 @@ LOG2E = gl.constexpr(1.4426950408889634)
 LN2 = gl.constexpr(0.6931471805599453)
 HEAD_DIM = gl.constexpr(128)  # channels per head served
 WORDS = gl.constexpr(8)  # 32-bit words of 2-bit codes per token row
-ROWS = gl.constexpr(8)  # query heads per KV head served (the low half of the 16 rows of the matrix tiles)
-LANES = gl.constexpr([[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]])  # mma.m16n8k16: lane = 4 * row + column pair
+ROWS = gl.constexpr(8)  # query heads per KV head served (the 8 columns of mma.m16n8k16)
 
 
 @gluon.constexpr_function
@@ -68,19 +70,12 @@ def value_words_layout(block_n):
 
 
 @gluon.constexpr_function
-def value_scales_layout(block_n, groups):
+def token_scales_layout(block_n, groups):
     """Per-token value scales ``[BLOCK_N, groups]``: a token's groups adjacent in one thread
-    (one load per token), tokens as in :func:`value_words_layout`."""
-    regs = [[0, 1 << i] for i in range(_log2(groups))] + [[r, 0] for r in token_regs(block_n)]
-    return gl.DistributedLinearLayout(regs, [[2, 0], [4, 0], [0, 0], [0, 0], [0, 0]], [], [], [block_n, groups])
-
-
-@gluon.constexpr_function
-def scores_layout(block_n):
-    """Scores of the 8 real rows ``[8, BLOCK_N]``: the accumulator of ``mma.m16n8k16`` without
-    its rows 8-15."""
-    regs = [[0, 1]] + [[0, 8 << i] for i in range(_log2(block_n // 8))]
-    return gl.DistributedLinearLayout(regs, LANES, [], [], [ROWS, block_n])
+    (one load per token), tokens as the rows of the scores' accumulator hold them (``t``, ``t+8``
+    of every 16-token tile; every ``c`` alike)."""
+    regs = [[0, 1 << i] for i in range(_log2(groups))] + [[8 << i, 0] for i in range(_log2(block_n // 8))]
+    return gl.DistributedLinearLayout(regs, [[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]], [], [], [block_n, groups])
 
 
 @gluon.constexpr_function
@@ -100,7 +95,7 @@ def unpack_pairs_ptx(exact, half):
     halves and ``lop3`` sets a plane's two bits, in place, into the mantissa of ``2**(10 - 2i)``
     (exponent bits ``25 - 2i``): ``2**(10 - 2i) + c`` exactly. ``exact`` subtracts that in one
     ``add.f16x2`` per pair; otherwise the caller takes it off on the matrix units (see
-    :func:`key_tile_scores` and :func:`packed_decode_mma`). Half a word's codes per call, so
+    :func:`key_offsets`). Half a word's codes per call, so
     that the tiles of one half can be consumed before the other half is unpacked.
     """
     lines = [
@@ -133,8 +128,8 @@ def unpack(words, exact: gl.constexpr, half: gl.constexpr):
 
 
 @gluon.jit
-def tile(x0, x1, layout: gl.constexpr):
-    """Two ``[BLOCK_N, 8]`` unpacked planes as one 16-wide operand tile ``[16, BLOCK_N]``:
+def value_tile(x0, x1, layout: gl.constexpr):
+    """Two ``[BLOCK_N, 8]`` unpacked planes as one value operand tile ``[16, BLOCK_N]``:
     index ``8*j + word`` (``j`` 0 for ``x0``); only registers are renamed."""
     both = gl.permute(gl.join(x0, x1), (2, 1, 0))
     return gl.convert_layout(gl.reshape(both, [16, x0.shape[0]]), layout, assert_trivial=True)
@@ -144,14 +139,23 @@ def tile(x0, x1, layout: gl.constexpr):
 def channel(j: gl.constexpr, k):
     """Channel of slot ``k`` (0-15) of operand tile ``j`` (keys: contraction slot; values: row).
     Tile ``j`` joins outputs ``j - j % 2, j - j % 2 + 1`` of ``unpack(.., half=j % 2)``
-    (:func:`tile`): plane ``j // 2`` of bytes ``2*(j%2) + k // 8`` of word ``k % 8``, and byte
-    ``y`` of word ``w`` plane ``i`` holds channel ``4w + y + 32i`` (:func:`kvpolicy.quantizers.pack_codes`)."""
+    (:func:`key_tile`, :func:`value_tile`): plane ``j // 2`` of bytes ``2*(j%2) + k // 8`` of
+    word ``k % 8``, and byte ``y`` of word ``w`` plane ``i`` holds channel ``4w + y + 32i``
+    (:func:`kvpolicy.quantizers.pack_codes`)."""
     return 4 * (k % 8) + 2 * (j % 2) + k // 8 + 32 * (j // 2)
 
 
 @gluon.jit
+def key_tile(x0, x1, layout: gl.constexpr):
+    """Two ``[BLOCK_N, 8]`` unpacked planes as one key operand tile ``[BLOCK_N tokens, 16 slots]``:
+    slot ``8*j + word`` (``j`` 0 for ``x0``); only registers are renamed."""
+    both = gl.reshape(gl.permute(gl.join(x0, x1), (0, 2, 1)), [x0.shape[0], 16])
+    return gl.convert_layout(both, layout, assert_trivial=True)
+
+
+@gluon.jit
 def query_tile(x, j: gl.constexpr, layout: gl.constexpr):
-    """Key tile ``j``'s left operand ``[16, 16]`` (rows 8-15 zero) from ``[8, 128]`` in
+    """Key tile ``j``'s right operand ``[16 slots, 8 rows]`` from ``[8, 128]`` in
     :func:`query_layout`, channels in :func:`channel` order; only registers are renamed."""
     x = gl.reshape(x, [ROWS, 4, 4, 2, 2, 2])  # channel = 32i + 8c + 4e + 2h + y
     x = gl.permute(x, (0, 5, 2, 3, 1, 4))  # row, y, c, e, i, h
@@ -162,30 +166,22 @@ def query_tile(x, j: gl.constexpr, layout: gl.constexpr):
     x = i0 if (j // 2) % 2 == 0 else i1
     i0, i1 = gl.split(x)
     x = i0 if j // 4 == 0 else i1
-    both = gl.permute(gl.join(x, gl.zeros_like(x)), (2, 0, 1))
-    return gl.convert_layout(gl.reshape(both, [16, 16]), layout, assert_trivial=True)
+    return gl.convert_layout(gl.permute(x, (1, 0)), layout, assert_trivial=True)
 
 
 @gluon.jit
-def key_tile_scores(s, offsets, qs, u0, u1, j: gl.constexpr, lhs: gl.constexpr, rhs: gl.constexpr, EXACT: gl.constexpr):
-    """Adds key tile ``j`` to the scores ``s`` ``[16, BLOCK_N]``; unless ``EXACT`` (codes left as
-    ``2**(10 - 2i) + c`` by :func:`unpack`) also ``-2**(10 - 2i) * sum_k a[k]`` to ``offsets``
-    ``[16, 8]``, from the same products, so that the two sum to the scores of the codes."""
-    a = query_tile(qs, j, lhs)
-    s = mma_v2(a, tile(u0, u1, rhs), s)
-    if not EXACT:
-        offsets = mma_v2(a, gl.full([16, ROWS], -(1024 >> (2 * (j // 2))), gl.float16, rhs), offsets)
-    return s, offsets
+def key_offsets(offsets, qs, j: gl.constexpr, lhs: gl.constexpr, rhs: gl.constexpr):
+    """Adds ``-2**(10 - 2i) * sum_k qs[k]`` of key tile ``j`` (plane ``i = j // 2``) to every
+    row of ``offsets`` ``[16, 8]``: what the codes' offsets (:func:`unpack`) add to the scores."""
+    return mma_v2(gl.full([16, 16], -(1024 >> (2 * (j // 2))), gl.float16, lhs), query_tile(qs, j, rhs), offsets)
 
 
 @gluon.jit
-def low_rows(x, layout: gl.constexpr):
-    """Rows 0-7 of an accumulator-layout ``[16, ...]`` tensor or ``[16]`` row vector."""
-    if len(x.shape) == 1:
-        lo, _ = gl.split(gl.permute(gl.reshape(x, [2, ROWS]), (1, 0)))
-    else:
-        lo, _ = gl.split(gl.permute(gl.reshape(x, [2, ROWS, x.shape[1]]), (1, 2, 0)))
-    return gl.convert_layout(lo, layout, assert_trivial=True)
+def repeat_rows(x, n: gl.constexpr, layout: gl.constexpr):
+    """``[16, 8]`` -> ``[n, 8]``: ``x`` stacked ``n // 16`` times; only registers are copied."""
+    for _ in gl.static_range(_log2(n // 16)):
+        x = gl.reshape(gl.permute(gl.join(x, x), (2, 0, 1)), [2 * x.shape[0], x.shape[1]])
+    return gl.convert_layout(x, layout, assert_trivial=True)
 
 
 @gluon.jit
@@ -211,10 +207,20 @@ def group_scales(x, tok: gl.constexpr, NG: gl.constexpr):
         )  # fmt: skip
 
 
+TRANSPOSE_PTX = gl.constexpr("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;")
+
+
 @gluon.jit
 def probs_operand(p, vs, rhs: gl.constexpr):
-    """``(p * s)ᵀ`` float16 ``[BLOCK_N, 8]``: the value tiles' right operand (registers renamed only)."""
-    return gl.convert_layout(gl.permute((p * vs[None, :]).to(gl.float16), (1, 0)), rhs, assert_trivial=True)
+    """``p * s`` float16 ``[BLOCK_N, 8]`` as the value tiles' right operand: the scores'
+    accumulator layout holds a token row's heads in a thread, the operand a head's tokens, so
+    each 8x8 block is transposed in registers (``movmatrix``) and the result renamed."""
+    x = gl.inline_asm_elementwise(
+        TRANSPOSE_PTX, "=r,r", [(p * vs[:, None]).to(gl.float16)], dtype=gl.float16, is_pure=True, pack=2
+    )
+    # element (8a + t, u) now holds token 8a + u of head t
+    x = gl.reshape(gl.permute(gl.reshape(x, [x.shape[0] // 8, 8, 8]), (0, 2, 1)), [x.shape[0], 8])
+    return gl.convert_layout(x, rhs, assert_trivial=True)
 
 
 @gluon.jit
@@ -240,27 +246,33 @@ def key_inputs(
 
 
 @gluon.jit
+def value_rows(first, bh, N, NV, VROWS, layout: gl.constexpr, BLOCK_N: gl.constexpr, GATHER: gl.constexpr):
+    """``(value row of each key or -1, its flat row)`` of a block's tokens in ``layout``: the
+    tokens themselves unless ``GATHER`` (values are per-token rows, so each key's may be read
+    from anywhere)."""
+    rows = first + gl.arange(0, BLOCK_N, layout)
+    if GATHER:
+        rows = gl.load(VROWS + rows)
+        return rows, bh * NV + gl.maximum(rows, 0)
+    return rows, bh * N + rows
+
+
+@gluon.jit
 def value_inputs(
     first, bh, N, NV, VC, VS, VZ, VROWS, stage, vc_s, vs_s, vz_s,
     BLOCK_N: gl.constexpr, NG: gl.constexpr, GATHER: gl.constexpr, STAGED: gl.constexpr,
 ):  # fmt: skip
-    """A block's value words, scales and zeros in the operand layouts (as :func:`key_inputs`)
-    and the value row of each key (``GATHER``; otherwise the tokens)."""
+    """A block's value words and per-token scales and zeros in the operand and accumulator
+    layouts, from shared-memory ``stage`` (``STAGED``) or straight from global memory."""
     vwl: gl.constexpr = value_words_layout(BLOCK_N)
-    vsl: gl.constexpr = value_scales_layout(BLOCK_N, NG)
-    rows = first + gl.arange(0, BLOCK_N, gl.SliceLayout(0, scores_layout(BLOCK_N)))
-    if GATHER:  # values are per-token rows, so each key's may be read from anywhere
-        rows = gl.load(VROWS + rows)
-        value_row = bh * NV + gl.maximum(rows, 0)
-    else:
-        value_row = bh * N + rows
+    tsl: gl.constexpr = token_scales_layout(BLOCK_N, NG)
     if STAGED:
-        return vc_s.index(stage).load(vwl), vs_s.index(stage).load(vsl), vz_s.index(stage).load(vsl), rows
-    vrow = gl.convert_layout(value_row, gl.SliceLayout(1, vwl), assert_trivial=True)
+        return vc_s.index(stage).load(vwl), vs_s.index(stage).load(tsl), vz_s.index(stage).load(tsl)
+    _, vrow = value_rows(first, bh, N, NV, VROWS, gl.SliceLayout(1, vwl), BLOCK_N, GATHER)
     vcodes = gl.load(VC + vrow[:, None] * WORDS + gl.arange(0, WORDS, gl.SliceLayout(0, vwl))[None, :])
-    srow = gl.convert_layout(value_row, gl.SliceLayout(1, vsl), assert_trivial=True)[:, None] * NG
-    srow += gl.arange(0, NG, gl.SliceLayout(0, vsl))[None, :]
-    return vcodes, gl.load(VS + srow), gl.load(VZ + srow), rows
+    _, srow = value_rows(first, bh, N, NV, VROWS, gl.SliceLayout(1, tsl), BLOCK_N, GATHER)
+    at = srow[:, None] * NG + gl.arange(0, NG, gl.SliceLayout(0, tsl))[None, :]
+    return vcodes, gl.load(VS + at), gl.load(VZ + at)
 
 
 @gluon.jit
@@ -310,40 +322,46 @@ def attend_block(
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     lhs: gl.constexpr = gl.DotOperandLayout(0, mma, 2)
     rhs: gl.constexpr = gl.DotOperandLayout(1, mma, 2)
-    sl: gl.constexpr = scores_layout(BLOCK_N)
-    tok: gl.constexpr = gl.SliceLayout(0, sl)
-    heads: gl.constexpr = gl.SliceLayout(1, sl)
+    tok: gl.constexpr = gl.SliceLayout(1, mma)  # the scores' rows: tokens
+    heads: gl.constexpr = gl.SliceLayout(0, mma)  # their columns, and the output's
 
-    # keys: scores against this block's key group, its scales folded into the query
+    # keys: scores Sᵀ = K Qᵀ [BLOCK_N, 8] against this block's key group, its scales folded into
+    # the query; every row starts from its head's q . z and the codes' offsets
     kcodes, ks, kz = key_inputs(first, bh, N, KG, qc, KC, KS, KZ, stage, kc_s, ks_s, kz_s, BLOCK_N, STAGED)
-    u0 = unpack(kcodes, EXACT_KEYS, 0)
-    row_term = gl.sum(q * kz.to(gl.float32)[None, :], 1)  # q . z
-    row_term = gl.convert_layout(row_term, heads, assert_trivial=True)
+    row_term = gl.convert_layout(gl.sum(q * kz.to(gl.float32)[None, :], 1), heads)  # q . z
     qs = (q * ks.to(gl.float32)[None, :]).to(gl.float16)
-    s = gl.zeros([16, BLOCK_N], gl.float32, mma)
-    offsets = gl.zeros([16, ROWS], gl.float32, mma)
-    s, offsets = key_tile_scores(s, offsets, qs, u0[0], u0[1], 0, lhs, rhs, EXACT_KEYS)
-    s, offsets = key_tile_scores(s, offsets, qs, u0[2], u0[3], 2, lhs, rhs, EXACT_KEYS)
-    s, offsets = key_tile_scores(s, offsets, qs, u0[4], u0[5], 4, lhs, rhs, EXACT_KEYS)
-    s, offsets = key_tile_scores(s, offsets, qs, u0[6], u0[7], 6, lhs, rhs, EXACT_KEYS)
-    u1 = unpack(kcodes, EXACT_KEYS, 1)
-    s, offsets = key_tile_scores(s, offsets, qs, u1[0], u1[1], 1, lhs, rhs, EXACT_KEYS)
-    s, offsets = key_tile_scores(s, offsets, qs, u1[2], u1[3], 3, lhs, rhs, EXACT_KEYS)
-    s, offsets = key_tile_scores(s, offsets, qs, u1[4], u1[5], 5, lhs, rhs, EXACT_KEYS)
-    s, offsets = key_tile_scores(s, offsets, qs, u1[6], u1[7], 7, lhs, rhs, EXACT_KEYS)
+    start = gl.zeros([16, ROWS], gl.float32, mma) + row_term[None, :]
     if not EXACT_KEYS:
-        row_term += low_rows(gl.max(offsets, 1), heads)  # every column holds the same sum
-    s = low_rows(s, sl) + row_term[:, None]
-    vcodes, vsc, vzc, rows = value_inputs(
+        start = key_offsets(start, qs, 0, lhs, rhs)
+        start = key_offsets(start, qs, 1, lhs, rhs)
+        start = key_offsets(start, qs, 2, lhs, rhs)
+        start = key_offsets(start, qs, 3, lhs, rhs)
+        start = key_offsets(start, qs, 4, lhs, rhs)
+        start = key_offsets(start, qs, 5, lhs, rhs)
+        start = key_offsets(start, qs, 6, lhs, rhs)
+        start = key_offsets(start, qs, 7, lhs, rhs)
+    s = repeat_rows(start, BLOCK_N, mma)
+    u = unpack(kcodes, EXACT_KEYS, 0)
+    s = mma_v2(key_tile(u[0], u[1], lhs), query_tile(qs, 0, rhs), s)
+    s = mma_v2(key_tile(u[2], u[3], lhs), query_tile(qs, 2, rhs), s)
+    s = mma_v2(key_tile(u[4], u[5], lhs), query_tile(qs, 4, rhs), s)
+    s = mma_v2(key_tile(u[6], u[7], lhs), query_tile(qs, 6, rhs), s)
+    u = unpack(kcodes, EXACT_KEYS, 1)
+    s = mma_v2(key_tile(u[0], u[1], lhs), query_tile(qs, 1, rhs), s)
+    s = mma_v2(key_tile(u[2], u[3], lhs), query_tile(qs, 3, rhs), s)
+    s = mma_v2(key_tile(u[4], u[5], lhs), query_tile(qs, 5, rhs), s)
+    s = mma_v2(key_tile(u[6], u[7], lhs), query_tile(qs, 7, rhs), s)
+    vcodes, vsc, vzc = value_inputs(
         first, bh, N, NV, VC, VS, VZ, VROWS, stage, vc_s, vs_s, vz_s, BLOCK_N, NG, GATHER, STAGED
     )
-    if GATHER:
-        s = gl.where((rows >= 0)[None, :], s, float("-inf"))  # a key without a value row
+    if GATHER:  # a key without a value row
+        rows, _ = value_rows(first, bh, N, NV, VROWS, tok, BLOCK_N, GATHER)
+        s = gl.where((rows >= 0)[:, None], s, float("-inf"))
     if HAS_BIAS:
-        s += gl.load(BIAS + b * N + first + gl.arange(0, BLOCK_N, tok))[None, :] * LOG2E
+        s += gl.load(BIAS + b * N + first + gl.arange(0, BLOCK_N, tok))[:, None] * LOG2E
 
-    # online softmax; the accumulators are rescaled only in blocks that raise a row's maximum
-    m_new = gl.maximum(m, gl.max(s, 1))
+    # online softmax; the accumulators are rescaled only in blocks that raise a head's maximum
+    m_new = gl.maximum(m, gl.max(s, 0))
     if gl.max((m_new > m).to(gl.int32), 0) > 0:
         alpha = gl.exp2(m - gl.where(m_new == float("-inf"), 0.0, m_new))
         total *= alpha
@@ -351,51 +369,50 @@ def attend_block(
         zs1 *= alpha
         zs2 *= alpha
         zs3 *= alpha
-        col = gl.convert_layout(alpha, gl.SliceLayout(0, mma))[None, :]
-        a0 *= col
-        a1 *= col
-        a2 *= col
-        a3 *= col
-        a4 *= col
-        a5 *= col
-        a6 *= col
-        a7 *= col
+        a0 *= alpha[None, :]
+        a1 *= alpha[None, :]
+        a2 *= alpha[None, :]
+        a3 *= alpha[None, :]
+        a4 *= alpha[None, :]
+        a5 *= alpha[None, :]
+        a6 *= alpha[None, :]
+        a7 *= alpha[None, :]
         m = m_new
-    p = gl.exp2(s - gl.where(m == float("-inf"), 0.0, m)[:, None])
-    total += gl.sum(p, 1)
+    p = gl.exp2(s - gl.where(m == float("-inf"), 0.0, m)[None, :])
+    total += gl.sum(p, 0)
 
     # values: per-token scales folded into the probabilities
     vs0, vs1, vs2, vs3 = group_scales(vsc, tok, NG)
     vz0, vz1, vz2, vz3 = group_scales(vzc, tok, NG)
-    zs0 += gl.sum(p * vz0[None, :], 1)
+    zs0 += gl.sum(p * vz0[:, None], 0)
     r0 = probs_operand(p, vs0, rhs)
     if NG == 1:
         r1 = r0
         r2 = r0
         r3 = r0
     elif NG == 2:
-        zs2 += gl.sum(p * vz2[None, :], 1)
+        zs2 += gl.sum(p * vz2[:, None], 0)
         r1 = r0
         r2 = probs_operand(p, vs2, rhs)
         r3 = r2
     else:
-        zs1 += gl.sum(p * vz1[None, :], 1)
-        zs2 += gl.sum(p * vz2[None, :], 1)
-        zs3 += gl.sum(p * vz3[None, :], 1)
+        zs1 += gl.sum(p * vz1[:, None], 0)
+        zs2 += gl.sum(p * vz2[:, None], 0)
+        zs3 += gl.sum(p * vz3[:, None], 0)
         r1 = probs_operand(p, vs1, rhs)
         r2 = probs_operand(p, vs2, rhs)
         r3 = probs_operand(p, vs3, rhs)
     # value tile j holds plane j // 2 (channels 32 * (j // 2) + ..), of value group r_(j // 2)
     u = unpack(vcodes, True, 0)
-    a0 = mma_v2(tile(u[0], u[1], lhs), r0, a0)
-    a2 = mma_v2(tile(u[2], u[3], lhs), r1, a2)
-    a4 = mma_v2(tile(u[4], u[5], lhs), r2, a4)
-    a6 = mma_v2(tile(u[6], u[7], lhs), r3, a6)
+    a0 = mma_v2(value_tile(u[0], u[1], lhs), r0, a0)
+    a2 = mma_v2(value_tile(u[2], u[3], lhs), r1, a2)
+    a4 = mma_v2(value_tile(u[4], u[5], lhs), r2, a4)
+    a6 = mma_v2(value_tile(u[6], u[7], lhs), r3, a6)
     u = unpack(vcodes, True, 1)
-    a1 = mma_v2(tile(u[0], u[1], lhs), r0, a1)
-    a3 = mma_v2(tile(u[2], u[3], lhs), r1, a3)
-    a5 = mma_v2(tile(u[4], u[5], lhs), r2, a5)
-    a7 = mma_v2(tile(u[6], u[7], lhs), r3, a7)
+    a1 = mma_v2(value_tile(u[0], u[1], lhs), r0, a1)
+    a3 = mma_v2(value_tile(u[2], u[3], lhs), r1, a3)
+    a5 = mma_v2(value_tile(u[4], u[5], lhs), r2, a5)
+    a7 = mma_v2(value_tile(u[6], u[7], lhs), r3, a7)
     return m, total, zs0, zs1, zs2, zs3, a0, a1, a2, a3, a4, a5, a6, a7
 
 
@@ -414,14 +431,14 @@ def packed_decode_mma(
     ``VS``/``VZ`` ``[.., NV, D // VG]``; ``BLOCK_N`` divides ``KG`` (so ``N`` too, a whole number
     of key groups) and ``tokens_per_split``.
     ``EXACT_KEYS``: subtract each key code's offset in the unpacking rather than once per row
-    (:func:`key_tile_scores`). ``STAGES``: blocks in flight through shared memory (``cp.async``,
+    (:func:`key_offsets`). ``STAGES``: blocks in flight through shared memory (``cp.async``,
     0: none, each block read straight into registers; needs ``VG <= 64``). Rows past ``G`` are
     computed but never written.
     """
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     NG: gl.constexpr = HEAD_DIM // VG  # value groups per token
     ql: gl.constexpr = query_layout()
-    heads: gl.constexpr = gl.SliceLayout(1, scores_layout(BLOCK_N))
+    heads: gl.constexpr = gl.SliceLayout(0, mma)  # the scores' and the output's columns
 
     bh = gl.program_id(0)
     split = gl.program_id(1)
@@ -497,17 +514,16 @@ def packed_decode_mma(
     safe = gl.where(total > 0, total, 1.0)
     row = (bh * splits + split) * G
     gl.store(LSE + row + head, gl.where(total > 0, (m + gl.log2(safe)) * LN2, float("-inf")), mask=head < G)
-    cols: gl.constexpr = gl.SliceLayout(0, mma)
-    inv = gl.convert_layout(1.0 / safe, cols)[None, :]
-    h = gl.arange(0, ROWS, cols)
+    inv = (1.0 / safe)[None, :]
+    h = head
     k = gl.arange(0, 16, gl.SliceLayout(1, mma))
     out = OUT + (row + h[None, :]) * HEAD_DIM
     live = (h < G)[None, :]
-    gl.store(out + channel(0, k)[:, None], (a0 + gl.convert_layout(zs0, cols)[None, :]) * inv, mask=live)
-    gl.store(out + channel(1, k)[:, None], (a1 + gl.convert_layout(zs0, cols)[None, :]) * inv, mask=live)
-    gl.store(out + channel(2, k)[:, None], (a2 + gl.convert_layout(zs1, cols)[None, :]) * inv, mask=live)
-    gl.store(out + channel(3, k)[:, None], (a3 + gl.convert_layout(zs1, cols)[None, :]) * inv, mask=live)
-    gl.store(out + channel(4, k)[:, None], (a4 + gl.convert_layout(zs2, cols)[None, :]) * inv, mask=live)
-    gl.store(out + channel(5, k)[:, None], (a5 + gl.convert_layout(zs2, cols)[None, :]) * inv, mask=live)
-    gl.store(out + channel(6, k)[:, None], (a6 + gl.convert_layout(zs3, cols)[None, :]) * inv, mask=live)
-    gl.store(out + channel(7, k)[:, None], (a7 + gl.convert_layout(zs3, cols)[None, :]) * inv, mask=live)
+    gl.store(out + channel(0, k)[:, None], (a0 + zs0[None, :]) * inv, mask=live)
+    gl.store(out + channel(1, k)[:, None], (a1 + zs0[None, :]) * inv, mask=live)
+    gl.store(out + channel(2, k)[:, None], (a2 + zs1[None, :]) * inv, mask=live)
+    gl.store(out + channel(3, k)[:, None], (a3 + zs1[None, :]) * inv, mask=live)
+    gl.store(out + channel(4, k)[:, None], (a4 + zs2[None, :]) * inv, mask=live)
+    gl.store(out + channel(5, k)[:, None], (a5 + zs2[None, :]) * inv, mask=live)
+    gl.store(out + channel(6, k)[:, None], (a6 + zs3[None, :]) * inv, mask=live)
+    gl.store(out + channel(7, k)[:, None], (a7 + zs3[None, :]) * inv, mask=live)
