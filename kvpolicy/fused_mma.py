@@ -22,8 +22,9 @@ layout, so each thread loads exactly the 32-bit words whose codes its operand re
 * A code pair becomes float16 in two instructions (:func:`unpack_pairs_ptx`).
 
 One warp per program, so nothing is shared between warps: the loop's shared memory holds
-only the ``cp.async`` copies of the blocks ahead (``STAGES``). Key scales are folded into the query (``q.(c*s + z) = (q*s).c + q.z``), value scales
-into the probabilities (``p.(c*s + z) = (p*s).c + p.z``). Serves 2-bit keys (per-channel,
+only the ``cp.async`` copies of the blocks ahead (``STAGES``). Key scales are folded into
+the query (``q.(c*s + z) = (q*s).c + q.z``), value scales into the probabilities
+(``p.(c*s + z) = (p*s).c + p.z``). Serves 2-bit keys (per-channel,
 groups of 16+ tokens) and values (per-token, groups of 32, 64 or 128 channels), head
 dimension 128 and up to 8 query heads per KV head: see :func:`kvpolicy.fused.mma_fusable`.
 """
