@@ -130,16 +130,9 @@ def main() -> None:
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
     variants = [
-        {
-            "block_tokens": bt,
-            "exact_keys": bool(ex),
-            "exact_values": bool(ev),
-            "split_factor": sf,
-            "max_registers": mr or None,
-            "stages": st,
-        }
-        for bt, ex, ev, sf, mr, st in itertools.product(
-            args.block_tokens, args.exact_keys, args.exact_values, args.split_factors, args.max_registers, args.stages
+        {"block_tokens": bt, "exact_keys": bool(ex), "split_factor": sf, "max_registers": mr or None, "stages": st}
+        for bt, ex, sf, mr, st in itertools.product(
+            args.block_tokens, args.exact_keys, args.split_factors, args.max_registers, args.stages
         )
     ]
     record = {"device": torch.cuda.get_device_name()}

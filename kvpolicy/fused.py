@@ -41,7 +41,7 @@ MMA_BLOCK_TOKENS = 64  # tokens per block of its loop (at most: a key group when
 MMA_SPLIT_FACTOR = 32  # programs per SM to aim for
 MMA_MAX_REGISTERS: int | None = None
 MMA_EXACT_KEYS = False  # subtract the key codes' offsets per code rather than once per row
-MMA_STAGES = 3  # blocks in flight through shared memory (cp.async); 0: read straight into registers
+MMA_STAGES = 2  # blocks in flight through shared memory (cp.async); 0: read straight into registers
 KERNELS = ("mma", "triton")
 
 

@@ -228,7 +228,7 @@ gluon = pytest.mark.skipif(not _gluon_available(), reason="needs triton with Glu
 
 @cuda
 @gluon
-@pytest.mark.parametrize("stages", [0, 3])
+@pytest.mark.parametrize("stages", [0, 2])
 def test_mma_kernel_matches_float64_on_fresh_cases(stages):
     """The Gluon kernel on every case of ``benchmarks.mma_sweep`` (query heads 1-8, key groups
     16-128, value groups 32-128, padding, values paired by rows, bf16 and fp16)."""
@@ -242,7 +242,7 @@ def test_mma_kernel_matches_float64_on_fresh_cases(stages):
 
 
 @gluon
-@pytest.mark.parametrize("stages", [0, 3])
+@pytest.mark.parametrize("stages", [0, 2])
 def test_mma_kernel_compiles_for_sm90_without_a_shared_memory_round_trip(stages):
     """Compiled for the H100/H200 here (no GPU needed): the main loop's 72 matrix products
     (32 scores, 8 key offsets, 32 values per 64 tokens) take their operands from registers
