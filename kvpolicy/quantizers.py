@@ -68,7 +68,8 @@ class QuantizerBackend(ABC):
 
     @abstractmethod
     def quantize(self, x: torch.Tensor, spec: QuantSpec) -> Packed:
-        """Pack ``x`` (``[B, H, n, D]``); for ``axis="channel"``, ``n % group_size == 0``."""
+        """Pack ``x`` (``[B, H, n, D]``, possibly a view of a longer block: copy what you need);
+        for ``axis="channel"``, ``n % group_size == 0``."""
 
     @abstractmethod
     def concat(self, blocks: list[Packed]) -> Packed:
@@ -167,25 +168,46 @@ class NativeQuantizer(QuantizerBackend):
         if (head_dim * spec.bits) % 8:
             raise ConfigError("head_dim", head_dim, f"a multiple of {8 // spec.bits} to pack {spec.bits}-bit codes")
 
+    #: float32 working bytes per slice of batch rows that :meth:`quantize` works on at a time:
+    #: a long prefill's transient memory stays this small instead of several times its size
+    slice_bytes: ClassVar[int] = 256 << 20
+
     def quantize(self, x: torch.Tensor, spec: QuantSpec) -> NativePacked:
+        b, h, n, d = x.shape
+        if spec.axis == "channel" and n % spec.group_size:
+            raise ValueError(
+                f"per-channel quantization needs a multiple of group_size={spec.group_size} tokens, got {n}"
+            )
+        rows = max(1, self.slice_bytes // max(1, 4 * h * n * d))  # batch rows per slice
+        if rows >= b:
+            return self._quantize(x, spec)
+        parts = [self._quantize(x[i : i + rows], spec) for i in range(0, b, rows)]
+        return attrs.evolve(
+            parts[0],
+            codes=torch.cat([p.codes for p in parts]),
+            scale=torch.cat([p.scale for p in parts]),
+            zero=torch.cat([p.zero for p in parts]),
+        )
+
+    def _quantize(self, x: torch.Tensor, spec: QuantSpec) -> NativePacked:
+        """:meth:`quantize` of all of ``x`` at once: one float32 copy (never ``x`` itself, even in
+        float32), worked on in place."""
         b, h, n, d = x.shape
         g = spec.group_size
         if spec.axis == "token":
             grouped = x.reshape(b, h, n, d // g, g)
             reduce_dim = -1
         else:
-            if n % g:
-                raise ValueError(f"per-channel quantization needs a multiple of group_size={g} tokens, got {n}")
             grouped = x.reshape(b, h, n // g, g, d)
             reduce_dim = -2
-        work = grouped.float()
+        work = grouped.to(torch.float32, copy=True)
         lo = work.amin(dim=reduce_dim, keepdim=True)
         hi = work.amax(dim=reduce_dim, keepdim=True)
         levels = (1 << spec.bits) - 1
         # scale and zero are stored in the cache dtype; quantize against the stored values
         scale = ((hi - lo) / levels).clamp_min(torch.finfo(x.dtype).tiny).to(x.dtype)
         zero = lo.to(x.dtype)
-        codes = torch.round((work - zero.float()) / scale.float()).clamp_(0, levels)
+        codes = work.sub_(zero.float()).div_(scale.float()).round_().clamp_(0, levels)
         packed = pack_codes(codes.reshape(b, h, n, d), spec.bits)
         return NativePacked(
             codes=packed,

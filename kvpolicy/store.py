@@ -152,7 +152,7 @@ class TensorStore:
             x, pos = torch.cat([self.staging, x], dim=2), torch.cat([self.staging_pos, pos])
         ready = (len(pos) // self.block) * self.block
         if ready:
-            block = self.backend.quantize(x[:, :, :ready].contiguous(), self.spec)
+            block = self.backend.quantize(x[:, :, :ready], self.spec)  # a view: backends slice it
             self.packed = block if self.packed is None else self.backend.concat([self.packed, block])
             self.packed_pos = torch.cat([self.packed_pos, pos[:ready]])
         rest = len(pos) - ready

@@ -143,3 +143,30 @@ def test_dequantizing_some_tokens_equals_dequantizing_all_then_picking(bits, axi
     packed = NativeQuantizer().quantize(x, QuantSpec(bits=bits, group_size=16, axis=axis))
     index = torch.tensor([p % n for p in picks])
     assert torch.equal(packed.dequantize_tokens(index), packed.dequantize()[:, :, index])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.sampled_from([2, 4, 8]),
+    axis=st.sampled_from(["token", "channel"]),
+    batch=st.integers(2, 7),
+    slice_rows=st.integers(1, 3),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_quantizing_in_slices_of_batch_rows_is_bit_identical(bits, axis, batch, slice_rows, dtype, seed):
+    """A long block is quantized a few batch rows at a time (bounded float32 transients);
+    codes, scales and zeros are exactly those of quantizing it whole, and the input is left
+    as it was (the work is done in place on a copy, also for float32 input)."""
+    heads, n, d = 2, 32, 64
+    x = _random((batch, heads, n, d), seed, dtype)
+    before = x.clone()
+    spec = QuantSpec(bits=bits, group_size=16, axis=axis)
+    whole = NativeQuantizer().quantize(x, spec)
+    slicing = NativeQuantizer()
+    slicing.slice_bytes = slice_rows * heads * n * d * 4
+    sliced = slicing.quantize(x, spec)
+    assert torch.equal(x, before)
+    for name in ("codes", "scale", "zero"):
+        assert torch.equal(getattr(sliced, name), getattr(whole, name)), name
+    assert sliced.codes.is_contiguous() and sliced.scale.shape == whole.scale.shape

@@ -98,8 +98,9 @@ class RowPackedBackend(QuantizerBackend):
 
 def as_grouped(x: torch.Tensor, axis: str) -> torch.Tensor:
     """One batch row ``[H, n, D]`` laid out so that groups run along the last dimension:
-    ``[H, n, D]`` for per-token groups, ``[H, D, n]`` for per-channel groups."""
-    return x if axis == "token" else x.transpose(1, 2).contiguous()
+    ``[H, n, D]`` for per-token groups, ``[H, D, n]`` for per-channel groups; contiguous (a
+    copy of one row where ``x`` is a view of a longer block)."""
+    return x.contiguous() if axis == "token" else x.transpose(1, 2).contiguous()
 
 
 def from_grouped(x: torch.Tensor, axis: str) -> torch.Tensor:
