@@ -53,3 +53,28 @@ def test_run_one_says_in_which_phase_memory_ran_out(monkeypatch, phase):
     args = SimpleNamespace(device="cpu", chunk=4, sdpa="auto", steps=1, warmup=0, kernel=None)
     row = model_bench.run_one("c", SimpleNamespace(device="cpu"), 2, 8, args)
     assert row["error"] == "out of memory" and row["oom_during"] == phase
+
+
+def test_kernel_version_plot_counts_only_variants_within_the_error_bound(tmp_path):
+    """A fast but wrong variant (v18a's discarded value offsets) must not stand for its run."""
+    import json
+
+    from benchmarks import plot_mma_sweep
+
+    def shape(variants, triton_ms=2.0):
+        return {"batch": 74, "tokens": 32768, "group": 64, "bytes": 10**9, "copy_GBps": 4000.0,
+                "triton_ms": triton_ms, "mma": variants}  # fmt: skip
+
+    fast_wrong, slow_right = {"ms": 0.5, "rel_err": 0.2}, {"ms": 1.0, "rel_err": 3e-3}
+    assert plot_mma_sweep.best_correct(shape([fast_wrong, slow_right])) is slow_right
+    assert plot_mma_sweep.best_correct(shape([fast_wrong])) is None
+    runs = {"old": {"shapes": [shape([fast_wrong])]}, "new": {"device": "X", "shapes": [shape([slow_right])]}}
+    labels, bars = plot_mma_sweep.series(runs)
+    assert labels == ["b74, 32K, g64"]
+    assert bars["new"] == [25.0] and bars["Triton v15"] == [12.5]  # 1 GB in 1 ms of a 4 TB/s copy
+    assert bars["old"][0] != bars["old"][0]  # NaN: no correct variant
+    for name, run in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(run))
+    out = tmp_path / "plot.png"
+    plot_mma_sweep.main(str(out), [f"old={tmp_path / 'old.json'}", f"new={tmp_path / 'new.json'}"])
+    assert out.stat().st_size > 1000
