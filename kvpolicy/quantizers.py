@@ -181,13 +181,7 @@ class NativeQuantizer(QuantizerBackend):
         rows = max(1, self.slice_bytes // max(1, 4 * h * n * d))  # batch rows per slice
         if rows >= b:
             return self._quantize(x, spec)
-        parts = [self._quantize(x[i : i + rows], spec) for i in range(0, b, rows)]
-        return attrs.evolve(
-            parts[0],
-            codes=torch.cat([p.codes for p in parts]),
-            scale=torch.cat([p.scale for p in parts]),
-            zero=torch.cat([p.zero for p in parts]),
-        )
+        return _joined([self._quantize(x[i : i + rows], spec) for i in range(0, b, rows)], dim=0)
 
     def _quantize(self, x: torch.Tensor, spec: QuantSpec) -> NativePacked:
         """:meth:`quantize` of all of ``x`` at once: one float32 copy (never ``x`` itself, even in
@@ -219,11 +213,17 @@ class NativeQuantizer(QuantizerBackend):
         )
 
     def concat(self, blocks: list[NativePacked]) -> NativePacked:
-        if len(blocks) == 1:
-            return blocks[0]
-        return attrs.evolve(
-            blocks[0],
-            codes=torch.cat([b.codes for b in blocks], dim=2),
-            scale=torch.cat([b.scale for b in blocks], dim=2),
-            zero=torch.cat([b.zero for b in blocks], dim=2),
-        )
+        return _joined(blocks, dim=2)
+
+
+def _joined(blocks: list[NativePacked], dim: int) -> NativePacked:
+    """Packed blocks joined along ``dim`` of their codes, scales and zeros (0: batch rows,
+    2: tokens); one block is returned as it is."""
+    if len(blocks) == 1:
+        return blocks[0]
+    return attrs.evolve(
+        blocks[0],
+        codes=torch.cat([b.codes for b in blocks], dim=dim),
+        scale=torch.cat([b.scale for b in blocks], dim=dim),
+        zero=torch.cat([b.zero for b in blocks], dim=dim),
+    )
