@@ -19,7 +19,7 @@ layout, so each thread loads exactly the 32-bit words whose codes its operand re
   the scores' accumulator holds each token's heads in one thread, the operand each head's
   tokens, so every 8x8 block of probabilities is transposed in registers (``movmatrix``,
   :func:`probs_operand`) and never touches shared memory.
-* A code pair becomes float16 in two instructions (:func:`unpack_pairs_ptx`).
+* A code pair becomes float16 in two instructions, one for values (:func:`unpack_pairs_ptx`).
 
 One warp per program, so nothing is shared between warps: the loop's shared memory holds
 only the ``cp.async`` copies of the blocks ahead (``STAGES``). Key scales are folded into
@@ -88,16 +88,22 @@ def query_layout():
 
 
 @gluon.constexpr_function
-def unpack_pairs_ptx(exact, half):
+def unpack_pairs_ptx(exact, half, subnormal=False):
     """PTX turning two words (``$8``: element 0, ``$9``: element 1) into 8 float16 pairs:
     output ``2*i + b`` holds plane ``i`` of byte ``2*half + b`` of each word (low half from ``$8``).
 
     ``prmt`` puts bytes ``2*half, 2*half + 1`` of both words into one register's two 16-bit
-    halves and ``lop3`` sets a plane's two bits, in place, into the mantissa of ``2**(10 - 2i)``
-    (exponent bits ``25 - 2i``): ``2**(10 - 2i) + c`` exactly. ``exact`` subtracts that in one
-    ``add.f16x2`` per pair; otherwise the caller takes it off on the matrix units (see
-    :func:`key_offsets`). Half a word's codes per call, so
-    that the tiles of one half can be consumed before the other half is unpacked.
+    halves and ``lop3`` keeps a plane's two bits where they are (bits ``2i``, ``2i + 1``):
+
+    * ``subnormal``: with a zero exponent, as the subnormal ``c * 2**(2i - 24)``, exact, in one
+      instruction; the caller scales the products back by ``2**(24 - 2i)`` (values: see
+      :func:`packed_decode_mma`).
+    * otherwise set into the mantissa of ``2**(10 - 2i)`` (exponent bits ``25 - 2i``):
+      ``2**(10 - 2i) + c`` exactly. ``exact`` subtracts that in one ``add.f16x2`` per pair;
+      otherwise the caller takes it off on the matrix units (keys: :func:`key_offsets`).
+
+    Half a word's codes per call, so that the tiles of one half can be consumed before the
+    other half is unpacked.
     """
     lines = [
         ".reg .b32 w, w8, t, m<4>, o<4>, z<4>;",
@@ -106,11 +112,11 @@ def unpack_pairs_ptx(exact, half):
     ]
     for i in range(4):
         lines.append(f"mov.b32 m{i}, {(3 << 2 * i) * 0x10001:#010x};")
-        lines.append(f"mov.b32 o{i}, {((25 - 2 * i) << 10) * 0x10001:#010x};")
+        lines.append(f"mov.b32 o{i}, {0 if subnormal else ((25 - 2 * i) << 10) * 0x10001:#010x};")
         lines.append(f"mov.b32 z{i}, {(0x8000 | (25 - 2 * i) << 10) * 0x10001:#010x};")
     for i in range(4):
         for b, src in enumerate(["w", "w8"]):
-            if exact:
+            if exact and not subnormal:
                 lines.append(f"lop3.b32 t, {src}, m{i}, o{i}, 0xEA;")
                 lines.append(f"add.rn.f16x2 ${2 * i + b}, t, z{i};")
             else:
@@ -119,13 +125,14 @@ def unpack_pairs_ptx(exact, half):
 
 
 @gluon.jit
-def unpack(words, exact: gl.constexpr, half: gl.constexpr):
+def unpack(words, exact: gl.constexpr, half: gl.constexpr, subnormal: gl.constexpr = False):
     """8 float16 tensors of the shape and layout of ``words`` (int32, two adjacent elements
-    per thread paired): tensor ``2*i + b`` holds plane ``i`` of byte ``2*half + b``, plus
-    ``2**(10 - 2i)`` unless ``exact``."""
+    per thread paired): tensor ``2*i + b`` holds plane ``i`` of byte ``2*half + b``, as
+    ``c * 2**(2i - 24)`` if ``subnormal``, else ``c`` if ``exact``, else ``2**(10 - 2i) + c``."""
     return gl.inline_asm_elementwise(
-        unpack_pairs_ptx(exact, half), "=r," * 8 + "r,r", [words], dtype=(gl.float16,) * 8, is_pure=True, pack=2
-    )
+        unpack_pairs_ptx(exact, half, subnormal), "=r," * 8 + "r,r", [words], dtype=(gl.float16,) * 8,
+        is_pure=True, pack=2,
+    )  # fmt: skip
 
 
 @gluon.jit
@@ -404,12 +411,12 @@ def attend_block(
         r2 = probs_operand(p, vs2, rhs)
         r3 = probs_operand(p, vs3, rhs)
     # value tile j holds plane j // 2 (channels 32 * (j // 2) + ..), of value group r_(j // 2)
-    u = unpack(vcodes, True, 0)
+    u = unpack(vcodes, False, 0, True)  # subnormal: c * 2**(2i - 24)
     a0 = mma_v2(value_tile(u[0], u[1], lhs), r0, a0)
     a2 = mma_v2(value_tile(u[2], u[3], lhs), r1, a2)
     a4 = mma_v2(value_tile(u[4], u[5], lhs), r2, a4)
     a6 = mma_v2(value_tile(u[6], u[7], lhs), r3, a6)
-    u = unpack(vcodes, True, 1)
+    u = unpack(vcodes, False, 1, True)
     a1 = mma_v2(value_tile(u[0], u[1], lhs), r0, a1)
     a3 = mma_v2(value_tile(u[2], u[3], lhs), r1, a3)
     a5 = mma_v2(value_tile(u[4], u[5], lhs), r2, a5)
@@ -520,11 +527,12 @@ def packed_decode_mma(
     k = gl.arange(0, 16, gl.SliceLayout(1, mma))
     out = OUT + (row + h[None, :]) * HEAD_DIM
     live = (h < G)[None, :]
-    gl.store(out + channel(0, k)[:, None], (a0 + zs0[None, :]) * inv, mask=live)
-    gl.store(out + channel(1, k)[:, None], (a1 + zs0[None, :]) * inv, mask=live)
-    gl.store(out + channel(2, k)[:, None], (a2 + zs1[None, :]) * inv, mask=live)
-    gl.store(out + channel(3, k)[:, None], (a3 + zs1[None, :]) * inv, mask=live)
-    gl.store(out + channel(4, k)[:, None], (a4 + zs2[None, :]) * inv, mask=live)
-    gl.store(out + channel(5, k)[:, None], (a5 + zs2[None, :]) * inv, mask=live)
-    gl.store(out + channel(6, k)[:, None], (a6 + zs3[None, :]) * inv, mask=live)
-    gl.store(out + channel(7, k)[:, None], (a7 + zs3[None, :]) * inv, mask=live)
+    # the value codes were c * 2**(2i - 24) in plane i (tiles 2i, 2i + 1): scaled back exactly
+    gl.store(out + channel(0, k)[:, None], (a0 * 16777216.0 + zs0[None, :]) * inv, mask=live)
+    gl.store(out + channel(1, k)[:, None], (a1 * 16777216.0 + zs0[None, :]) * inv, mask=live)
+    gl.store(out + channel(2, k)[:, None], (a2 * 4194304.0 + zs1[None, :]) * inv, mask=live)
+    gl.store(out + channel(3, k)[:, None], (a3 * 4194304.0 + zs1[None, :]) * inv, mask=live)
+    gl.store(out + channel(4, k)[:, None], (a4 * 1048576.0 + zs2[None, :]) * inv, mask=live)
+    gl.store(out + channel(5, k)[:, None], (a5 * 1048576.0 + zs2[None, :]) * inv, mask=live)
+    gl.store(out + channel(6, k)[:, None], (a6 * 262144.0 + zs3[None, :]) * inv, mask=live)
+    gl.store(out + channel(7, k)[:, None], (a7 * 262144.0 + zs3[None, :]) * inv, mask=live)

@@ -264,11 +264,13 @@ def test_mma_kernel_compiles_for_sm90_without_a_shared_memory_round_trip(stages)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-@pytest.mark.parametrize("exact", [True, False])
-def test_pair_unpacking_constants_give_every_code(exact):
-    """Plane ``i``'s two bits set into the mantissa of ``2**(10 - 2i)`` give ``2**(10 - 2i) + c``
-    exactly; the exact variant's ``add.f16x2`` then gives ``c``, the other leaves the offset
-    that ``key_tile_scores`` takes off once per row (``-(1024 >> 2i)``)."""
+@pytest.mark.parametrize("mode", ["exact", "offset", "subnormal"])
+def test_pair_unpacking_constants_give_every_code(mode):
+    """Plane ``i``'s two bits kept in place (bits ``2i, 2i + 1`` of a half): under the exponent
+    of ``2**(10 - 2i)`` they give ``2**(10 - 2i) + c`` exactly, which the exact variant's
+    ``add.f16x2`` turns into ``c`` and the keys' variant leaves for ``key_offsets`` to take off
+    (``-(1024 >> 2i)``); under a zero exponent (values) the subnormal ``c * 2**(2i - 24)``,
+    which the kernel scales back by ``2**(24 - 2i)`` at the end."""
     import re
     import struct
 
@@ -278,8 +280,9 @@ def test_pair_unpacking_constants_give_every_code(exact):
         assert pattern >> 16 == pattern & 0xFFFF  # the same value in both halves
         return struct.unpack("<e", struct.pack("<H", pattern & 0xFFFF))[0]
 
+    exact, subnormal = mode == "exact", mode == "subnormal"
     for half_word in (0, 1):
-        ptx = unpack_pairs_ptx(exact, half_word)
+        ptx = unpack_pairs_ptx(exact, half_word, subnormal)
         assert ptx.count("lop3.b32") == 8 and ptx.count("add.rn.f16x2") == (8 if exact else 0)
         # bytes 2 * half_word and 2 * half_word + 1 of both words, one per 16-bit half
         assert f"prmt.b32 w, $8, $9, {0x7632 if half_word else 0x5410:#06x};" in ptx
@@ -287,9 +290,13 @@ def test_pair_unpacking_constants_give_every_code(exact):
     for i in range(4):
         mask, magic, offset = (int(constants[f"{name}{i}"], 16) for name in "moz")
         assert mask == (3 << 2 * i) * 0x10001
-        assert half(magic) == 2 ** (10 - 2 * i) == 1024 >> 2 * i
         for code in range(4):
             value = struct.unpack("<e", struct.pack("<H", (magic | code << 2 * i) & 0xFFFF))[0]
+            if subnormal:
+                assert magic == 0 and value == code * 2.0 ** (2 * i - 24)
+                assert value * 2.0 ** (24 - 2 * i) == code  # the kernel's scale back
+                continue
+            assert half(magic) == 2 ** (10 - 2 * i) == 1024 >> 2 * i
             assert value == 2 ** (10 - 2 * i) + code
             assert struct.unpack("<e", struct.pack("<e", value + half(offset)))[0] == code
 
