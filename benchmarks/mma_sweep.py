@@ -6,24 +6,32 @@
    (block of 32/64 tokens, key offsets exact or per row, register caps).
 2. Speed, per shape (a Llama-3.1-8B layer: 8 KV heads of 128, 4 query heads each), in one
    process: the read-only kernel and a device copy (the yardsticks of ``fused_sweep``), the
-   Triton kernel at its defaults (timed first and last: the drift), every Gluon variant.
+   Triton kernel at its defaults (timed first and last: the drift), every Gluon variant, and
+   with ``--baseline`` an earlier version of the Gluon kernel at the defaults (timed before and
+   after the variants), so that a change is judged against its predecessor in the same run.
 
 Prints a table last and writes JSON.
 
     python -m benchmarks.mma_sweep --out benchmarks/results/mma_sweep_h200.json
+    git show HEAD~1:kvpolicy/fused_mma.py > /tmp/fused_mma_before.py
+    python -m benchmarks.mma_sweep --baseline /tmp/fused_mma_before.py --stages 2 ...
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import importlib.util
 import itertools
 import json
+from collections.abc import Callable, Iterator
 
 import torch
 
 from benchmarks.attention_bench import bench, copy_bandwidth
 from benchmarks.fused_sweep import layer_data, time_read_only
+from kvpolicy import fused
 from kvpolicy.config import QuantSpec
 from kvpolicy.fused import packed_decode_attention
 from kvpolicy.quantizers import NativeQuantizer
@@ -97,7 +105,27 @@ def check(variants: list[dict], gen: torch.Generator, device: str = "cuda", kern
     return results
 
 
-def time_shape(b, n, group, variants, copy_bw, sms) -> dict:
+def load_kernel(path: str) -> Callable:
+    """``packed_decode_mma`` of a copy of ``kvpolicy/fused_mma.py`` (e.g. from ``git show``)."""
+    spec = importlib.util.spec_from_file_location("fused_mma_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.packed_decode_mma
+
+
+@contextlib.contextmanager
+def launching(kernel: Callable | None) -> Iterator[None]:
+    """The Gluon executor launches ``kernel`` (None: the current one) inside the block."""
+    current = fused._mma_kernel
+    if kernel is not None:
+        fused._mma_kernel = lambda: kernel
+    try:
+        yield
+    finally:
+        fused._mma_kernel = current
+
+
+def time_shape(b, n, group, variants, copy_bw, sms, baseline: Callable | None = None) -> dict:
     hkv = 8
     q, kp, vp, scale, nbytes, expected = layer_data(b, n, group, hkv)
 
@@ -109,10 +137,16 @@ def time_shape(b, n, group, variants, copy_bw, sms) -> dict:
     row = {"batch": b, "tokens": n, "group": group, "bytes": nbytes, "copy_GBps": copy_bw / 1e9}
     row["read_only_ms"] = time_read_only(kp, vp, b, hkv, n, group, sms)
     row["triton_ms"], row["triton_err"] = timed(kernel="triton")
+    if baseline is not None:
+        with launching(baseline):
+            row["baseline_ms"], row["baseline_err"] = timed(kernel="mma")
     row["mma"] = []
     for variant in variants:
         ms, err = timed(kernel="mma", **variant)
         row["mma"].append({**variant, "ms": ms, "rel_err": err})
+    if baseline is not None:
+        with launching(baseline):
+            row["baseline_again_ms"], _ = timed(kernel="mma")
     row["triton_again_ms"], _ = timed(kernel="triton")
     row["mma"].sort(key=lambda r: r["ms"])
     return row
@@ -126,6 +160,7 @@ def main() -> None:
     parser.add_argument("--max-registers", type=int, nargs="+", default=[0])
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 3])
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--baseline", help="an earlier fused_mma.py, timed at its defaults on every shape")
     parser.add_argument("--out")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)
@@ -135,7 +170,8 @@ def main() -> None:
             args.block_tokens, args.exact_keys, args.split_factors, args.max_registers, args.stages
         )
     ]
-    record = {"device": torch.cuda.get_device_name()}
+    baseline = load_kernel(args.baseline) if args.baseline else None
+    record = {"device": torch.cuda.get_device_name(), "baseline": args.baseline}
     if not args.skip_check:
         keys = ("block_tokens", "exact_keys", "stages", "max_registers")
         shape_variants = {tuple(v[k] for k in keys): v for v in variants}.values()
@@ -150,7 +186,7 @@ def main() -> None:
     copy_bw = copy_bandwidth()
     record["shapes"] = []
     for b, n, group in SHAPES:
-        record["shapes"].append(time_shape(b, n, group, variants, copy_bw, sms))
+        record["shapes"].append(time_shape(b, n, group, variants, copy_bw, sms, baseline))
         torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
@@ -163,14 +199,19 @@ def main() -> None:
                   f" err {r['rel_err']:.1e}")  # fmt: skip
     print(f"\n{record['device']}, copy {copy_bw / 1e9:.0f} GB/s (read + write)")
     print(f"{'b':>4} {'ctx':>6} {'grp':>4} {'MB':>5} {'read ms':>8} {'triton':>8} {'again':>8} {'mma ms':>8}"
-          f" {'vs trit':>7} {'% copy':>7} {'% read':>7} {'err':>8}")  # fmt: skip
+          f" {'vs trit':>7} {'% copy':>7} {'% read':>7} {'err':>8}"
+          + (f" {'base ms':>8} {'again':>8} {'vs base':>7}" if baseline else ""))  # fmt: skip
     for s in record["shapes"]:
         best = s["mma"][0]
         pct = 100 * s["bytes"] / (best["ms"] / 1e3) / (s["copy_GBps"] * 1e9)
         print(f"{s['batch']:>4} {s['tokens']:>6} {s['group']:>4} {s['bytes'] / 1e6:>5.0f} {s['read_only_ms']:>8.3f}"
               f" {s['triton_ms']:>8.3f} {s['triton_again_ms']:>8.3f} {best['ms']:>8.3f}"
               f" {s['triton_ms'] / best['ms']:>6.2f}x {pct:>6.1f}% {100 * s['read_only_ms'] / best['ms']:>6.0f}%"
-              f" {best['rel_err']:>8.1e}")  # fmt: skip
+              f" {best['rel_err']:>8.1e}", end="")  # fmt: skip
+        if baseline:
+            base = min(s["baseline_ms"], s["baseline_again_ms"])
+            print(f" {s['baseline_ms']:>8.3f} {s['baseline_again_ms']:>8.3f} {base / best['ms']:>6.3f}x", end="")
+        print()
 
 
 if __name__ == "__main__":

@@ -193,6 +193,35 @@ def repeat_rows(x, n: gl.constexpr, layout: gl.constexpr):
 
 
 @gluon.jit
+def row_tile(x, k: gl.constexpr):
+    """Rows ``16k .. 16k + 15`` of ``x`` ``[n]`` or ``[n, m]`` whose 16-row tiles are registers:
+    only registers are renamed."""
+    bits: gl.constexpr = _log2(x.shape[0] // 16)
+    for i in gl.static_range(bits):
+        if len(x.shape) == 1:
+            lo, hi = gl.split(gl.permute(gl.reshape(x, [2, x.shape[0] // 2]), (1, 0)))
+        else:
+            lo, hi = gl.split(gl.permute(gl.reshape(x, [2, x.shape[0] // 2, x.shape[1]]), (1, 2, 0)))
+        x = hi if (k >> (bits - 1 - i)) % 2 == 1 else lo
+    return x
+
+
+@gluon.jit
+def fold_rows(acc, p, v, layout: gl.constexpr):
+    """``acc`` ``[16, 8]`` plus each 16-row tile of ``p * v[:, None]`` (``p`` ``[n, 8]``, ``v``
+    ``[n]``, or ``p`` alone if ``v`` is None), one chain within each thread: the sums over the
+    block's tokens are completed over lanes once, after the loop."""
+    for k in gl.static_range(p.shape[0] // 16):
+        tile = gl.convert_layout(row_tile(p, k), layout, assert_trivial=True)
+        if v is None:
+            acc = acc + tile
+        else:
+            vk = gl.convert_layout(row_tile(v, k), gl.SliceLayout(1, layout), assert_trivial=True)
+            acc = acc + tile * vk[:, None]
+    return acc
+
+
+@gluon.jit
 def group_scales(x, tok: gl.constexpr, NG: gl.constexpr):
     """``[BLOCK_N, NG]`` per-token values of ``NG`` (1, 2 or 4) value groups -> 4 ``[BLOCK_N]``
     float32 tensors, group ``g * NG // 4`` in position ``g`` (repeated where ``NG < 4``)."""
@@ -254,13 +283,18 @@ def key_inputs(
 
 
 @gluon.jit
-def value_rows(first, bh, N, NV, VROWS, layout: gl.constexpr, BLOCK_N: gl.constexpr, GATHER: gl.constexpr):
+def value_rows(
+    first, bh, N, NV, VROWS, layout: gl.constexpr, BLOCK_N: gl.constexpr, GATHER: gl.constexpr, end=None
+):  # fmt: skip
     """``(value row of each key or -1, its flat row)`` of a block's tokens in ``layout``: the
     tokens themselves unless ``GATHER`` (values are per-token rows, so each key's may be read
-    from anywhere)."""
+    from anywhere). Tokens from ``end`` on (if given) are not looked up: row 0."""
     rows = first + gl.arange(0, BLOCK_N, layout)
     if GATHER:
-        rows = gl.load(VROWS + rows)
+        if end is None:
+            rows = gl.load(VROWS + rows)
+        else:
+            rows = gl.load(VROWS + rows, mask=rows < end, other=0)
         return rows, bh * NV + gl.maximum(rows, 0)
     return rows, bh * N + rows
 
@@ -292,29 +326,22 @@ def stage_block(
     ``2 * NG`` bytes per copy); a block past ``end`` copies nothing."""
     words: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [1, 1], [1, 0])
     rows = first + gl.arange(0, BLOCK_N, gl.SliceLayout(1, words))
-    live = rows < end
+    live = (rows < end)[:, None]
+    _, vrows = value_rows(first, bh, N, NV, VROWS, gl.SliceLayout(1, words), BLOCK_N, GATHER, end)
     w = gl.arange(0, WORDS, gl.SliceLayout(0, words))[None, :]
-    async_copy.async_copy_global_to_shared(kc_s.index(stage), KC + (bh * N + rows[:, None]) * WORDS + w, live[:, None])
-    if GATHER:
-        vrows = bh * NV + gl.maximum(gl.load(VROWS + rows, mask=live, other=0), 0)
-    else:
-        vrows = bh * N + rows
-    async_copy.async_copy_global_to_shared(vc_s.index(stage), VC + vrows[:, None] * WORDS + w, live[:, None])
+    async_copy.async_copy_global_to_shared(kc_s.index(stage), KC + (bh * N + rows[:, None]) * WORDS + w, live)
+    async_copy.async_copy_global_to_shared(vc_s.index(stage), VC + vrows[:, None] * WORDS + w, live)
     channels: gl.constexpr = gl.BlockedLayout([4], [32], [1], [0])
     c = gl.arange(0, HEAD_DIM, channels)
     key_row = (bh * (N // KG) + first // KG) * HEAD_DIM + c
     async_copy.async_copy_global_to_shared(ks_s.index(stage), KS + key_row, c < HEAD_DIM * (first < end))
     async_copy.async_copy_global_to_shared(kz_s.index(stage), KZ + key_row, c < HEAD_DIM * (first < end))
     groups: gl.constexpr = gl.BlockedLayout([1, NG], [32, 1], [1, 1], [1, 0])
-    rows = first + gl.arange(0, BLOCK_N, gl.SliceLayout(1, groups))
-    live = rows < end
-    if GATHER:
-        vrows = bh * NV + gl.maximum(gl.load(VROWS + rows, mask=live, other=0), 0)
-    else:
-        vrows = bh * N + rows
+    live = (first + gl.arange(0, BLOCK_N, gl.SliceLayout(1, groups)) < end)[:, None]
+    _, vrows = value_rows(first, bh, N, NV, VROWS, gl.SliceLayout(1, groups), BLOCK_N, GATHER, end)
     at = vrows[:, None] * NG + gl.arange(0, NG, gl.SliceLayout(0, groups))[None, :]
-    async_copy.async_copy_global_to_shared(vs_s.index(stage), VS + at, live[:, None])
-    async_copy.async_copy_global_to_shared(vz_s.index(stage), VZ + at, live[:, None])
+    async_copy.async_copy_global_to_shared(vs_s.index(stage), VS + at, live)
+    async_copy.async_copy_global_to_shared(vz_s.index(stage), VZ + at, live)
 
 
 @gluon.jit
@@ -372,11 +399,13 @@ def attend_block(
     m_new = gl.maximum(m, gl.max(s, 0))
     if gl.max((m_new > m).to(gl.int32), 0) > 0:
         alpha = gl.exp2(m - gl.where(m_new == float("-inf"), 0.0, m_new))
-        total *= alpha
-        zs0 *= alpha
-        zs1 *= alpha
-        zs2 *= alpha
-        zs3 *= alpha
+        total *= alpha[None, :]
+        zs0 *= alpha[None, :]
+        if NG >= 2:
+            zs2 *= alpha[None, :]
+        if NG == 4:
+            zs1 *= alpha[None, :]
+            zs3 *= alpha[None, :]
         a0 *= alpha[None, :]
         a1 *= alpha[None, :]
         a2 *= alpha[None, :]
@@ -387,26 +416,26 @@ def attend_block(
         a7 *= alpha[None, :]
         m = m_new
     p = gl.exp2(s - gl.where(m == float("-inf"), 0.0, m)[None, :])
-    total += gl.sum(p, 0)
+    total = fold_rows(total, p, None, mma)
 
     # values: per-token scales folded into the probabilities
     vs0, vs1, vs2, vs3 = group_scales(vsc, tok, NG)
     vz0, vz1, vz2, vz3 = group_scales(vzc, tok, NG)
-    zs0 += gl.sum(p * vz0[:, None], 0)
+    zs0 = fold_rows(zs0, p, vz0, mma)
     r0 = probs_operand(p, vs0, rhs)
     if NG == 1:
         r1 = r0
         r2 = r0
         r3 = r0
     elif NG == 2:
-        zs2 += gl.sum(p * vz2[:, None], 0)
+        zs2 = fold_rows(zs2, p, vz2, mma)
         r1 = r0
         r2 = probs_operand(p, vs2, rhs)
         r3 = r2
     else:
-        zs1 += gl.sum(p * vz1[:, None], 0)
-        zs2 += gl.sum(p * vz2[:, None], 0)
-        zs3 += gl.sum(p * vz3[:, None], 0)
+        zs1 = fold_rows(zs1, p, vz1, mma)
+        zs2 = fold_rows(zs2, p, vz2, mma)
+        zs3 = fold_rows(zs3, p, vz3, mma)
         r1 = probs_operand(p, vs1, rhs)
         r2 = probs_operand(p, vs2, rhs)
         r3 = probs_operand(p, vs3, rhs)
@@ -461,11 +490,12 @@ def packed_decode_mma(
     q = q.to(gl.float32) * scaling_log2
 
     m = gl.full([ROWS], float("-inf"), gl.float32, heads)
-    total = gl.zeros([ROWS], gl.float32, heads)
-    zs0 = gl.zeros([ROWS], gl.float32, heads)  # sum of p * z of plane i's value group
-    zs1 = gl.zeros([ROWS], gl.float32, heads)
-    zs2 = gl.zeros([ROWS], gl.float32, heads)
-    zs3 = gl.zeros([ROWS], gl.float32, heads)
+    # sums over tokens, folded to 16 rows in each thread and summed over lanes after the loop
+    total = gl.zeros([16, ROWS], gl.float32, mma)  # of p
+    zs0 = gl.zeros([16, ROWS], gl.float32, mma)  # of p * z of plane i's value group
+    zs1 = gl.zeros([16, ROWS], gl.float32, mma)
+    zs2 = gl.zeros([16, ROWS], gl.float32, mma)
+    zs3 = gl.zeros([16, ROWS], gl.float32, mma)
     a0 = gl.zeros([16, ROWS], gl.float32, mma)  # Oᵀ, one accumulator per 16-channel tile
     a1 = gl.zeros([16, ROWS], gl.float32, mma)
     a2 = gl.zeros([16, ROWS], gl.float32, mma)
@@ -511,11 +541,16 @@ def packed_decode_mma(
                 BLOCK_N, NG, HAS_BIAS, GATHER, EXACT_KEYS, True,
             )  # fmt: skip
 
+    total = gl.sum(total, 0)
+    if NG == 4:
+        zs1 = gl.sum(zs1, 0)
+        zs3 = gl.sum(zs3, 0)
+    if NG >= 2:
+        zs2 = gl.sum(zs2, 0)
+    zs0 = gl.sum(zs0, 0)
     if NG == 1:
-        zs1 = zs0
         zs2 = zs0
-        zs3 = zs0
-    elif NG == 2:
+    if NG <= 2:
         zs1 = zs0
         zs3 = zs2
     head = gl.arange(0, ROWS, heads)

@@ -78,3 +78,26 @@ def test_kernel_version_plot_counts_only_variants_within_the_error_bound(tmp_pat
     out = tmp_path / "plot.png"
     plot_mma_sweep.main(str(out), [f"old={tmp_path / 'old.json'}", f"new={tmp_path / 'new.json'}"])
     assert out.stat().st_size > 1000
+
+
+def test_the_sweep_launches_a_baseline_kernel_only_inside_its_block(tmp_path):
+    """``mma_sweep --baseline``: an earlier copy of the kernel's module is loaded from its file and
+    the Gluon executor launches it inside ``launching`` only, also when the block raises."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.ampere")
+    import pathlib
+
+    from benchmarks.mma_sweep import launching, load_kernel
+    from kvpolicy import fused, fused_mma
+
+    copy = tmp_path / "fused_mma_before.py"
+    copy.write_text(pathlib.Path(fused_mma.__file__).read_text())
+    baseline = load_kernel(str(copy))
+    assert baseline is not fused_mma.packed_decode_mma and baseline.fn.__module__ == "fused_mma_baseline"
+    with launching(baseline):
+        assert fused._mma_kernel() is baseline
+    assert fused._mma_kernel() is fused_mma.packed_decode_mma
+    with pytest.raises(RuntimeError), launching(baseline):
+        raise RuntimeError("a shape failed")
+    assert fused._mma_kernel() is fused_mma.packed_decode_mma
+    with launching(None):
+        assert fused._mma_kernel() is fused_mma.packed_decode_mma
