@@ -38,6 +38,16 @@ def bench(fn, warmup=5, reps=30) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def bench_graph(fn, warmup=5, reps=30) -> float:
+    """Median milliseconds of ``fn`` replayed from a CUDA graph: its kernels back to back, with
+    no Python or launch gaps before or between them (the device time of the call)."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay, warmup, reps)
+
+
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy, bytes read + written per second."""
     x = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -64,12 +74,7 @@ def measure(n: int, b: int, copy_bw: float, kernel: str | None = None) -> dict:
     t_sdpa = bench(lambda: F.scaled_dot_product_attention(query, k, v, scale=scale, enable_gqa=True))
     fused = functools.partial(packed_decode_attention, grouped, kp, vp, scale, None, kernel=kernel)
     t_fused = bench(fused)
-    # the same call replayed from a CUDA graph: no Python/launch gaps between its kernels
-    fused()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fused()
-    t_graph = bench(graph.replay)
+    t_graph = bench_graph(fused)
 
     def dequant_sdpa():
         F.scaled_dot_product_attention(query, kp.dequantize(), vp.dequantize(), scale=scale, enable_gqa=True)

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from benchmarks.attention_bench import bench, copy_bandwidth
+from benchmarks.attention_bench import bench, bench_graph, copy_bandwidth
 from benchmarks.fused_sweep import layer_data, time_read_only
 from kvpolicy import fused
 from kvpolicy.config import QuantSpec
@@ -130,24 +130,26 @@ def time_shape(b, n, group, variants, copy_bw, sms, baseline: Callable | None = 
     q, kp, vp, scale, nbytes, expected = layer_data(b, n, group, hkv)
 
     def timed(**kw):
+        """(ms per call, its kernels' ms from a CUDA graph, relative error)."""
         run = functools.partial(packed_decode_attention, q, kp, vp, scale, None, **kw)
         out = run()[0].reshape(expected.shape)
-        return bench(run, warmup=3, reps=20), float((out - expected).norm() / expected.norm())
+        err = float((out - expected).norm() / expected.norm())
+        return bench(run, warmup=3, reps=20), bench_graph(run, warmup=3, reps=20), err
 
     row = {"batch": b, "tokens": n, "group": group, "bytes": nbytes, "copy_GBps": copy_bw / 1e9}
     row["read_only_ms"] = time_read_only(kp, vp, b, hkv, n, group, sms)
-    row["triton_ms"], row["triton_err"] = timed(kernel="triton")
+    row["triton_ms"], row["triton_graph_ms"], row["triton_err"] = timed(kernel="triton")
     if baseline is not None:
         with launching(baseline):
-            row["baseline_ms"], row["baseline_err"] = timed(kernel="mma")
+            row["baseline_ms"], row["baseline_graph_ms"], row["baseline_err"] = timed(kernel="mma")
     row["mma"] = []
     for variant in variants:
-        ms, err = timed(kernel="mma", **variant)
-        row["mma"].append({**variant, "ms": ms, "rel_err": err})
+        ms, graph_ms, err = timed(kernel="mma", **variant)
+        row["mma"].append({**variant, "ms": ms, "graph_ms": graph_ms, "rel_err": err})
     if baseline is not None:
         with launching(baseline):
-            row["baseline_again_ms"], _ = timed(kernel="mma")
-    row["triton_again_ms"], _ = timed(kernel="triton")
+            row["baseline_again_ms"], row["baseline_again_graph_ms"], _ = timed(kernel="mma")
+    row["triton_again_ms"], row["triton_again_graph_ms"], _ = timed(kernel="triton")
     row["mma"].sort(key=lambda r: r["ms"])
     return row
 
@@ -211,6 +213,19 @@ def main() -> None:
         if baseline:
             base = min(s["baseline_ms"], s["baseline_again_ms"])
             print(f" {s['baseline_ms']:>8.3f} {s['baseline_again_ms']:>8.3f} {base / best['ms']:>6.3f}x", end="")
+        print()
+    print("\nthe same calls replayed from CUDA graphs: their kernels alone, no launch gaps (the fastest variant above)")
+    print(f"{'b':>4} {'ctx':>6} {'grp':>4} {'triton':>8} {'again':>8} {'mma ms':>8} {'vs trit':>7} {'% copy':>7}"
+          + (f" {'base ms':>8} {'again':>8} {'vs base':>7}" if baseline else ""))  # fmt: skip
+    for s in record["shapes"]:
+        ms = s["mma"][0]["graph_ms"]
+        pct = 100 * s["bytes"] / (ms / 1e3) / (s["copy_GBps"] * 1e9)
+        triton = min(s["triton_graph_ms"], s["triton_again_graph_ms"])
+        print(f"{s['batch']:>4} {s['tokens']:>6} {s['group']:>4} {s['triton_graph_ms']:>8.3f}"
+              f" {s['triton_again_graph_ms']:>8.3f} {ms:>8.3f} {triton / ms:>6.2f}x {pct:>6.1f}%", end="")  # fmt: skip
+        if baseline:
+            base = min(s["baseline_graph_ms"], s["baseline_again_graph_ms"])
+            print(f" {s['baseline_graph_ms']:>8.3f} {s['baseline_again_graph_ms']:>8.3f} {base / ms:>6.3f}x", end="")
         print()
 
 

@@ -73,6 +73,10 @@ def test_kernel_version_plot_counts_only_variants_within_the_error_bound(tmp_pat
     assert labels == ["b74, 32K, g64"]
     assert bars["new"] == [25.0] and bars["Triton v15"] == [12.5]  # 1 GB in 1 ms of a 4 TB/s copy
     assert bars["old"][0] != bars["old"][0]  # NaN: no correct variant
+    assert "new, kernels alone" not in bars  # a run without CUDA-graph timings
+    graphed = {"device": "X", "shapes": [shape([{**slow_right, "graph_ms": 0.8}, {**fast_wrong, "graph_ms": 0.4}])]}
+    _, bars = plot_mma_sweep.series({**runs, "graphed": graphed})
+    assert bars["graphed"] == [25.0] and bars["graphed, kernels alone"] == [31.25]  # the correct variant's graph
     for name, run in runs.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(run))
     out = tmp_path / "plot.png"
