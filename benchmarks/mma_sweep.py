@@ -154,6 +154,52 @@ def time_shape(b, n, group, variants, copy_bw, sms, baseline: Callable | None = 
     return row
 
 
+def _baseline_cells(shape: dict, ms: float, kind: str = "") -> str:
+    """The baseline's two timings (``kind``: "" one call, "graph_" replayed) and its ratio to ``ms``."""
+    first, again = shape[f"baseline_{kind}ms"], shape[f"baseline_again_{kind}ms"]
+    return f" {first:>8.3f} {again:>8.3f} {min(first, again) / ms:>6.3f}x"
+
+
+def report(record: dict, copy_bw: float) -> str:
+    """The fastest variants of each shape, then the tables: one call at a time, and the same
+    calls replayed from CUDA graphs (against the baseline when the run had one)."""
+    baseline = record.get("baseline") is not None
+    lines = []
+    for s in record["shapes"]:
+        lines.append(f"\nb={s['batch']} n={s['tokens']} group={s['group']}: fastest mma variants")
+        for r in s["mma"][:4]:
+            lines.append(f"  {r['ms']:.3f} ms  block {r['block_tokens']} exact {r['exact_keys']}"
+                         f" split_factor {r['split_factor']} max_registers {r['max_registers']} stages {r['stages']}"
+                         f" err {r['rel_err']:.1e}")  # fmt: skip
+    base_head = f" {'base ms':>8} {'again':>8} {'vs base':>7}" if baseline else ""
+    lines.append(f"\n{record['device']}, copy {copy_bw / 1e9:.0f} GB/s (read + write)")
+    lines.append(f"{'b':>4} {'ctx':>6} {'grp':>4} {'MB':>5} {'read ms':>8} {'triton':>8} {'again':>8} {'mma ms':>8}"
+                 f" {'vs trit':>7} {'% copy':>7} {'% read':>7} {'err':>8}" + base_head)  # fmt: skip
+    for s in record["shapes"]:
+        best = s["mma"][0]
+        pct = 100 * s["bytes"] / (best["ms"] / 1e3) / (s["copy_GBps"] * 1e9)
+        lines.append(
+            f"{s['batch']:>4} {s['tokens']:>6} {s['group']:>4} {s['bytes'] / 1e6:>5.0f} {s['read_only_ms']:>8.3f}"
+            f" {s['triton_ms']:>8.3f} {s['triton_again_ms']:>8.3f} {best['ms']:>8.3f}"
+            f" {s['triton_ms'] / best['ms']:>6.2f}x {pct:>6.1f}% {100 * s['read_only_ms'] / best['ms']:>6.0f}%"
+            f" {best['rel_err']:>8.1e}" + (_baseline_cells(s, best["ms"]) if baseline else "")
+        )  # fmt: skip
+    lines.append("\nthe same calls replayed from CUDA graphs: their kernels alone, no launch gaps"
+                 " (the fastest variant above)")  # fmt: skip
+    lines.append(f"{'b':>4} {'ctx':>6} {'grp':>4} {'triton':>8} {'again':>8} {'mma ms':>8} {'vs trit':>7}"
+                 f" {'% copy':>7}" + base_head)  # fmt: skip
+    for s in record["shapes"]:
+        ms = s["mma"][0]["graph_ms"]
+        pct = 100 * s["bytes"] / (ms / 1e3) / (s["copy_GBps"] * 1e9)
+        triton = min(s["triton_graph_ms"], s["triton_again_graph_ms"])
+        lines.append(
+            f"{s['batch']:>4} {s['tokens']:>6} {s['group']:>4} {s['triton_graph_ms']:>8.3f}"
+            f" {s['triton_again_graph_ms']:>8.3f} {ms:>8.3f} {triton / ms:>6.2f}x {pct:>6.1f}%"
+            + (_baseline_cells(s, ms, "graph_") if baseline else "")
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--block-tokens", type=int, nargs="+", default=[32, 64])
@@ -193,40 +239,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(record, f, indent=2)
-    for s in record["shapes"]:
-        print(f"\nb={s['batch']} n={s['tokens']} group={s['group']}: fastest mma variants")
-        for r in s["mma"][:4]:
-            print(f"  {r['ms']:.3f} ms  block {r['block_tokens']} exact {r['exact_keys']}"
-                  f" split_factor {r['split_factor']} max_registers {r['max_registers']} stages {r['stages']}"
-                  f" err {r['rel_err']:.1e}")  # fmt: skip
-    print(f"\n{record['device']}, copy {copy_bw / 1e9:.0f} GB/s (read + write)")
-    print(f"{'b':>4} {'ctx':>6} {'grp':>4} {'MB':>5} {'read ms':>8} {'triton':>8} {'again':>8} {'mma ms':>8}"
-          f" {'vs trit':>7} {'% copy':>7} {'% read':>7} {'err':>8}"
-          + (f" {'base ms':>8} {'again':>8} {'vs base':>7}" if baseline else ""))  # fmt: skip
-    for s in record["shapes"]:
-        best = s["mma"][0]
-        pct = 100 * s["bytes"] / (best["ms"] / 1e3) / (s["copy_GBps"] * 1e9)
-        print(f"{s['batch']:>4} {s['tokens']:>6} {s['group']:>4} {s['bytes'] / 1e6:>5.0f} {s['read_only_ms']:>8.3f}"
-              f" {s['triton_ms']:>8.3f} {s['triton_again_ms']:>8.3f} {best['ms']:>8.3f}"
-              f" {s['triton_ms'] / best['ms']:>6.2f}x {pct:>6.1f}% {100 * s['read_only_ms'] / best['ms']:>6.0f}%"
-              f" {best['rel_err']:>8.1e}", end="")  # fmt: skip
-        if baseline:
-            base = min(s["baseline_ms"], s["baseline_again_ms"])
-            print(f" {s['baseline_ms']:>8.3f} {s['baseline_again_ms']:>8.3f} {base / best['ms']:>6.3f}x", end="")
-        print()
-    print("\nthe same calls replayed from CUDA graphs: their kernels alone, no launch gaps (the fastest variant above)")
-    print(f"{'b':>4} {'ctx':>6} {'grp':>4} {'triton':>8} {'again':>8} {'mma ms':>8} {'vs trit':>7} {'% copy':>7}"
-          + (f" {'base ms':>8} {'again':>8} {'vs base':>7}" if baseline else ""))  # fmt: skip
-    for s in record["shapes"]:
-        ms = s["mma"][0]["graph_ms"]
-        pct = 100 * s["bytes"] / (ms / 1e3) / (s["copy_GBps"] * 1e9)
-        triton = min(s["triton_graph_ms"], s["triton_again_graph_ms"])
-        print(f"{s['batch']:>4} {s['tokens']:>6} {s['group']:>4} {s['triton_graph_ms']:>8.3f}"
-              f" {s['triton_again_graph_ms']:>8.3f} {ms:>8.3f} {triton / ms:>6.2f}x {pct:>6.1f}%", end="")  # fmt: skip
-        if baseline:
-            base = min(s["baseline_graph_ms"], s["baseline_again_graph_ms"])
-            print(f" {s['baseline_graph_ms']:>8.3f} {s['baseline_again_graph_ms']:>8.3f} {base / ms:>6.3f}x", end="")
-        print()
+    print(report(record, copy_bw))
 
 
 if __name__ == "__main__":

@@ -105,3 +105,28 @@ def test_the_sweep_launches_a_baseline_kernel_only_inside_its_block(tmp_path):
     assert fused._mma_kernel() is fused_mma.packed_decode_mma
     with launching(None):
         assert fused._mma_kernel() is fused_mma.packed_decode_mma
+
+
+@pytest.mark.parametrize("with_baseline", [False, True])
+def test_sweep_report_gives_each_timing_its_share_of_the_copy(with_baseline):
+    """``mma_sweep``'s tables, from its JSON record: one call at a time and replayed from CUDA
+    graphs, each against the run's copy, and the baseline's ratio only when the run had one."""
+    from benchmarks.mma_sweep import report
+
+    variant = {"block_tokens": 64, "exact_keys": False, "split_factor": 32, "max_registers": None, "stages": 2,
+               "ms": 1.0, "graph_ms": 0.8, "rel_err": 3e-3}  # fmt: skip
+    shape = {"batch": 74, "tokens": 32768, "group": 64, "bytes": 10**9, "copy_GBps": 4000.0, "read_only_ms": 0.5,
+             "triton_ms": 2.0, "triton_again_ms": 2.2, "triton_graph_ms": 1.6, "triton_again_graph_ms": 1.7,
+             "mma": [variant]}  # fmt: skip
+    if with_baseline:
+        shape.update(baseline_ms=1.2, baseline_again_ms=1.1, baseline_graph_ms=0.9, baseline_again_graph_ms=1.0)
+    record = {"device": "X", "baseline": "before.py" if with_baseline else None, "shapes": [shape]}
+    text = report(record, 4e12)
+    one_call, graphed = text.split("\nthe same calls replayed from CUDA graphs")
+    row = one_call.strip().splitlines()[-1].split()
+    assert row[:4] == ["74", "32768", "64", "1000"] and "2.00x" in row and "25.0%" in row  # 1 GB/ms of 4 TB/s
+    graph_row = graphed.strip().splitlines()[-1].split()
+    assert graph_row[5:8] == ["0.800", "2.00x", "31.2%"]  # the faster Triton replay (1.6) over 0.8
+    assert ("vs base" in text) == with_baseline
+    if with_baseline:
+        assert row[-1] == "1.100x" and graph_row[-1] == "1.125x"  # the faster of the baseline's two timings
