@@ -90,12 +90,17 @@ def reference(q, kp, vp, scale):
     return torch.einsum("bhgn,bhnd->bhgd", torch.softmax(s, -1), v)
 
 
-def load_baseline(path: str):
-    name = Path(path).stem
-    spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
+def load_module(path: str, name: str | None = None):
+    """The Python module in file ``path`` (an earlier version of one of ours), as ``name``
+    (default ``baseline_<file stem>``)."""
+    spec = importlib.util.spec_from_file_location(name or f"baseline_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.packed_decode_attention
+    return module
+
+
+def load_baseline(path: str):
+    return load_module(path).packed_decode_attention
 
 
 def layer_data(b: int, n: int, group: int, hkv: int = 8, g: int = 4, d: int = 128):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import importlib.util
 import itertools
 import json
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from benchmarks.attention_bench import bench, bench_graph, copy_bandwidth
-from benchmarks.fused_sweep import layer_data, time_read_only
+from benchmarks.fused_sweep import layer_data, load_module, time_read_only
 from kvpolicy import fused
 from kvpolicy.config import QuantSpec
 from kvpolicy.fused import packed_decode_attention
@@ -107,10 +106,7 @@ def check(variants: list[dict], gen: torch.Generator, device: str = "cuda", kern
 
 def load_kernel(path: str) -> Callable:
     """``packed_decode_mma`` of a copy of ``kvpolicy/fused_mma.py`` (e.g. from ``git show``)."""
-    spec = importlib.util.spec_from_file_location("fused_mma_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.packed_decode_mma
+    return load_module(path, "fused_mma_baseline").packed_decode_mma
 
 
 @contextlib.contextmanager

@@ -40,25 +40,27 @@ def shape_label(shape: dict) -> str:
     return f"b{shape['batch']}, {shape['tokens'] // 1024}K, g{shape['group']}"
 
 
+def run_bars(run: dict, labels: list[str], timing: str = "ms") -> list[float]:
+    """% of copy per shape label of one run's best correct variant, by its ``timing``
+    (``ms``: one call; ``graph_ms``: replayed from a CUDA graph); NaN where there is none."""
+    by_label = {shape_label(s): s for s in run["shapes"]}
+    values = []
+    for label in labels:
+        shape = by_label.get(label)
+        best = best_correct(shape) if shape else None
+        values.append(percent_of_copy(shape, best[timing]) if best else float("nan"))
+    return values
+
+
 def series(runs: dict[str, dict]) -> tuple[list[str], dict[str, list[float]]]:
     """``(shape labels, {bar label: % of copy per shape})``; shapes as in the last run."""
     last = list(runs.values())[-1]
     labels = [shape_label(s) for s in last["shapes"]]
     bars = {"Triton v15": [percent_of_copy(s, s["triton_ms"]) for s in last["shapes"]]}
     for name, run in runs.items():
-        by_label = {shape_label(s): s for s in run["shapes"]}
-        values = []
-        for label in labels:
-            shape = by_label.get(label)
-            best = best_correct(shape) if shape else None
-            values.append(percent_of_copy(shape, best["ms"]) if best else float("nan"))
-        bars[name] = values
+        bars[name] = run_bars(run, labels)
         if all("graph_ms" in v for s in run["shapes"] for v in s["mma"]):
-            graph = []
-            for label in labels:
-                best = best_correct(by_label[label]) if label in by_label else None
-                graph.append(percent_of_copy(by_label[label], best["graph_ms"]) if best else float("nan"))
-            bars[f"{name}, kernels alone"] = graph
+            bars[f"{name}, kernels alone"] = run_bars(run, labels, "graph_ms")
     return labels, bars
 
 
