@@ -1,4 +1,4 @@
-"""The built-in plugin: core selectors, the native/quanto/hqq quantizers, the reference executor and ``full``.
+"""The built-in plugin: core selectors, the native/quanto/hqq quantizers, the executors and ``full``.
 
 Registered by :class:`~kvpolicy.registry.Registry` through the same hooks as any plugin.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 from kvpolicy.backends.hqq import HQQQuantizer
 from kvpolicy.backends.quanto import QuantoQuantizer
 from kvpolicy.executors import ChunkedExecutor, ReferenceExecutor
-from kvpolicy.fused import FusedExecutor, FusedTritonExecutor
+from kvpolicy.fused import AutoExecutor, FusedExecutor, FusedTritonExecutor
 from kvpolicy.hookspecs import hookimpl
 from kvpolicy.quantizers import NativeQuantizer
 from kvpolicy.selectors import BUILTIN_SELECTORS
@@ -26,7 +26,7 @@ def kvpolicy_quantizers():
 
 @hookimpl
 def kvpolicy_executors():
-    return [ReferenceExecutor, ChunkedExecutor, FusedExecutor, FusedTritonExecutor]
+    return [AutoExecutor, ReferenceExecutor, ChunkedExecutor, FusedExecutor, FusedTritonExecutor]
 
 
 @hookimpl

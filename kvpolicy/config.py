@@ -124,6 +124,34 @@ class SelectorSpec:
 
 
 @attrs.frozen
+class ExecutorSpec:
+    """The attention executor and its parameters: a name (``fused``) or a mapping
+    (``{type: fused, kernel: triton}``); the registered executor validates the parameters."""
+
+    type: str = attrs.field(default="auto", validator=_non_empty_str("executor.type"))
+    params: dict = attrs.field(factory=dict)
+
+    @classmethod
+    def coerce(cls, data: Any) -> ExecutorSpec:
+        """From a name, a mapping with a ``type`` key, or an ``ExecutorSpec``."""
+        if isinstance(data, ExecutorSpec):
+            return data
+        if isinstance(data, str):
+            return cls(type=data)
+        if isinstance(data, dict) and isinstance(data.get("type"), str):
+            return cls(type=data["type"], params={k: v for k, v in data.items() if k != "type"})
+        raise ConfigError(
+            "executor",
+            data,
+            "a registered executor name or a mapping with a 'type' key, e.g. {type: fused, kernel: triton}",
+        )
+
+    def to_data(self) -> str | dict:
+        """The YAML form: the bare name when there are no parameters."""
+        return {"type": self.type, **self.params} if self.params else self.type
+
+
+@attrs.frozen
 class TensorSpec:
     """Retention and demotion for one of keys or values."""
 
@@ -173,10 +201,13 @@ class PolicyConfig:
     name: str = attrs.field(validator=_non_empty_str("name"), metadata={"doc": "the policy's name"})
     keys: TensorSpec = attrs.field(metadata={"doc": "retention and quantization of keys"})
     values: TensorSpec = attrs.field(metadata={"doc": "retention and quantization of values"})
-    executor: str = attrs.field(
-        default="reference",
-        validator=_non_empty_str("executor"),
-        metadata={"doc": "registered attention executor (`kvpolicy list`)"},
+    executor: ExecutorSpec = attrs.field(
+        default=ExecutorSpec(),
+        converter=ExecutorSpec.coerce,
+        metadata={
+            "doc": "attention executor: a registered name (`kvpolicy list`) or `{type: NAME, PARAM: VALUE}`; "
+            "`auto` takes the fused kernels on CUDA where they serve and the chunked path elsewhere"
+        },
     )
     description: str = attrs.field(default="", metadata={"doc": "free text shown by `kvpolicy show`"})
 
@@ -203,7 +234,7 @@ class PolicyConfig:
             name=data["name"],
             keys=TensorSpec.from_dict(data["keys"], "keys"),
             values=TensorSpec.from_dict(data["values"], "values"),
-            executor=data.get("executor", "reference"),
+            executor=ExecutorSpec.coerce(data.get("executor", "auto")),
             description=description,
         )
 
@@ -221,7 +252,7 @@ class PolicyConfig:
         out = {"name": self.name}
         if self.description:
             out["description"] = self.description
-        out.update(keys=self.keys.to_dict(), values=self.values.to_dict(), executor=self.executor)
+        out.update(keys=self.keys.to_dict(), values=self.values.to_dict(), executor=self.executor.to_data())
         return out
 
     def to_yaml(self) -> str:

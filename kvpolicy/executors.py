@@ -9,8 +9,9 @@ order-independent, and each region's positions select the right columns of the m
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, ClassVar
 
 import attrs
@@ -18,6 +19,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvpolicy import partial_attention as pa
+from kvpolicy.errors import ConfigError
 from kvpolicy.pairing import PairedRegions, Pairing
 from kvpolicy.store import TensorView, take_tokens
 from kvpolicy.transfer import to_device
@@ -76,6 +78,7 @@ def _in_position_order(view: TensorView) -> tuple[torch.Tensor | None, torch.Ten
     return take_tokens(tensor, order), positions[order]
 
 
+@attrs.define
 class ReferenceExecutor(Executor):
     """Dequantize every region, restore position order and call transformers' SDPA attention.
 
@@ -140,21 +143,71 @@ def allowed_columns(
     return (positions[None, :] <= query_pos[:, None])[None, None].to(device)
 
 
-class ChunkedExecutor(Executor):
-    """Attention region by region, the packed region a chunk at a time, merged by log-sum-exp.
+def in_position_order(step: AttentionStep) -> bool:
+    """Whether every cached token is still in full precision, in position order (nothing was
+    demoted or evicted yet): then attention is plain SDPA over the concatenation, exactly what
+    a ``DynamicCache`` computes."""
+    keys, values = step.keys, step.values
+    return (
+        keys.packed is None
+        and values.packed is None
+        and keys.staging is None
+        and values.staging is None
+        and len(keys.fp_pos) == len(values.fp_pos) == step.past_length
+    )
 
-    Never holds more than ``chunk_tokens`` dequantized tokens at once (per layer), so peak
-    memory stays far below a 16-bit copy of the cache. Keys and values stored in different
-    orders (different retention for K and V) are paired first (:class:`~kvpolicy.pairing.Pairing`).
+
+def exact_attention(module, query, step: AttentionStep, attention_mask, **kwargs) -> torch.Tensor:
+    """transformers' SDPA attention over the cached full-precision tokens plus the new ones
+    (only where :func:`in_position_order` holds): a first prefill reads no cache at all."""
+    if step.keys.fp is None:
+        keys, values = step.new_keys, step.new_values
+    else:
+        keys = torch.cat([step.keys.fp, step.new_keys], dim=2)
+        values = torch.cat([step.values.fp, step.new_values], dim=2)
+    q, n = query.shape[2], keys.shape[2]
+    if attention_mask is None and q > 1 and n > q:  # SDPA's is_causal would align to the top left
+        attention_mask = allowed_columns(None, torch.arange(n), n - q, q, query.device)
+    out, _ = sdpa_attention_forward(module, query, keys, values, attention_mask, **kwargs)
+    return out
+
+
+def _positive_int(name: str):
+    def check(instance, attribute, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"executor.{attribute.name}", value, "a positive integer")
+
+    return check
+
+
+@attrs.define
+class ChunkedExecutor(Executor):
+    """Attention region by region, merged by log-sum-exp; never the whole cache in 16-bit.
+
+    * Nothing demoted yet (a first prefill, a short prompt): plain SDPA, as ``DynamicCache``.
+    * Multi-token steps over a filled cache (a chunked prefill, a second turn): every piece
+      (the new tokens among themselves, the cached full-precision tokens, the packed tokens
+      ``chunk_tokens`` at a time) goes through a FlashAttention-class kernel that returns its
+      log-sum-exp (:func:`~kvpolicy.partial_attention.sdpa_partial`), a block of query rows
+      at a time, so no score matrix is ever held.
+    * Decode steps: the full-precision tokens and the packed chunks in float32.
+
+    Keys and values stored in different orders (different retention for K and V) are paired
+    first (:class:`~kvpolicy.pairing.Pairing`).
     """
 
     name: ClassVar[str] = "chunked"
-    chunk_tokens: int = 4096
-
-    def __init__(self) -> None:
-        self.pairing = Pairing()  # remembers this layer's packed key/value pairs across steps
+    chunk_tokens: int = attrs.field(
+        default=4096,
+        validator=_positive_int("chunk_tokens"),
+        metadata={"doc": "packed tokens dequantized at a time (bounds the step's transient memory)"},
+    )
+    #: remembers this layer's packed key/value pairs across steps
+    pairing: Pairing = attrs.field(factory=Pairing, init=False, repr=False, eq=False)
 
     def attend(self, module, query, step, attention_mask, scaling=None, **kwargs):
+        if in_position_order(step):
+            return exact_attention(module, query, step, attention_mask, scaling=scaling, **kwargs)
         regions = self.pairing(step.keys, step.values, step.aligned)
         return self.attend_regions(query, regions, step, attention_mask, scaling)
 
@@ -167,6 +220,8 @@ class ChunkedExecutor(Executor):
         scaling: float | None,
     ) -> torch.Tensor:
         """:meth:`attend` over the step's cached tokens, already paired (see :mod:`kvpolicy.pairing`)."""
+        if query.shape[2] > 1:
+            return self.attend_many(query, regions, step, attention_mask, scaling)
         b, hq, q, d = query.shape
         kv_heads = step.new_keys.shape[1]
         groups = hq // kv_heads
@@ -183,17 +238,78 @@ class ChunkedExecutor(Executor):
         fp_values = [v for _, v in regions.full_precision] + [step.new_values]
         fp_pos = torch.cat([regions.full_precision_pos, new_pos])
         result = pa.partial(grouped, torch.cat(fp_keys, 2), torch.cat(fp_values, 2), scaling, bias(fp_pos))
-        if regions.packed_keys is not None:
-            result = pa.merge([result, self.packed_attention(grouped, regions, scaling, bias)])
+        for k, v, positions in self.packed_chunks(regions):
+            result = pa.merge([result, pa.partial(grouped, k, v, scaling, bias(positions))])
         return pa.ungroup_output(result[0], hq, q).to(query.dtype)
 
-    def packed_attention(
-        self, grouped: torch.Tensor, regions: PairedRegions, scaling: float, bias: Callable
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(o, lse)`` over the packed keys paired with packed values, ``chunk_tokens`` keys
-        at a time (``bias(positions)``: the additive bias of those positions' columns)."""
+    def attend_many(
+        self,
+        query: torch.Tensor,
+        regions: PairedRegions,
+        step: AttentionStep,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None,
+    ) -> torch.Tensor:
+        """A multi-token step ``[B, H_q, q, D]`` over a filled cache, a block of query rows at a time.
+
+        For the rows ``s..e`` of a block the pieces are: the new tokens ``s..e`` among themselves
+        (causal), the new tokens before ``s``, the cached full-precision tokens and the packed
+        tokens chunk by chunk; each is one SDPA kernel call with its log-sum-exp, merged as they
+        come. Cached tokens precede every new one, so without a mask every row sees all of them.
+        """
+        b, hq, q, d = query.shape
+        kv_heads = step.new_keys.shape[1]
+        groups = hq // kv_heads
+        scaling = scaling if scaling is not None else d**-0.5
+        past = step.past_length
+        new_keys, new_values = step.new_keys, step.new_values
+        fp_keys = fp_values = None
+        if regions.full_precision:
+            fp_keys = torch.cat([k for k, _ in regions.full_precision], 2)
+            fp_values = torch.cat([v for _, v in regions.full_precision], 2)
+        fp_pos = regions.full_precision_pos.to(torch.int64)
+        block = pa.row_block(b, hq, d)
+        outputs = []
+        for s in range(0, q, block):
+            e = min(q, s + block)
+            rows_mask = None if attention_mask is None else attention_mask[:, :, s:e]
+            grouped = pa.group_queries(query[:, :, s:e], kv_heads)
+
+            def allowed(positions: torch.Tensor, rows_mask=rows_mask) -> torch.Tensor | None:
+                if rows_mask is None:
+                    return None
+                columns = rows_mask.index_select(-1, to_device(positions, rows_mask.device))
+                return group_rows(columns, groups)
+
+            if rows_mask is None:  # the block's own tokens, causal: heads as the kernels take them
+                square = pa.sdpa_partial(
+                    query[:, :, s:e],
+                    repeat_heads(new_keys[:, :, s:e], groups),
+                    repeat_heads(new_values[:, :, s:e], groups),
+                    scaling,
+                    is_causal=True,
+                )
+                result = (pa.group_queries(square[0], kv_heads), square[1].reshape(b, kv_heads, -1))
+            else:
+                own = torch.arange(past + s, past + e)
+                result = pa.sdpa_partial(grouped, new_keys[:, :, s:e], new_values[:, :, s:e], scaling, allowed(own))
+            pieces = []
+            if s:
+                pieces.append((new_keys[:, :, :s], new_values[:, :, :s], torch.arange(past, past + s)))
+            if fp_keys is not None:
+                pieces.append((fp_keys, fp_values, fp_pos))
+            for k, v, positions in itertools.chain(pieces, self.packed_chunks(regions)):
+                part = pa.sdpa_partial(grouped, k, v, scaling, allowed(positions.to(torch.int64)))
+                result = pa.merge([result, part])
+            outputs.append(pa.ungroup_output(result[0], hq, e - s).to(query.dtype))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def packed_chunks(self, regions: PairedRegions) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The packed keys paired with packed values, ``chunk_tokens`` keys at a time, dequantized:
+        ``(keys, values, positions)`` with ``[B, H_kv, n, D]`` tensors and int32 host positions."""
         keys, values, rows = regions.packed_keys, regions.packed_values, regions.value_rows
-        parts = []
+        if keys is None:
+            return
         for start in range(0, keys.num_tokens, self.chunk_tokens):
             stop = min(keys.num_tokens, start + self.chunk_tokens)
             k, positions = keys.slice_tokens(start, stop).dequantize(), regions.packed_pos[start:stop]
@@ -205,6 +321,22 @@ class ChunkedExecutor(Executor):
                     continue
                 k, positions = take_tokens(k, paired), positions[paired]
                 v = values.dequantize_tokens(rows[start:stop][paired])
-            part = pa.partial(grouped, k, v, scaling, bias(positions))
-            parts = [pa.merge([*parts, part])]
-        return parts[0]
+            yield k, v, positions
+
+
+def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, H_kv, n, D]`` -> ``[B, H_kv*groups, n, D]``, query head ``h`` reading KV head
+    ``h // groups`` (transformers' ``repeat_kv``)."""
+    if groups == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
+def group_rows(allowed: torch.Tensor, groups: int) -> torch.Tensor:
+    """Bool ``[B or 1, 1, q, n]`` -> ``[B or 1, 1, groups*q, n]``, the rows of grouped queries
+    (see :func:`kvpolicy.partial_attention.group_queries`)."""
+    if groups == 1:
+        return allowed
+    b, _, q, n = allowed.shape
+    return allowed.unsqueeze(2).expand(b, 1, groups, q, n).reshape(b, 1, groups * q, n)

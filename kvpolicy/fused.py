@@ -21,9 +21,11 @@ import math
 import os
 from typing import Any, ClassVar
 
+import attrs
 import torch
 
 from kvpolicy import partial_attention as pa
+from kvpolicy.errors import ConfigError
 from kvpolicy.executors import ChunkedExecutor, allowed_columns
 from kvpolicy.quantizers import NativePacked, Packed
 
@@ -351,8 +353,17 @@ def triton_next_power_of_2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
+KERNEL_CHOICES = ("auto", *KERNELS)
+
+
+def _kernel_choice(instance, attribute, value) -> None:
+    if value not in KERNEL_CHOICES:
+        raise ConfigError("executor.kernel", value, " | ".join(KERNEL_CHOICES))
+
+
+@attrs.define
 class FusedExecutor(ChunkedExecutor):
-    """Decode steps read the packed bytes directly in Triton kernels (CUDA); the rest is chunked.
+    """Decode steps read the packed bytes directly in Triton/Gluon kernels (CUDA); the rest is chunked.
 
     A decode step is two kernels: :func:`packed_splits` over the packed region and one that
     attends the full-precision tokens (kept, staged, new) and merges both into the output
@@ -360,26 +371,33 @@ class FusedExecutor(ChunkedExecutor):
     per-token (KIVI's layout), 2/4/8 bits, key groups of 16 tokens or more, value groups that
     divide the head dimension, bf16/fp16/fp32 (see :func:`fusable`). Keys and values stored in
     different orders are paired first (:mod:`kvpolicy.pairing`): the kernel reads each packed
-    key's value row where it is. Prefill and CPU tensors go to the chunked executor.
+    key's value row where it is. Multi-token steps, CPU tensors and shapes the kernels do not
+    serve go to the chunked executor's path.
 
-    The packed region goes through the Gluon kernel where it serves the shapes
-    (:func:`mma_fusable`), else through the Triton kernel; :class:`FusedTritonExecutor`
-    always takes the Triton kernel.
+    ``kernel``: the packed region's kernel: ``auto`` (Gluon where it serves the shapes, see
+    :func:`mma_fusable`, else Triton), ``mma`` (Gluon only) or ``triton``.
     """
 
     name: ClassVar[str] = "fused"
-    kernel: ClassVar[str | None] = None  # the packed region's kernel (see packed_splits)
+    kernel: str = attrs.field(
+        default="auto",
+        validator=_kernel_choice,
+        metadata={"doc": "packed-region kernel of decode steps: auto | mma (Gluon) | triton"},
+    )
+
+    def kernels_serve(self, query: torch.Tensor) -> bool:
+        """Whether this step's tensors may go to the kernels at all (device and Triton)."""
+        return (query.is_cuda or _interpreted()) and triton_available()
 
     def attend_regions(self, query, regions, step, attention_mask, scaling):
         keys, values = regions.packed_keys, regions.packed_values
         paired_by_rows = regions.value_rows is not None
         if not (
             query.shape[2] == 1
-            and (query.is_cuda or _interpreted())
+            and self.kernels_serve(query)
             and _power_of_two(query.shape[-1])
             and query.shape[-1] >= 16  # the matrix units' smallest inner dimension
             and (keys is None or fusable(query, keys, values, paired_by_rows))
-            and triton_available()
         ):
             return super().attend_regions(query, regions, step, attention_mask, scaling)
         b, _, _, d = query.shape
@@ -394,16 +412,43 @@ class FusedExecutor(ChunkedExecutor):
                 allowed = allowed_columns(attention_mask, regions.packed_pos, past, 1, query.device)
                 packed_bias = token_bias(pa.group_bias(allowed, 1), b)
         value_rows = regions.value_rows_on(query.device)
-        return decode_attention(query, full, keys, values, scaling, fp_bias, packed_bias, value_rows, self.kernel)
+        kernel = None if self.kernel == "auto" else self.kernel
+        return decode_attention(query, full, keys, values, scaling, fp_bias, packed_bias, value_rows, kernel)
 
 
+@attrs.define
 class FusedTritonExecutor(FusedExecutor):
-    """:class:`FusedExecutor` with the packed region always in the Triton kernel
-    (:mod:`kvpolicy.fused_kernels`), also where the Gluon kernel would serve: the yardstick
-    the Gluon kernel is measured against, and a fallback on Triton builds without Gluon."""
+    """:class:`FusedExecutor` with ``kernel: triton`` by default (kept as a name of its own for
+    configs written before executors took parameters)."""
 
     name: ClassVar[str] = "fused-triton"
-    kernel: ClassVar[str | None] = "triton"
+    kernel: str = attrs.field(default="triton", validator=_kernel_choice, metadata={"doc": "as `fused`"})
+
+
+@attrs.define
+class AutoExecutor(FusedExecutor):
+    """The default: the fused kernels on CUDA where they serve the step, the chunked path
+    everywhere else (CPU, multi-token steps, other shapes); never Triton's CPU interpreter."""
+
+    name: ClassVar[str] = "auto"
+
+    def kernels_serve(self, query: torch.Tensor) -> bool:
+        return query.is_cuda and triton_available()
+
+    @staticmethod
+    def resolves_to(device: str | torch.device | None = None) -> str:
+        """What ``auto`` runs on ``device`` (default: the first CUDA device if any, else CPU)."""
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(device)
+        if device.type != "cuda":
+            return f"chunked (device {device.type}: no fused kernels)"
+        if not triton_available():
+            return "chunked (CUDA without Triton: install triton for the fused kernels)"
+        name = torch.cuda.get_device_name(device)
+        gluon = gluon_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+        kernel = "Gluon where it serves the shapes, else Triton" if gluon else "Triton"
+        return f"fused on {name} ({kernel}); multi-token steps chunked through SDPA kernels"
 
 
 def token_bias(column_bias: torch.Tensor | None, batch: int) -> torch.Tensor | None:

@@ -124,6 +124,8 @@ class Pairing:
         Raises ``RuntimeError`` when the two sides hold different positions (one side evicted a
         token the other kept): such a token has no partner to attend with.
         """
+        if aligned and len(keys) != len(values):
+            raise RuntimeError("key and value stores hold different positions; eviction must match")
         if aligned or _same_positions(keys, values):
             pairs = tuple((k, v) for k, v in ((keys.fp, values.fp), (keys.staging, values.staging)) if k is not None)
             full_pos = (keys.fp_pos, keys.staging_pos)

@@ -11,11 +11,12 @@ import importlib.metadata
 import warnings
 from typing import Any
 
+import attrs
 import pluggy
 
 from kvpolicy import builtins, hookspecs
-from kvpolicy.config import PolicyConfig
-from kvpolicy.errors import UnknownNameError
+from kvpolicy.config import ExecutorSpec, PolicyConfig
+from kvpolicy.errors import ConfigError, UnknownNameError
 
 KINDS = ("selector", "quantizer", "executor", "policy")
 _HOOKS = {
@@ -87,8 +88,23 @@ class Registry:
     def quantizer(self, name: str):
         return self._lookup("quantizer", name)[0]()
 
-    def executor(self, name: str):
-        return self._lookup("executor", name)[0]()
+    def executor(self, spec: str | dict | ExecutorSpec):
+        """A new executor from its name or spec (``{type: fused, kernel: triton}``), its
+        parameters checked by the executor class (an error names the accepted ones)."""
+        spec = ExecutorSpec.coerce(spec)
+        cls = self._lookup("executor", spec.type)[0]
+        try:
+            return cls(**spec.params)
+        except TypeError:
+            accepted = parameter_names(cls)
+            raise ConfigError(
+                "executor",
+                spec.to_data(),
+                f"parameters of executor {spec.type!r}: {', '.join(accepted) if accepted else 'none'}",
+            ) from None
+
+    def executor_class(self, name: str) -> type:
+        return self._lookup("executor", name)[0]
 
     def policy_config(self, name: str) -> PolicyConfig:
         item = self._lookup("policy", name)[0]
@@ -97,6 +113,13 @@ class Registry:
     def table(self) -> list[tuple[str, str, str]]:
         """``(kind, name, plugin)`` rows for everything registered."""
         return [(kind, name, plugin) for kind in KINDS for name, (_, plugin) in sorted(self._entries[kind].items())]
+
+
+def parameter_names(cls: type) -> list[str]:
+    """The parameters a registered class takes from the config (its public attrs fields)."""
+    if not attrs.has(cls):
+        return []
+    return [f.name for f in attrs.fields(cls) if f.init and not f.name.startswith("_")]
 
 
 def _name_of(kind: str, item: Any) -> str:

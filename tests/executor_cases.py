@@ -25,7 +25,7 @@ CASES = [
     ("float16", 2, 2, 4, 64, 300, 2, 2, 64, 64, True, "window"),
     ("float16", 1, 3, 3, 64, 140, 4, 2, 32, 32, False, "window"),
     ("float32", 3, 1, 2, 128, 77, 2, 4, 32, 64, True, "window"),
-    ("float16", 1, 2, 1, 64, 10, 2, 2, 32, 32, False, "window"),  # nothing packed yet
+    ("float16", 1, 2, 1, 64, 20, 2, 2, 32, 32, False, "window"),  # nothing packed yet (4 tokens staged)
     ("float16", 2, 2, 4, 64, 300, 2, 2, 32, 64, True, "log"),
     ("float16", 1, 1, 2, 64, 40, 2, 2, 16, 64, False, "log"),  # a packed key whose value is staged
 ]

@@ -1,0 +1,347 @@
+"""End to end through ``model.generate()``: a real prompt, a real prefill, then decoding.
+
+What a user does, per contender and batch: random prompt token ids of ``--context`` tokens go
+through ``model.generate()`` (one prefill forward, as generate does it, so each cache's own
+update and attention run on the prompt), then ``--new-tokens`` tokens are decoded greedily.
+A streamer stamps every token as it leaves ``generate()`` (after a device synchronization),
+so nothing is skipped and nothing is timed twice.
+
+Contenders (all in the same process and run):
+
+* ``dynamic``: ``generate()`` with no cache argument (transformers' DynamicCache, bf16);
+* ``static``: ``generate(cache_implementation="static")``, which transformers compiles with
+  ``torch.compile(mode="reduce-overhead")`` (CUDA); a first untimed call pays the compilation;
+* ``quantized``: transformers' ``QuantizedCache`` (quanto, int2, residual 128), as shipped;
+* every other name: ``load_policy(name).make_cache(model)``, exactly as shipped (executor
+  ``auto``).
+
+Per contender and batch: time to first token (the prefill, from the ``generate()`` call),
+decode ms/step (mean over the steps after ``--warmup``, demotion steps included), peak memory
+during the prefill and during decoding (CUDA: allocated bytes above the weights; CPU: the
+child process's peak resident memory above its start, each contender in a fresh process),
+KV bytes held at the end, and the tokens/s of a workload of ``--context`` + ``--workload``
+new tokens, projected from the measured time to first token and mean step
+(``batch * workload / (ttft + (workload - 1) * step)``). ``--largest`` searches each cache's
+largest batch with a real prefill (predicted from the measured memory, then confirmed by a
+``generate()`` of two tokens, backing off on out-of-memory) and measures it there.
+
+    python -m benchmarks.e2e_bench --context 32768 --batches 1,8 --out benchmarks/results/e2e_h200.json
+    python -m benchmarks.e2e_bench --shape tiny --device cpu --context 8192 --batches 1 --new-tokens 5 \\
+        --contenders dynamic,logquant,kivi --out benchmarks/results/e2e_cpu_tiny.json
+
+Ratios in the table are against ``dynamic`` measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import multiprocessing
+import platform
+import resource
+import sys
+import time
+
+import torch
+
+from benchmarks.model_bench import LLAMA_8B, sdpa_backends
+
+SHAPES = {
+    "llama-8b": LLAMA_8B,
+    # the CPU case of issue #21: 2 layers, 8 query heads, 2 KV heads of 64
+    "tiny": dict(LLAMA_8B, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=2, head_dim=64, vocab_size=1024),
+}  # fmt: skip
+BASELINES = ("dynamic", "static", "quantized")
+DEFAULT_CONTENDERS = (
+    "dynamic",
+    "logquant",
+    "kivi",
+    "partial_logquant",
+    "quantized",
+    "static",
+    "sink_kivi",
+    "streaming",
+)
+
+
+def build_model(shape: dict, device: str):
+    """A Llama of ``shape`` with random bf16 weights, built directly on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**shape)
+    config._attn_implementation = "sdpa"
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(dtype)
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+class StepClock:
+    """A ``generate()`` streamer that stamps each ``put`` (the prompt, then every new token)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.times: list[float] = []
+        self.prefill_peak: int | None = None
+
+    def put(self, value) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        if self.device == "cuda" and len(self.times) == 2:  # the first new token: prefill done
+            self.prefill_peak = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+
+    def end(self) -> None:
+        pass
+
+
+def generate_kwargs(name: str, model) -> dict:
+    """How a user asks ``generate()`` for contender ``name``."""
+    from kvpolicy.generation import cache_kwargs
+
+    if name == "dynamic":
+        return {}
+    if name == "static":
+        return {"cache_implementation": "static"}
+    if name == "quantized":
+        from transformers.cache_utils import QuantizedCache
+
+        return cache_kwargs(QuantizedCache(backend="quanto", config=model.config, nbits=2, residual_length=128))
+    from kvpolicy import load_policy
+
+    return cache_kwargs(load_policy(name).make_cache(model))
+
+
+def cache_bytes(cache) -> int | None:
+    from kvpolicy.evaluation.contenders import cache_nbytes
+
+    try:
+        return cache_nbytes(cache)
+    except Exception:  # a cache layout the helper does not know (e.g. a compiled static cache)
+        return None
+
+
+def run_generate(model, name: str, batch: int, context: int, new_tokens: int, device: str) -> dict:
+    """One ``generate()`` call; returns its timings, memory and KV bytes."""
+    if name in BASELINES:  # the attention a user of that cache has (kvpolicy may have switched it)
+        model.set_attn_implementation("sdpa")
+    g = torch.Generator().manual_seed(batch * 7919 + context)
+    ids = torch.randint(1, model.config.vocab_size, (batch, context), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    kwargs = generate_kwargs(name, model)
+    clock = StepClock(device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        streamer=clock, return_dict_in_generate=True, **kwargs,
+    )  # fmt: skip
+    steps = [b - a for a, b in zip(clock.times[1:], clock.times[2:])]
+    result = {
+        "ttft_s": clock.times[1] - start,
+        "steps_s": steps,
+        "kv_bytes": cache_bytes(out.past_key_values),
+        "generated": int(out.sequences.shape[1] - context),
+    }
+    if device == "cuda":
+        result["prefill_peak_bytes"] = clock.prefill_peak
+        result["decode_peak_bytes"] = torch.cuda.max_memory_allocated()
+    del out, kwargs
+    release()
+    return result
+
+
+def release() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure(model, name: str, batch: int, args) -> dict:
+    """Timings of ``name`` at ``batch`` (a first untimed call compiles ``static``)."""
+    row = {"contender": name, "batch": batch, "context": args.context}
+    try:
+        if name == "static" and args.device == "cuda":
+            begin = time.perf_counter()
+            run_generate(model, name, batch, args.context, 2 + args.warmup, args.device)
+            row["first_call_s"] = time.perf_counter() - begin
+        row.update(run_generate(model, name, batch, args.context, args.new_tokens, args.device))
+    except torch.OutOfMemoryError as err:
+        row["error"] = f"out of memory: {str(err).splitlines()[0]}"
+        release()
+    except Exception as err:  # recorded, so one contender's failure does not hide the others'
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        release()
+    if "steps_s" in row:
+        timed = row["steps_s"][args.warmup :] or row["steps_s"]
+        row["decode_ms"] = 1e3 * sum(timed) / len(timed)
+        row["workload_tokens_per_s"] = (
+            batch * args.workload / (row["ttft_s"] + (args.workload - 1) * row["decode_ms"] / 1e3)
+        )
+    return row
+
+
+def _child(conn, shape, name, batch, args) -> None:
+    """A fresh process for one CPU measurement, so its peak resident memory is its own."""
+    torch.manual_seed(0)
+    model = build_model(shape, "cpu")
+    start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    row = measure(model, name, batch, args)
+    row["peak_rss_above_start_bytes"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start_rss) * 1024
+    conn.send(row)
+
+
+def measure_isolated(shape, name, batch, args) -> dict:
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_child, args=(child, shape, name, batch, args))
+    proc.start()
+    row = (
+        parent.recv() if parent.poll(args.child_timeout) else {"contender": name, "batch": batch, "error": "timed out"}
+    )
+    proc.join()
+    return row
+
+
+def largest_batch(model, name: str, rows: list[dict], args) -> dict:
+    """The largest batch whose real prefill and first decode step fit: predicted from the
+    peaks at the measured batches (linear in the batch), confirmed by ``generate()`` of 2
+    tokens, backing off by ``--backoff`` on out-of-memory."""
+    measured = sorted((r["batch"], max(r["prefill_peak_bytes"], r["decode_peak_bytes"])) for r in rows
+                      if r["contender"] == name and "error" not in r)  # fmt: skip
+    if len(measured) < 2:
+        return {"contender": name, "error": "needs two measured batches to predict from"}
+    (b0, p0), (b1, p1) = measured[0], measured[-1]
+    per_row = max(1.0, (p1 - p0) / (b1 - b0))
+    total = torch.cuda.get_device_properties(0).total_memory
+    batch = max(1, int((total * args.memory_fraction - (p0 - b0 * per_row)) / per_row))
+    tried = []
+    for _ in range(args.tries):
+        try:
+            run_generate(model, name, batch, args.context, 2, args.device)
+            return {"contender": name, "largest_batch": batch, "tried": tried + [[batch, "fits"]]}
+        except torch.OutOfMemoryError:
+            release()
+            tried.append([batch, "out of memory"])
+            batch = max(1, int(batch * (1 - args.backoff)))
+    return {"contender": name, "error": "no batch fitted", "tried": tried}
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table; ratios against ``dynamic`` at the same batch."""
+    base = {r["batch"]: r for r in rows if r["contender"] == "dynamic" and "error" not in r}
+    lines = [
+        "| contender | batch | time to first token | vs dynamic | decode ms/step | vs dynamic "
+        "| prefill peak MiB | KV MiB | workload tok/s | vs dynamic |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['contender']} | {r['batch']} | {r['error']} | | | | | | | |")
+            continue
+        b = base.get(r["batch"])
+
+        def ratio(key, r=r, b=b):
+            return f"{r[key] / b[key]:.2f}x" if b and b.get(key) else "-"
+
+        peak = r.get("prefill_peak_bytes") or r.get("peak_rss_above_start_bytes")
+        kv = f"{r['kv_bytes'] / 2**20:.1f}" if r.get("kv_bytes") else "-"
+        lines.append(
+            f"| {r['contender']} | {r['batch']} | {r['ttft_s']:.2f} s | {ratio('ttft_s')} | {r['decode_ms']:.1f} "
+            f"| {ratio('decode_ms')} | {peak / 2**20 if peak else 0:.0f} | {kv} | {r['workload_tokens_per_s']:.1f} "
+            f"| {ratio('workload_tokens_per_s')} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-8b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--context", type=int, default=32768)
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--warmup", type=int, default=4, help="decode steps left out of the mean")
+    p.add_argument("--workload", type=int, default=256, help="new tokens of the projected workload")
+    p.add_argument("--contenders", default=",".join(DEFAULT_CONTENDERS))
+    p.add_argument(
+        "--sdpa",
+        choices=("no-cudnn", "default"),
+        default="no-cudnn",
+        help="SDPA backends (no-cudnn spares the 16-bit baselines cuDNN's per-length re-planning)",
+    )
+    p.add_argument("--largest", action="store_true", help="also search each cache's largest batch (CUDA)")
+    p.add_argument("--memory-fraction", type=float, default=0.97)
+    p.add_argument("--backoff", type=float, default=0.08)
+    p.add_argument("--tries", type=int, default=4)
+    p.add_argument("--child-timeout", type=float, default=1800)
+    p.add_argument("--out", help="JSON file for the results")
+    args = p.parse_args(argv)
+    for name in ("context", "new_tokens", "workload", "tries"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.new_tokens <= args.warmup:
+        p.error(f"--new-tokens ({args.new_tokens}) must exceed --warmup ({args.warmup})")
+    return args
+
+
+@torch.inference_mode()
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    shape = SHAPES[args.shape]
+    names = [n for n in args.contenders.split(",") if n]
+    if args.device != "cuda":
+        names = [n for n in names if n != "static"]  # reduce-overhead compiles CUDA graphs
+    batches = [int(b) for b in args.batches.split(",")]
+    rows: list[dict] = []
+    largest: list[dict] = []
+    record = {
+        "command": "python -m benchmarks.e2e_bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "shape": args.shape,
+        "args": vars(args),
+        "rows": rows,
+        "largest": largest,
+    }
+
+    def keep(row: dict, into: list[dict]) -> None:
+        """Print a result and rewrite the record (a run stopped midway keeps what it measured)."""
+        into.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "steps_s"}), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(record, f, indent=1)
+
+    model = None if args.device == "cpu" else build_model(shape, args.device)
+    with sdpa_backends(args.sdpa):
+        for batch in batches:
+            for name in names:
+                keep(
+                    measure_isolated(shape, name, batch, args) if model is None else measure(model, name, batch, args),
+                    rows,
+                )
+        if args.largest and model is not None:
+            for name in names:
+                found = largest_batch(model, name, rows, args)
+                keep(found, largest)
+                if "largest_batch" in found:
+                    keep(measure(model, name, found["largest_batch"], args) | {"largest": True}, rows)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
