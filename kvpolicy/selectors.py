@@ -59,6 +59,14 @@ class Selector(ABC):
         """
         return True
 
+    def oldest_dropped(self, held: int, added: int) -> int | None:
+        """When a store holding ``held`` full-precision tokens (exactly this selector's kept
+        set, in arrival order) takes ``added`` new ones: how many of the oldest leave, where the
+        tokens that leave are always the oldest ones (a window moving on); ``None`` where the
+        selector cannot say without :meth:`is_kept`. A store then skips the per-position test,
+        which a decode step would otherwise run for every layer, keys and values."""
+        return None
+
     @property
     def sinks(self) -> int:
         """How many first tokens are kept for good (attention sinks). In a left-padded batch
@@ -84,6 +92,9 @@ class AllSelector(Selector):
 
     def may_demote(self, previous: int, length: int) -> bool:
         return False
+
+    def oldest_dropped(self, held: int, added: int) -> int | None:
+        return 0
 
 
 @attrs.define
@@ -132,6 +143,9 @@ class WindowSelector(Selector):
 
     def may_demote(self, previous: int, length: int) -> bool:
         return length > self.size  # the window's oldest token leaves at every step past its size
+
+    def oldest_dropped(self, held: int, added: int) -> int | None:
+        return max(0, held + added - self.size)
 
 
 @attrs.define

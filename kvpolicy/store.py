@@ -125,15 +125,19 @@ class TensorStore:
             cand, cand_pos = x, new_pos
         else:
             cand, cand_pos = torch.cat([self.fp, x], dim=2), torch.cat([self.fp_pos, new_pos])
-        dropped = 0
-        if self.selector.may_demote(previous, self.length):
-            kept = self.selector.is_kept(cand_pos, self.length)
-            idx_drop = kept.logical_not().nonzero().squeeze(-1)
-            dropped = len(idx_drop)
+        dropped = self.selector.oldest_dropped(len(cand_pos) - q, q)
+        oldest = dropped is not None
+        if dropped is None:
+            dropped = 0
+            if self.selector.may_demote(previous, self.length):
+                kept = self.selector.is_kept(cand_pos, self.length)
+                idx_drop = kept.logical_not().nonzero().squeeze(-1)
+                dropped = len(idx_drop)
+                oldest = dropped and int(idx_drop[-1]) == dropped - 1
         if not dropped:
             self.fp, self.fp_pos = cand, cand_pos
             return
-        if int(idx_drop[-1]) == dropped - 1:  # the oldest arrivals leave (a window moving on)
+        if oldest:  # the oldest arrivals leave (a window moving on)
             self.fp_pos, demoted_pos = cand_pos[dropped:], cand_pos[:dropped]
             self.fp, demoted = take_run(cand, dropped, cand.shape[2]), cand[:, :, :dropped]
         else:
