@@ -130,7 +130,9 @@ def cache_bytes(cache) -> int | None:
         return None
 
 
-def run_generate(model, name: str, batch: int, context: int, new_tokens: int, device: str) -> dict:
+def run_generate(
+    model, name: str, batch: int, context: int, new_tokens: int, device: str, prefill_chunk: int | None = None
+) -> dict:
     """One ``generate()`` call; returns its timings, memory and KV bytes."""
     if name in BASELINES:  # the attention a user of that cache has (kvpolicy may have switched it)
         model.set_attn_implementation("sdpa")
@@ -138,6 +140,8 @@ def run_generate(model, name: str, batch: int, context: int, new_tokens: int, de
     ids = torch.randint(1, model.config.vocab_size, (batch, context), generator=g).to(device)
     mask = torch.ones_like(ids)
     kwargs = generate_kwargs(name, model)
+    if prefill_chunk:
+        kwargs["prefill_chunk_size"] = prefill_chunk
     clock = StepClock(device)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -168,15 +172,16 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def measure(model, name: str, batch: int, args) -> dict:
+def measure(model, name: str, batch: int, args, new_tokens: int | None = None) -> dict:
     """Timings of ``name`` at ``batch`` (a first untimed call compiles ``static``)."""
-    row = {"contender": name, "batch": batch, "context": args.context}
+    row = {"contender": name, "batch": batch, "context": args.context, "prefill_chunk": args.prefill_chunk}
     try:
         if name == "static" and args.device == "cuda":
             begin = time.perf_counter()
-            run_generate(model, name, batch, args.context, 2 + args.warmup, args.device)
+            run_generate(model, name, batch, args.context, 2 + args.warmup, args.device, args.prefill_chunk)
             row["first_call_s"] = time.perf_counter() - begin
-        row.update(run_generate(model, name, batch, args.context, args.new_tokens, args.device))
+        row.update(run_generate(model, name, batch, args.context, new_tokens or args.new_tokens, args.device,
+                                args.prefill_chunk))  # fmt: skip
     except torch.OutOfMemoryError as err:
         row["error"] = f"out of memory: {str(err).splitlines()[0]}"
         release()
@@ -214,32 +219,35 @@ def measure_isolated(shape, name, batch, args) -> dict:
     return row
 
 
-def largest_batch(model, name: str, rows: list[dict], args) -> dict:
-    """The largest batch whose real prefill and first decode step fit: predicted from the
-    peaks at the measured batches (linear in the batch), confirmed by ``generate()`` of 2
-    tokens, backing off by ``--backoff`` on out-of-memory."""
+def largest_batch(model, name: str, rows: list[dict], args) -> tuple[dict, dict | None]:
+    """The largest batch whose real prefill and decoding fit, and the measurement there:
+    predicted from the peaks at the measured batches (linear in the batch), then measured
+    (``--largest-new-tokens`` tokens), backing off by ``--backoff`` on out-of-memory."""
     measured = sorted((r["batch"], max(r["prefill_peak_bytes"], r["decode_peak_bytes"])) for r in rows
-                      if r["contender"] == name and "error" not in r)  # fmt: skip
+                      if r["contender"] == name and "error" not in r and not r.get("largest"))  # fmt: skip
     if len(measured) < 2:
-        return {"contender": name, "error": "needs two measured batches to predict from"}
+        return {"contender": name, "error": "needs two measured batches to predict from"}, None
     (b0, p0), (b1, p1) = measured[0], measured[-1]
     per_row = max(1.0, (p1 - p0) / (b1 - b0))
     total = torch.cuda.get_device_properties(0).total_memory
     batch = max(1, int((total * args.memory_fraction - (p0 - b0 * per_row)) / per_row))
-    tried = []
+    found = {"contender": name, "predicted_batch": batch, "per_sequence_bytes": per_row, "tried": []}
     for _ in range(args.tries):
-        try:
-            run_generate(model, name, batch, args.context, 2, args.device)
-            return {"contender": name, "largest_batch": batch, "tried": tried + [[batch, "fits"]]}
-        except torch.OutOfMemoryError:
-            release()
-            tried.append([batch, "out of memory"])
-            batch = max(1, int(batch * (1 - args.backoff)))
-    return {"contender": name, "error": "no batch fitted", "tried": tried}
+        row = measure(model, name, batch, args, args.largest_new_tokens)
+        if "error" not in row:
+            found["tried"].append([batch, "fits"])
+            return found | {"largest_batch": batch}, row | {"largest": True}
+        found["tried"].append([batch, row["error"]])
+        if "out of memory" not in row["error"]:
+            break
+        batch = max(1, int(batch * (1 - args.backoff)))
+    return found | {"error": "no batch fitted"}, None
 
 
 def table(rows: list[dict]) -> str:
     """Markdown table; ratios against ``dynamic`` at the same batch."""
+    largest = [r for r in rows if r.get("largest")]
+    rows = [r for r in rows if not r.get("largest")]
     base = {r["batch"]: r for r in rows if r["contender"] == "dynamic" and "error" not in r}
     lines = [
         "| contender | batch | time to first token | vs dynamic | decode ms/step | vs dynamic "
@@ -262,6 +270,20 @@ def table(rows: list[dict]) -> str:
             f"| {ratio('decode_ms')} | {peak / 2**20 if peak else 0:.0f} | {kv} | {r['workload_tokens_per_s']:.1f} "
             f"| {ratio('workload_tokens_per_s')} |"
         )
+    if largest:
+        top = next((r for r in largest if r["contender"] == "dynamic"), None)
+        lines += [
+            "",
+            "| contender | largest batch | vs dynamic | decode ms/step | workload tok/s there | vs dynamic |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in largest:
+            vs_batch = f"{r['batch'] / top['batch']:.2f}x" if top else "-"
+            vs_rate = f"{r['workload_tokens_per_s'] / top['workload_tokens_per_s']:.2f}x" if top else "-"
+            lines.append(
+                f"| {r['contender']} | {r['batch']} | {vs_batch} | {r['decode_ms']:.1f} "
+                f"| {r['workload_tokens_per_s']:.1f} | {vs_rate} |"
+            )
     return "\n".join(lines)
 
 
@@ -281,18 +303,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="no-cudnn",
         help="SDPA backends (no-cudnn spares the 16-bit baselines cuDNN's per-length re-planning)",
     )
+    p.add_argument("--prefill-chunk", type=int, help="generate()'s prefill_chunk_size (default: one prefill forward)")
     p.add_argument("--largest", action="store_true", help="also search each cache's largest batch (CUDA)")
+    p.add_argument("--largest-new-tokens", type=int, default=12, help="new tokens timed at the largest batch")
     p.add_argument("--memory-fraction", type=float, default=0.97)
     p.add_argument("--backoff", type=float, default=0.08)
     p.add_argument("--tries", type=int, default=4)
     p.add_argument("--child-timeout", type=float, default=1800)
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
-    for name in ("context", "new_tokens", "workload", "tries"):
+    for name in ("context", "new_tokens", "workload", "tries", "largest_new_tokens"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.new_tokens <= args.warmup:
-        p.error(f"--new-tokens ({args.new_tokens}) must exceed --warmup ({args.warmup})")
+    if args.prefill_chunk is not None and args.prefill_chunk <= 0:
+        p.error(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
+    if min(args.new_tokens, args.largest_new_tokens) <= args.warmup:
+        p.error(f"--new-tokens and --largest-new-tokens must exceed --warmup ({args.warmup})")
     return args
 
 
@@ -335,10 +361,10 @@ def main(argv=None) -> int:
                 )
         if args.largest and model is not None:
             for name in names:
-                found = largest_batch(model, name, rows, args)
+                found, at = largest_batch(model, name, rows, args)
                 keep(found, largest)
-                if "largest_batch" in found:
-                    keep(measure(model, name, found["largest_batch"], args) | {"largest": True}, rows)
+                if at is not None:
+                    keep(at, rows)
     print(table(rows))
     return 0
 

@@ -33,6 +33,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     print(policy.to_yaml(), end="")
     budget = policy.budget()
     print(f"# full-precision budget per layer: keys {budget['keys']}, values {budget['values']}")
+    print(f"# executor on this machine: {policy.executor_summary()}")
     return 0
 
 
@@ -58,11 +59,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         text = prompt
     inputs = tokenizer(text, return_tensors="pt")
+    from kvpolicy.generation import cache_kwargs
+
     cache = policy.make_cache(model)
     with torch.no_grad():
         out = model.generate(
             **inputs,
-            past_key_values=cache,
+            **cache_kwargs(cache),
             max_new_tokens=args.max_new_tokens,
             do_sample=args.temperature > 0,
             temperature=args.temperature if args.temperature > 0 else None,

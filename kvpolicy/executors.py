@@ -9,7 +9,6 @@ order-independent, and each region's positions select the right columns of the m
 
 from __future__ import annotations
 
-import itertools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, ClassVar
@@ -250,38 +249,39 @@ class ChunkedExecutor(Executor):
         attention_mask: torch.Tensor | None,
         scaling: float | None,
     ) -> torch.Tensor:
-        """A multi-token step ``[B, H_q, q, D]`` over a filled cache, a block of query rows at a time.
+        """A multi-token step ``[B, H_q, q, D]`` over a filled cache, in blocks of query rows.
 
         For the rows ``s..e`` of a block the pieces are: the new tokens ``s..e`` among themselves
-        (causal), the new tokens before ``s``, the cached full-precision tokens and the packed
-        tokens chunk by chunk; each is one SDPA kernel call with its log-sum-exp, merged as they
-        come. Cached tokens precede every new one, so without a mask every row sees all of them.
+        (causal), the new tokens before ``s`` and the cached full-precision tokens; then each
+        chunk of packed tokens, dequantized once, is attended by every block. Each piece is one
+        SDPA kernel call with its log-sum-exp, merged as it comes. Cached tokens precede every
+        new one, so without a mask every row sees all of them.
         """
         b, hq, q, d = query.shape
         kv_heads = step.new_keys.shape[1]
         groups = hq // kv_heads
         scaling = scaling if scaling is not None else d**-0.5
         past = step.past_length
+        attention_mask = None if is_plain_causal(attention_mask, past, q) else attention_mask
         new_keys, new_values = step.new_keys, step.new_values
         fp_keys = fp_values = None
         if regions.full_precision:
             fp_keys = torch.cat([k for k, _ in regions.full_precision], 2)
             fp_values = torch.cat([v for _, v in regions.full_precision], 2)
         fp_pos = regions.full_precision_pos.to(torch.int64)
-        block = pa.row_block(b, hq, d)
-        outputs = []
-        for s in range(0, q, block):
-            e = min(q, s + block)
-            rows_mask = None if attention_mask is None else attention_mask[:, :, s:e]
+        rows = pa.row_block(b, hq, d)
+        blocks = [(s, min(q, s + rows)) for s in range(0, q, rows)]
+
+        def allowed(s: int, e: int, positions: torch.Tensor) -> torch.Tensor | None:
+            if attention_mask is None:
+                return None
+            columns = attention_mask[:, :, s:e].index_select(-1, to_device(positions, attention_mask.device))
+            return group_rows(columns, groups)
+
+        results = []
+        for s, e in blocks:
             grouped = pa.group_queries(query[:, :, s:e], kv_heads)
-
-            def allowed(positions: torch.Tensor, rows_mask=rows_mask) -> torch.Tensor | None:
-                if rows_mask is None:
-                    return None
-                columns = rows_mask.index_select(-1, to_device(positions, rows_mask.device))
-                return group_rows(columns, groups)
-
-            if rows_mask is None:  # the block's own tokens, causal: heads as the kernels take them
+            if attention_mask is None:  # the block's own tokens, causal: heads as the kernels take them
                 square = pa.sdpa_partial(
                     query[:, :, s:e],
                     repeat_heads(new_keys[:, :, s:e], groups),
@@ -292,17 +292,33 @@ class ChunkedExecutor(Executor):
                 result = (pa.group_queries(square[0], kv_heads), square[1].reshape(b, kv_heads, -1))
             else:
                 own = torch.arange(past + s, past + e)
-                result = pa.sdpa_partial(grouped, new_keys[:, :, s:e], new_values[:, :, s:e], scaling, allowed(own))
-            pieces = []
+                result = pa.sdpa_partial(
+                    grouped, new_keys[:, :, s:e], new_values[:, :, s:e], scaling, allowed(s, e, own)
+                )
+            pieces = [(fp_keys, fp_values, fp_pos)] if fp_keys is not None else []
             if s:
                 pieces.append((new_keys[:, :, :s], new_values[:, :, :s], torch.arange(past, past + s)))
-            if fp_keys is not None:
-                pieces.append((fp_keys, fp_values, fp_pos))
-            for k, v, positions in itertools.chain(pieces, self.packed_chunks(regions)):
-                part = pa.sdpa_partial(grouped, k, v, scaling, allowed(positions.to(torch.int64)))
-                result = pa.merge([result, part])
-            outputs.append(pa.ungroup_output(result[0], hq, e - s).to(query.dtype))
+            for k, v, positions in pieces:
+                result = pa.merge([result, pa.sdpa_partial(grouped, k, v, scaling, allowed(s, e, positions))])
+            results.append(result)
+        for k, v, positions in self.packed_chunks(regions):  # each chunk dequantized once
+            positions = positions.to(torch.int64)
+            for i, (s, e) in enumerate(blocks):
+                grouped = pa.group_queries(query[:, :, s:e], kv_heads)
+                part = pa.sdpa_partial(grouped, k, v, scaling, allowed(s, e, positions))
+                results[i] = pa.merge([results[i], part])
+        outputs = [pa.ungroup_output(o, hq, e - s).to(query.dtype) for (o, _), (s, e) in zip(results, blocks)]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def tokens_per_chunk(self, keys) -> int:
+        """Packed tokens dequantized at a time: ``chunk_tokens``, fewer where a chunk's keys and
+        values in float32 would pass :data:`~kvpolicy.partial_attention.PIECE_BYTES` (a large
+        batch), a whole number of per-channel groups."""
+        b, h, _, width = keys.codes.shape if hasattr(keys, "codes") else (1, 1, 0, 0)
+        d = width * 8 // getattr(keys, "bits", 8) if width else 128
+        tokens = min(self.chunk_tokens, max(1, pa.PIECE_BYTES // (2 * 4 * b * h * d)))
+        group = keys.group_size if getattr(keys, "axis", "token") == "channel" else 1
+        return max(group, tokens // group * group)
 
     def packed_chunks(self, regions: PairedRegions) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The packed keys paired with packed values, ``chunk_tokens`` keys at a time, dequantized:
@@ -310,8 +326,9 @@ class ChunkedExecutor(Executor):
         keys, values, rows = regions.packed_keys, regions.packed_values, regions.value_rows
         if keys is None:
             return
-        for start in range(0, keys.num_tokens, self.chunk_tokens):
-            stop = min(keys.num_tokens, start + self.chunk_tokens)
+        chunk = self.tokens_per_chunk(keys)
+        for start in range(0, keys.num_tokens, chunk):
+            stop = min(keys.num_tokens, start + chunk)
             k, positions = keys.slice_tokens(start, stop).dequantize(), regions.packed_pos[start:stop]
             if rows is None:
                 v = values.slice_tokens(start, stop).dequantize()
@@ -322,6 +339,18 @@ class ChunkedExecutor(Executor):
                 k, positions = take_tokens(k, paired), positions[paired]
                 v = values.dequantize_tokens(rows[start:stop][paired])
             yield k, v, positions
+
+
+def is_plain_causal(attention_mask: torch.Tensor | None, past: int, q: int) -> bool:
+    """Whether ``attention_mask`` (``[B or 1, 1, q, past+q]``, True = attend) is the plain causal
+    mask of a step after ``past`` cached tokens, with no padding: then the kernels run without a
+    mask (what transformers hands a chunked prefill or a second turn without padding)."""
+    if attention_mask is None:
+        return True
+    if attention_mask.shape[-1] != past + q or attention_mask.shape[-2] != q:
+        return False
+    causal = torch.ones(q, q, dtype=torch.bool, device=attention_mask.device).tril_()
+    return bool(attention_mask[..., :past].all()) and bool((attention_mask[..., past:] == causal).all())
 
 
 def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -87,6 +87,13 @@ class Policy:
         except ConfigError as err:
             raise ConfigError(f"{section}.{err.field.split('.')[-1]}", err.value, err.allowed) from None
 
+    def executor_summary(self, device: str | None = None) -> str:
+        """What the configured executor runs on ``device`` (default: CUDA if present, else CPU)."""
+        spec = self.config.executor
+        resolves = getattr(self.registry.executor_class(spec.type), "resolves_to", None)
+        described = spec.type if not spec.params else f"{spec.type} {spec.params}"
+        return f"{described}: {resolves(device)}" if resolves else described
+
     def budget(self) -> dict[str, int | None]:
         """Most full-precision tokens per layer for keys and values (``None``: unbounded)."""
         return {

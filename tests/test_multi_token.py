@@ -175,3 +175,54 @@ def test_second_turn_on_cuda_matches_float64(name, padded):
     got, expected, real = _second_turn(load_policy(name), "cuda", torch.bfloat16, 2, 4, 700, 300, padded, seed=3)
     err = (got[real].double() - expected[real]).norm() / expected[real].norm()
     assert err < 1e-2, err
+
+
+def test_packed_chunks_shrink_with_the_batch(monkeypatch):
+    """A chunk's dequantized keys and values stay under PIECE_BYTES at any batch, in whole
+    per-channel groups (the kernel reads keys group by group)."""
+    layer = load_policy("kivi").new_layer(64)  # key groups of 32 tokens along the channel axis
+    layer.update(torch.randn(4, 2, 700, 64), torch.randn(4, 2, 700, 64))
+    packed = layer.key_store.packed
+    executor = layer.executor
+    assert executor.tokens_per_chunk(packed) == executor.chunk_tokens  # small batch: the setting
+    per_token = 2 * 4 * 4 * 2 * 64  # keys and values, float32, batch 4, 2 heads of 64
+    monkeypatch.setattr(pa, "PIECE_BYTES", 100 * per_token)
+    assert executor.tokens_per_chunk(packed) == 96  # 100 tokens fit: three groups of 32
+    monkeypatch.setattr(pa, "PIECE_BYTES", 1)
+    assert executor.tokens_per_chunk(packed) == 32  # never less than one group
+
+
+@pytest.mark.parametrize("name", ["logquant", "partial_logquant", "kivi"])
+def test_chunked_prefill_through_generate_matches_the_reference_executor(name):
+    """``generate(prefill_chunk_size=...)``: every chunk after the first is a multi-token step
+    over a filled cache (transformers hands it a plain causal mask); the default executor's
+    logits equal the reference executor's within float32 rounding."""
+    import attrs
+
+    from kvpolicy.generation import cache_kwargs
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(seed=2)
+    ids = torch.randint(1, 256, (2, 700), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for executor in ("auto", "reference"):
+        policy = load_policy(name)
+        policy = Policy(attrs.evolve(policy.config, executor=executor), policy.registry)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, prefill_chunk_size=128,
+            output_logits=True, return_dict_in_generate=True, **cache_kwargs(policy.make_cache(model)),
+        )  # fmt: skip
+        logits[executor] = torch.stack(out.logits)
+    assert torch.allclose(logits["auto"], logits["reference"], atol=1e-4, rtol=1e-4)
+
+
+def test_a_plain_causal_mask_is_dropped_and_any_other_kept():
+    from kvpolicy.executors import is_plain_causal
+
+    past, q = 5, 3
+    causal = torch.arange(past + q)[None, :] <= torch.arange(past, past + q)[:, None]
+    assert is_plain_causal(None, past, q)
+    assert is_plain_causal(causal[None, None].expand(2, 1, q, past + q), past, q)
+    padded = causal[None, None].repeat(2, 1, 1, 1)
+    padded[1, :, :, 0] = False
+    assert not is_plain_causal(padded, past, q)
