@@ -158,7 +158,7 @@ def finish_plane(acc, sums, cols, safe, i: tl.constexpr, VW: tl.constexpr, VG: t
     return acc / safe[:, None]
 
 
-@triton.jit(do_not_specialize=["N", "NV", "tokens_per_split"])  # they change as the cache grows
+@triton.jit
 def packed_decode(
     Q, KC, KS, KZ, VC, VS, VZ, VROWS, BIAS, OUT, LSE,
     N, NV, HKV, G, scaling_log2, tokens_per_split,
@@ -304,7 +304,7 @@ def merge_partials(
     return acc / safe[:, None], tl.where(weight_sum > 0, top_safe + tl.log(safe), float("-inf"))
 
 
-@triton.jit(do_not_specialize=["S"])
+@triton.jit
 def merge_splits(OUT, LSE, MERGED, TOTAL, S, G, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
     """Log-sum-exp merge of the ``S`` splits of one (batch row, KV head): ``[S, G, D] -> [G, D]``."""
     bh = tl.program_id(0)

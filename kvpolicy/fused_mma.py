@@ -453,7 +453,7 @@ def attend_block(
     return m, total, zs0, zs1, zs2, zs3, a0, a1, a2, a3, a4, a5, a6, a7
 
 
-@gluon.jit(do_not_specialize=["N", "NV", "tokens_per_split"])  # they change as the cache grows
+@gluon.jit
 def packed_decode_mma(
     Q, KC, KS, KZ, VC, VS, VZ, VROWS, BIAS, OUT, LSE,
     N, NV, HKV, G, scaling_log2, tokens_per_split,

@@ -314,20 +314,3 @@ def test_kernel_choice_names_the_allowed_kernels():
         packed_splits(query, keys, values, 0.1, None, kernel="cuda")
     with pytest.raises(ValueError, match="kernel='mma' does not serve these shapes"):
         packed_splits(query, keys, values, 0.1, None, kernel="mma")  # a CPU tensor
-
-
-def test_kernels_do_not_recompile_as_the_cache_grows():
-    """Triton specializes integer arguments on their value (== 1, divisible by 16), so a length
-    that changes every few steps would compile a new variant mid-generation (seconds each, seen
-    as stalls in a model's decode steps). Lengths are therefore never specialized on."""
-    from kvpolicy import fused_kernels, fused_mma
-
-    lengths = {
-        fused_mma.packed_decode_mma: {"N", "NV", "tokens_per_split"},
-        fused_kernels.packed_decode: {"N", "NV", "tokens_per_split"},
-        fused_kernels.merge_splits: {"S"},
-        fused_kernels.finish_decode: {"NF", "NS", "NN", "S", "FB", "SB", "NB"},
-    }
-    for kernel, names in lengths.items():
-        unspecialized = {p.name for p in kernel.params if p.do_not_specialize}
-        assert names <= unspecialized, (kernel, names - unspecialized)
