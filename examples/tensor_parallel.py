@@ -105,6 +105,7 @@ def generate(model, folder: Path, args) -> dict:
 
     import kvpolicy
     from kvpolicy.distributed import memory_by_rank
+    from kvpolicy.generation import cache_kwargs
 
     inputs = prompt_ids(folder, [int(n) for n in args.lengths.split(",")], model.device)
     policy = kvpolicy.load_policy(args.policy)
@@ -114,7 +115,7 @@ def generate(model, folder: Path, args) -> dict:
     with torch.no_grad():
         out = model.generate(
             **inputs,
-            past_key_values=cache,
+            **cache_kwargs(cache),
             max_new_tokens=args.max_new_tokens,
             do_sample=False,
             output_logits=True,

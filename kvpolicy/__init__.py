@@ -2,7 +2,7 @@
 
 from kvpolicy import load_policy
 policy = load_policy("logquant")
-out = model.generate(**inputs, past_key_values=policy.make_cache(model))
+out = model.generate(**inputs, cache=policy.make_cache(model))
 """
 
 from kvpolicy.attention import attach

@@ -11,7 +11,7 @@ from pathlib import Path
 import attrs
 
 from kvpolicy.config import PolicyConfig, QuantSpec, TensorSpec
-from kvpolicy.registry import Registry, get_registry
+from kvpolicy.registry import Registry, get_registry, parameter_names
 
 
 def _default(field: attrs.Attribute) -> str:
@@ -19,7 +19,8 @@ def _default(field: attrs.Attribute) -> str:
         return "required"
     if isinstance(field.default, attrs.Factory):
         return "see below"
-    return f"`{field.default!r}`"
+    shown = field.default.to_data() if hasattr(field.default, "to_data") else field.default
+    return f"`{shown!r}`"
 
 
 def _table(cls: type) -> list[str]:
@@ -47,6 +48,13 @@ def yaml_reference(registry: Registry | None = None) -> str:
             out += _table(cls) + [""]
         else:
             out += ["No parameters.", ""]
+    out += ["## Executors (`executor`)", "", "A name, or a mapping with `type` and the executor's parameters.", ""]
+    for name in registry.names("executor"):
+        cls = registry.executor_class(name)
+        doc = inspect.getdoc(cls).splitlines()[0] if inspect.getdoc(cls) else ""
+        plugin = registry.provider("executor", name)
+        out += [f"### `type: {name}`", "", f"{doc} (plugin: `{plugin}`)", ""]
+        out += (_table(cls) + [""]) if parameter_names(cls) else ["No parameters.", ""]
     return "\n".join(out)
 
 

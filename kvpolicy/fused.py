@@ -382,7 +382,7 @@ class FusedExecutor(ChunkedExecutor):
     kernel: str = attrs.field(
         default="auto",
         validator=_kernel_choice,
-        metadata={"doc": "packed-region kernel of decode steps: auto | mma (Gluon) | triton"},
+        metadata={"doc": "packed-region kernel of decode steps: `auto`, `mma` (Gluon) or `triton`"},
     )
 
     def kernels_serve(self, query: torch.Tensor) -> bool:
@@ -418,8 +418,9 @@ class FusedExecutor(ChunkedExecutor):
 
 @attrs.define
 class FusedTritonExecutor(FusedExecutor):
-    """:class:`FusedExecutor` with ``kernel: triton`` by default (kept as a name of its own for
-    configs written before executors took parameters)."""
+    """The fused executor with the Triton kernel by default (``fused`` with ``kernel: triton``).
+
+    Kept as a name of its own for configs written before executors took parameters."""
 
     name: ClassVar[str] = "fused-triton"
     kernel: str = attrs.field(default="triton", validator=_kernel_choice, metadata={"doc": "as `fused`"})
@@ -427,8 +428,10 @@ class FusedTritonExecutor(FusedExecutor):
 
 @attrs.define
 class AutoExecutor(FusedExecutor):
-    """The default: the fused kernels on CUDA where they serve the step, the chunked path
-    everywhere else (CPU, multi-token steps, other shapes); never Triton's CPU interpreter."""
+    """The default: the fused kernels on CUDA where they serve the step, else the chunked path.
+
+    The chunked path serves CPU tensors, multi-token steps and shapes the kernels do not;
+    unlike ``fused`` it never runs Triton's CPU interpreter."""
 
     name: ClassVar[str] = "auto"
 

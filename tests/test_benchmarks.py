@@ -130,3 +130,22 @@ def test_sweep_report_gives_each_timing_its_share_of_the_copy(with_baseline):
     assert ("vs base" in text) == with_baseline
     if with_baseline:
         assert row[-1] == "1.100x" and graph_row[-1] == "1.125x"  # the faster of the baseline's two timings
+
+
+def test_e2e_ratios_are_against_dynamic_cache_at_the_same_batch(tmp_path):
+    """The end-to-end plot draws each contender over DynamicCache at the same batch; rows that
+    failed (out of memory) or that measure a largest batch are left out, not drawn as zero."""
+    from benchmarks.plot_e2e import plot, ratios
+
+    rows = [
+        {"contender": "dynamic", "batch": 1, "ttft_s": 2.0, "decode_ms": 20.0},
+        {"contender": "dynamic", "batch": 8, "ttft_s": 10.0, "decode_ms": 40.0},
+        {"contender": "logquant", "batch": 1, "ttft_s": 1.0, "decode_ms": 30.0},
+        {"contender": "logquant", "batch": 8, "error": "out of memory"},
+        {"contender": "logquant", "batch": 64, "ttft_s": 50.0, "decode_ms": 60.0, "largest": True},
+    ]
+    assert ratios(rows, "decode_ms") == {"dynamic": {1: 1.0, 8: 1.0}, "logquant": {1: 1.5}}
+    assert ratios(rows, "ttft_s")["logquant"] == {1: 0.5}
+    assert ratios(rows, "prefill_peak_bytes") == {}
+    out = plot({"rows": rows, "device": "test"}, tmp_path / "e2e.png")
+    assert out.stat().st_size > 1000
