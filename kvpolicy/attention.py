@@ -28,6 +28,20 @@ def tag(tensor: torch.Tensor, step, executor) -> torch.Tensor:
 def kvpolicy_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers attention function: dispatch tagged steps to their executor, else SDPA."""
     tagged = getattr(key, _STEP_ATTRIBUTE, None)
+    if kwargs.get("output_attentions"):
+        from kvpolicy.errors import NotSupportedError
+
+        raise NotSupportedError(
+            "output_attentions=True: the 'kvpolicy' attention returns no attention weights (a kvpolicy cache "
+            "attends its full-precision and quantized regions separately, and for other caches it runs SDPA, "
+            "which computes none). "
+            + (
+                "Generate without output_attentions."
+                if tagged is not None
+                else "policy.make_cache(model) switched this model to it: call "
+                "model.set_attn_implementation('eager') to get attention weights with another cache."
+            )
+        )
     if tagged is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     step, executor = tagged

@@ -22,11 +22,17 @@ from kvpolicy.store import TensorStore
 
 @attrs.frozen
 class MemoryReport:
-    """KV bytes held vs a 16-bit cache of the same length (all layers, keys and values)."""
+    """KV bytes held vs a 16-bit cache and vs a ``DynamicCache`` in the cache's own dtype
+    (all layers, keys and values)."""
 
     tokens: int
     bytes_by_region: dict[str, int]
     baseline_16bit_bytes: int
+    #: the dtype the cache holds its full-precision tokens in (what a DynamicCache would hold)
+    dtype: str = "bfloat16"
+    element_size: int = 2
+    #: whether any token was quantized or evicted yet (False: everything within the budget)
+    demoted: bool = True
 
     @property
     def total_bytes(self) -> int:
@@ -37,12 +43,23 @@ class MemoryReport:
         """Held bytes / 16-bit bytes (lower is better; 1.0 for a bf16 DynamicCache)."""
         return self.total_bytes / self.baseline_16bit_bytes if self.baseline_16bit_bytes else 0.0
 
+    @property
+    def dynamic_cache_bytes(self) -> int:
+        """What a ``DynamicCache`` in :attr:`dtype` holds for the same tokens."""
+        return self.baseline_16bit_bytes * self.element_size // 2
+
     def summary(self) -> str:
-        return (
-            f"KV cache: {self.total_bytes / 2**20:.2f} MiB for {self.tokens} tokens vs "
-            f"{self.baseline_16bit_bytes / 2**20:.2f} MiB in 16-bit "
-            f"(ratio {self.ratio:.3f}, {1 / self.ratio if self.ratio else float('inf'):.2f}x smaller)"
+        held, base = self.total_bytes, self.dynamic_cache_bytes
+        if not base:
+            return "KV cache: empty"
+        factor, word = (base / held, "smaller") if held <= base else (held / base, "larger")
+        line = (
+            f"KV cache: {held / 2**20:.2f} MiB for {self.tokens} tokens; a DynamicCache in {self.dtype} "
+            f"holds {base / 2**20:.2f} MiB: {factor:.2f}x {word}"
         )
+        if not self.demoted:
+            line += " (nothing quantized or evicted yet: every token is within the policy's full-precision budget)"
+        return line
 
 
 class KVPolicyLayer(CacheLayerMixin):
@@ -198,13 +215,23 @@ class KVPolicyCache(Cache):
         by_region: dict[str, int] = {}
         baseline = 0
         tokens = self.get_seq_length()
+        dtype, demoted = None, False
         for layer in self.layers:
             for region, n in layer.nbytes().items():
                 by_region[region] = by_region.get(region, 0) + n
             if layer.is_initialized:
                 batch, heads, head_dim = layer.shape
                 baseline += 2 * batch * heads * head_dim * 2 * layer.get_seq_length()
-        return MemoryReport(tokens=tokens, bytes_by_region=by_region, baseline_16bit_bytes=baseline)
+                dtype = layer.dtype
+                demoted = demoted or any(store.demoted for store in (layer.key_store, layer.value_store))
+        return MemoryReport(
+            tokens=tokens,
+            bytes_by_region=by_region,
+            baseline_16bit_bytes=baseline,
+            dtype=str(dtype).removeprefix("torch.") if dtype is not None else "bfloat16",
+            element_size=dtype.itemsize if dtype is not None else 2,
+            demoted=demoted,
+        )
 
 
 def attention_layout(model) -> tuple[int, int, int]:

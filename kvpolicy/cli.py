@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from kvpolicy.errors import KVPolicyError
 
 DTYPES = ("bfloat16", "float16", "float32")
+#: ``generate``'s dtypes: ``auto`` is bfloat16 on CUDA and float32 on a CPU (whose bfloat16
+#: matrix products are slow where the processor has no bfloat16 instructions)
+GENERATE_DTYPES = ("auto", *DTYPES)
 #: what ``kvpolicy evaluate`` compares by default (budget-matched)
 DEFAULT_POLICIES = ("full", "hf_quantized", "kivi", "streaming", "logquant", "partial_logquant")
 
@@ -37,21 +41,63 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+#: what ``kvpolicy generate`` summarizes when given no prompt: long enough (about 700 tokens)
+#: that every shipped policy quantizes or evicts part of it
+DEFAULT_PROMPT_TOPIC = "exceptions"
 
-    from kvpolicy.models import load_default_model
-    from kvpolicy.policy import Policy
 
-    policy = Policy.load(args.policy)  # fail on a bad policy before the model loads
+def default_prompt() -> str:
+    """A passage of the Python language reference (shipped with Python) to summarize."""
+    from kvpolicy.errors import ConfigError
+
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise ConfigError("--prompt", None, "a prompt (this Python has no pydoc_data for the default one)") from None
+    passage = topics[DEFAULT_PROMPT_TOPIC].strip()[:3000]
+    return "Summarize this passage of the Python documentation in three sentences.\n\n" + passage
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    from kvpolicy.errors import ConfigError
+
     if args.prompt_file:
-        prompt = Path(args.prompt_file).read_text()
+        path = Path(args.prompt_file)
+        try:
+            prompt = path.read_text(encoding="utf-8")
+        except IsADirectoryError:
+            raise ConfigError("--prompt-file", str(path), "a text file (this is a directory)") from None
+        except FileNotFoundError:
+            raise ConfigError("--prompt-file", str(path), "an existing text file") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                "--prompt-file", str(path), f"a UTF-8 text file ({err.reason} at byte {err.start})"
+            ) from None
+        except OSError as err:
+            raise ConfigError("--prompt-file", str(path), f"a readable text file ({err.strerror})") from None
     elif args.prompt is not None:
         prompt = args.prompt
     else:
-        raise SystemExit("kvpolicy generate: give --prompt TEXT or --prompt-file PATH")
-    print(f"loading SmolLM2-135M-Instruct ({args.dtype}) ...", file=sys.stderr)
-    model, tokenizer = load_default_model(dtype=getattr(torch, args.dtype))
+        prompt = default_prompt()
+    if not prompt.strip():
+        where = "--prompt-file " + args.prompt_file if args.prompt_file else "--prompt"
+        raise ConfigError(where, prompt, "a non-empty prompt")
+    return prompt
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import TextStreamer
+
+    from kvpolicy.generation import cache_kwargs
+    from kvpolicy.models import load_default_model
+    from kvpolicy.policy import Policy
+
+    policy = Policy.load(args.policy)  # fail on a bad policy or prompt before the model loads
+    prompt = _read_prompt(args)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
+    print(f"loading SmolLM2-135M-Instruct ({dtype}) ...", file=sys.stderr)
+    model, tokenizer = load_default_model(dtype=getattr(torch, dtype))
     if args.chat:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -59,24 +105,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         text = prompt
     inputs = tokenizer(text, return_tensors="pt")
-    from kvpolicy.generation import cache_kwargs
-
+    prompt_tokens = inputs["input_ids"].shape[1]
     cache = policy.make_cache(model)
+    print(f"prefilling {prompt_tokens} prompt tokens under policy {policy.name} ...", file=sys.stderr, flush=True)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():
         out = model.generate(
             **inputs,
             **cache_kwargs(cache),
+            streamer=streamer,
             max_new_tokens=args.max_new_tokens,
             do_sample=args.temperature > 0,
             temperature=args.temperature if args.temperature > 0 else None,
             top_p=None,
             top_k=None,
         )
-    new_tokens = out[0, inputs["input_ids"].shape[1] :]
-    print(tokenizer.decode(new_tokens, skip_special_tokens=True))
-    report = cache.memory()
-    print(f"policy {policy.name}: prompt {inputs['input_ids'].shape[1]} tokens, {len(new_tokens)} generated")
-    print(report.summary())
+    new_tokens = out[0, prompt_tokens:]
+    print(f"policy {policy.name}: prompt {prompt_tokens} tokens, {len(new_tokens)} generated")
+    print(cache.memory().summary())
     return 0
 
 
@@ -89,6 +135,26 @@ def _cmd_plot_retention(args: argparse.Namespace) -> int:
     path = plot_retention(policy, output, steps=args.steps, prefill=args.prefill)
     print(f"wrote {path}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0: greedy), got {text!r}")
+    return value
 
 
 def _csv(text: str) -> list[str]:
@@ -186,17 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("policy", help="registered policy name or YAML path")
     gen = sub.add_parser("generate", help="generate with the embedded SmolLM2-135M-Instruct under a policy")
     gen.add_argument("--policy", default="logquant", help="registered policy name or YAML path (default: logquant)")
-    gen.add_argument("--prompt", help="prompt text")
-    gen.add_argument("--prompt-file", help="read the prompt from this file")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    source = gen.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="prompt text (default: summarize a passage of Python's documentation)")
+    source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    gen.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--dtype", choices=GENERATE_DTYPES, default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap the prompt in the chat template")
     plot = sub.add_parser("plot-retention", help="PNG of which positions are full precision/quantized/evicted")
     plot.add_argument("policy", help="registered policy name or YAML path (third-party selectors included)")
     plot.add_argument("-o", "--output", help="PNG path (default: retention-POLICY.png)")
-    plot.add_argument("--steps", type=int, default=400, help="decode steps to simulate (default: 400)")
-    plot.add_argument("--prefill", type=int, default=1, help="prompt length before decoding (default: 1)")
+    plot.add_argument("--steps", type=_positive_int, default=400, help="decode steps to simulate (default: 400)")
+    plot.add_argument("--prefill", type=_positive_int, default=1, help="prompt length before decoding (default: 1)")
     ev = sub.add_parser("evaluate", help="accuracy of policies vs the 16-bit cache: fidelity, passkey, code, HumanEval")
     ev.add_argument(
         "--policies",

@@ -184,7 +184,11 @@ class TensorSpec:
         if demote not in DEMOTE_MODES:
             raise ConfigError(f"{section}.demote", demote, " | ".join(DEMOTE_MODES))
         quant = QuantSpec.from_dict(data.get("quant", {}), f"{section}.quant")
-        return cls(retain=selectors, demote=demote, quant=quant)
+        try:
+            return cls(retain=selectors, demote=demote, quant=quant)
+        except ConfigError as err:  # the validators know the field, not the section
+            field = err.field if err.field.startswith(f"{section}.") else f"{section}.{err.field}"
+            raise ConfigError(field, err.value, err.allowed) from None
 
     def to_dict(self) -> dict:
         return {
@@ -240,10 +244,11 @@ class PolicyConfig:
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> PolicyConfig:
-        """Load from a YAML file path or a YAML string (safe loader: no Python objects)."""
-        text = Path(source).read_text() if _looks_like_path(source) else str(source)
+        """Load from a YAML file path or a YAML string (safe loader: no Python objects; a key
+        given twice in one mapping is an error, not silently the last one)."""
+        text = _read_policy_file(Path(source)) if _looks_like_path(source) else str(source)
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
         except yaml.YAMLError as err:
             raise ConfigError("yaml", str(source)[:80], f"valid YAML ({err})") from None
         return cls.from_dict(data)
@@ -262,4 +267,32 @@ class PolicyConfig:
 def _looks_like_path(source: str | Path) -> bool:
     if isinstance(source, Path):
         return True
-    return "\n" not in source and source.endswith((".yaml", ".yml")) and Path(source).exists()
+    return "\n" not in source and Path(source).suffix.lower() in (".yaml", ".yml")
+
+
+def _read_policy_file(path: Path) -> str:
+    """The text of a policy file, or a :class:`ConfigError` that names the file and the problem."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("policy file", str(path), "an existing YAML file or a registered policy name") from None
+    except IsADirectoryError:
+        raise ConfigError("policy file", str(path), "a YAML file (this is a directory)") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError("policy file", str(path), f"a UTF-8 text file ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError("policy file", str(path), f"a readable file ({err.strerror})") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise ConfigError("yaml", key, f"each key once per mapping (given again on line {line})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)

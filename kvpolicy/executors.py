@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, ClassVar
 
 import attrs
 import torch
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from kvpolicy import partial_attention as pa
 from kvpolicy.errors import ConfigError
@@ -101,7 +100,7 @@ class ReferenceExecutor(Executor):
             values = torch.cat([cached_v, step.new_values], dim=2)
             positions = torch.cat([pos_k.to(torch.int64), new_pos])
         mask = select_mask_columns(attention_mask, positions, step.past_length + q, q, query.device)
-        out, _ = sdpa_attention_forward(module, query, keys, values, mask, **kwargs)
+        out, _ = sdpa_attention(module, query, keys, values, mask, **kwargs)
         return out
 
 
@@ -167,8 +166,16 @@ def exact_attention(module, query, step: AttentionStep, attention_mask, **kwargs
     q, n = query.shape[2], keys.shape[2]
     if attention_mask is None and q > 1 and n > q:  # SDPA's is_causal would align to the top left
         attention_mask = allowed_columns(None, torch.arange(n), n - q, q, query.device)
-    out, _ = sdpa_attention_forward(module, query, keys, values, attention_mask, **kwargs)
+    out, _ = sdpa_attention(module, query, keys, values, attention_mask, **kwargs)
     return out
+
+
+def sdpa_attention(module, query, keys, values, attention_mask, **kwargs):
+    """transformers' SDPA attention function (imported on first use: transformers is slow to
+    import, and ``kvpolicy list``/``show`` never attend)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, keys, values, attention_mask, **kwargs)
 
 
 def _positive_int(name: str):

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kvpolicy import attention
-from kvpolicy.cache import KVPolicyCache, KVPolicyLayer, attention_layout
 from kvpolicy.config import PolicyConfig, SelectorSpec, TensorSpec
 from kvpolicy.errors import ConfigError
 from kvpolicy.registry import Registry, get_registry
 from kvpolicy.selectors import Selector, UnionSelector
 from kvpolicy.store import TensorStore
+
+if TYPE_CHECKING:  # the cache and the attention bridge import transformers: loaded on use
+    from kvpolicy.cache import KVPolicyCache, KVPolicyLayer
 
 #: tokens packed at a time when no side needs per-channel groups (amortizes packing)
 DEFAULT_BLOCK = 32
@@ -33,9 +35,8 @@ class Policy:
         self.registry = registry or get_registry()
         # resolve every name now, so a typo fails at load time, not mid-generation
         for section, spec in (("keys", config.keys), ("values", config.values)):
-            self._selector(spec, section)
-            if spec.demote == "quantize":
-                self.registry.quantizer(spec.quant.backend)
+            if self._selector(spec, section).budget is not None and spec.demote == "quantize":
+                self.registry.quantizer(spec.quant.backend).check(spec.quant, f"{section}.quant")
         self.registry.executor(config.executor)
 
     # -- construction ---------------------------------------------------------------
@@ -52,10 +53,16 @@ class Policy:
         """A registered policy name (``"logquant"``) or a path to a YAML file."""
         registry = registry or get_registry()
         text = str(name_or_path)
-        if text.endswith((".yaml", ".yml")):
-            if not Path(text).exists():
-                raise ConfigError("policy", text, "an existing YAML file or a registered policy name")
-            return cls.from_yaml(Path(text), registry)
+        path = Path(text)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            return cls.from_yaml(path, registry)
+        if text not in registry.names("policy") and (path.suffix or "/" in text or path.exists()):
+            raise ConfigError(
+                "policy",
+                text,
+                "a registered policy name (`kvpolicy list`) or a path to a .yaml/.yml file; "
+                + ("a directory is not a policy" if path.is_dir() else "a file with another extension is not read"),
+            )
         return cls(registry.policy_config(text), registry)
 
     def to_dict(self) -> dict:
@@ -106,8 +113,8 @@ class Policy:
         (or ``DEFAULT_BLOCK`` when neither side groups along tokens)."""
         groups = [
             s.quant.group_size
-            for s in (self.config.keys, self.config.values)
-            if s.demote == "quantize" and s.quant.axis == "channel"
+            for s, section in ((self.config.keys, "keys"), (self.config.values, "values"))
+            if s.demote == "quantize" and s.quant.axis == "channel" and self._selector(s, section).budget is not None
         ]
         return math.lcm(*groups) if groups else DEFAULT_BLOCK
 
@@ -138,14 +145,17 @@ class Policy:
         return total
 
     def _store(self, spec: TensorSpec, section: str, head_dim: int) -> TensorStore:
+        selector = self._selector(spec, section)
         backend = None
-        if spec.demote == "quantize":
+        if spec.demote == "quantize" and selector.budget is not None:  # a side that never demotes needs none
             backend = self.registry.quantizer(spec.quant.backend)
             backend.validate(spec.quant, head_dim, f"{section}.quant")
-        return TensorStore(self._selector(spec, section), spec.demote, spec.quant, backend, self.demote_block())
+        return TensorStore(selector, spec.demote, spec.quant, backend, self.demote_block())
 
     def new_layer(self, head_dim: int, model_config=None) -> KVPolicyLayer:
         """One layer's cache (fresh selectors and stores: nothing shared with other layers)."""
+        from kvpolicy.cache import KVPolicyLayer
+
         return KVPolicyLayer(
             key_store=self._store(self.config.keys, "keys", head_dim),
             value_store=self._store(self.config.values, "values", head_dim),
@@ -159,6 +169,9 @@ class Policy:
         The ``"kvpolicy"`` attention behaves exactly like SDPA for any other cache, so the
         model keeps working with a plain ``DynamicCache`` afterwards.
         """
+        from kvpolicy import attention
+        from kvpolicy.cache import KVPolicyCache, attention_layout
+
         num_layers, _, head_dim = attention_layout(model)
         attention.attach(model)
         layers = [self.new_layer(head_dim, model.config) for _ in range(num_layers)]

@@ -47,23 +47,41 @@ class Packed(Protocol):
         reads only what those tokens need where the layout allows."""
 
 
+#: most tokens in a per-channel group (their demoted tokens wait in staging until it is full)
+MAX_CHANNEL_GROUP = 1024
+
+
 class QuantizerBackend(ABC):
     """Packs blocks of tokens. Stateless; one instance may serve every layer."""
 
     name: ClassVar[str]
     supported_bits: ClassVar[tuple[int, ...]]
 
-    def validate(self, spec: QuantSpec, head_dim: int, section: str) -> None:
-        """Raise :class:`ConfigError` if ``spec`` cannot be served for ``head_dim``."""
+    def check(self, spec: QuantSpec, section: str) -> None:
+        """Raise :class:`ConfigError` if ``spec`` cannot be served by this backend on any model
+        (checked when a policy is loaded, before a model is)."""
         if spec.bits not in self.supported_bits:
             raise ConfigError(
                 f"{section}.bits", spec.bits, f"{' | '.join(map(str, self.supported_bits))} for backend {self.name!r}"
             )
+        if spec.axis == "channel" and spec.group_size > MAX_CHANNEL_GROUP:
+            raise ConfigError(
+                f"{section}.group_size",
+                spec.group_size,
+                f"at most {MAX_CHANNEL_GROUP} tokens per per-channel group (axis: channel): a group waits "
+                "in full precision until it is complete, so a larger one would hardly ever be quantized",
+            )
+
+    def validate(self, spec: QuantSpec, head_dim: int, section: str) -> None:
+        """Raise :class:`ConfigError` if ``spec`` cannot be served for ``head_dim`` (checked by
+        ``make_cache``, which knows the model); includes :meth:`check`."""
+        self.check(spec, section)
         if spec.axis == "token" and head_dim % spec.group_size:
             raise ConfigError(
                 f"{section}.group_size",
                 spec.group_size,
-                f"a divisor of head_dim={head_dim} for per-token groups (axis: token)",
+                f"a divisor of head_dim={head_dim} (this model's) for per-token groups (axis: token); "
+                f"set {section}.group_size to one",
             )
 
     @abstractmethod

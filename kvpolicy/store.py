@@ -49,6 +49,14 @@ def take_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.index_select(2, to_device(index, x.device))
 
 
+def owned(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or a copy of it when it is a view into a larger buffer (a fused QKV projection's
+    output, as GPT-2 and Phi-3 produce): a stored view would keep the whole buffer alive."""
+    if x.untyped_storage().nbytes() > x.numel() * x.element_size():
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
 def take_run(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """``x[:, :, start:stop]``: a view when it is most of ``x`` (keeping ``x`` alive costs
     little), else a copy (so a short run does not hold a long prefill in memory)."""
@@ -101,7 +109,8 @@ class TensorStore:
         self.spec = spec
         self.backend = backend
         self.block = block or (spec.group_size if spec.axis == "channel" else 1)
-        if spec.axis == "channel" and self.block % spec.group_size:
+        packs_channels = demote == "quantize" and selector.budget is not None and spec.axis == "channel"
+        if packs_channels and self.block % spec.group_size:
             raise ValueError(f"block={self.block} must be a multiple of the per-channel group_size={spec.group_size}")
         self.reset()
 
@@ -113,6 +122,11 @@ class TensorStore:
         self.fp_pos = self.staging_pos = self.packed_pos = torch.empty(0, dtype=torch.int32)
         self.evicted = 0
 
+    @property
+    def demoted(self) -> bool:
+        """Whether any token has left the full-precision region (staged, packed or evicted)."""
+        return self.staging is not None or self.packed is not None or self.evicted > 0
+
     def view(self) -> TensorView:
         return TensorView(self.fp, self.fp_pos, self.staging, self.staging_pos, self.packed, self.packed_pos)
 
@@ -122,7 +136,7 @@ class TensorStore:
         new_pos = torch.arange(self.length, self.length + q, dtype=torch.int32)
         previous, self.length = self.length, self.length + q
         if self.fp is None:
-            cand, cand_pos = x, new_pos
+            cand, cand_pos = owned(x), new_pos
         else:
             cand, cand_pos = torch.cat([self.fp, x], dim=2), torch.cat([self.fp_pos, new_pos])
         dropped = self.selector.oldest_dropped(len(cand_pos) - q, q)

@@ -100,17 +100,18 @@ def test_policy_with_backend_generates_and_reports_packed_bytes(name):
     assert report.bytes_by_region["codes"] > 0 and report.ratio < 0.6
 
 
-def test_bits_a_backend_cannot_do_are_refused():
-    pytest.importorskip("optimum.quanto")
-    policy = Policy.from_dict(
-        {
-            "name": "q8",
-            "keys": {"retain": WINDOW, "quant": {"backend": "quanto", "bits": 8}},
-            "values": {"retain": WINDOW},
-        }
-    )
-    with pytest.raises(ConfigError, match=r"keys.quant.bits: got 8; allowed: 2 \| 4 for backend 'quanto'"):
-        policy.new_layer(64)
+@pytest.mark.parametrize(("backend", "bits"), [("quanto", 8), ("quanto", 3), ("hqq", 8), ("native", 3), ("native", 16)])
+def test_bits_a_backend_cannot_do_are_refused_when_the_policy_loads(backend, bits):
+    """Refused by the policy itself, before any model is loaded (no library needed either)."""
+    allowed = {"quanto": r"2 \| 4", "hqq": r"2 \| 4", "native": r"2 \| 4 \| 8"}[backend]
+    with pytest.raises(ConfigError, match=rf"keys.quant.bits: got {bits}; allowed: {allowed} for backend '{backend}'"):
+        Policy.from_dict(
+            {
+                "name": "q",
+                "keys": {"retain": WINDOW, "quant": {"backend": backend, "bits": bits}},
+                "values": {"retain": WINDOW},
+            }
+        )
 
 
 @pytest.mark.parametrize("name", BACKENDS)

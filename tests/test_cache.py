@@ -166,3 +166,21 @@ def test_tensors_of_another_dtype_or_batch_are_refused_clearly(model):
     cache.batch_repeat_interleave(2)  # a batch operation updates what the layer expects
     cache.update(torch.randn(4, 1, 1, 64), torch.randn(4, 1, 1, 64), 0)
     assert cache.layers[0].key_store.length == 6
+
+
+def test_output_attentions_is_refused_not_answered_empty():
+    """The 'kvpolicy' attention computes no weights: asking for them is an error that says what
+    to do, for a kvpolicy cache and for any other cache on a model make_cache switched."""
+    from kvpolicy import NotSupportedError, load_policy
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(1, 256, (1, 12))
+    cache = load_policy("logquant").make_cache(model)
+    with pytest.raises(NotSupportedError, match="Generate without output_attentions"):
+        model.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True, cache=cache)
+    with pytest.raises(NotSupportedError, match="set_attn_implementation"):
+        model.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
+    model.set_attn_implementation("eager")  # what the message says: attentions come back
+    out = model.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
+    assert out.attentions[0][0].shape == (1, 2, 12, 12)

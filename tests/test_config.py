@@ -52,7 +52,7 @@ def test_examples_match_the_registered_policies():
         (lambda d: d["values"]["quant"].update(axis="row"), "values.quant.axis", "row", "channel | token"),
         (lambda d: d["values"]["quant"].update(group_size=-8), "values.quant.group_size", -8, "positive integer"),
         (lambda d: d["values"].update(demote="drop"), "values.demote", "drop", "quantize | evict"),
-        (lambda d: d["keys"].update(retain=[]), "retain", [], "non-empty list"),
+        (lambda d: d["keys"].update(retain=[]), "keys.retain", [], "non-empty list"),
         (lambda d: d["keys"].update(retain="window"), "keys.retain", "window", "list of selectors"),
         (lambda d: d["keys"].update(colour="red"), "keys.colour", "red", "one of the keys"),
         (lambda d: d.update(extra=1), "policy.extra", 1, "one of the keys"),
@@ -104,3 +104,55 @@ def test_union_budget_is_the_sum():
     data = base()
     data["values"]["retain"] = [{"type": "sink", "size": 4}, {"type": "window", "size": 124}]
     assert Policy.from_dict(data).budget() == {"keys": 24, "values": 128}
+
+
+def test_a_key_given_twice_is_refused_with_its_line():
+    text = (
+        "name: p\nkeys:\n  retain: [{type: window, size: 8}]\n  retain: [{type: all}]\n"
+        "values:\n  retain: [{type: all}]\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"yaml: got 'retain'; allowed: each key once per mapping \(given again on line 4\)"
+    ):
+        PolicyConfig.from_yaml(text)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".txt", ""])
+def test_a_policy_file_of_another_format_is_named_as_such(tmp_path, suffix):
+    path = tmp_path / f"policy{suffix}"
+    path.write_text(yaml.safe_dump(base()))
+    with pytest.raises(ConfigError, match=r"\.yaml/\.yml file; a file with another extension is not read"):
+        Policy.load(str(path))
+
+
+def test_an_upper_case_yaml_suffix_is_read(tmp_path):
+    path = tmp_path / "policy.YAML"
+    path.write_text(yaml.safe_dump(base()))
+    assert Policy.load(str(path)).name == "p"
+
+
+@pytest.mark.parametrize("kind", ["directory", "not utf-8"])
+def test_unreadable_policy_files_name_the_file(tmp_path, kind):
+    path = tmp_path / "policy.yaml"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(
+        ConfigError, match="policy file: got .*policy.yaml.*" + ("directory" if kind == "directory" else "UTF-8")
+    ):
+        Policy.load(str(path))
+
+
+def test_a_huge_per_channel_group_is_refused():
+    data = base()
+    data["keys"]["quant"].update(axis="channel", group_size=1_000_000)
+    with pytest.raises(ConfigError, match="keys.quant.group_size: got 1000000; allowed: at most 1024 tokens"):
+        Policy.from_dict(data)
+
+
+def test_a_side_that_never_demotes_needs_no_quantizer_setting_that_fits_the_model():
+    """`full` on a model with head_dim 32 (its default group of 64 does not divide it): it never
+    quantizes, so its quantizer settings are not checked against the model."""
+    layer = Policy.load("full").new_layer(head_dim=32)
+    assert layer.key_store.backend is None and layer.value_store.backend is None

@@ -29,6 +29,7 @@ from kvpolicy.errors import (
     UnsupportedModelError,
 )
 from kvpolicy.evaluation.agreement import greedy_agreement
+from kvpolicy.generation import cache_kwargs
 from tests.conftest import tiny_llama
 from tests.recording import record
 from tests.test_cache import greedy, left_padded_batch
@@ -54,6 +55,23 @@ class _Holder:
 
     def __init__(self, config):
         self.config = config
+
+
+def _policy_path(tmp_path, name: str, content: bytes | None) -> None:
+    """``Policy.load`` of a path: a directory (``content`` None) or a file of these bytes."""
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    Policy.load(str(path))
+
+
+def _output_attentions() -> None:
+    model = tiny_llama()
+    cache = Policy.load("kivi").make_cache(model)
+    model.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=1, output_attentions=True,
+                   return_dict_in_generate=True, **cache_kwargs(cache))  # fmt: skip
 
 
 def _yaml(tmp_path, text: str) -> None:
@@ -137,6 +155,19 @@ BAD_INPUTS = [
     BadInput("YAML that is a list", lambda tp, mp: _yaml(tp, "- a\n- b\n"), ConfigError, ("mapping",)),
     BadInput("policy file that does not exist", lambda tp, mp: Policy.load("no/such/policy.yaml"), ConfigError,
              ("existing YAML file or a registered policy name",)),
+    BadInput("policy path that is a directory", lambda tp, mp: _policy_path(tp, "dir.yaml", None), ConfigError,
+             ("policy file: got", "dir.yaml", "this is a directory")),
+    BadInput("policy file that is not UTF-8", lambda tp, mp: _policy_path(tp, "latin1.yaml", b"name: caf\xe9\n"),
+             ConfigError, ("policy file: got", "latin1.yaml", "a UTF-8 text file")),
+    BadInput("policy file in JSON", lambda tp, mp: _policy_path(tp, "policy.json", b"{}"), ConfigError,
+             ("policy.json", "a .yaml/.yml file", "another extension is not read")),
+    BadInput("YAML with a key given twice", lambda tp, mp: _yaml(tp, "name: a\nname: b\n"), ConfigError,
+             ("yaml: got 'name'", "each key once per mapping (given again on line 2)")),
+    BadInput("per-channel `group_size: 1000000`",
+             lambda tp, mp: Policy.from_dict(policy_dict(quant={"axis": "channel", "group_size": 1_000_000})),
+             ConfigError, ("keys.quant.group_size: got 1000000", "at most 1024 tokens per per-channel group")),
+    BadInput("`output_attentions=True` under a kvpolicy cache", lambda tp, mp: _output_attentions(), NotSupportedError,
+             ("output_attentions=True", "returns no attention weights")),
     BadInput("backend `quanto` without optimum-quanto installed",
              lambda tp, mp: _missing_package(mp, "optimum.quanto", "quanto"), MissingDependencyError,
              ("optimum-quanto", "pip install 'kvpolicy[quanto]'")),

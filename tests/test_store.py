@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -199,3 +200,40 @@ def test_every_shipped_policy_matches_its_slow_reference(name, prefill, decode, 
             for i, p in enumerate(stored_pos.tolist()):
                 assert torch.equal(tensor[:, :, i], want[p]), f"{name}: position {p}"
         past += q
+
+
+@pytest.mark.parametrize("name", ["full", "kivi"])
+def test_stored_tensors_keep_no_larger_buffer_alive(name):
+    """GPT-2 splits keys and values out of one fused QKV output: a store that kept those views
+    would hold the whole buffer, more than ``memory()`` reports. The bytes behind every stored
+    tensor are the bytes reported."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kvpolicy import load_policy
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        vocab_size=128,
+        n_positions=512,
+        bos_token_id=None,
+        eos_token_id=None,
+        attn_implementation="sdpa",
+    )
+    model = GPT2LMHeadModel(config).eval()
+    cache = load_policy(name).make_cache(model)
+    with torch.no_grad():
+        model(torch.randint(0, 128, (2, 300)), past_key_values=cache, use_cache=True)
+    report = cache.memory()
+    held = 0
+    for layer in cache.layers:
+        for store in (layer.key_store, layer.value_store):
+            storages = {
+                t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in (store.fp, store.staging)
+                if t is not None
+            }
+            held += sum(storages.values())
+    assert held == report.bytes_by_region["full_precision"] + report.bytes_by_region["staging"]
