@@ -18,10 +18,11 @@ ATTENTION_NAME = "kvpolicy"
 _STEP_ATTRIBUTE = "_kvpolicy_step"
 
 
-def tag(tensor: torch.Tensor, step, executor) -> torch.Tensor:
-    """Return an alias of ``tensor`` that carries ``(step, executor)`` to the attention function."""
+def tag(tensor: torch.Tensor, step, executor, on_attend=None) -> torch.Tensor:
+    """Return an alias of ``tensor`` that carries ``(step, executor)`` to the attention function,
+    which calls ``on_attend()`` (if given) when it attends the step."""
     alias = tensor.view(tensor.shape)
-    setattr(alias, _STEP_ATTRIBUTE, (step, executor))
+    setattr(alias, _STEP_ATTRIBUTE, (step, executor, on_attend))
     return alias
 
 
@@ -44,7 +45,9 @@ def kvpolicy_attention(module, query, key, value, attention_mask, **kwargs):
         )
     if tagged is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    step, executor = tagged
+    step, executor, on_attend = tagged
+    if on_attend is not None:
+        on_attend()
     mask = step.row_sinks.remap(attention_mask) if step.row_sinks is not None else attention_mask
     out = executor.attend(module, query, step, mask, **kwargs)
     if step.after_prefill is not None and attention_mask is not None:
@@ -60,9 +63,40 @@ def register() -> None:
 
 def attach(model) -> None:
     """Switch ``model`` to the ``"kvpolicy"`` attention implementation."""
+    from kvpolicy.errors import UnsupportedModelError
+
     register()
+    before = model.config._attn_implementation
+    if before != ATTENTION_NAME:
+        try:
+            model.set_attn_implementation(ATTENTION_NAME)
+        except (ValueError, NotImplementedError) as err:
+            raise UnsupportedModelError(_no_interface(model, before, err)) from None
     if model.config._attn_implementation != ATTENTION_NAME:
-        model.set_attn_implementation(ATTENTION_NAME)
+        raise UnsupportedModelError(_no_interface(model, model.config._attn_implementation, None))
+    if not getattr(model, "_kvpolicy_checked", False):
+        model.register_forward_hook(_check_attended, with_kwargs=True)
+        model._kvpolicy_checked = True
+
+
+def _check_attended(model, args, kwargs, output) -> None:
+    """After a forward: every kvpolicy cache layer that was updated handed its step to the
+    attention function (else the model attended tensors the cache never held)."""
+    from kvpolicy.cache import KVPolicyCache
+
+    for key in ("cache", "past_key_values"):
+        cache = kwargs.get(key)
+        if isinstance(cache, KVPolicyCache):
+            cache.check_attended(getattr(model.config, "model_type", type(model).__name__))
+
+
+def _no_interface(model, kept: str, err: BaseException | None) -> str:
+    reason = f" ({str(err).splitlines()[0]})" if err else ""
+    return (
+        f"{type(model).__name__} ({model.config.model_type}) does not take a custom attention function: its attention "
+        f"implementation stays {kept!r}{reason}. kvpolicy serves models whose attention goes through transformers' "
+        "AttentionInterface, which is how a kvpolicy cache reaches the attention"
+    )
 
 
 def is_attached(config) -> bool:

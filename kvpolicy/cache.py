@@ -74,6 +74,7 @@ class KVPolicyLayer(CacheLayerMixin):
         self.value_store = value_store
         self.executor = executor
         self._config = config
+        self._awaiting_attention = False
         # attention sinks kept on both sides are placed per row in a left-padded batch
         self.sinks = min(key_store.selector.sinks, value_store.selector.sinks)
         self.row_sinks: RowSinks | None = None
@@ -116,7 +117,12 @@ class KVPolicyLayer(CacheLayerMixin):
         )
         self.key_store.append(key_states)
         self.value_store.append(value_states)
-        return attention.tag(key_states, step, self.executor), value_states
+        # a model's forward must hand these tensors to the attention function (checked after it)
+        self._awaiting_attention = True
+        return attention.tag(key_states, step, self.executor, self._attended), value_states
+
+    def _attended(self) -> None:
+        self._awaiting_attention = False
 
     def _place_row_sinks(self, prefill_mask: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """After a left-padded prefill: each row's first real tokens become its sinks."""
@@ -146,6 +152,7 @@ class KVPolicyLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        self._awaiting_attention = False
         self.key_store.reset()
         self.value_store.reset()
         self.row_sinks = None
@@ -210,6 +217,22 @@ class KVPolicyCache(Cache):
         super().__init__(layers=layers)
         self.policy_name = policy_name
 
+    def check_attended(self, model_type: str = "this model") -> None:
+        """Raise :class:`NotSupportedError` if a layer's update of the last forward never reached the
+        ``"kvpolicy"`` attention function (the model transformed the cache's output first, so it
+        attended something the cache did not hold). Called after every forward of a model that
+        ``make_cache`` attached (see :func:`kvpolicy.attention.attach`)."""
+        missed = [i for i, layer in enumerate(self.layers) if getattr(layer, "_awaiting_attention", False)]
+        for layer in self.layers:
+            layer._awaiting_attention = False
+        if missed:
+            raise NotSupportedError(
+                f"the keys and values that this cache's layers {missed[:4]} returned never reached the 'kvpolicy' "
+                f"attention function: {model_type} transforms them between its cache and its attention (as "
+                "multi-head latent attention does, expanding cached latents), so a kvpolicy cache cannot serve it; "
+                "use DynamicCache"
+            )
+
     def memory(self) -> MemoryReport:
         """True bytes held by every layer's stores, and the 16-bit baseline for the same tokens."""
         by_region: dict[str, int] = {}
@@ -242,6 +265,18 @@ def attention_layout(model) -> tuple[int, int, int]:
     if getattr(config, "is_encoder_decoder", False) or getattr(text, "add_cross_attention", False):
         raise UnsupportedModelError(
             f"{type(model).__name__} uses cross-attention (encoder-decoder); kvpolicy serves decoder-only models"
+        )
+    name = f"{type(model).__name__} ({getattr(config, 'model_type', '?')})"
+    if getattr(text, "kv_lora_rank", None):
+        raise UnsupportedModelError(
+            f"{name} uses multi-head latent attention (kv_lora_rank={text.kv_lora_rank}): its cache holds compressed "
+            "latents that the model expands into keys and values after the cache, so a kvpolicy cache would never "
+            "see what attention reads. kvpolicy serves models whose cache holds per-head keys and values"
+        )
+    if getattr(text, "num_kv_shared_layers", 0):
+        raise UnsupportedModelError(
+            f"{name} shares keys and values across layers (num_kv_shared_layers={text.num_kv_shared_layers}): "
+            "its later layers read another layer's cache, which a kvpolicy cache does not provide"
         )
     layer_types = getattr(text, "layer_types", None) or []
     other = sorted({t for t in layer_types if t != "full_attention"})

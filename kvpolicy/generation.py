@@ -29,3 +29,13 @@ def cache_keyword() -> str:
 def cache_kwargs(cache) -> dict:
     """``{keyword: cache}`` for ``model.generate(...)`` (see :func:`cache_keyword`)."""
     return {cache_keyword(): cache}
+
+
+def forward_cache_kwargs(model, cache) -> dict:
+    """``{keyword: cache}`` for a model's own forward (``model(input_ids, **forward_cache_kwargs(model, cache))``):
+    ``cache`` where its forward names that parameter, else ``past_key_values``."""
+    try:
+        parameters = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    return {"cache" if "cache" in parameters else "past_key_values": cache}

@@ -5,7 +5,7 @@ registry and builds caches from it::
 
     policy = Policy.load("logquant")            # a registered name or a YAML path
     cache = policy.make_cache(model)            # a transformers Cache
-    model.generate(**inputs, past_key_values=cache)
+    model.generate(**inputs, cache=cache)       # past_key_values= on older transformers
 """
 
 from __future__ import annotations

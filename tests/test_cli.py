@@ -146,3 +146,22 @@ def test_help_list_and_show_do_not_import_transformers():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_our_documented_generate_path_raises_no_deprecation_warning():
+    """README's path: policy.make_cache(model), then generate with the keyword the installed
+    transformers takes (``cache=`` where it has it)."""
+    import warnings
+
+    import torch
+
+    from kvpolicy import load_policy
+    from kvpolicy.generation import cache_kwargs, forward_cache_kwargs
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(1, 256, (1, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model.generate(ids, max_new_tokens=2, **cache_kwargs(load_policy("kivi").make_cache(model)))
+        model(ids, **forward_cache_kwargs(model, load_policy("kivi").make_cache(model)), use_cache=True)

@@ -16,7 +16,15 @@ import attrs
 import pytest
 import torch
 import yaml
-from transformers import DynamicCache, MistralConfig, MistralForCausalLM, T5Config, T5ForConditionalGeneration
+from transformers import (
+    DynamicCache,
+    FalconConfig,
+    FalconForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 import kvpolicy
 from kvpolicy import Policy, PolicyConfig
@@ -65,6 +73,30 @@ def _policy_path(tmp_path, name: str, content: bytes | None) -> None:
     else:
         path.write_bytes(content)
     Policy.load(str(path))
+
+
+def _deepseek_v3():
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=2, num_experts_per_tok=1, first_k_dense_replace=1,
+        n_group=1, topk_group=1,
+    )  # fmt: skip
+    return DeepseekV3ForCausalLM(config).eval()
+
+
+def _latents_slip(monkeypatch) -> None:
+    """A family kvpolicy has no rule for, whose attention reads tensors derived from what the
+    cache returned (DeepSeek V3 with its latent-attention check taken away): the step after
+    the first is refused instead of attending the new tokens alone."""
+    import kvpolicy.cache
+
+    monkeypatch.setattr(kvpolicy.cache, "attention_layout", lambda model: (2, 1, 16))
+    model = _deepseek_v3()
+    model.generate(torch.ones(1, 6, dtype=torch.long), max_new_tokens=3,
+                   **cache_kwargs(Policy.load("full").make_cache(model)))  # fmt: skip
 
 
 def _output_attentions() -> None:
@@ -166,6 +198,13 @@ BAD_INPUTS = [
     BadInput("per-channel `group_size: 1000000`",
              lambda tp, mp: Policy.from_dict(policy_dict(quant={"axis": "channel", "group_size": 1_000_000})),
              ConfigError, ("keys.quant.group_size: got 1000000", "at most 1024 tokens per per-channel group")),
+    BadInput("multi-head latent attention (DeepSeek V3)", lambda tp, mp: Policy.load("full").make_cache(_deepseek_v3()),
+             UnsupportedModelError, ("DeepseekV3ForCausalLM (deepseek_v3)", "multi-head latent attention")),
+    BadInput("attention outside the AttentionInterface (Falcon)", lambda tp, mp: Policy.load("full").make_cache(
+        FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2))),
+             UnsupportedModelError, ("FalconForCausalLM (falcon) does not take a custom attention function",)),
+    BadInput("keys transformed between the cache and attention (unknown family)", lambda tp, mp: _latents_slip(mp),
+             NotSupportedError, ("never reached the 'kvpolicy' attention function", "use DynamicCache")),
     BadInput("`output_attentions=True` under a kvpolicy cache", lambda tp, mp: _output_attentions(), NotSupportedError,
              ("output_attentions=True", "returns no attention weights")),
     BadInput("backend `quanto` without optimum-quanto installed",

@@ -14,13 +14,17 @@ from collections.abc import Callable, Iterable
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
+from kvpolicy.generation import forward_cache_kwargs
+
 
 @torch.no_grad()
 def prefill(model: torch.nn.Module, ids: list[int], logits_to_keep: int = 0) -> tuple[DynamicCache, torch.Tensor]:
     """``(cache, float32 logits [n, V])`` of a full-precision forward over ``ids``; ``n`` is
     ``len(ids)``, or the last ``logits_to_keep`` positions when that is set."""
     cache = DynamicCache(config=model.config)
-    out = model(torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep)
+    out = model(
+        torch.tensor([ids]), **forward_cache_kwargs(model, cache), use_cache=True, logits_to_keep=logits_to_keep
+    )
     return cache, out.logits[0].float()
 
 
@@ -36,7 +40,7 @@ def ingest(cache: Cache, source: DynamicCache, length: int | None = None) -> Cac
 @torch.no_grad()
 def step(model: torch.nn.Module, cache: Cache, token: int) -> torch.Tensor:
     """Logits ``[V]`` (float32) after feeding one token."""
-    out = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+    out = model(torch.tensor([[token]]), **forward_cache_kwargs(model, cache), use_cache=True)
     return out.logits[0, -1].float()
 
 
