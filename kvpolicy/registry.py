@@ -7,6 +7,7 @@ warning naming it; the others still load.
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import warnings
 from typing import Any
@@ -45,8 +46,21 @@ class Registry:
                     self._fail(ep.name, f"failed to load ({type(err).__name__}: {err})")
         for name, plugin in (plugins or {}).items():
             self.pm.register(plugin, name=name)
+        self._check_hook_names()
         self._entries: dict[str, dict[str, tuple[Any, str]]] = {kind: {} for kind in KINDS}
         self._collect()
+
+    def _check_hook_names(self) -> None:
+        """A hook implementation whose name matches no hook (``kvpolicy_selector`` for
+        ``kvpolicy_selectors``) would never be called: name it and the hooks there are."""
+        known = sorted(_HOOKS.values())
+        for hook_name, caller in vars(self.pm.hook).items():
+            if caller.spec is not None:
+                continue
+            for impl in caller.get_hookimpls():
+                close = difflib.get_close_matches(hook_name, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self._fail(impl.plugin_name, f"implements unknown hook {hook_name!r}{hint}; hooks: {', '.join(known)}")
 
     def _fail(self, plugin: str, message: str) -> None:
         self.load_errors[plugin] = message

@@ -14,6 +14,7 @@ Selectors are built once per layer and hold no state shared across layers or bat
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -58,6 +59,22 @@ class Selector(ABC):
         for every layer, keys and values, at every step). ``True`` is always safe.
         """
         return True
+
+    @property
+    def fixed_budget(self) -> int:
+        """Tokens kept whatever budget the selector is scaled to (attention sinks); 0 by default."""
+        return 0
+
+    def scaled(self, factor: float) -> Selector:
+        """This selector keeping about ``factor`` times its budget beyond :attr:`fixed_budget`
+        (rounded down, at least one token): how an evaluation fits any policy to a number of
+        full-precision tokens. An unbounded selector returns itself; a bounded one must say
+        how it scales (the built-ins scale their size; a plugin's selector implements this)."""
+        if self.budget is None:
+            return self
+        raise NotImplementedError(
+            f"selector {self.name!r} does not say how it scales to a budget: implement {type(self).__name__}.scaled"
+        )
 
     def oldest_dropped(self, held: int, added: int) -> int | None:
         """When a store holding ``held`` full-precision tokens (exactly this selector's kept
@@ -121,6 +138,13 @@ class SinkSelector(Selector):
     def may_demote(self, previous: int, length: int) -> bool:
         return length > self.size  # positions past the sinks are never kept
 
+    @property
+    def fixed_budget(self) -> int:
+        return self.size
+
+    def scaled(self, factor: float) -> Selector:
+        return self  # sinks are structural: never scaled
+
 
 @attrs.define
 class WindowSelector(Selector):
@@ -146,6 +170,9 @@ class WindowSelector(Selector):
 
     def oldest_dropped(self, held: int, added: int) -> int | None:
         return max(0, held + added - self.size)
+
+    def scaled(self, factor: float) -> Selector:
+        return attrs.evolve(self, size=_scaled(self.size, factor))
 
 
 @attrs.define
@@ -196,6 +223,9 @@ class LogSelector(Selector):
         # between flushes the kept set only grows: the window takes every new token
         return self.flushes(length) != self.flushes(previous)
 
+    def scaled(self, factor: float) -> Selector:
+        return LogSelector(window=_scaled(self.window, factor))
+
 
 @attrs.define
 class UnionSelector(Selector):
@@ -225,6 +255,18 @@ class UnionSelector(Selector):
     def may_demote(self, previous: int, length: int) -> bool:
         # a position the union kept was kept by some member, which keeps it unless it may demote
         return any(m.may_demote(previous, length) for m in self.members)
+
+    @property
+    def fixed_budget(self) -> int:
+        return sum(m.fixed_budget for m in self.members)
+
+    def scaled(self, factor: float) -> Selector:
+        return UnionSelector([m.scaled(factor) for m in self.members])
+
+
+def _scaled(size: int, factor: float) -> int:
+    """``size * factor`` rounded down (a matched budget never exceeds the one asked for), at least 1."""
+    return max(1, math.floor(size * factor + 1e-9))
 
 
 BUILTIN_SELECTORS: tuple[type[Selector], ...] = (AllSelector, SinkSelector, WindowSelector, LogSelector)

@@ -124,3 +124,17 @@ def test_a_name_clash_keeps_the_first_provider():
     with pytest.warns(RuntimeWarning, match="registers selector 'window', already provided by 'kvpolicy'"):
         registry = Registry(load_entry_points=False, plugins={"clash": Clash()})
     assert registry.provider("selector", "window") == "kvpolicy"
+
+
+def test_a_misspelt_hook_implementation_is_named_not_ignored():
+    """pluggy would register ``kvpolicy_selector`` (no s) and never call it; the registry says so."""
+    from kvpolicy import hookimpl
+
+    class Misspelt:
+        @hookimpl
+        def kvpolicy_selector(self):
+            return []
+
+    with pytest.warns(RuntimeWarning, match="unknown hook 'kvpolicy_selector'.*did you mean 'kvpolicy_selectors'"):
+        registry = Registry(load_entry_points=False, plugins={"misspelt": Misspelt()})
+    assert "misspelt" in registry.load_errors

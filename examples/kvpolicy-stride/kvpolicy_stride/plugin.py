@@ -30,6 +30,10 @@ class StrideSelector(Selector):
     def budget(self) -> int:
         return self.limit
 
+    def scaled(self, factor: float) -> StrideSelector:
+        """For budget matching (``kvpolicy evaluate --budget``): scale how many anchors are kept."""
+        return attrs.evolve(self, limit=max(1, int(self.limit * factor)))
+
     def keep(self, length: int) -> torch.Tensor:
         # anchors 0, stride, 2*stride, ... up to `limit` of them: once kept, kept for good,
         # and a position past the limit was never kept, so nothing is ever re-promoted
