@@ -5,8 +5,11 @@ Registered by :class:`~kvpolicy.registry.Registry` through the same hooks as any
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kvpolicy.backends.hqq import HQQQuantizer
 from kvpolicy.backends.quanto import QuantoQuantizer
+from kvpolicy.config import policy_files
 from kvpolicy.executors import ChunkedExecutor, ReferenceExecutor
 from kvpolicy.fused import AutoExecutor, FusedExecutor, FusedTritonExecutor
 from kvpolicy.hookspecs import hookimpl
@@ -31,12 +34,5 @@ def kvpolicy_executors():
 
 @hookimpl
 def kvpolicy_policies():
-    everything = {"retain": [{"type": "all"}]}
-    return [
-        {
-            "name": "full",
-            "description": "16-bit baseline: every token in full precision (equals DynamicCache).",
-            "keys": everything,
-            "values": everything,
-        }
-    ]
+    """``full``, the 16-bit baseline (``policies/full.yaml`` beside this module)."""
+    return policy_files(Path(__file__).parent / "policies")

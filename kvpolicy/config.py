@@ -264,6 +264,12 @@ class PolicyConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def policy_files(folder: str | Path) -> list[PolicyConfig]:
+    """Every ``*.yaml`` policy in ``folder``, in name order: how the shipped plugins keep their
+    policies as data, one file each (``kvpolicy show NAME`` prints one back)."""
+    return [PolicyConfig.from_yaml(path) for path in sorted(Path(folder).glob("*.yaml"))]
+
+
 def _looks_like_path(source: str | Path) -> bool:
     if isinstance(source, Path):
         return True

@@ -1,4 +1,4 @@
-"""Registers ``logquant`` and ``partial_logquant``.
+"""Registers ``logquant`` and ``partial_logquant`` (``policies/*.yaml`` beside this module).
 
 LogQuant keeps a log-distributed set of at most ``3W`` tokens of keys and values in full
 precision (``W = 42`` fits a budget of 128) and quantizes the rest to 2 bits, group 64
@@ -7,25 +7,12 @@ precision (``W = 42`` fits a budget of 128) and quantizes the rest to 2 bits, gr
 average over keys and values.
 """
 
-from kvpolicy.hookspecs import hookimpl
+from pathlib import Path
 
-KEY_QUANT = {"backend": "native", "bits": 2, "group_size": 64, "axis": "channel"}
-VALUE_QUANT = {"backend": "native", "bits": 2, "group_size": 64, "axis": "token"}
+from kvpolicy.config import policy_files
+from kvpolicy.hookspecs import hookimpl
 
 
 @hookimpl
 def kvpolicy_policies():
-    return [
-        {
-            "name": "logquant",
-            "description": "LogQuant: log-distributed full-precision tokens (W=42, at most 3W=126), rest 2-bit.",
-            "keys": {"retain": [{"type": "log", "window": 42}], "quant": KEY_QUANT},
-            "values": {"retain": [{"type": "log", "window": 42}], "quant": VALUE_QUANT},
-        },
-        {
-            "name": "partial_logquant",
-            "description": "PartialLogQuant: log retention for keys (W=64), a window of 64 for values; rest 2-bit.",
-            "keys": {"retain": [{"type": "log", "window": 64}], "quant": KEY_QUANT},
-            "values": {"retain": [{"type": "window", "size": 64}], "quant": VALUE_QUANT},
-        },
-    ]
+    return policy_files(Path(__file__).parent / "policies")

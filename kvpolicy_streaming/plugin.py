@@ -1,16 +1,12 @@
-"""Registers ``streaming``: 4 attention sinks plus the newest 124 tokens; the rest is evicted."""
+"""Registers ``streaming`` (``policies/streaming.yaml`` beside this module): 4 attention sinks
+plus the newest 124 tokens; the rest is evicted."""
 
+from pathlib import Path
+
+from kvpolicy.config import policy_files
 from kvpolicy.hookspecs import hookimpl
 
 
 @hookimpl
 def kvpolicy_policies():
-    retain = [{"type": "sink", "size": 4}, {"type": "window", "size": 124}]
-    return [
-        {
-            "name": "streaming",
-            "description": "StreamingLLM: 4 sink tokens + newest 124 in full precision; older tokens evicted.",
-            "keys": {"retain": retain, "demote": "evict"},
-            "values": {"retain": retain, "demote": "evict"},
-        }
-    ]
+    return policy_files(Path(__file__).parent / "policies")

@@ -37,11 +37,16 @@ def test_example_policies_load(path):
     assert policy.budget()["keys"] is None or policy.budget()["keys"] <= 192
 
 
-def test_examples_match_the_registered_policies():
+def test_each_shipped_policy_is_one_yaml_file_of_its_plugin_package():
+    """One source per policy: the registry's configs are the plugin packages' own files."""
     registry = get_registry()
-    for path in EXAMPLES:
-        if path.stem in registry.names("policy"):
-            assert PolicyConfig.from_yaml(path) == registry.policy_config(path.stem)
+    root = Path(__file__).parent.parent
+    files = {p.stem: p for p in root.glob("kvpolicy*/policies/*.yaml")}
+    shipped = {"full", "kivi", "sink_kivi", "logquant", "partial_logquant", "streaming"}
+    assert set(files) == shipped
+    for name, path in files.items():
+        assert registry.policy_config(name) == PolicyConfig.from_yaml(path)
+        assert registry.provider("policy", name) == ("kvpolicy" if name == "full" else path.parent.parent.name)
 
 
 @pytest.mark.parametrize(
