@@ -72,7 +72,7 @@ def test_generate_on_the_embedded_model_reports_kv_bytes(tmp_path):
     match = re.match(pattern, lines[-1])
     assert match, lines[-1]
     held, baseline, factor = map(float, match.groups())
-    assert factor == pytest.approx(baseline / held, rel=0.02) and factor > 2
+    assert factor == pytest.approx(baseline / held, rel=0.02) and factor > 1.5  # float32: 32-bit window and scales
     assert "prefilling" in result.stderr and "(float32)" in result.stderr  # the fastest dtype on a CPU
 
 
