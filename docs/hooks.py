@@ -107,6 +107,16 @@ def reliability_table(section: str) -> str:
             ],
             rows,
         )
+    if section == "families":
+        counts = {}
+        for r in data:
+            counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+        summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        rows = [
+            [f"`{r['family']}`", r["outcome"], r.get("full", ""), r.get("kivi", ""), _code(r.get("detail", ""))]
+            for r in data
+        ]
+        return f"{len(data)} families: {summary}.\n\n" + _table(["family", "outcome", "`full`", "`kivi`", "why"], rows)
     raise ValueError(f"unknown reliability section {section!r}")
 
 

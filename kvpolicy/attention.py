@@ -48,6 +48,15 @@ def kvpolicy_attention(module, query, key, value, attention_mask, **kwargs):
     step, executor, on_attend = tagged
     if on_attend is not None:
         on_attend()
+    value_tag = getattr(value, _STEP_ATTRIBUTE, None)
+    if value_tag is None or value_tag[0] is not step:
+        from kvpolicy.errors import NotSupportedError
+
+        raise NotSupportedError(
+            f"{type(module).__name__} hands the attention other values than its cache returned (it transforms them "
+            "after the cache, as differential attention splits them): a kvpolicy cache attends the values it stores, "
+            "so it cannot serve this model; use DynamicCache"
+        )
     mask = step.row_sinks.remap(attention_mask) if step.row_sinks is not None else attention_mask
     out = executor.attend(module, query, step, mask, **kwargs)
     if step.after_prefill is not None and attention_mask is not None:

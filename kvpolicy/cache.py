@@ -119,7 +119,7 @@ class KVPolicyLayer(CacheLayerMixin):
         self.value_store.append(value_states)
         # a model's forward must hand these tensors to the attention function (checked after it)
         self._awaiting_attention = True
-        return attention.tag(key_states, step, self.executor, self._attended), value_states
+        return attention.tag(key_states, step, self.executor, self._attended), attention.tag(value_states, step, None)
 
     def _attended(self) -> None:
         self._awaiting_attention = False

@@ -504,3 +504,33 @@ def test_transformers_feature_works_or_is_refused_clearly(feature_model, feature
         result = FEATURES[feature](feature_model, policy)
     key = f"{list(FEATURES).index(feature)}{SHIPPED.index(name)}"
     record("features", key, feature=feature, policy=name, result=result)
+
+
+def test_every_decoder_family_equals_dynamic_cache_or_is_refused():
+    """Every causal-LM family of the installed transformers that builds small from its config
+    class: `full`, and `kivi` with a budget above the sequence, give DynamicCache's logits
+    exactly, or kvpolicy refuses the model with a message. No family may answer otherwise
+    (see tests/family_sweep.py; two processes, one per core)."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from tests import family_sweep
+
+    names = [name for name, _ in family_sweep.families()]
+    root = Path(__file__).parent.parent
+    runs = [
+        subprocess.Popen([sys.executable, "-m", "tests.family_sweep", *half], cwd=root, stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+        for half in (names[0::2], names[1::2])
+    ]  # fmt: skip
+    rows = []
+    for run in runs:
+        out, _ = run.communicate(timeout=1800)
+        rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert sorted(r["family"] for r in rows) == sorted(names), "a family's run was lost (crash or memory)"
+    for row in rows:
+        record("families", row["family"], **row)
+    wrong = [row for row in rows if row["outcome"] not in ("equal", "refused", "not built")]
+    assert not wrong, wrong
+    assert sum(row["outcome"] == "equal" for row in rows) >= 40  # the sweep really ran models through kvpolicy

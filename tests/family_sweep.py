@@ -1,0 +1,136 @@
+"""Every decoder family of the installed transformers, built small from its config class.
+
+For each ``model_type`` with a causal-LM class, a tiny random model (2 layers, 4 heads of 32) is
+built from its config class, and greedy ``generate()`` of a 12-token prompt runs with
+DynamicCache, then with each of :data:`POLICIES` through ``make_cache``. Outcomes:
+
+* ``equal``: the policy's logits equal DynamicCache's exactly (``kivi``'s budget, 128 tokens,
+  exceeds the 16-token sequence, so it quantizes nothing and must equal it too);
+* ``refused``: a kvpolicy error said why (the message is recorded);
+* ``differs`` / ``crash``: a silent wrong answer or a raw error, which the test fails on;
+* ``not built``: the config class does not build small with these settings, or DynamicCache
+  itself fails on it (the reason is recorded); nothing was asked of kvpolicy.
+
+``python -m tests.family_sweep [model_type ...]`` prints one JSON line per family. The test
+runs it in a subprocess whose address space is capped, since a family whose config
+ignores the small settings could otherwise take the machine's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import sys
+import warnings
+
+POLICIES = ("full", "kivi")
+#: config attributes set wherever a config class has them
+SMALL = dict(
+    vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=32, max_position_embeddings=256, n_layer=2, n_head=4, n_embd=128, d_model=128,
+    num_layers=2, ffn_dim=64, n_positions=256, moe_intermediate_size=32, num_experts=4, num_local_experts=4,
+    n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+    v_head_dim=8, n_group=1, topk_group=1, pad_token_id=0, bos_token_id=1, eos_token_id=None,
+)  # fmt: skip
+MEMORY_CAP = 10 << 30
+SECONDS_PER_FAMILY = 60
+
+
+class _Timeout(Exception):
+    pass
+
+
+def families() -> list[tuple[str, str]]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items())
+
+
+def build(model_type: str, class_name: str):
+    import torch
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[model_type]
+    defaults = config_class()
+    settable = {
+        k: v
+        for k, v in SMALL.items()
+        if hasattr(defaults, k) and not isinstance(getattr(config_class, k, None), property)
+    }
+    model_class = getattr(transformers, class_name)
+    for attention in ("sdpa", "eager"):  # eager where a family has no SDPA path
+        config = config_class(**settable)
+        config._attn_implementation = attention
+        torch.manual_seed(0)
+        try:
+            return model_class(config).eval()
+        except ValueError as err:
+            if attention == "eager" or "does not support an attention implementation" not in str(err):
+                raise
+    raise AssertionError("unreachable")
+
+
+def one_family(model_type: str, class_name: str) -> dict:
+    import torch
+
+    from kvpolicy import KVPolicyError, load_policy
+    from kvpolicy.generation import cache_kwargs
+
+    row = {"family": model_type}
+    try:
+        model = build(model_type, class_name)
+        ids = torch.randint(2, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+        common = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        with torch.no_grad():
+            reference = torch.stack(model.generate(ids, **common).logits)
+    except (Exception, _Timeout) as err:
+        return row | {"outcome": "not built", "detail": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
+    original = model.config._attn_implementation
+    for name in POLICIES:
+        try:
+            with torch.no_grad():
+                out = model.generate(ids, **common, **cache_kwargs(load_policy(name).make_cache(model)))
+            difference = (torch.stack(out.logits) - reference).abs().max().item()
+            row[name] = "equal" if difference == 0 else f"differs by {difference:.3g}"
+        except KVPolicyError as err:
+            row[name] = "refused"
+            row["detail"] = f"{type(err).__name__}: {err}"
+        except (Exception, _Timeout) as err:
+            row[name] = "crash"
+            row["detail"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        if model.config._attn_implementation != original:  # make_cache switched it: back for the next policy
+            model.set_attn_implementation(original)
+    outcomes = {row[name] for name in POLICIES}
+    row["outcome"] = outcomes.pop() if len(outcomes) == 1 else "mixed: " + ", ".join(row[n] for n in POLICIES)
+    return row
+
+
+def main(argv: list[str]) -> int:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+
+    def alarm(*_):
+        raise _Timeout(f"over {SECONDS_PER_FAMILY} s")
+
+    signal.signal(signal.SIGALRM, alarm)
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    for model_type, class_name in families():
+        if argv and model_type not in argv:
+            continue
+        signal.alarm(SECONDS_PER_FAMILY)
+        try:
+            row = one_family(model_type, class_name)
+        except _Timeout as err:
+            row = {"family": model_type, "outcome": "not built", "detail": str(err)}
+        finally:
+            signal.alarm(0)
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
