@@ -59,22 +59,11 @@ def default_prompt() -> str:
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
+    from kvpolicy.config import read_text
     from kvpolicy.errors import ConfigError
 
     if args.prompt_file:
-        path = Path(args.prompt_file)
-        try:
-            prompt = path.read_text(encoding="utf-8")
-        except IsADirectoryError:
-            raise ConfigError("--prompt-file", str(path), "a text file (this is a directory)") from None
-        except FileNotFoundError:
-            raise ConfigError("--prompt-file", str(path), "an existing text file") from None
-        except UnicodeDecodeError as err:
-            raise ConfigError(
-                "--prompt-file", str(path), f"a UTF-8 text file ({err.reason} at byte {err.start})"
-            ) from None
-        except OSError as err:
-            raise ConfigError("--prompt-file", str(path), f"a readable text file ({err.strerror})") from None
+        prompt = read_text(Path(args.prompt_file), "--prompt-file", "text file")
     elif args.prompt is not None:
         prompt = args.prompt
     else:

@@ -276,18 +276,24 @@ def _looks_like_path(source: str | Path) -> bool:
     return "\n" not in source and Path(source).suffix.lower() in (".yaml", ".yml")
 
 
-def _read_policy_file(path: Path) -> str:
-    """The text of a policy file, or a :class:`ConfigError` that names the file and the problem."""
+def read_text(path: Path, field: str, kind: str, missing: str | None = None) -> str:
+    """The UTF-8 text of ``path``, or a :class:`ConfigError` for ``field`` that names the file and
+    the problem (``kind``: what the file should be, e.g. ``"YAML file"``; ``missing``: what to
+    say when it does not exist, ``"an existing KIND"`` by default)."""
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError("policy file", str(path), "an existing YAML file or a registered policy name") from None
+        raise ConfigError(field, str(path), missing or f"an existing {kind}") from None
     except IsADirectoryError:
-        raise ConfigError("policy file", str(path), "a YAML file (this is a directory)") from None
+        raise ConfigError(field, str(path), f"a {kind} (this is a directory)") from None
     except UnicodeDecodeError as err:
-        raise ConfigError("policy file", str(path), f"a UTF-8 text file ({err.reason} at byte {err.start})") from None
+        raise ConfigError(field, str(path), f"a UTF-8 text file ({err.reason} at byte {err.start})") from None
     except OSError as err:
-        raise ConfigError("policy file", str(path), f"a readable file ({err.strerror})") from None
+        raise ConfigError(field, str(path), f"a readable {kind} ({err.strerror})") from None
+
+
+def _read_policy_file(path: Path) -> str:
+    return read_text(path, "policy file", "YAML file", missing="an existing YAML file or a registered policy name")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -17,7 +17,7 @@ import attrs
 import torch
 
 from kvpolicy import partial_attention as pa
-from kvpolicy.errors import ConfigError
+from kvpolicy.config import _positive_int
 from kvpolicy.pairing import PairedRegions, Pairing
 from kvpolicy.store import TensorView, take_tokens
 from kvpolicy.transfer import to_device
@@ -178,14 +178,6 @@ def sdpa_attention(module, query, keys, values, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, keys, values, attention_mask, **kwargs)
 
 
-def _positive_int(name: str):
-    def check(instance, attribute, value):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"executor.{attribute.name}", value, "a positive integer")
-
-    return check
-
-
 @attrs.define
 class ChunkedExecutor(Executor):
     """Attention region by region, merged by log-sum-exp; never the whole cache in 16-bit.
@@ -205,7 +197,7 @@ class ChunkedExecutor(Executor):
     name: ClassVar[str] = "chunked"
     chunk_tokens: int = attrs.field(
         default=4096,
-        validator=_positive_int("chunk_tokens"),
+        validator=_positive_int("executor.chunk_tokens"),
         metadata={"doc": "packed tokens dequantized at a time (bounds the step's transient memory)"},
     )
     #: remembers this layer's packed key/value pairs across steps
