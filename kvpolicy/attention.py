@@ -43,6 +43,7 @@ def kvpolicy_attention(module, query, key, value, attention_mask, **kwargs):
                 "model.set_attn_implementation('eager') to get attention weights with another cache."
             )
         )
+    _refuse_unserved(module, kwargs)
     if tagged is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     step, executor, on_attend = tagged
@@ -62,6 +63,28 @@ def kvpolicy_attention(module, query, key, value, attention_mask, **kwargs):
     if step.after_prefill is not None and attention_mask is not None:
         step.after_prefill(attention_mask)
     return out, None
+
+
+#: attention arguments that change the scores and that neither SDPA nor the executors apply
+_UNSERVED = {
+    "softcap": "attention-logit soft-capping",
+    "s_aux": "learned attention sinks",
+    "sinks": "learned attention sinks",
+}
+
+
+def _refuse_unserved(module, kwargs) -> None:
+    """Refuse an attention call whose arguments ask for something the 'kvpolicy' attention
+    would silently skip (its output would differ from the model's)."""
+    for name, feature in _UNSERVED.items():
+        if kwargs.get(name) is not None:
+            from kvpolicy.errors import NotSupportedError
+
+            raise NotSupportedError(
+                f"{type(module).__name__} asks its attention for {feature} ({name}=...), which the 'kvpolicy' "
+                "attention does not compute (it runs SDPA and the policy's executors), so the output would differ "
+                "from the model's. A kvpolicy cache cannot serve this model; use DynamicCache with its own attention"
+            )
 
 
 def register() -> None:

@@ -1,4 +1,5 @@
-"""The built-in plugin: core selectors, the native/quanto/hqq quantizers, the executors and ``full``.
+"""The built-in plugin: core selectors, the native/quanto/hqq quantizers, the executors, the
+layer factories (full attention, sliding windows) and ``full``.
 
 Registered by :class:`~kvpolicy.registry.Registry` through the same hooks as any plugin.
 """
@@ -13,6 +14,7 @@ from kvpolicy.config import policy_files
 from kvpolicy.executors import ChunkedExecutor, ReferenceExecutor
 from kvpolicy.fused import AutoExecutor, FusedExecutor, FusedTritonExecutor
 from kvpolicy.hookspecs import hookimpl
+from kvpolicy.layers import BUILTIN_LAYER_FACTORIES
 from kvpolicy.quantizers import NativeQuantizer
 from kvpolicy.selectors import BUILTIN_SELECTORS
 
@@ -30,6 +32,11 @@ def kvpolicy_quantizers():
 @hookimpl
 def kvpolicy_executors():
     return [AutoExecutor, ReferenceExecutor, ChunkedExecutor, FusedExecutor, FusedTritonExecutor]
+
+
+@hookimpl
+def kvpolicy_layers():
+    return list(BUILTIN_LAYER_FACTORIES)
 
 
 @hookimpl

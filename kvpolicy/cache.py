@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvpolicy import attention
-from kvpolicy.errors import CacheMismatchError, NotSupportedError, UnsupportedModelError
+from kvpolicy.errors import CacheMismatchError, NotSupportedError
 from kvpolicy.executors import AttentionStep, Executor
 from kvpolicy.row_sinks import RowSinks
 from kvpolicy.store import TensorStore
@@ -57,6 +57,12 @@ class MemoryReport:
             f"KV cache: {held / 2**20:.2f} MiB for {self.tokens} tokens; a DynamicCache in {self.dtype} "
             f"holds {base / 2**20:.2f} MiB: {factor:.2f}x {word}"
         )
+        window = self.bytes_by_region.get("sliding_window", 0)
+        if window:
+            line += (
+                f"; its sliding-window layers hold {window / 2**20:.2f} MiB of it in full precision, "
+                "as DynamicCache's do"
+            )
         if not self.demoted:
             line += " (nothing quantized or evicted yet: every token is within the policy's full-precision budget)"
         return line
@@ -148,6 +154,15 @@ class KVPolicyLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.key_store.length
 
+    def held_tokens(self) -> int:
+        """Tokens a ``DynamicCache`` layer would hold for what this layer has seen."""
+        return self.key_store.length
+
+    @property
+    def demoted(self) -> bool:
+        """Whether the policy quantized or evicted any token of this layer yet."""
+        return self.key_store.demoted or self.value_store.demoted
+
     def get_max_length(self) -> int:
         return -1
 
@@ -211,9 +226,11 @@ class KVPolicyLayer(CacheLayerMixin):
 
 
 class KVPolicyCache(Cache):
-    """A transformers ``Cache`` built from a :class:`~kvpolicy.policy.Policy`, one layer per decoder layer."""
+    """A transformers ``Cache`` built from a :class:`~kvpolicy.policy.Policy`: one layer per
+    decoder layer, a :class:`KVPolicyLayer` for full attention and, in a hybrid model, a
+    :class:`~kvpolicy.sliding.SlidingWindowLayer` for each sliding-window layer."""
 
-    def __init__(self, layers: list[KVPolicyLayer], policy_name: str = ""):
+    def __init__(self, layers: list, policy_name: str = ""):
         super().__init__(layers=layers)
         self.policy_name = policy_name
 
@@ -234,21 +251,20 @@ class KVPolicyCache(Cache):
             )
 
     def memory(self) -> MemoryReport:
-        """True bytes held by every layer's stores, and the 16-bit baseline for the same tokens."""
+        """True bytes held by every layer (sliding-window layers included), and what a
+        16-bit ``DynamicCache`` holds for the same tokens (its sliding layers hold their window)."""
         by_region: dict[str, int] = {}
         baseline = 0
-        tokens = self.get_seq_length()
         dtype, demoted = None, False
         for layer in self.layers:
             for region, n in layer.nbytes().items():
                 by_region[region] = by_region.get(region, 0) + n
             if layer.is_initialized:
-                batch, heads, head_dim = layer.shape
-                baseline += 2 * batch * heads * head_dim * 2 * layer.get_seq_length()
-                dtype = layer.dtype
-                demoted = demoted or any(store.demoted for store in (layer.key_store, layer.value_store))
+                (batch, heads, head_dim), dtype = _layer_geometry(layer)
+                baseline += 2 * batch * heads * head_dim * 2 * layer.held_tokens()
+                demoted = demoted or layer.demoted
         return MemoryReport(
-            tokens=tokens,
+            tokens=self.get_seq_length(),
             bytes_by_region=by_region,
             baseline_16bit_bytes=baseline,
             dtype=str(dtype).removeprefix("torch.") if dtype is not None else "bfloat16",
@@ -257,44 +273,18 @@ class KVPolicyCache(Cache):
         )
 
 
+def _layer_geometry(layer) -> tuple[tuple[int, int, int], torch.dtype]:
+    """``((batch, kv_heads, head_dim), dtype)`` of an initialized layer of any kind."""
+    if isinstance(layer, KVPolicyLayer):
+        return layer.shape, layer.dtype
+    batch, heads, _, head_dim = layer.keys.shape
+    return (batch, heads, head_dim), layer.keys.dtype
+
+
 def attention_layout(model) -> tuple[int, int, int]:
-    """``(num_layers, num_kv_heads, head_dim)`` of a decoder-only model, or a clear refusal."""
-    config = model.config
-    get_text = getattr(config, "get_text_config", None)
-    text = get_text(decoder=True) if get_text else config
-    if getattr(config, "is_encoder_decoder", False) or getattr(text, "add_cross_attention", False):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} uses cross-attention (encoder-decoder); kvpolicy serves decoder-only models"
-        )
-    name = f"{type(model).__name__} ({getattr(config, 'model_type', '?')})"
-    if getattr(text, "kv_lora_rank", None):
-        raise UnsupportedModelError(
-            f"{name} uses multi-head latent attention (kv_lora_rank={text.kv_lora_rank}): its cache holds compressed "
-            "latents that the model expands into keys and values after the cache, so a kvpolicy cache would never "
-            "see what attention reads. kvpolicy serves models whose cache holds per-head keys and values"
-        )
-    if getattr(text, "num_kv_shared_layers", 0):
-        raise UnsupportedModelError(
-            f"{name} shares keys and values across layers (num_kv_shared_layers={text.num_kv_shared_layers}): "
-            "its later layers read another layer's cache, which a kvpolicy cache does not provide"
-        )
-    layer_types = getattr(text, "layer_types", None) or []
-    other = sorted({t for t in layer_types if t != "full_attention"})
-    if other:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} has layer types {other}; kvpolicy serves models whose every layer is "
-            "'full_attention' (sliding-window, chunked or linear-attention layers need their own caches)"
-        )
-    if getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True):
-        raise UnsupportedModelError(
-            f"{type(model).__name__} uses sliding-window attention (sliding_window={text.sliding_window}); "
-            "kvpolicy serves full-attention models only"
-        )
-    try:
-        num_layers = text.num_hidden_layers
-        num_heads = text.num_attention_heads
-    except AttributeError as err:
-        raise UnsupportedModelError(f"{type(model).__name__}: cannot read the attention layout ({err})") from None
-    kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
-    return num_layers, kv_heads, head_dim
+    """``(num_layers, num_kv_heads, head_dim)`` of a decoder-only model, or a clear refusal
+    (see :func:`kvpolicy.layers.model_layers` for every layer's type and window)."""
+    from kvpolicy.layers import model_layers
+
+    specs = model_layers(model)
+    return len(specs), specs[0].kv_heads, specs[0].head_dim

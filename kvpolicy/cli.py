@@ -46,8 +46,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
 DEFAULT_PROMPT_TOPIC = "exceptions"
 
 
-def default_prompt() -> str:
-    """A passage of the Python language reference (shipped with Python) to summarize."""
+def default_prompt(instruct: bool = True) -> str:
+    """A passage of the Python language reference (shipped with Python) to summarize: an
+    instruction for a chat model, a text to continue with its summary for a base model."""
     from kvpolicy.errors import ConfigError
 
     try:
@@ -55,10 +56,12 @@ def default_prompt() -> str:
     except ImportError:
         raise ConfigError("--prompt", None, "a prompt (this Python has no pydoc_data for the default one)") from None
     passage = topics[DEFAULT_PROMPT_TOPIC].strip()[:3000]
+    if not instruct:
+        return "A passage of the Python documentation:\n\n" + passage + "\n\nThe passage in three sentences:"
     return "Summarize this passage of the Python documentation in three sentences.\n\n" + passage
 
 
-def _read_prompt(args: argparse.Namespace) -> str:
+def _read_prompt(args: argparse.Namespace, instruct: bool = True) -> str:
     from kvpolicy.config import read_text
     from kvpolicy.errors import ConfigError
 
@@ -67,7 +70,7 @@ def _read_prompt(args: argparse.Namespace) -> str:
     elif args.prompt is not None:
         prompt = args.prompt
     else:
-        prompt = default_prompt()
+        prompt = default_prompt(instruct)
     if not prompt.strip():
         where = "--prompt-file " + args.prompt_file if args.prompt_file else "--prompt"
         raise ConfigError(where, prompt, "a non-empty prompt")
@@ -79,15 +82,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from kvpolicy.generation import cache_kwargs
-    from kvpolicy.models import load_default_model
+    from kvpolicy.models import embedded_model, load_default_model
     from kvpolicy.policy import Policy
 
-    policy = Policy.load(args.policy)  # fail on a bad policy or prompt before the model loads
-    prompt = _read_prompt(args)
+    policy = Policy.load(args.policy)  # fail on a bad policy, model or prompt before the model loads
+    embedded = embedded_model(args.model)
+    prompt = _read_prompt(args, embedded.instruct)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
-    print(f"loading SmolLM2-135M-Instruct ({dtype}) ...", file=sys.stderr)
-    model, tokenizer = load_default_model(dtype=getattr(torch, dtype))
-    if args.chat:
+    print(f"loading {embedded.title} ({dtype}) ...", file=sys.stderr)
+    model, tokenizer = load_default_model(dtype=getattr(torch, dtype), name=args.model)
+    if args.chat and embedded.instruct:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
@@ -194,15 +198,19 @@ def build_tasks(args: argparse.Namespace) -> list:
 def _load_model(args: argparse.Namespace):
     import torch
 
-    dtype = getattr(torch, args.dtype)
-    if args.model == "default":
-        from kvpolicy.models import load_default_model
+    from kvpolicy.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_default_model
 
-        return load_default_model(dtype=dtype)
+    dtype = getattr(torch, args.dtype)
+    name = DEFAULT_MODEL if args.model == "default" else args.model
+    if name in EMBEDDED_MODELS:
+        return load_default_model(dtype=dtype, name=name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not Path(args.model).is_dir():
-        raise FileNotFoundError(f"--model: {args.model!r} is not a local model folder (or 'default')")
+        raise FileNotFoundError(
+            f"--model: {args.model!r} is not a local model folder nor an embedded model "
+            f"({', '.join(EMBEDDED_MODELS)}, or 'default')"
+        )
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).eval()
     return model, tokenizer
@@ -239,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="registered selectors, quantizers, executors and policies, with their plugins")
     show = sub.add_parser("show", help="print a policy as YAML")
     show.add_argument("policy", help="registered policy name or YAML path")
-    gen = sub.add_parser("generate", help="generate with the embedded SmolLM2-135M-Instruct under a policy")
+    gen = sub.add_parser("generate", help="generate with an embedded model (SmolLM2-135M-Instruct) under a policy")
+    gen.add_argument(
+        "--model", default="smollm2", help="embedded model: smollm2 (default) or gemma3-270m (a base model)"
+    )
     gen.add_argument("--policy", default="logquant", help="registered policy name or YAML path (default: logquant)")
     source = gen.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="prompt text (default: summarize a passage of Python's documentation)")
@@ -267,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--bits", type=int, default=2, help="bits of every quantized tensor (default: 2)")
     ev.add_argument(
-        "--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct) or a local model folder"
+        "--model",
+        default="default",
+        help="an embedded model: 'default' or smollm2 (SmolLM2-135M-Instruct), gemma3-270m; or a local model folder",
     )
     ev.add_argument(
         "--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32: fastest on CPU)"

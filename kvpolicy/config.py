@@ -214,6 +214,15 @@ class PolicyConfig:
         },
     )
     description: str = attrs.field(default="", metadata={"doc": "free text shown by `kvpolicy show`"})
+    layer_types: dict = attrs.field(
+        factory=dict,
+        metadata={
+            "doc": "which registered layer factory caches each transformers layer type, e.g. "
+            "`{sliding_attention: window}`; unnamed types take the first factory serving them (`policy` for "
+            "`full_attention`, `window`, the window in full precision, for `sliding_attention` and "
+            "`chunked_attention`)"
+        },
+    )
 
     def __attrs_post_init__(self) -> None:
         evicting = [s.demote == "evict" for s in (self.keys, self.values)]
@@ -234,12 +243,20 @@ class PolicyConfig:
         description = data.get("description", "")
         if not isinstance(description, str):
             raise ConfigError("description", description, "a string")
+        layer_types = data.get("layer_types", {})
+        if not isinstance(layer_types, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k and v for k, v in layer_types.items()
+        ):
+            raise ConfigError(
+                "layer_types", layer_types, "a mapping of layer type to factory name, e.g. {sliding_attention: window}"
+            )
         return cls(
             name=data["name"],
             keys=TensorSpec.from_dict(data["keys"], "keys"),
             values=TensorSpec.from_dict(data["values"], "values"),
             executor=ExecutorSpec.coerce(data.get("executor", "auto")),
             description=description,
+            layer_types=dict(layer_types),
         )
 
     @classmethod
@@ -258,6 +275,8 @@ class PolicyConfig:
         if self.description:
             out["description"] = self.description
         out.update(keys=self.keys.to_dict(), values=self.values.to_dict(), executor=self.executor.to_data())
+        if self.layer_types:
+            out["layer_types"] = dict(self.layer_types)
         return out
 
     def to_yaml(self) -> str:

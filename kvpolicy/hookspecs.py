@@ -34,5 +34,11 @@ def kvpolicy_executors() -> list[type]:
 
 
 @hookspec
+def kvpolicy_layers() -> list[type]:
+    """Return :class:`~kvpolicy.layers.LayerFactory` subclasses (named by ``name``): each builds
+    the cache layer of the transformers layer types it ``serves``."""
+
+
+@hookspec
 def kvpolicy_policies() -> list[dict]:
     """Return policy configs as dicts (the YAML schema, see :mod:`kvpolicy.config`)."""

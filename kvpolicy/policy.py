@@ -11,6 +11,7 @@ registry and builds caches from it::
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,19 @@ class Policy:
             if self._selector(spec, section).budget is not None and spec.demote == "quantize":
                 self.registry.quantizer(spec.quant.backend).check(spec.quant, f"{section}.quant")
         self.registry.executor(config.executor)
+        factories = self.registry.layer_factories()
+        for layer_type, factory in config.layer_types.items():
+            if factory not in factories:
+                raise ConfigError(
+                    f"layer_types.{layer_type}", factory, f"a registered layer factory: {', '.join(factories)}"
+                )
+            if layer_type not in factories[factory].serves:
+                raise ConfigError(
+                    f"layer_types.{layer_type}",
+                    factory,
+                    f"a factory serving {layer_type!r}: "
+                    + (", ".join(n for n, f in factories.items() if layer_type in f.serves) or "none is registered"),
+                )
 
     # -- construction ---------------------------------------------------------------
     @classmethod
@@ -166,15 +180,30 @@ class Policy:
     def make_cache(self, model) -> KVPolicyCache:
         """A transformers ``Cache`` for ``model``; switches the model to ``"kvpolicy"`` attention.
 
+        One layer per decoder layer, built by the layer factory serving its type (the policy's
+        layer for full attention, a full-precision window for sliding-window layers).
+
         The ``"kvpolicy"`` attention behaves exactly like SDPA for any other cache, so the
         model keeps working with a plain ``DynamicCache`` afterwards.
         """
         from kvpolicy import attention
-        from kvpolicy.cache import KVPolicyCache, attention_layout
+        from kvpolicy.cache import KVPolicyCache
+        from kvpolicy.layers import factory_for, model_layers
 
-        num_layers, _, head_dim = attention_layout(model)
+        specs = model_layers(model)
+        factories = self.registry.layer_factories()
+        model_name = f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')})"
+        builders = {s.type: factory_for(s.type, self.config.layer_types, factories, model_name) for s in specs}
         attention.attach(model)
-        layers = [self.new_layer(head_dim, model.config) for _ in range(num_layers)]
+        layers = [builders[s.type].build(self, s, model.config) for s in specs]
+        if all(s.type in ("sliding_attention", "chunked_attention") for s in specs) and not self.config.layer_types:
+            warnings.warn(
+                f"every layer of {model_name} is a sliding-window or chunked layer (window {specs[0].window}): "
+                f"policy {self.name!r} applies to full-attention layers, so this cache holds what DynamicCache "
+                "holds, each layer's window in full precision",
+                UserWarning,
+                stacklevel=2,
+            )
         return KVPolicyCache(layers, policy_name=self.name)
 
 

@@ -19,11 +19,12 @@ from kvpolicy import builtins, hookspecs
 from kvpolicy.config import ExecutorSpec, PolicyConfig
 from kvpolicy.errors import ConfigError, UnknownNameError
 
-KINDS = ("selector", "quantizer", "executor", "policy")
+KINDS = ("selector", "quantizer", "executor", "layer", "policy")
 _HOOKS = {
     "selector": "kvpolicy_selectors",
     "quantizer": "kvpolicy_quantizers",
     "executor": "kvpolicy_executors",
+    "layer": "kvpolicy_layers",
     "policy": "kvpolicy_policies",
 }
 
@@ -119,6 +120,10 @@ class Registry:
 
     def executor_class(self, name: str) -> type:
         return self._lookup("executor", name)[0]
+
+    def layer_factories(self) -> dict[str, type]:
+        """Registered layer factories by name, built-ins first."""
+        return {name: item for name, (item, _) in self._entries["layer"].items()}
 
     def policy_config(self, name: str) -> PolicyConfig:
         item = self._lookup("policy", name)[0]

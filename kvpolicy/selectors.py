@@ -1,6 +1,7 @@
 """Retention selectors: given how many tokens a layer holds, which positions stay full precision.
 
-A selector is a deterministic function of the sequence length ``t``: ``keep(t)`` returns the
+A selector is a deterministic function of the sequence length ``t`` (and, for LogQuant's
+schedule, of the prefill's length, bound with ``for_prefill``): ``keep(t)`` returns the
 sorted positions in ``[0, t)`` that stay in full precision. Every selector must satisfy:
 
 * ``len(keep(t)) <= budget`` (when ``budget`` is not ``None``);
@@ -9,11 +10,12 @@ sorted positions in ``[0, t)`` that stay in full precision. Every selector must 
   quantized, which cannot be undone).
 
 Selectors are built once per layer and hold no state shared across layers or batch rows;
-``LogSelector`` keeps a private memo of its last answer for speed only.
+The log selectors keep a private memo of their last answer for speed only.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
@@ -59,6 +61,12 @@ class Selector(ABC):
         for every layer, keys and values, at every step). ``True`` is always safe.
         """
         return True
+
+    def for_prefill(self, tokens: int) -> Selector:
+        """This selector for a sequence whose first update holds ``tokens`` tokens. A selector
+        whose choices depend on the prefill's length (LogQuant's schedule) returns a copy bound
+        to it; every other returns itself. Stores call it at their first update."""
+        return self
 
     @property
     def fixed_budget(self) -> int:
@@ -175,18 +183,108 @@ class WindowSelector(Selector):
         return attrs.evolve(self, size=_scaled(self.size, factor))
 
 
+@functools.lru_cache(maxsize=512)
+def _log_prefill(window: int, tokens: int) -> tuple[tuple[int, ...], int]:
+    """The LogQuant authors' state after a first update of ``tokens`` tokens: ``(sparse
+    positions, start of the recent window)``; the window is ``[start, tokens)``.
+
+    Up to ``W`` tokens all stay in the window; below ``3W`` the first ``W`` form the sparse
+    set; from ``3W`` on, the oldest ``2W`` of sparse + window are thinned to every other
+    token (the older of each pair survives) until fewer than ``3W`` remain.
+    """
+    w = window
+    if tokens <= w:
+        return (), 0
+    if tokens < 3 * w:
+        return tuple(range(w)), w
+    sparse: list[int] = []
+    start = 0
+    while len(sparse) + tokens - start >= 3 * w:
+        take = 2 * w - len(sparse)
+        sparse = (sparse + list(range(start, start + take)))[0::2]
+        start += take
+    return tuple(sparse), start
+
+
 @attrs.define
 class LogSelector(Selector):
-    """LogQuant's log-distributed retention with window ``W`` (at most ``3W`` tokens kept).
+    """LogQuant's log-distributed retention with window ``W``, as its authors schedule it
+    (at most ``3W`` tokens kept).
 
-    Tokens arrive in a recent window. When the window holds more than ``2W`` tokens, its
-    oldest ``W`` join a sparse set, which is then thinned to every other token (keeping the
-    newer one of each pair). Older tokens have therefore been thinned more often: their
-    density halves with each flush, i.e. with distance. The window holds ``W..2W`` tokens
-    and the sparse set at most ``W``.
+    Tokens arrive in a recent window. When a step takes the window past ``2W`` tokens, its
+    oldest ``W`` join a sparse set: at the first flush as they are, later merged with the
+    sparse set and thinned to every other token, the older of each pair surviving (so
+    position 0 stays in full precision for good, an attention sink). Older tokens have
+    been thinned more often: their density halves with distance. A first update (the
+    prefill) of ``n`` tokens follows the authors' prefill rule (see :func:`_log_prefill`);
+    every later token is one decode step (a later multi-token update counts token by token).
+
+    Which tokens are kept therefore depends on the prefill's length: a store binds its
+    selector to it (:meth:`for_prefill`). Unbound, the selector assumes a one-token prefill.
     """
 
     name: ClassVar[str] = "log"
+    window: int = attrs.field(
+        default=42, validator=_positive("log"), metadata={"doc": "W: the window holds W..2W tokens, at most 3W kept"}
+    )
+    _prefill: int = attrs.field(default=1, init=False, repr=False)
+    _memo: tuple[int, tuple[int, ...], int, int] | None = attrs.field(default=None, init=False, repr=False, eq=False)
+
+    @property
+    def budget(self) -> int | None:
+        return 3 * self.window
+
+    def for_prefill(self, tokens: int) -> LogSelector:
+        bound = LogSelector(window=self.window)
+        bound._prefill = max(1, tokens)
+        return bound
+
+    def state(self, length: int) -> tuple[tuple[int, ...], int, int]:
+        """``(sparse positions, window start, flushes since the prefill)`` after ``length`` tokens."""
+        if length <= self._prefill:
+            sparse, start = _log_prefill(self.window, length)
+            return sparse, start, 0
+        memo = self._memo
+        if memo is None or memo[0] > length:
+            sparse, start = _log_prefill(self.window, self._prefill)
+            memo = (self._prefill, sparse, start, 0)
+        at, sparse, start, flushes = memo
+        w = self.window
+        # the window [start, t) flushes when it would exceed 2W tokens: at t = start + 2W + 1
+        while start + 2 * w + 1 <= length:
+            flushed = tuple(range(start, start + w))
+            sparse = (sparse + flushed)[0::2] if sparse else flushed
+            start += w
+            flushes += 1
+        self._memo = (length, sparse, start, flushes)
+        return sparse, start, flushes
+
+    def keep(self, length: int) -> torch.Tensor:
+        sparse, start, _ = self.state(length)
+        return torch.cat([torch.tensor(sparse, dtype=torch.int64), torch.arange(start, length, dtype=torch.int64)])
+
+    def may_demote(self, previous: int, length: int) -> bool:
+        if previous < self._prefill:  # the prefill itself (or a state before it)
+            return length >= 3 * self.window
+        return self.state(length)[2] != self.state(previous)[2]
+
+    def scaled(self, factor: float) -> Selector:
+        return LogSelector(window=_scaled(self.window, factor))
+
+
+@attrs.define
+class NewerLogSelector(Selector):
+    """A log-distributed retention that thins toward newer tokens (kvpolicy's first LogQuant).
+
+    Tokens arrive in a recent window. When the window holds more than ``2W`` tokens, its
+    oldest ``W`` join a sparse set, which is then thinned to every other token, keeping the
+    newer one of each pair, from the first flush on, whatever the prefill. It differs from
+    the LogQuant authors' schedule (:class:`LogSelector`), which keeps the older token of
+    each pair (so position 0 stays, a sink), does not thin at the first flush and treats
+    the prefill by its own rule. Kept for comparison; at most ``3W`` tokens.
+    """
+
+    name: ClassVar[str] = "log_newer"
     window: int = attrs.field(
         default=42, validator=_positive("log"), metadata={"doc": "W: the window holds W..2W tokens, at most 3W kept"}
     )
@@ -224,7 +322,7 @@ class LogSelector(Selector):
         return self.flushes(length) != self.flushes(previous)
 
     def scaled(self, factor: float) -> Selector:
-        return LogSelector(window=_scaled(self.window, factor))
+        return NewerLogSelector(window=_scaled(self.window, factor))
 
 
 @attrs.define
@@ -263,10 +361,19 @@ class UnionSelector(Selector):
     def scaled(self, factor: float) -> Selector:
         return UnionSelector([m.scaled(factor) for m in self.members])
 
+    def for_prefill(self, tokens: int) -> Selector:
+        return UnionSelector([m.for_prefill(tokens) for m in self.members])
+
 
 def _scaled(size: int, factor: float) -> int:
     """``size * factor`` rounded down (a matched budget never exceeds the one asked for), at least 1."""
     return max(1, math.floor(size * factor + 1e-9))
 
 
-BUILTIN_SELECTORS: tuple[type[Selector], ...] = (AllSelector, SinkSelector, WindowSelector, LogSelector)
+BUILTIN_SELECTORS: tuple[type[Selector], ...] = (
+    AllSelector,
+    SinkSelector,
+    WindowSelector,
+    LogSelector,
+    NewerLogSelector,
+)

@@ -105,6 +105,8 @@ class TensorStore:
         block: int | None = None,
     ):
         self.selector = selector
+        #: the selector as configured; each sequence binds it to its prefill (see ``Selector.for_prefill``)
+        self.unbound_selector = selector
         self.demote = demote
         self.spec = spec
         self.backend = backend
@@ -115,6 +117,7 @@ class TensorStore:
         self.reset()
 
     def reset(self) -> None:
+        self.selector = self.unbound_selector
         self.length = 0
         self.fp: torch.Tensor | None = None
         self.staging: torch.Tensor | None = None
@@ -135,6 +138,8 @@ class TensorStore:
         q = x.shape[2]
         new_pos = torch.arange(self.length, self.length + q, dtype=torch.int32)
         previous, self.length = self.length, self.length + q
+        if previous == 0:
+            self.selector = self.unbound_selector.for_prefill(q)
         if self.fp is None:
             cand, cand_pos = owned(x), new_pos
         else:

@@ -30,7 +30,8 @@ SMALL = dict(
     vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=32, max_position_embeddings=256, n_layer=2, n_head=4, n_embd=128, d_model=128,
     num_layers=2, ffn_dim=64, n_positions=256, moe_intermediate_size=32, num_experts=4, num_local_experts=4,
-    n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+    n_routed_experts=4, num_experts_per_tok=2, sliding_window=6, attention_chunk_size=6,
+    sliding_window_pattern=2, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
     v_head_dim=8, n_group=1, topk_group=1, pad_token_id=0, bos_token_id=1, eos_token_id=None,
 )  # fmt: skip
 MEMORY_CAP = 10 << 30

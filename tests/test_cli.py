@@ -165,3 +165,32 @@ def test_our_documented_generate_path_raises_no_deprecation_warning():
         warnings.simplefilter("error", FutureWarning)
         model.generate(ids, max_new_tokens=2, **cache_kwargs(load_policy("kivi").make_cache(model)))
         model(ids, **forward_cache_kwargs(model, load_policy("kivi").make_cache(model)), use_cache=True)
+
+
+def test_generate_refuses_an_unknown_model_before_loading_anything(capsys, monkeypatch):
+    import kvpolicy.models
+
+    monkeypatch.setattr(kvpolicy.models, "load_default_model", lambda **k: pytest.fail("loaded the model"))
+    assert main(["generate", "--model", "gemma3", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'gemma3'. Did you mean 'gemma3-270m'?" in err and "smollm2" in err
+
+
+def test_a_base_model_gets_a_prompt_to_continue_not_an_instruction():
+    from kvpolicy.cli import default_prompt
+
+    assert default_prompt(instruct=True).startswith("Summarize this passage")
+    assert default_prompt(instruct=False).endswith("The passage in three sentences:")
+
+
+@pytest.mark.model
+def test_generate_on_gemma3_reports_its_sliding_window_layers():
+    result = subprocess.run(
+        [sys.executable, "-m", "kvpolicy.cli", "generate", "--model", "gemma3-270m", "--policy", "kivi",
+         "--max-new-tokens", "4"],
+        capture_output=True, text=True, check=True, timeout=600,
+    )  # fmt: skip
+    last = result.stdout.strip().splitlines()[-1]
+    assert re.match(r"KV cache: [\d.]+ MiB for \d+ tokens; a DynamicCache in float32 holds [\d.]+ MiB: [\d.]+x", last)
+    assert "its sliding-window layers hold" in last
+    assert "loading Gemma 3 270M (float32)" in result.stderr

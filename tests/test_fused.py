@@ -48,6 +48,17 @@ def test_fused_matches_float64_reference_on_many_shapes(dtype):
 
 
 @cuda
+@pytest.mark.parametrize("retention", ["window", "log"])
+def test_fused_serves_the_head_size_of_gemma(retention):
+    """Gemma 2 and 3 attend with heads of 256 (Gemma 3 270M: one KV head, four query heads)."""
+    cases = itertools.product(
+        [1, 3], [(1, 4), (4, 2)], [256], [17, 1000, 4133], [(2, 2, 64, 64), (2, 2, 32, 32), (4, 2, 64, 32)],
+        [False, True],
+    )  # fmt: skip
+    _check_shapes(torch.bfloat16, retention, cases)
+
+
+@cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_pairs_keys_and_values_stored_in_different_orders(dtype):
     """Keys under log retention, values under a window (PartialLogQuant's shape): packed keys

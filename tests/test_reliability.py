@@ -20,8 +20,6 @@ from transformers import (
     DynamicCache,
     FalconConfig,
     FalconForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -91,9 +89,10 @@ def _latents_slip(monkeypatch) -> None:
     """A family kvpolicy has no rule for, whose attention reads tensors derived from what the
     cache returned (DeepSeek V3 with its latent-attention check taken away): the step after
     the first is refused instead of attending the new tokens alone."""
-    import kvpolicy.cache
+    import kvpolicy.layers
 
-    monkeypatch.setattr(kvpolicy.cache, "attention_layout", lambda model: (2, 1, 16))
+    full = [kvpolicy.layers.LayerSpec(i, "full_attention", 2, 16) for i in range(2)]
+    monkeypatch.setattr(kvpolicy.layers, "model_layers", lambda model: full)
     model = _deepseek_v3()
     model.generate(torch.ones(1, 6, dtype=torch.long), max_new_tokens=3,
                    **cache_kwargs(Policy.load("full").make_cache(model)))  # fmt: skip
@@ -134,6 +133,16 @@ def _linear_attention_model():
     config = LlamaConfig(num_hidden_layers=2)
     config.layer_types = ["full_attention", "linear_attention"]
     Policy.load("kivi").make_cache(_Holder(config))
+
+
+def _hybrid_refused(name: str) -> None:
+    from tests.test_hybrid import REFUSED, build
+
+    config_name, model_name, settings, _ = REFUSED[name]
+    model = build(config_name, model_name, settings, attention="eager")
+    model.generate(
+        torch.randint(1, 256, (1, 20)), max_new_tokens=2, **cache_kwargs(Policy.load("full").make_cache(model))
+    )
 
 
 def _not_attached() -> None:
@@ -213,15 +222,18 @@ BAD_INPUTS = [
     BadInput("backend `hqq` without hqq installed",
              lambda tp, mp: _missing_package(mp, "hqq.core.quantize", "hqq"), MissingDependencyError,
              ("'hqq'", "pip install 'kvpolicy[hqq]'")),
-    BadInput("sliding-window model (Mistral)", lambda tp, mp: Policy.load("kivi").make_cache(MistralForCausalLM(
-        MistralConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, sliding_window=16))),
-             UnsupportedModelError, ("sliding-window attention (sliding_window=16)",)),
+    BadInput("attention-logit soft-capping (Gemma 2)", lambda tp, mp: _hybrid_refused("gemma2"), NotSupportedError,
+             ("Gemma2Attention asks its attention for attention-logit soft-capping",)),
+    BadInput("learned attention sinks (GPT-OSS)", lambda tp, mp: _hybrid_refused("gpt_oss"), NotSupportedError,
+             ("GptOssAttention asks its attention for learned attention sinks",)),
+    BadInput("`layer_types` naming an unknown factory",
+             lambda tp, mp: Policy.from_dict({**policy_dict(), "layer_types": {"sliding_attention": "windw"}}),
+             ConfigError, ("layer_types.sliding_attention: got 'windw'", "a registered layer factory: policy, window")),
     BadInput("encoder-decoder model (T5)", lambda tp, mp: Policy.load("kivi").make_cache(T5ForConditionalGeneration(
         T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2))),
              UnsupportedModelError, ("cross-attention",)),
     BadInput("model with linear-attention layers", lambda tp, mp: _linear_attention_model(), UnsupportedModelError,
-             ("layer types ['linear_attention']",)),
+             ("(llama) has 'linear_attention' layers", "no kvpolicy cache layer serves")),
     BadInput("float16 tensors into a float32 cache", lambda tp, mp: _mismatch("dtype"), CacheMismatchError,
              ("holds torch.float32", "got torch.float16")),
     BadInput("batch 3 into a batch-2 cache", lambda tp, mp: _mismatch("batch"), CacheMismatchError,

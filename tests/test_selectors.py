@@ -8,7 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpolicy.errors import ConfigError
-from kvpolicy.selectors import AllSelector, LogSelector, SinkSelector, UnionSelector, WindowSelector
+from kvpolicy.selectors import (
+    AllSelector,
+    LogSelector,
+    NewerLogSelector,
+    SinkSelector,
+    UnionSelector,
+    WindowSelector,
+)
 
 lengths = st.integers(min_value=0, max_value=700)
 sizes = st.integers(min_value=1, max_value=80)
@@ -19,16 +26,24 @@ def selector_strategy():
         st.builds(WindowSelector, size=sizes),
         st.builds(SinkSelector, size=st.integers(1, 8)),
         st.builds(LogSelector, window=sizes),
+        st.builds(lambda w, p: LogSelector(w).for_prefill(p), sizes, st.integers(1, 700)),
+        st.builds(NewerLogSelector, window=sizes),
     )
     union = st.lists(simple, min_size=2, max_size=3).map(UnionSelector)
     return st.one_of(simple, union, st.just(AllSelector()))
+
+
+def _prefill(selector) -> int:
+    if isinstance(selector, UnionSelector):
+        return max(_prefill(m) for m in selector.members)
+    return getattr(selector, "_prefill", 0)
 
 
 def newest_promised(selector) -> int:
     """How many newest tokens a selector promises to keep."""
     if isinstance(selector, WindowSelector):
         return selector.size
-    if isinstance(selector, LogSelector):
+    if isinstance(selector, (LogSelector, NewerLogSelector)):
         return selector.window
     if isinstance(selector, AllSelector):
         return 10**9
@@ -60,6 +75,7 @@ def test_newest_tokens_always_kept(selector, t):
 @settings(max_examples=200, deadline=None)
 @given(selector=selector_strategy(), t1=lengths, step=st.integers(1, 300))
 def test_demoted_token_never_comes_back(selector, t1, step):
+    t1 = max(t1, _prefill(selector))  # before its prefill a bound selector has seen no sequence
     t2 = t1 + step
     before = set(selector.keep(t1).tolist())
     after = set(selector.keep(t2).tolist())
@@ -84,8 +100,9 @@ def test_sinks_always_kept(size, window, t):
 
 @settings(max_examples=150, deadline=None)
 @given(window=st.integers(4, 64), flushes=st.integers(3, 14))
-def test_log_density_thins_with_distance(window, flushes):
-    selector = LogSelector(window)
+@pytest.mark.parametrize("cls", [LogSelector, NewerLogSelector])
+def test_log_density_thins_with_distance(cls, window, flushes):
+    selector = cls(window)
     t = (flushes + 1) * window + 1
     kept = selector.keep(t)
     # kept count per flushed block of W positions, oldest block first
@@ -99,16 +116,16 @@ def test_log_density_thins_with_distance(window, flushes):
 
 
 def test_log_window_stays_between_w_and_2w():
-    selector = LogSelector(8)
+    selector = NewerLogSelector(8)
     for t in range(17, 400):
         k = selector.flushes(t)
         assert 8 <= t - k * 8 <= 16
 
 
 def test_log_memo_gives_same_answer_backwards():
-    selector = LogSelector(5)
+    selector = LogSelector(5).for_prefill(23)
     forward = [selector.keep(t).tolist() for t in range(0, 200)]
-    backward = [LogSelector(5).keep(t).tolist() for t in range(0, 200)]
+    backward = [LogSelector(5).for_prefill(23).keep(t).tolist() for t in range(0, 200)]
     assert forward == backward
     assert selector.keep(37).tolist() == backward[37]  # going back recomputes
 
@@ -144,3 +161,72 @@ def test_may_demote_false_promises_that_nothing_is_demoted(selector, t1, step):
 def test_may_demote_is_false_where_each_selector_keeps_everything(selector, quiet):
     for previous, length in quiet:
         assert not selector.may_demote(previous, length)
+
+
+class AuthorsLogQuant:
+    """The LogQuant authors' bookkeeping, written as index lists the way their cache keeps
+    them (``src/LogQuant.py``: a log-sparse list and a local window list), to check
+    :class:`LogSelector` against, step by step."""
+
+    def __init__(self, window: int):
+        self.w = window
+        self.sparse: list[int] = []
+        self.local: list[int] = []
+        self.seen = 0
+
+    def prefill(self, n: int) -> None:
+        w = self.w
+        local, sparse = list(range(n)), []
+        merged = sparse + local
+        while len(merged) >= 3 * w:
+            sparse, local = merged[0 : 2 * w : 2], merged[2 * w :]
+            merged = sparse + local
+        if w < n < 3 * w:
+            sparse, local = merged[:w], merged[w:]
+        self.sparse, self.local, self.seen = sparse, local, n
+
+    def decode(self) -> None:
+        w = self.w
+        self.local.append(self.seen)
+        self.seen += 1
+        if len(self.local) > 2 * w:
+            self.sparse = (self.sparse + self.local[:w])[0::2] if self.sparse else self.local[:w]
+            self.local = self.local[w:]
+
+    def kept(self) -> list[int]:
+        return sorted(self.sparse + self.local)
+
+
+@settings(max_examples=300, deadline=None)
+@given(window=st.integers(1, 40), prefill=st.integers(1, 600), steps=st.integers(0, 400))
+def test_log_selector_replays_the_authors_index_lists(window, prefill, steps):
+    authors = AuthorsLogQuant(window)
+    if prefill == 1:
+        authors.decode()  # their cache takes a one-token first update as a decode step
+    else:
+        authors.prefill(prefill)
+    selector = LogSelector(window).for_prefill(prefill)
+    assert selector.keep(prefill).tolist() == authors.kept()
+    for _ in range(steps):
+        authors.decode()
+        assert selector.keep(authors.seen).tolist() == authors.kept(), authors.seen
+
+
+@settings(max_examples=100, deadline=None)
+@given(window=st.integers(1, 40), prefill=st.integers(1, 600), steps=st.integers(1, 300))
+def test_log_selector_keeps_position_zero_for_good(window, prefill, steps):
+    selector = LogSelector(window).for_prefill(prefill)
+    assert 0 in selector.keep(prefill + steps).tolist()
+
+
+def test_a_store_binds_the_log_selector_to_each_sequences_prefill():
+    from kvpolicy.config import QuantSpec
+    from kvpolicy.store import TensorStore
+
+    store = TensorStore(LogSelector(8), "evict", QuantSpec(), None)
+    store.append(torch.zeros(1, 1, 40, 4))
+    assert store.selector == LogSelector(8).for_prefill(40) != LogSelector(8)
+    assert store.fp_pos.tolist() == LogSelector(8).for_prefill(40).keep(40).tolist()
+    store.reset()
+    store.append(torch.zeros(1, 1, 5, 4))
+    assert store.selector == LogSelector(8).for_prefill(5)

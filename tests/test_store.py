@@ -33,6 +33,8 @@ class ReferenceStore:
         self.length = 0
 
     def append(self, x):
+        if self.length == 0:  # the sequence's prefill: LogQuant's schedule depends on its length
+            self.selector = self.selector.for_prefill(x.shape[2])
         for i in range(x.shape[2]):
             self.original[self.length + i] = x[:, :, i]
             self.full.add(self.length + i)

@@ -33,6 +33,8 @@ class Contender:
     policy: Policy | None = None
     budget: int | None = None
     bits: int | None = None
+    #: why this contender cannot serve a model (``None``: it can)
+    refuses: Callable[[torch.nn.Module], str | None] = lambda model: None
 
 
 def policy_contender(policy: Policy, budget: int | None = None, bits: int | None = None) -> Contender:
@@ -48,7 +50,15 @@ def hf_quantized_contender(bits: int = 2, residual_length: int = 128) -> Contend
     def make(model: torch.nn.Module) -> Cache:
         return QuantizedCache(backend="quanto", config=model.config, nbits=bits, residual_length=residual_length)
 
-    return Contender(HF_QUANTIZED, make, None, residual_length, bits)
+    def refuses(model: torch.nn.Module) -> str | None:
+        from kvpolicy.layers import layer_types
+
+        other = sorted(set(layer_types(model.config)) - {"full_attention"})
+        if other:
+            return f"transformers' QuantizedCache serves full-attention models only (this one has {other})"
+        return None
+
+    return Contender(HF_QUANTIZED, make, None, residual_length, bits, refuses)
 
 
 def resolve_contenders(names: list[str], budget: int | None = None, bits: int | None = None) -> list[Contender]:
@@ -104,7 +114,7 @@ def replay_nbytes(contender: Contender, model: torch.nn.Module, prefill: int, st
 
     num_layers, kv_heads, head_dim = attention_layout(model)
     cache = contender.make_cache(model)
-    baseline = DynamicCache()
+    baseline = DynamicCache(config=model.config)  # sliding-window layers hold their window
     g = torch.Generator().manual_seed(0)
     for length in [prefill] + [1] * steps:
         for layer in range(num_layers):

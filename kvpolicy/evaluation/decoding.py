@@ -20,8 +20,11 @@ from kvpolicy.generation import forward_cache_kwargs
 @torch.no_grad()
 def prefill(model: torch.nn.Module, ids: list[int], logits_to_keep: int = 0) -> tuple[DynamicCache, torch.Tensor]:
     """``(cache, float32 logits [n, V])`` of a full-precision forward over ``ids``; ``n`` is
-    ``len(ids)``, or the last ``logits_to_keep`` positions when that is set."""
-    cache = DynamicCache(config=model.config)
+    ``len(ids)``, or the last ``logits_to_keep`` positions when that is set.
+
+    The cache keeps every token of every layer, sliding-window layers included (the model's
+    mask still limits what they attend), so that :func:`ingest` can hand any prefix on."""
+    cache = DynamicCache()
     out = model(
         torch.tensor([ids]), **forward_cache_kwargs(model, cache), use_cache=True, logits_to_keep=logits_to_keep
     )

@@ -50,9 +50,12 @@ class AttentionErrorProbe(Executor):
 
 
 def attach_probes(cache: KVPolicyCache, source: DynamicCache, prefix: int) -> list[AttentionErrorProbe]:
-    """Wrap every layer's executor; the shadow starts with ``source``'s first ``prefix`` tokens."""
+    """Wrap the executor of every layer the policy serves (a hybrid model's sliding-window layers
+    hold their window exactly and have none); the shadow starts with ``source``'s first ``prefix`` tokens."""
     probes = []
     for layer, src in zip(cache.layers, source.layers, strict=True):
+        if not hasattr(layer, "executor"):
+            continue
         probe = AttentionErrorProbe(layer.executor, src.keys[:, :, :prefix], src.values[:, :, :prefix])
         layer.executor = probe
         probes.append(probe)

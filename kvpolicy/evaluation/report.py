@@ -111,7 +111,7 @@ def plot(result: EvaluationResult, out_dir: Path) -> list[Path]:
             layers = fidelity.rows[name].get("attn_err_by_layer")
             if layers:
                 ax.plot(range(len(layers)), layers, marker=".", label=name, color=f"C{i}")
-        ax.set_xlabel("layer")
+        ax.set_xlabel("layer (of those the policy serves: full attention)")
         ax.set_ylabel("relative L1 error of attention output")
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.legend(fontsize=7)

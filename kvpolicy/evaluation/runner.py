@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import sys
 import time
 from collections.abc import Sequence
 
@@ -73,14 +74,20 @@ def evaluate(
     settings: dict | None = None,
     progress: bool = True,
 ) -> EvaluationResult:
-    """Every task over every contender, on the same samples."""
+    """Every task over every contender that can serve ``model``, on the same samples (those
+    that cannot are named in ``settings["skipped"]`` with the reason)."""
+    skipped = {c.name: why for c in contenders if (why := c.refuses(model))}
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}", file=sys.stderr)
+    contenders = [c for c in contenders if c.name not in skipped]
+    settings = {**(settings or {}), **({"skipped": skipped} if skipped else {})}
     results, seconds = [], {}
     for task in tasks:
         start = time.perf_counter()
         results.append(task.run(model, tokenizer, contenders, progress))
         seconds[task.name] = time.perf_counter() - start
     return EvaluationResult(
-        settings=settings or {},
+        settings=settings,
         environment=environment(model),
         contenders=[describe(c) for c in contenders],
         tasks=results,

@@ -1,0 +1,173 @@
+"""One cache layer per decoder layer type: what a model's layers cache, and who builds each.
+
+transformers names each decoder layer's attention in ``config.layer_types``
+(``full_attention``, ``sliding_attention``, ``chunked_attention``, ...) and its
+``DynamicCache`` builds a matching layer for each. ``make_cache`` does the same through
+:class:`LayerFactory` objects, registered like selectors and executors
+(the ``kvpolicy_layers`` hook):
+
+* ``policy`` serves ``full_attention``: the policy's own :class:`~kvpolicy.cache.KVPolicyLayer`.
+* ``window`` serves ``sliding_attention`` and ``chunked_attention``: the last ``window``
+  tokens in full precision, exactly what transformers' sliding layer holds (a window of 512
+  tokens is small next to a long context, and these layers never need older tokens).
+
+A policy may map a layer type to another registered factory that serves it
+(``layer_types: {sliding_attention: my_factory}``). A layer type no factory serves is
+refused with the model type and the type named, never cached as if it were full attention.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import attrs
+
+from kvpolicy.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import CacheLayerMixin
+
+    from kvpolicy.policy import Policy
+
+
+@attrs.frozen
+class LayerSpec:
+    """What one decoder layer caches.
+
+    ``type``: transformers' layer type; ``window``: tokens a sliding or chunked layer attends
+    (``None`` for full attention); keys and values are ``[batch, kv_heads, tokens, head_dim]``.
+    """
+
+    index: int
+    type: str
+    kv_heads: int
+    head_dim: int
+    window: int | None = None
+
+
+class LayerFactory:
+    """Builds the cache layer of a decoder layer whose type is in :attr:`serves`."""
+
+    #: the name a policy's ``layer_types`` section uses for this factory
+    name: ClassVar[str] = ""
+    #: transformers layer types this factory can cache exactly
+    serves: ClassVar[tuple[str, ...]] = ()
+
+    def build(self, policy: Policy, spec: LayerSpec, model_config=None) -> CacheLayerMixin:
+        raise NotImplementedError
+
+
+class PolicyLayers(LayerFactory):
+    """Full-attention layers: the policy's selectors, quantizers and executor."""
+
+    name = "policy"
+    serves = ("full_attention",)
+
+    def build(self, policy: Policy, spec: LayerSpec, model_config=None) -> CacheLayerMixin:
+        return policy.new_layer(spec.head_dim, model_config)
+
+
+class WindowLayers(LayerFactory):
+    """Sliding-window and chunked layers: the last ``window`` tokens in full precision."""
+
+    name = "window"
+    serves = ("sliding_attention", "chunked_attention")
+
+    def build(self, policy: Policy, spec: LayerSpec, model_config=None) -> CacheLayerMixin:
+        from kvpolicy.sliding import SlidingWindowLayer
+
+        return SlidingWindowLayer(spec.window)
+
+
+BUILTIN_LAYER_FACTORIES = (PolicyLayers, WindowLayers)
+
+
+def text_config(model_config):
+    """The decoder's config (a multimodal config's text part)."""
+    get_text = getattr(model_config, "get_text_config", None)
+    return get_text(decoder=True) if get_text else model_config
+
+
+def layer_types(model_config) -> list[str]:
+    """transformers' layer type of every decoder layer: ``config.layer_types``, else what
+    its ``sliding_window`` / ``attention_chunk_size`` imply (as ``DynamicCache`` infers them)."""
+    text = text_config(model_config)
+    types = getattr(text, "layer_types", None)
+    if types:
+        return list(types)
+    if getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True):
+        kind = "sliding_attention"
+    elif getattr(text, "attention_chunk_size", None) is not None:
+        kind = "chunked_attention"
+    else:
+        kind = "full_attention"
+    return [kind] * text.num_hidden_layers
+
+
+def model_layers(model) -> list[LayerSpec]:
+    """One :class:`LayerSpec` per decoder layer of ``model``, or a refusal naming what is not
+    served (cross-attention, latent attention, layers sharing another's cache)."""
+    config = model.config
+    text = text_config(config)
+    name = f"{type(model).__name__} ({getattr(config, 'model_type', '?')})"
+    if getattr(config, "is_encoder_decoder", False) or getattr(text, "add_cross_attention", False):
+        raise UnsupportedModelError(
+            f"{name} uses cross-attention (encoder-decoder): its cache holds the encoder's keys and values beside "
+            "the decoder's, which a kvpolicy cache does not store; kvpolicy serves decoder-only models"
+        )
+    if getattr(text, "kv_lora_rank", None):
+        raise UnsupportedModelError(
+            f"{name} uses multi-head latent attention (kv_lora_rank={text.kv_lora_rank}): its cache holds compressed "
+            "latents that the model expands into keys and values after the cache, so a kvpolicy cache would never "
+            "see what attention reads. kvpolicy serves models whose cache holds per-head keys and values"
+        )
+    shared = getattr(text, "num_kv_shared_layers", 0) or ("reuse" in (getattr(text, "kv_sharing_modes", None) or ()))
+    if shared:
+        raise UnsupportedModelError(
+            f"{name} shares keys and values across layers (num_kv_shared_layers={shared}): its later layers read "
+            "another layer's cache, which a kvpolicy cache does not provide (it would need a layer type that "
+            "hands one layer's stored tokens to another)"
+        )
+    try:
+        num_layers = text.num_hidden_layers
+        num_heads = text.num_attention_heads
+    except AttributeError as err:
+        raise UnsupportedModelError(
+            f"{name} has no attention heads in its config ({err}): recurrent and state-space models keep a state, "
+            "not per-token keys and values, so there is nothing for a kvpolicy cache to hold"
+        ) from None
+    kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+    types = layer_types(config)
+    if len(types) != num_layers:
+        raise UnsupportedModelError(
+            f"{name} lists {len(types)} layer types for {num_layers} layers; kvpolicy cannot tell which "
+            "layer attends how"
+        )
+    windows = {
+        "sliding_attention": getattr(text, "sliding_window", None),
+        "chunked_attention": getattr(text, "attention_chunk_size", None),
+    }
+    specs = []
+    for index, kind in enumerate(types):
+        window = windows.get(kind)
+        if kind in windows and not window:
+            raise UnsupportedModelError(f"{name}: layer {index} is {kind!r} but the config gives no window size")
+        specs.append(LayerSpec(index, kind, kv_heads, head_dim, window))
+    return specs
+
+
+def factory_for(layer_type: str, chosen: dict[str, str], factories: dict[str, type], model_name: str) -> LayerFactory:
+    """The factory the policy maps ``layer_type`` to (``chosen``), else the first registered
+    one serving it; a refusal when none does."""
+    if layer_type in chosen:
+        return factories[chosen[layer_type]]()
+    for cls in factories.values():
+        if layer_type in cls.serves:
+            return cls()
+    served = sorted({t for cls in factories.values() for t in cls.serves})
+    raise UnsupportedModelError(
+        f"{model_name} has {layer_type!r} layers, which no kvpolicy cache layer serves (served: {', '.join(served)}). "
+        "Recurrent, linear-attention and other non-softmax layers keep a state instead of keys and values; a plugin "
+        "can add a layer factory for them (the kvpolicy_layers hook)"
+    )

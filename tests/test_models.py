@@ -1,0 +1,78 @@
+"""The embedded models' converted-weights cache: made once, reused, remade when its source changes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kvpolicy.models as models
+from tests.conftest import tiny_llama
+
+
+class _Tokenizer:
+    def save_pretrained(self, folder):
+        (folder / "tokenizer.json").write_text("{}")
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """A GGUF 'file' whose conversion yields a tiny Llama; counts conversions."""
+    gguf = tmp_path / "pkg" / "model.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"x" * 10)
+    conversions = []
+
+    def convert(folder, name):
+        conversions.append(name)
+        return tiny_llama(), _Tokenizer()
+
+    monkeypatch.setenv("KVPOLICY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "default_model_path", lambda name: (gguf.parent, gguf.name))
+    monkeypatch.setattr(models, "_from_gguf", convert)
+    return gguf, conversions
+
+
+def test_the_first_load_converts_and_later_loads_reuse_the_cache(fake_gguf, tmp_path):
+    gguf, conversions = fake_gguf
+    folder = models._converted("smollm2")
+    assert folder == tmp_path / "cache" / "models" / "smollm2"
+    assert (folder / "model.safetensors").exists() and (folder / "tokenizer.json").exists()
+    assert json.loads((folder / "kvpolicy-source.json").read_text())["bytes"] == 10
+    assert models._converted("smollm2") == folder
+    assert conversions == ["model.gguf"]
+    gguf.write_bytes(b"y" * 11)  # a new version of the package's file
+    models._converted("smollm2")
+    assert len(conversions) == 2
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "a staging folder was left behind"
+
+
+def test_a_failed_conversion_leaves_no_cache(fake_gguf, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "_from_gguf", lambda folder, name: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError, match="disk full"):
+        models._converted("smollm2")
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
+def test_an_unknown_model_names_the_embedded_ones():
+    from kvpolicy.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="unknown model 'smollm'.*Did you mean 'smollm2'"):
+        models.embedded_model("smollm")
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", ["smollm2"])
+def test_cached_weights_and_tokenizer_equal_the_gguf(name):
+    """What the cache serves is the GGUF's model: equal weights, token ids and logits."""
+    model, tokenizer = models.load_default_model(torch.float32, name=name)
+    source, source_tokenizer = models._from_gguf(*models.default_model_path(name))
+    cached, original = model.state_dict(), source.state_dict()
+    assert cached.keys() == original.keys()
+    assert all(torch.equal(cached[k], original[k]) for k in original)
+    text = "Caf\u00e9 d\u00e9j\u00e0 vu \u2014 def f(x):\n\treturn x ** 2  # \U0001f600"
+    assert tokenizer(text)["input_ids"] == source_tokenizer(text)["input_ids"]
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, source.eval()(ids).logits)
