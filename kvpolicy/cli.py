@@ -37,6 +37,13 @@ def _cmd_show(args: argparse.Namespace) -> int:
     print(policy.to_yaml(), end="")
     budget = policy.budget()
     print(f"# full-precision budget per layer: keys {budget['keys']}, values {budget['values']}")
+    for override, layer_policy in zip(policy.config.layers, policy.overrides):
+        b = layer_policy.budget()
+        bits = "/".join(str(getattr(layer_policy.config, side).quant.bits) for side in ("keys", "values"))
+        print(
+            f"# layers {list(override.at)}: full-precision budget keys {b['keys']}, values {b['values']}; "
+            f"quantized keys/values at {bits} bits"
+        )
     print(f"# executor on this machine: {policy.executor_summary()}")
     return 0
 

@@ -29,6 +29,7 @@ from kvpolicy.errors import ConfigError
 
 DEMOTE_MODES = ("quantize", "evict")
 AXES = ("channel", "token")
+ROTATIONS = ("none", "hadamard")
 
 
 def _positive_int(field_name: str):
@@ -92,6 +93,15 @@ class QuantSpec:
         validator=_one_of("quant.axis", AXES),
         metadata={"doc": "`channel`: groups run along tokens (keys); `token`: groups run along channels (values)"},
     )
+    rotate: str = attrs.field(
+        default="none",
+        validator=_one_of("quant.rotate", ROTATIONS),
+        metadata={
+            "doc": "`hadamard`: quantize tokens rotated by an orthonormal randomized Hadamard transform over "
+            "head_dim (a power of two), rotated back when read; spreads outlier channels. Served by the chunked "
+            "path (the fused kernels decline rotated regions)"
+        },
+    )
 
     @classmethod
     def from_dict(cls, data: dict, section: str = "quant") -> QuantSpec:
@@ -102,7 +112,10 @@ class QuantSpec:
             raise ConfigError(err.field.replace("quant", section, 1), err.value, err.allowed) from None
 
     def to_dict(self) -> dict:
-        return attrs.asdict(self)
+        out = attrs.asdict(self)
+        if out["rotate"] == "none":  # the default stays out of written policies
+            del out["rotate"]
+        return out
 
 
 @attrs.frozen
@@ -198,6 +211,50 @@ class TensorSpec:
         }
 
 
+def _merged(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied: ``quant`` field by field, every other key replaced."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = {**base.get(key, {}), **value} if key == "quant" and isinstance(value, dict) else value
+    return out
+
+
+@attrs.frozen
+class LayerOverride:
+    """Keys/values settings for chosen layers, over the policy's own (per-layer precision).
+
+    ``at``: layer indices, negative ones counted from the last layer (``[0, 1, -2, -1]``: the
+    first and last two). ``keys``/``values``: the fields that change, e.g.
+    ``{quant: {bits: 4}}`` or ``{retain: [{type: all}]}`` (16-bit); ``quant`` merges field
+    by field, ``retain`` and ``demote`` replace."""
+
+    at: tuple[int, ...] = attrs.field(converter=tuple)
+    keys: dict = attrs.field(factory=dict)
+    values: dict = attrs.field(factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Any, section: str) -> LayerOverride:
+        data = _reject_unknown_keys(section, data, cls)
+        at = data.get("at")
+        if isinstance(at, int) and not isinstance(at, bool):
+            at = [at]
+        if not isinstance(at, list) or not at or not all(isinstance(i, int) and not isinstance(i, bool) for i in at):
+            raise ConfigError(f"{section}.at", at, "a non-empty list of layer indices, e.g. [0, 1, -2, -1]")
+        changes = {}
+        for side in ("keys", "values"):
+            value = data.get(side, {})
+            _reject_unknown_keys(f"{section}.{side}", value, TensorSpec)
+            changes[side] = value
+        if not changes["keys"] and not changes["values"]:
+            raise ConfigError(section, data, "a 'keys' and/or 'values' section saying what changes on these layers")
+        return cls(at=at, **changes)
+
+    def to_dict(self) -> dict:
+        out: dict = {"at": list(self.at)}
+        out.update({side: getattr(self, side) for side in ("keys", "values") if getattr(self, side)})
+        return out
+
+
 @attrs.frozen
 class PolicyConfig:
     """A complete policy: key and value specs plus the attention executor."""
@@ -224,7 +281,20 @@ class PolicyConfig:
         },
     )
 
+    layers: tuple[LayerOverride, ...] = attrs.field(
+        default=(),
+        converter=tuple,
+        metadata={
+            "doc": "per-layer precision: a list of `{at: [layer indices], keys: {...}, values: {...}}` whose "
+            "fields replace the policy's on those layers (negative indices count from the last layer), e.g. "
+            "`[{at: [0, 1, -2, -1], keys: {retain: [{type: all}]}, values: {retain: [{type: all}]}}]` keeps the "
+            "first and last two layers in 16-bit"
+        },
+    )
+
     def __attrs_post_init__(self) -> None:
+        for i in range(len(self.layers)):  # every override must give a valid policy for its layers
+            self.for_override(i)
         evicting = [s.demote == "evict" for s in (self.keys, self.values)]
         if any(evicting) and (not all(evicting) or self.keys.retain != self.values.retain):
             raise ConfigError(
@@ -250,6 +320,9 @@ class PolicyConfig:
             raise ConfigError(
                 "layer_types", layer_types, "a mapping of layer type to factory name, e.g. {sliding_attention: window}"
             )
+        layers = data.get("layers", [])
+        if not isinstance(layers, list):
+            raise ConfigError("layers", layers, "a list of {at: [...], keys: {...}, values: {...}}")
         return cls(
             name=data["name"],
             keys=TensorSpec.from_dict(data["keys"], "keys"),
@@ -257,6 +330,7 @@ class PolicyConfig:
             executor=ExecutorSpec.coerce(data.get("executor", "auto")),
             description=description,
             layer_types=dict(layer_types),
+            layers=[LayerOverride.from_dict(item, f"layers[{i}]") for i, item in enumerate(layers)],
         )
 
     @classmethod
@@ -277,7 +351,39 @@ class PolicyConfig:
         out.update(keys=self.keys.to_dict(), values=self.values.to_dict(), executor=self.executor.to_data())
         if self.layer_types:
             out["layer_types"] = dict(self.layer_types)
+        if self.layers:
+            out["layers"] = [override.to_dict() for override in self.layers]
         return out
+
+    def for_override(self, index: int) -> PolicyConfig:
+        """The policy on the layers of ``layers[index]`` (validated; errors name that override)."""
+        override = self.layers[index]
+        section = f"layers[{index}]"
+        specs = {}
+        for side in ("keys", "values"):
+            base = getattr(self, side).to_dict()
+            try:
+                specs[side] = TensorSpec.from_dict(_merged(base, getattr(override, side)), side)
+            except ConfigError as err:
+                raise ConfigError(f"{section}.{err.field}", err.value, err.allowed) from None
+        try:
+            return attrs.evolve(self, layers=(), **specs)
+        except ConfigError as err:
+            raise ConfigError(f"{section}.{err.field}", err.value, err.allowed) from None
+
+    def override_of(self, layer: int, num_layers: int) -> int | None:
+        """Which entry of ``layers`` applies to ``layer`` of ``num_layers`` (the last one naming
+        it), or ``None``. An index outside the model is an error naming the override."""
+        found = None
+        for i, override in enumerate(self.layers):
+            for at in override.at:
+                if not -num_layers <= at < num_layers:
+                    raise ConfigError(
+                        f"layers[{i}].at", at, f"a layer index of this model: {-num_layers} .. {num_layers - 1}"
+                    )
+                if at % num_layers == layer:
+                    found = i
+        return found
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -43,6 +43,8 @@ class LayerSpec:
     kv_heads: int
     head_dim: int
     window: int | None = None
+    #: decoder layers in the model (a policy's ``layers`` section counts from both ends)
+    num_layers: int = 1
 
 
 class LayerFactory:
@@ -58,13 +60,14 @@ class LayerFactory:
 
 
 class PolicyLayers(LayerFactory):
-    """Full-attention layers: the policy's selectors, quantizers and executor."""
+    """Full-attention layers: the policy's selectors, quantizers and executor (its ``layers``
+    section's settings on the layers it names)."""
 
     name = "policy"
     serves = ("full_attention",)
 
     def build(self, policy: Policy, spec: LayerSpec, model_config=None) -> CacheLayerMixin:
-        return policy.new_layer(spec.head_dim, model_config)
+        return policy.for_layer(spec.index, spec.num_layers).new_layer(spec.head_dim, model_config)
 
 
 class WindowLayers(LayerFactory):
@@ -153,7 +156,7 @@ def model_layers(model) -> list[LayerSpec]:
         window = windows.get(kind)
         if kind in windows and not window:
             raise UnsupportedModelError(f"{name}: layer {index} is {kind!r} but the config gives no window size")
-        specs.append(LayerSpec(index, kind, kv_heads, head_dim, window))
+        specs.append(LayerSpec(index, kind, kv_heads, head_dim, window, num_layers))
     return specs
 
 

@@ -31,14 +31,20 @@ DEFAULT_BLOCK = 32
 class Policy:
     """A validated policy bound to a registry."""
 
-    def __init__(self, config: PolicyConfig, registry: Registry | None = None):
+    def __init__(self, config: PolicyConfig, registry: Registry | None = None, section: str = ""):
         self.config = config
         self.registry = registry or get_registry()
+        #: where this policy sits in its file, for error messages (``layers[0].`` for an override)
+        self.section = section
         # resolve every name now, so a typo fails at load time, not mid-generation
-        for section, spec in (("keys", config.keys), ("values", config.values)):
-            if self._selector(spec, section).budget is not None and spec.demote == "quantize":
-                self.registry.quantizer(spec.quant.backend).check(spec.quant, f"{section}.quant")
+        for side, spec in (("keys", config.keys), ("values", config.values)):
+            if self._selector(spec, side).budget is not None and spec.demote == "quantize":
+                self.registry.quantizer(spec.quant.backend).check(spec.quant, f"{section}{side}.quant")
         self.registry.executor(config.executor)
+        # the policy on the layers each `layers` entry names (checked like this one)
+        self.overrides = [
+            Policy(config.for_override(i), self.registry, f"layers[{i}].") for i in range(len(config.layers))
+        ]
         factories = self.registry.layer_factories()
         for layer_type, factory in config.layer_types.items():
             if factory not in factories:
@@ -94,7 +100,7 @@ class Policy:
 
     # -- building ---------------------------------------------------------------------
     def _selector(self, spec: TensorSpec, section: str) -> Selector:
-        members = [self._one_selector(s, f"{section}.retain[{i}]") for i, s in enumerate(spec.retain)]
+        members = [self._one_selector(s, f"{self.section}{section}.retain[{i}]") for i, s in enumerate(spec.retain)]
         return members[0] if len(members) == 1 else UnionSelector(members)
 
     def _one_selector(self, spec: SelectorSpec, section: str) -> Selector:
@@ -163,8 +169,24 @@ class Policy:
         backend = None
         if spec.demote == "quantize" and selector.budget is not None:  # a side that never demotes needs none
             backend = self.registry.quantizer(spec.quant.backend)
-            backend.validate(spec.quant, head_dim, f"{section}.quant")
+            backend.validate(spec.quant, head_dim, f"{self.section}{section}.quant")
+            if spec.quant.rotate == "hadamard":
+                from kvpolicy.rotation import RotatingBackend, hadamard
+
+                if head_dim & (head_dim - 1):
+                    raise ConfigError(
+                        f"{self.section}{section}.quant.rotate",
+                        "hadamard",
+                        f"none for this model: a Hadamard rotation needs a power-of-two head_dim (it is {head_dim})",
+                    )
+                backend = RotatingBackend(backend, hadamard(head_dim))
         return TensorStore(selector, spec.demote, spec.quant, backend, self.demote_block())
+
+    def for_layer(self, layer: int, num_layers: int) -> Policy:
+        """The policy on decoder layer ``layer`` of ``num_layers``: this one, or the one its
+        ``layers`` section gives that layer."""
+        override = self.config.override_of(layer, num_layers)
+        return self if override is None else self.overrides[override]
 
     def new_layer(self, head_dim: int, model_config=None) -> KVPolicyLayer:
         """One layer's cache (fresh selectors and stores: nothing shared with other layers)."""
@@ -194,6 +216,8 @@ class Policy:
         factories = self.registry.layer_factories()
         model_name = f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')})"
         builders = {s.type: factory_for(s.type, self.config.layer_types, factories, model_name) for s in specs}
+        for spec in specs:  # a `layers` index outside this model fails before the model is touched
+            self.config.override_of(spec.index, len(specs))
         attention.attach(model)
         layers = [builders[s.type].build(self, s, model.config) for s in specs]
         if all(s.type in ("sliding_attention", "chunked_attention") for s in specs) and not self.config.layer_types:

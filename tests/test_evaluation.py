@@ -221,3 +221,11 @@ def test_greedy_agreement_measures_drift_until_the_first_different_token():
     assert split.agreed == 3 and not split.identical
     assert split.divergence_margin == pytest.approx(float(top[0] - top[1]) / float(reference[3].std()), rel=1e-5)
     assert split.drift == pytest.approx(max(0.1 / float(r.std()) for r in reference[:3]), rel=1e-5)
+
+
+def test_pareto_front_keeps_only_points_nothing_beats_on_bytes_and_error():
+    from kvpolicy.evaluation.report import pareto_front
+
+    points = [("a", 0.2, 0.5), ("b", 0.3, 0.2), ("c", 0.25, 0.6), ("d", 0.5, 0.2), ("e", 0.1, 0.9), ("f", 0.6, 0.1)]
+    assert pareto_front(points) == ["e", "a", "b", "f"]
+    assert pareto_front([("x", 0.3, 0.1)]) == ["x"]

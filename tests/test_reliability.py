@@ -91,7 +91,7 @@ def _latents_slip(monkeypatch) -> None:
     the first is refused instead of attending the new tokens alone."""
     import kvpolicy.layers
 
-    full = [kvpolicy.layers.LayerSpec(i, "full_attention", 2, 16) for i in range(2)]
+    full = [kvpolicy.layers.LayerSpec(i, "full_attention", 2, 16, None, 2) for i in range(2)]
     monkeypatch.setattr(kvpolicy.layers, "model_layers", lambda model: full)
     model = _deepseek_v3()
     model.generate(torch.ones(1, 6, dtype=torch.long), max_new_tokens=3,

@@ -117,6 +117,8 @@ def plot(result: EvaluationResult, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(_save(fig, out_dir / "attention_error_by_layer.png"))
+    if fidelity is not None and sum(r.get("kv_ratio") is not None for r in fidelity.rows.values()) >= 2:
+        written.append(_pareto_plot(plt, fidelity, names, out_dir / "accuracy_vs_bytes.png"))
     passkey = tasks.get("passkey")
     if passkey is not None:
         lengths = passkey.settings["lengths"]
@@ -159,6 +161,35 @@ def plot(result: EvaluationResult, out_dir: Path) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, out_dir / "accuracy_vs_compression.png"))
     return written
+
+
+def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
+    """Names of the ``(name, bytes, error)`` points no other point beats on both (fewer or equal
+    bytes and lower error, or lower bytes and equal error), ordered by bytes."""
+    front = []
+    for name, size, error in sorted(points, key=lambda p: (p[1], p[2])):
+        if not front or error < front[-1][2]:
+            front.append((name, size, error))
+    return [name for name, _, _ in front]
+
+
+def _pareto_plot(plt, fidelity, names: list[str], path: Path) -> Path:
+    """KL to the 16-bit model against KV bytes, one point per contender, the Pareto front joined."""
+    points = [(n, fidelity.rows[n]["kv_ratio"], fidelity.rows[n]["kl"]) for n in names if n in fidelity.rows]
+    points = [(n, b, max(kl, 1e-6)) for n, b, kl in points if b is not None and kl is not None]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, (name, size, error) in enumerate(points):
+        ax.scatter([size], [error], color=f"C{i % 10}", marker="os^Dv<>ph*"[i // 10 % 10], zorder=3)
+        ax.annotate(name, (size, error), fontsize=6.5, xytext=(3, 3), textcoords="offset points")
+    front = {n: (b, e) for n, b, e in points}
+    line = [front[n] for n in pareto_front(points)]
+    ax.plot([b for b, _ in line], [e for _, e in line], color="0.5", linestyle="--", zorder=2, label="Pareto front")
+    ax.set_xlabel("KV bytes vs 16-bit (lower = more compression)")
+    ax.set_ylabel("KL vs 16-bit ↓")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

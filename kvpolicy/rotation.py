@@ -1,0 +1,104 @@
+"""Rotation before quantization: an orthonormal randomized Hadamard transform over head_dim.
+
+Quantizing ``x @ R`` instead of ``x`` spreads an outlier channel's energy over every channel,
+so a group's min/max range is set by typical values, not by the outlier (the idea behind
+QuaRot and the KV-cache rotations of llama.cpp and vLLM). ``R`` is orthonormal, so
+dequantized tokens are rotated back exactly (``y @ R.T``) and attention reads what the
+model wrote, approximated.
+
+:class:`RotatingBackend` wraps any quantizer backend: it rotates each block before packing
+and its packed objects (:class:`RotatedPacked`) rotate back on every dequantization, so the
+stores and the chunked and reference executors need no change. The fused GPU kernels read
+native codes directly and do not apply the rotation; they decline rotated regions, which the
+chunked path then serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+import torch
+
+from kvpolicy.config import QuantSpec
+from kvpolicy.quantizers import Packed, QuantizerBackend
+
+#: the random signs are fixed: a cache's rotation is the same in every run and every layer
+SEED = 0x5EED
+
+
+def hadamard(d: int, seed: int = SEED) -> torch.Tensor:
+    """Orthonormal randomized Hadamard matrix ``[d, d]`` (float32): random signs on the rows
+    of Sylvester's Hadamard matrix, scaled by ``1/sqrt(d)``. ``d`` must be a power of two."""
+    if d <= 0 or d & (d - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {d}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    signs = torch.randint(0, 2, (d,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return signs[:, None].float() * h / d**0.5
+
+
+def _rotated(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """``x @ rotation`` computed in float32, returned in ``x``'s dtype."""
+    return (x.float() @ rotation.to(x.device)).to(x.dtype)
+
+
+@attrs.frozen
+class RotatedPacked:
+    """A packed block of rotated tokens; every dequantization rotates back.
+
+    ``inner`` holds ``x @ rotation``; ``rotation`` is ``[D, D]`` float32."""
+
+    inner: Packed
+    rotation: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.inner.num_tokens
+
+    @property
+    def axis(self) -> str:
+        return getattr(self.inner, "axis", "token")
+
+    @property
+    def group_size(self) -> int:
+        return getattr(self.inner, "group_size", 1)
+
+    def dequantize(self) -> torch.Tensor:
+        return _rotated(self.inner.dequantize(), self.rotation.T)
+
+    def dequantize_tokens(self, index: torch.Tensor) -> torch.Tensor:
+        return _rotated(self.inner.dequantize_tokens(index), self.rotation.T)
+
+    def nbytes(self) -> dict[str, int]:
+        return self.inner.nbytes()  # the rotation is one shared [D, D] matrix per store, not per token
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> RotatedPacked:
+        return attrs.evolve(self, inner=self.inner.map_batch(fn))
+
+    def slice_tokens(self, start: int, stop: int) -> RotatedPacked:
+        return attrs.evolve(self, inner=self.inner.slice_tokens(start, stop))
+
+
+class RotatingBackend(QuantizerBackend):
+    """``backend`` applied to tokens rotated by ``rotation`` (``[D, D]``, orthonormal)."""
+
+    def __init__(self, backend: QuantizerBackend, rotation: torch.Tensor):
+        self.backend = backend
+        self.rotation = rotation
+        self.name = backend.name
+        self.supported_bits = backend.supported_bits
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def _rotation_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on_device:
+            self._on_device[device] = self.rotation.to(device)
+        return self._on_device[device]
+
+    def quantize(self, x: torch.Tensor, spec: QuantSpec) -> RotatedPacked:
+        rotation = self._rotation_on(x.device)
+        return RotatedPacked(self.backend.quantize(_rotated(x, rotation), spec), rotation)
+
+    def concat(self, blocks: list[RotatedPacked]) -> RotatedPacked:
+        return RotatedPacked(self.backend.concat([b.inner for b in blocks]), blocks[0].rotation)
