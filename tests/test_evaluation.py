@@ -229,3 +229,28 @@ def test_pareto_front_keeps_only_points_nothing_beats_on_bytes_and_error():
     points = [("a", 0.2, 0.5), ("b", 0.3, 0.2), ("c", 0.25, 0.6), ("d", 0.5, 0.2), ("e", 0.1, 0.9), ("f", 0.6, 0.1)]
     assert pareto_front(points) == ["e", "a", "b", "f"]
     assert pareto_front([("x", 0.3, 0.1)]) == ["x"]
+
+
+def test_wilson_interval_brackets_the_proportion_and_narrows_with_samples():
+    from kvpolicy.evaluation.report import wilson_interval
+
+    lo, hi = wilson_interval(5, 12)
+    assert lo < 5 / 12 < hi and 0.15 < lo < 0.2 and 0.65 < hi < 0.7
+    assert wilson_interval(50, 120)[1] - wilson_interval(50, 120)[0] < hi - lo
+    assert wilson_interval(0, 12)[0] == 0.0 and wilson_interval(12, 12)[1] == 1.0
+
+
+def test_spread_table_reads_every_sample_of_a_results_file():
+    from kvpolicy.evaluation.report import spread_table
+
+    data = {
+        "contenders": [{"name": "a"}, {"name": "b"}],
+        "tasks": [
+            {"task": "fidelity", "details": [{"contender": "a", "kl": 0.1}, {"contender": "a", "kl": 0.3},
+                                             {"contender": "b", "kl": 0.2}, {"contender": "b", "kl": 0.4}]},
+            {"task": "passkey", "details": [{"contender": c, "correct": ok} for c, ok in
+                                            (("a", True), ("a", False), ("b", False), ("b", False))]},
+        ],
+    }  # fmt: skip
+    table = spread_table(data)
+    assert "| a | 0.100, 0.300 | 1/2 (" in table and "| b | 0.200, 0.400 | 0/2 (0.00–" in table

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
 
 from kvpolicy.evaluation.runner import EvaluationResult
@@ -60,6 +62,48 @@ def sweep_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``hits / n``."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def spread_table(data: dict) -> str:
+    """How far the samples separate the contenders, from a ``results.json`` dict: KL of each
+    fidelity document, passkey hits with their 95% Wilson interval, code edit similarity's
+    mean and standard deviation over samples."""
+    tasks = {t["task"]: t for t in data["tasks"]}
+    names = [c["name"] for c in data["contenders"]]
+    header = ["policy"]
+    if "fidelity" in tasks:
+        header.append("KL by document")
+    if "passkey" in tasks:
+        header.append("passkey hits (95% interval)")
+    if "code" in tasks:
+        header.append("code edit similarity (mean ± sd)")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        cells = [name]
+        if "fidelity" in tasks:
+            kls = [d["kl"] for d in tasks["fidelity"]["details"] if d["contender"] == name]
+            cells.append(", ".join(f"{kl:.3f}" for kl in kls))
+        if "passkey" in tasks:
+            found = [d["correct"] for d in tasks["passkey"]["details"] if d["contender"] == name]
+            lo, hi = wilson_interval(sum(found), len(found))
+            cells.append(f"{sum(found)}/{len(found)} ({lo:.2f}–{hi:.2f})")
+        if "code" in tasks:
+            sims = [d["edit_sim"] for d in tasks["code"]["details"] if d["contender"] == name]
+            mean = sum(sims) / len(sims) if sims else 0.0
+            sd = math.sqrt(sum((x - mean) ** 2 for x in sims) / max(1, len(sims) - 1))
+            cells.append(f"{mean:.3f} ± {sd:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(result: EvaluationResult, command: str | None = None) -> str:
     parts = ["# kvpolicy evaluation", ""]
     if command:
@@ -74,6 +118,8 @@ def markdown(result: EvaluationResult, command: str | None = None) -> str:
         summary_table(result),
         "",
     ]
+    if any(t.task in ("fidelity", "passkey", "code") for t in result.tasks):
+        parts += ["## Spread over samples", "", spread_table(result.to_dict()), ""]
     for task in result.tasks:
         parts += [f"## {task.task}", "", f"Settings: `{json.dumps(task.settings)}`", "", task_table(task), ""]
     if result.sweep:
@@ -210,3 +256,7 @@ def write(result: EvaluationResult, out_dir: str | Path, command: str | None = N
     (out_dir / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     (out_dir / "results.md").write_text(markdown(result, command))
     return [out_dir / "results.json", out_dir / "results.md", *plot(result, out_dir)]
+
+
+if __name__ == "__main__":  # python -m kvpolicy.evaluation.report RESULTS.json: the spread table
+    print(spread_table(json.loads(Path(sys.argv[1]).read_text())))
