@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.attention_bench import bench, copy_bandwidth
+from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
 from kvpolicy.fused import (
     MAX_REGISTERS,
@@ -39,7 +40,6 @@ from kvpolicy.fused import (
     packed_decode_attention,
     triton_cdiv,
 )
-from kvpolicy.quantizers import NativeQuantizer
 
 SHAPES = [(8, 32768, 64), (32, 32768, 64), (74, 32768, 64), (8, 32768, 32), (32, 4096, 64)]  # batch, tokens, group
 

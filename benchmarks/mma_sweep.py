@@ -31,9 +31,9 @@ import torch
 from benchmarks.attention_bench import bench, bench_graph, copy_bandwidth
 from benchmarks.fused_sweep import layer_data, load_module, time_read_only
 from kvpolicy import fused
+from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
 from kvpolicy.fused import packed_decode_attention
-from kvpolicy.quantizers import NativeQuantizer
 
 SHAPES = [(8, 32768, 64), (32, 32768, 64), (74, 32768, 64), (128, 32768, 64), (8, 32768, 32), (74, 32768, 32),
           (32, 4096, 64)]  # fmt: skip

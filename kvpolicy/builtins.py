@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvpolicy.backends.hqq import HQQQuantizer
+from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.backends.quanto import QuantoQuantizer
 from kvpolicy.config import policy_files
 from kvpolicy.executors import ChunkedExecutor, ReferenceExecutor
 from kvpolicy.fused import AutoExecutor, FusedExecutor, FusedTritonExecutor
 from kvpolicy.hookspecs import hookimpl
 from kvpolicy.layers import BUILTIN_LAYER_FACTORIES
-from kvpolicy.quantizers import NativeQuantizer
 from kvpolicy.selectors import BUILTIN_SELECTORS
 
 

@@ -45,6 +45,12 @@ def _cmd_show(args: argparse.Namespace) -> int:
             f"quantized keys/values at {bits} bits"
         )
     print(f"# executor on this machine: {policy.executor_summary()}")
+    for side in ("keys", "values"):
+        quant = getattr(policy.config, side).quant
+        backend = policy.registry.quantizer(quant.backend)
+        if backend.options:
+            chosen = ", ".join(f"{k}={backend.option(quant, k)!r}" for k in backend.options)
+            print(f"# {side}: backend {quant.backend} options {chosen}")
     return 0
 
 

@@ -93,6 +93,10 @@ class QuantSpec:
         validator=_one_of("quant.axis", AXES),
         metadata={"doc": "`channel`: groups run along tokens (keys); `token`: groups run along channels (values)"},
     )
+    options: dict = attrs.field(
+        factory=dict,
+        metadata={"doc": "the backend's own parameters, e.g. `{optimize: false}` for `hqq` (see the backends below)"},
+    )
     rotate: str = attrs.field(
         default="none",
         validator=_one_of("quant.rotate", ROTATIONS),
@@ -106,6 +110,11 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, data: dict, section: str = "quant") -> QuantSpec:
         data = _reject_unknown_keys(section, data, cls)
+        options = data.get("options", {})
+        if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+            raise ConfigError(
+                f"{section}.options", options, "a mapping of option name to value, e.g. {optimize: false}"
+            )
         try:
             return cls(**data)
         except ConfigError as err:
@@ -113,8 +122,10 @@ class QuantSpec:
 
     def to_dict(self) -> dict:
         out = attrs.asdict(self)
-        if out["rotate"] == "none":  # the default stays out of written policies
+        if out["rotate"] == "none":  # defaults stay out of written policies
             del out["rotate"]
+        if not out["options"]:
+            del out["options"]
         return out
 
 

@@ -38,6 +38,19 @@ def yaml_reference(registry: Registry | None = None) -> str:
     out = ["## Policy (top level)", "", *_table(PolicyConfig), ""]
     out += ["## `keys` / `values`", "", *_table(TensorSpec), ""]
     out += ["## `quant`", "", *_table(QuantSpec), ""]
+    out += ["## Quantizer backends (`quant.backend`)", ""]
+    for name in registry.names("quantizer"):
+        cls = registry.quantizer(name)
+        doc = inspect.getdoc(type(cls)).splitlines()[0] if inspect.getdoc(type(cls)) else ""
+        plugin = registry.provider("quantizer", name)
+        bits = ", ".join(map(str, cls.supported_bits))
+        out += [f"### `backend: {name}`", "", f"{doc} Bits: {bits}. (plugin: `{plugin}`)", ""]
+        if cls.options:
+            out += ["| `options` key | default | accepted | meaning |", "|---|---|---|---|"]
+            out += [f"| `{k}` | `{o.default!r}` | {o.allowed} | {o.doc} |" for k, o in cls.options.items()]
+            out += [""]
+        else:
+            out += ["No options.", ""]
     out += ["## Selectors (`retain` entries)", ""]
     for name in registry.names("selector"):
         cls = registry.selector_class(name)

@@ -2,7 +2,7 @@
 
 One program handles one (batch row, KV head) and a contiguous slice of the packed tokens:
 it reads the 2/4/8-bit codes once, unpacks them plane by plane (see
-:func:`kvpolicy.quantizers.pack_codes`) and keeps an online softmax for all query heads that
+:func:`kvpolicy.backends.native.pack_codes`) and keeps an online softmax for all query heads that
 share the KV head (GQA without copying). Key scales are folded into the query and value
 scales into the probabilities, so codes go to the matrix units as they are; nothing is
 written to memory in 16-bit. A second kernel attends the full-precision tokens and merges
@@ -25,9 +25,10 @@ import attrs
 import torch
 
 from kvpolicy import partial_attention as pa
+from kvpolicy.backends.native import NativePacked
 from kvpolicy.errors import ConfigError
 from kvpolicy.executors import ChunkedExecutor, allowed_columns
-from kvpolicy.quantizers import NativePacked, Packed
+from kvpolicy.quantizers import Packed
 
 # launch configuration (see benchmarks/NOTES.md for how these were chosen)
 NUM_WARPS = 4

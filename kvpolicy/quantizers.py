@@ -1,28 +1,26 @@
-"""Quantizer backends: pack and unpack blocks of tokens at ``bits`` with groups along an axis.
+"""The quantizer backend contract: pack and unpack blocks of tokens at ``bits`` with groups along an axis.
 
 A backend turns a full-precision block ``x`` of shape ``[B, H, n, D]`` into a packed
-object and back. The native backend is pure torch: asymmetric min/max quantization with
-one scale and one zero (the group minimum) per group, codes bit-packed into ``uint8``
-along the head dimension (four 2-bit codes per byte, in planes: see :func:`pack_codes`).
+object (the :class:`Packed` protocol) and back. The backends live in
+:mod:`kvpolicy.backends`: ``native`` (pure torch, :mod:`kvpolicy.backends.native`),
+``quanto`` and ``hqq``.
 
-* ``axis="token"`` (per-token, values): groups of ``group_size`` channels within a token;
-  scale/zero shape ``[B, H, n, D // group_size]``.
+* ``axis="token"`` (per-token, values): groups of ``group_size`` channels within a token.
 * ``axis="channel"`` (per-channel, keys): groups of ``group_size`` tokens within a channel;
-  ``n`` must be a multiple of ``group_size``; scale/zero shape ``[B, H, n // group_size, D]``.
+  ``n`` must be a multiple of ``group_size``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import attrs
 import torch
 
 from kvpolicy.config import QuantSpec
 from kvpolicy.errors import ConfigError
-from kvpolicy.transfer import to_device
 
 
 class Packed(Protocol):
@@ -51,11 +49,29 @@ class Packed(Protocol):
 MAX_CHANNEL_GROUP = 1024
 
 
+@attrs.frozen
+class BackendOption:
+    """A parameter a backend takes from ``quant: {options: {NAME: VALUE}}``."""
+
+    default: Any
+    #: whether a value is accepted
+    accepts: Callable[[Any], bool]
+    #: the accepted values, in words (for the error)
+    allowed: str
+    doc: str = ""
+
+
 class QuantizerBackend(ABC):
     """Packs blocks of tokens. Stateless; one instance may serve every layer."""
 
     name: ClassVar[str]
     supported_bits: ClassVar[tuple[int, ...]]
+    #: the options this backend reads from ``quant.options`` (validated when a policy loads)
+    options: ClassVar[dict[str, BackendOption]] = {}
+
+    def option(self, spec: QuantSpec, key: str) -> Any:
+        """``spec``'s value of option ``key``, or its default."""
+        return spec.options.get(key, self.options[key].default)
 
     def check(self, spec: QuantSpec, section: str) -> None:
         """Raise :class:`ConfigError` if ``spec`` cannot be served by this backend on any model
@@ -64,6 +80,14 @@ class QuantizerBackend(ABC):
             raise ConfigError(
                 f"{section}.bits", spec.bits, f"{' | '.join(map(str, self.supported_bits))} for backend {self.name!r}"
             )
+        for key, value in spec.options.items():
+            if key not in self.options:
+                accepted = ", ".join(sorted(self.options)) or "none"
+                raise ConfigError(
+                    f"{section}.options.{key}", value, f"an option of backend {self.name!r} (its options: {accepted})"
+                )
+            if not self.options[key].accepts(value):
+                raise ConfigError(f"{section}.options.{key}", value, self.options[key].allowed)
         if spec.axis == "channel" and spec.group_size > MAX_CHANNEL_GROUP:
             raise ConfigError(
                 f"{section}.group_size",
@@ -92,156 +116,3 @@ class QuantizerBackend(ABC):
     @abstractmethod
     def concat(self, blocks: list[Packed]) -> Packed:
         """Join packed blocks along the token axis (so a region stays one object)."""
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes in ``[0, 2**bits)`` along the last dim into uint8 (``8 // bits`` per byte).
-
-    Planar layout: with ``W = d * bits // 8`` bytes, byte ``j`` holds channels ``j, j + W,
-    j + 2W, ...`` at bit offsets ``0, bits, 2 * bits, ...``. Unpacking the ``i``-th code of every
-    byte of a row therefore yields the contiguous channels ``i*W .. (i+1)*W - 1``, which is
-    what lets the fused kernel work on whole channel slices without reordering.
-    """
-    per_byte = 8 // bits
-    *lead, d = codes.shape
-    planes = codes.to(torch.uint8).reshape(*lead, per_byte, d // per_byte)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-    return (planes << shifts[:, None]).sum(dim=-2, dtype=torch.uint8)
-
-
-def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`; returns uint8 codes with the last dim ``8 // bits`` times longer."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    mask = (1 << bits) - 1
-    planes = (packed.unsqueeze(-2) >> shifts[:, None]) & mask
-    return planes.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
-
-
-@attrs.frozen
-class NativePacked:
-    """Bit-packed codes plus per-group scale and zero (the group minimum)."""
-
-    codes: torch.Tensor  # uint8 [B, H, n, D * bits // 8]
-    scale: torch.Tensor  # [B, H, n, D // G] (token axis) or [B, H, n // G, D] (channel axis)
-    zero: torch.Tensor  # same shape as scale
-    bits: int
-    group_size: int
-    axis: str
-
-    @property
-    def num_tokens(self) -> int:
-        return self.codes.shape[-2]
-
-    def dequantize(self) -> torch.Tensor:
-        # arithmetic in float32, one rounding to the cache dtype at the end
-        codes = unpack_codes(self.codes, self.bits).float()
-        scale, zero = self.scale.float(), self.zero.float()
-        b, h, n, d = codes.shape
-        g = self.group_size
-        if self.axis == "token":
-            grouped = codes.reshape(b, h, n, d // g, g)
-            out = grouped * scale.unsqueeze(-1) + zero.unsqueeze(-1)
-        else:
-            grouped = codes.reshape(b, h, n // g, g, d)
-            out = grouped * scale.unsqueeze(-2) + zero.unsqueeze(-2)
-        return out.reshape(b, h, n, d).to(self.scale.dtype)
-
-    def nbytes(self) -> dict[str, int]:
-        scales = self.scale.numel() * self.scale.element_size() + self.zero.numel() * self.zero.element_size()
-        return {"codes": self.codes.numel() * self.codes.element_size(), "scales": scales}
-
-    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> NativePacked:
-        return attrs.evolve(self, codes=fn(self.codes), scale=fn(self.scale), zero=fn(self.zero))
-
-    def slice_tokens(self, start: int, stop: int) -> NativePacked:
-        a, b = (start, stop) if self.axis == "token" else (start // self.group_size, stop // self.group_size)
-        return attrs.evolve(
-            self, codes=self.codes[:, :, start:stop], scale=self.scale[:, :, a:b], zero=self.zero[:, :, a:b]
-        )
-
-    def dequantize_tokens(self, index: torch.Tensor) -> torch.Tensor:
-        # a token's codes are one row; its scale and zero are its own row (per-token groups)
-        # or its group's row (per-channel groups)
-        rows = to_device(index, self.codes.device)
-        groups = rows if self.axis == "token" else torch.div(rows, self.group_size, rounding_mode="floor")
-        codes = unpack_codes(self.codes.index_select(2, rows), self.bits).float()
-        scale, zero = self.scale.index_select(2, groups).float(), self.zero.index_select(2, groups).float()
-        if self.axis == "token":
-            b, h, n, d = codes.shape
-            grouped = codes.reshape(b, h, n, d // self.group_size, self.group_size)
-            out = (grouped * scale.unsqueeze(-1) + zero.unsqueeze(-1)).reshape(b, h, n, d)
-        else:
-            out = codes * scale + zero
-        return out.to(self.scale.dtype)
-
-
-class NativeQuantizer(QuantizerBackend):
-    """Pure-torch asymmetric min/max quantization with real bit-packing (2, 4 or 8 bits)."""
-
-    name: ClassVar[str] = "native"
-    supported_bits: ClassVar[tuple[int, ...]] = (2, 4, 8)
-
-    def validate(self, spec: QuantSpec, head_dim: int, section: str) -> None:
-        super().validate(spec, head_dim, section)
-        if (head_dim * spec.bits) % 8:
-            raise ConfigError("head_dim", head_dim, f"a multiple of {8 // spec.bits} to pack {spec.bits}-bit codes")
-
-    #: float32 working bytes per slice of batch rows that :meth:`quantize` works on at a time:
-    #: a long prefill's transient memory stays this small instead of several times its size
-    slice_bytes: ClassVar[int] = 256 << 20
-
-    def quantize(self, x: torch.Tensor, spec: QuantSpec) -> NativePacked:
-        b, h, n, d = x.shape
-        if spec.axis == "channel" and n % spec.group_size:
-            raise ValueError(
-                f"per-channel quantization needs a multiple of group_size={spec.group_size} tokens, got {n}"
-            )
-        rows = max(1, self.slice_bytes // max(1, 4 * h * n * d))  # batch rows per slice
-        if rows >= b:
-            return self._quantize(x, spec)
-        return _joined([self._quantize(x[i : i + rows], spec) for i in range(0, b, rows)], dim=0)
-
-    def _quantize(self, x: torch.Tensor, spec: QuantSpec) -> NativePacked:
-        """:meth:`quantize` of all of ``x`` at once: one float32 copy (never ``x`` itself, even in
-        float32), worked on in place."""
-        b, h, n, d = x.shape
-        g = spec.group_size
-        if spec.axis == "token":
-            grouped = x.reshape(b, h, n, d // g, g)
-            reduce_dim = -1
-        else:
-            grouped = x.reshape(b, h, n // g, g, d)
-            reduce_dim = -2
-        work = grouped.to(torch.float32, copy=True)
-        lo = work.amin(dim=reduce_dim, keepdim=True)
-        hi = work.amax(dim=reduce_dim, keepdim=True)
-        levels = (1 << spec.bits) - 1
-        # scale and zero are stored in the cache dtype; quantize against the stored values
-        scale = ((hi - lo) / levels).clamp_min(torch.finfo(x.dtype).tiny).to(x.dtype)
-        zero = lo.to(x.dtype)
-        codes = work.sub_(zero.float()).div_(scale.float()).round_().clamp_(0, levels)
-        packed = pack_codes(codes.reshape(b, h, n, d), spec.bits)
-        return NativePacked(
-            codes=packed,
-            scale=scale.squeeze(reduce_dim),
-            zero=zero.squeeze(reduce_dim),
-            bits=spec.bits,
-            group_size=g,
-            axis=spec.axis,
-        )
-
-    def concat(self, blocks: list[NativePacked]) -> NativePacked:
-        return _joined(blocks, dim=2)
-
-
-def _joined(blocks: list[NativePacked], dim: int) -> NativePacked:
-    """Packed blocks joined along ``dim`` of their codes, scales and zeros (0: batch rows,
-    2: tokens); one block is returned as it is."""
-    if len(blocks) == 1:
-        return blocks[0]
-    return attrs.evolve(
-        blocks[0],
-        codes=torch.cat([b.codes for b in blocks], dim=dim),
-        scale=torch.cat([b.scale for b in blocks], dim=dim),
-        zero=torch.cat([b.zero for b in blocks], dim=dim),
-    )

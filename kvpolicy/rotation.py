@@ -89,6 +89,7 @@ class RotatingBackend(QuantizerBackend):
         self.rotation = rotation
         self.name = backend.name
         self.supported_bits = backend.supported_bits
+        self.options = backend.options
         self._on_device: dict[torch.device, torch.Tensor] = {}
 
     def _rotation_on(self, device: torch.device) -> torch.Tensor:

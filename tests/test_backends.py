@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
 from kvpolicy.errors import ConfigError, MissingDependencyError
 from kvpolicy.policy import Policy
-from kvpolicy.quantizers import NativeQuantizer
 from kvpolicy.registry import get_registry
 from tests.conftest import tiny_llama
 
@@ -136,3 +136,50 @@ def test_dequantizing_some_tokens_equals_picking_from_the_whole(name, axis):
     packed = backend.concat([backend.quantize(x[:, :, :32], spec), backend.quantize(x[:, :, 32:], spec)])
     index = torch.tensor([70, 5, 33, 33, 94])
     assert torch.equal(packed.dequantize_tokens(index), packed.dequantize()[:, :, index])
+
+
+def _hqq_kivi(**options) -> dict:
+    data = Policy.load("kivi").to_dict()
+    for side in ("keys", "values"):
+        data[side]["quant"].update(backend="hqq", options=dict(options))
+    return data
+
+
+def test_backend_options_come_from_the_policy_and_change_what_is_packed():
+    pytest.importorskip("hqq")
+    from kvpolicy.backends.hqq import HQQQuantizer
+    from kvpolicy.config import QuantSpec
+
+    x = torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(0))
+    backend = HQQQuantizer()
+    error = {}
+    for optimize in (True, False):
+        spec = QuantSpec(backend="hqq", bits=2, group_size=64, axis="token", options={"optimize": optimize})
+        error[optimize] = float((backend.quantize(x, spec).dequantize() - x).norm())
+    assert error[True] < error[False]  # HQQ's solver lowers the reconstruction error
+    policy = Policy.from_dict(_hqq_kivi(optimize=False))
+    assert policy.to_dict()["keys"]["quant"]["options"] == {"optimize": False}
+    assert "options" not in Policy.load("kivi").to_dict()["keys"]["quant"]
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"optimise": False}, "keys.quant.options.optimise: got False; allowed: an option of backend 'hqq' "
+                              "(its options: optimize)"),
+        ({"optimize": "no"}, "keys.quant.options.optimize: got 'no'; allowed: true | false"),
+    ],
+)  # fmt: skip
+def test_a_bad_backend_option_is_named_with_the_accepted_ones(options, says):
+    with pytest.raises(ConfigError) as err:
+        Policy.from_dict(_hqq_kivi(**options))
+    assert says in str(err.value)
+
+
+def test_a_backend_without_options_says_so():
+    data = Policy.load("kivi").to_dict()
+    data["keys"]["quant"]["options"] = {"fast": True}
+    with pytest.raises(
+        ConfigError, match="keys.quant.options.fast.*an option of backend 'native' \\(its options: none\\)"
+    ):
+        Policy.from_dict(data)

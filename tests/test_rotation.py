@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpolicy import Policy
+from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
 from kvpolicy.errors import ConfigError
-from kvpolicy.quantizers import NativeQuantizer
 from kvpolicy.rotation import RotatingBackend, hadamard
 from kvpolicy.selectors import WindowSelector
 from kvpolicy.store import TensorStore

@@ -14,6 +14,7 @@ import torch
 from kvpolicy.backends.row_packed import RowPacked, RowPackedBackend, as_grouped, from_grouped
 from kvpolicy.config import QuantSpec
 from kvpolicy.errors import MissingDependencyError
+from kvpolicy.quantizers import BackendOption
 
 
 def _quantizer():
@@ -29,6 +30,14 @@ class HQQQuantizer(RowPackedBackend):
 
     name: ClassVar[str] = "hqq"
     supported_bits: ClassVar[tuple[int, ...]] = (2, 4)
+    options: ClassVar[dict[str, BackendOption]] = {
+        "optimize": BackendOption(
+            True,
+            lambda v: isinstance(v, bool),
+            "true | false",
+            "optimize each group's zero point (HQQ's half-quadratic solver); false: plain min/max, faster",
+        )
+    }
 
     def validate(self, spec: QuantSpec, head_dim: int, section: str) -> None:
         super().validate(spec, head_dim, section)
@@ -44,7 +53,7 @@ class HQQQuantizer(RowPackedBackend):
                 nbits=spec.bits,
                 group_size=spec.group_size,
                 axis=1,
-                optimize=True,
+                optimize=self.option(spec, "optimize"),
                 compute_dtype=torch.float32,
                 device=str(x.device),
             )
