@@ -241,9 +241,9 @@ gluon = pytest.mark.skipif(not _gluon_available(), reason="needs triton with Glu
 @gluon
 @pytest.mark.parametrize("stages", [0, 2])
 def test_mma_kernel_matches_float64_on_fresh_cases(stages):
-    """The Gluon kernel on every case of ``benchmarks.mma_sweep`` (query heads 1-8, key groups
+    """The Gluon kernel on every case of ``tests.mma_cases`` (query heads 1-8, key groups
     16-128, value groups 32-128, padding, values paired by rows, bf16 and fp16)."""
-    from benchmarks.mma_sweep import check
+    from tests.mma_cases import check
 
     for result in check(
         [{"stages": stages}, {"stages": stages, "block_tokens": 32, "exact_keys": True}],
