@@ -111,8 +111,9 @@ def test_log_density_thins_with_distance(cls, window, flushes):
     assert counts[-1] <= (window + 1) // 2  # the newest flushed block was thinned once
     # an older block never keeps more than a newer one (up to one token of pair parity)
     assert all(old <= new + 1 for old, new in zip(counts, counts[1:]))
-    # and the oldest blocks are much sparser than the newest one
-    assert counts[0] < counts[-1]
+    # and the oldest blocks are sparser than the newest one (strictly once a few flushes have
+    # thinned them: LogSelector's position-0 sink can make them tie after three, e.g. W=5)
+    assert counts[0] <= counts[-1] and (flushes < 4 or counts[0] < counts[-1])
 
 
 def test_log_window_stays_between_w_and_2w():
