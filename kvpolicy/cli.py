@@ -45,6 +45,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
             f"quantized keys/values at {bits} bits"
         )
     print(f"# executor on this machine: {policy.executor_summary()}")
+    if any(getattr(policy.config, side).quant.rotate != "none" for side in ("keys", "values")):
+        print("# rotated regions are attended by the chunked path (the fused kernels read unrotated codes)")
     for side in ("keys", "values"):
         quant = getattr(policy.config, side).quant
         backend = policy.registry.quantizer(quant.backend)

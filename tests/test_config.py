@@ -42,7 +42,16 @@ def test_each_shipped_policy_is_one_yaml_file_of_its_plugin_package():
     registry = get_registry()
     root = Path(__file__).parent.parent
     files = {p.stem: p for p in root.glob("kvpolicy*/policies/*.yaml")}
-    shipped = {"full", "kivi", "kivi_per_token", "sink_kivi", "logquant", "partial_logquant", "streaming"}
+    shipped = {
+        "full",
+        "kivi",
+        "kivi_per_token",
+        "sink_kivi",
+        "logquant",
+        "logquant_rot",
+        "partial_logquant",
+        "streaming",
+    }
     assert set(files) == shipped
     for name, path in files.items():
         assert registry.policy_config(name) == PolicyConfig.from_yaml(path)
