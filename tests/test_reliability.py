@@ -331,7 +331,11 @@ def test_padded_rows_equal_each_row_alone_exactly_without_quantization(name):
 #: Retention and quantization blocks follow the batch's positions, not the row's: a
 #: padded row is selected at the batch's length (logquant's log pattern falls partly on
 #: padding) and its first real tokens share a quantization group with padding tokens.
-BATCH_LOGIT_DRIFT = 1.5
+#: LogQuant's schedule also depends on the prefill's length (its authors' prefill rule),
+#: which in a batch is the padded width: a 36-token row in a 323-token batch has some of its
+#: keys thinned by the end of 64 steps, which alone it would keep (measured: drift 1.7 std
+#: for partial_logquant there; the reliability page records every row's drift).
+BATCH_LOGIT_DRIFT = 2.0
 #: a greedy token may differ from the row alone only where the alone top-two logits are
 #: closer than this (a near tie), after which the two continuations are not compared
 BATCH_NEAR_TIE = 0.25
