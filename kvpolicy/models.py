@@ -105,9 +105,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KVPOLICY_CACHE_DIR") or Path.home() / ".cache" / "kvpolicy")
 
 
-def load_default_model(dtype: torch.dtype = torch.bfloat16, device: str = "cpu", name: str = DEFAULT_MODEL):
+def load_default_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
     """``(model, tokenizer)`` of an embedded model (``smollm2`` or ``gemma3-270m``), loaded offline:
-    from its converted-weights cache, or from the GGUF the first time (which fills the cache)."""
+    from its converted-weights cache, or from the GGUF the first time (which fills the cache).
+    ``load_default_model("gemma3-270m", dtype=torch.float32)``."""
+    if isinstance(name, torch.dtype):  # an early signature took the dtype first
+        raise TypeError(f"load_default_model(name, dtype=...): the first argument is a model name, got {name}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = _converted(name)

@@ -66,7 +66,7 @@ def test_an_unknown_model_names_the_embedded_ones():
 @pytest.mark.parametrize("name", ["smollm2"])
 def test_cached_weights_and_tokenizer_equal_the_gguf(name):
     """What the cache serves is the GGUF's model: equal weights, token ids and logits."""
-    model, tokenizer = models.load_default_model(torch.float32, name=name)
+    model, tokenizer = models.load_default_model(name, dtype=torch.float32)
     source, source_tokenizer = models._from_gguf(*models.default_model_path(name))
     cached, original = model.state_dict(), source.state_dict()
     assert cached.keys() == original.keys()
