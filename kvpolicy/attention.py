@@ -123,9 +123,11 @@ def _check_attended(model, args, kwargs, output) -> None:
 
 
 def _no_interface(model, kept: str, err: BaseException | None) -> str:
+    from kvpolicy.layers import model_name
+
     reason = f" ({str(err).splitlines()[0]})" if err else ""
     return (
-        f"{type(model).__name__} ({model.config.model_type}) does not take a custom attention function: its attention "
+        f"{model_name(model)} does not take a custom attention function: its attention "
         f"implementation stays {kept!r}{reason}. kvpolicy serves models whose attention goes through transformers' "
         "AttentionInterface, which is how a kvpolicy cache reaches the attention"
     )

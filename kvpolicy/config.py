@@ -382,18 +382,24 @@ class PolicyConfig:
         except ConfigError as err:
             raise ConfigError(f"{section}.{err.field}", err.value, err.allowed) from None
 
-    def override_of(self, layer: int, num_layers: int) -> int | None:
-        """Which entry of ``layers`` applies to ``layer`` of ``num_layers`` (the last one naming
-        it), or ``None``. An index outside the model is an error naming the override."""
-        found = None
+    def check_layer_indices(self, num_layers: int) -> None:
+        """Raise a :class:`ConfigError` naming the override if a ``layers`` index lies outside a
+        model of ``num_layers`` layers."""
         for i, override in enumerate(self.layers):
             for at in override.at:
                 if not -num_layers <= at < num_layers:
                     raise ConfigError(
                         f"layers[{i}].at", at, f"a layer index of this model: {-num_layers} .. {num_layers - 1}"
                     )
-                if at % num_layers == layer:
-                    found = i
+
+    def override_of(self, layer: int, num_layers: int) -> int | None:
+        """Which entry of ``layers`` applies to ``layer`` of ``num_layers`` (the last one naming
+        it), or ``None``. An index outside the model is an error naming the override."""
+        self.check_layer_indices(num_layers)
+        found = None
+        for i, override in enumerate(self.layers):
+            if any(at % num_layers == layer for at in override.at):
+                found = i
         return found
 
     def to_yaml(self) -> str:

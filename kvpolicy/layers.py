@@ -107,12 +107,17 @@ def layer_types(model_config) -> list[str]:
     return [kind] * text.num_hidden_layers
 
 
+def model_name(model) -> str:
+    """``ClassName (model_type)``, how refusals name a model."""
+    return f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')})"
+
+
 def model_layers(model) -> list[LayerSpec]:
     """One :class:`LayerSpec` per decoder layer of ``model``, or a refusal naming what is not
     served (cross-attention, latent attention, layers sharing another's cache)."""
     config = model.config
     text = text_config(config)
-    name = f"{type(model).__name__} ({getattr(config, 'model_type', '?')})"
+    name = model_name(model)
     if getattr(config, "is_encoder_decoder", False) or getattr(text, "add_cross_attention", False):
         raise UnsupportedModelError(
             f"{name} uses cross-attention (encoder-decoder): its cache holds the encoder's keys and values beside "

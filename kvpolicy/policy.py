@@ -173,13 +173,12 @@ class Policy:
             if spec.quant.rotate == "hadamard":
                 from kvpolicy.rotation import RotatingBackend, hadamard
 
-                if head_dim & (head_dim - 1):
+                try:
+                    backend = RotatingBackend(backend, hadamard(head_dim))
+                except ValueError as err:
                     raise ConfigError(
-                        f"{self.section}{section}.quant.rotate",
-                        "hadamard",
-                        f"none for this model: a Hadamard rotation needs a power-of-two head_dim (it is {head_dim})",
-                    )
-                backend = RotatingBackend(backend, hadamard(head_dim))
+                        f"{self.section}{section}.quant.rotate", "hadamard", f"none for this model: {err}"
+                    ) from None
         return TensorStore(selector, spec.demote, spec.quant, backend, self.demote_block())
 
     def for_layer(self, layer: int, num_layers: int) -> Policy:
@@ -210,19 +209,18 @@ class Policy:
         """
         from kvpolicy import attention
         from kvpolicy.cache import KVPolicyCache
-        from kvpolicy.layers import factory_for, model_layers
+        from kvpolicy.layers import factory_for, model_layers, model_name
 
         specs = model_layers(model)
         factories = self.registry.layer_factories()
-        model_name = f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')})"
-        builders = {s.type: factory_for(s.type, self.config.layer_types, factories, model_name) for s in specs}
-        for spec in specs:  # a `layers` index outside this model fails before the model is touched
-            self.config.override_of(spec.index, len(specs))
+        name = model_name(model)
+        builders = {s.type: factory_for(s.type, self.config.layer_types, factories, name) for s in specs}
+        self.config.check_layer_indices(len(specs))  # before the model is touched
         attention.attach(model)
         layers = [builders[s.type].build(self, s, model.config) for s in specs]
         if all(s.type in ("sliding_attention", "chunked_attention") for s in specs) and not self.config.layer_types:
             warnings.warn(
-                f"every layer of {model_name} is a sliding-window or chunked layer (window {specs[0].window}): "
+                f"every layer of {name} is a sliding-window or chunked layer (window {specs[0].window}): "
                 f"policy {self.name!r} applies to full-attention layers, so this cache holds what DynamicCache "
                 "holds, each layer's window in full precision",
                 UserWarning,
