@@ -266,7 +266,8 @@ class LogSelector(Selector):
     def may_demote(self, previous: int, length: int) -> bool:
         if previous < self._prefill:  # the prefill itself (or a state before it)
             return length >= 3 * self.window
-        return self.state(length)[2] != self.state(previous)[2]
+        before = self.state(previous)[2]  # the memo holds `previous`: only new flushes are walked
+        return self.state(length)[2] != before
 
     def scaled(self, factor: float) -> Selector:
         return LogSelector(window=_scaled(self.window, factor))
