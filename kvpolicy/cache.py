@@ -94,6 +94,7 @@ class KVPolicyLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.shape = (key_states.shape[0], key_states.shape[1], key_states.shape[3])
+        self.value_head_dim = value_states.shape[3]
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -260,8 +261,8 @@ class KVPolicyCache(Cache):
             for region, n in layer.nbytes().items():
                 by_region[region] = by_region.get(region, 0) + n
             if layer.is_initialized:
-                (batch, heads, head_dim), dtype = _layer_geometry(layer)
-                baseline += 2 * batch * heads * head_dim * 2 * layer.held_tokens()
+                (batch, heads, channels), dtype = _layer_geometry(layer)
+                baseline += batch * heads * channels * 2 * layer.held_tokens()
                 demoted = demoted or layer.demoted
         return MemoryReport(
             tokens=self.get_seq_length(),
@@ -274,11 +275,13 @@ class KVPolicyCache(Cache):
 
 
 def _layer_geometry(layer) -> tuple[tuple[int, int, int], torch.dtype]:
-    """``((batch, kv_heads, head_dim), dtype)`` of an initialized layer of any kind."""
+    """``((batch, kv_heads, key and value channels of a token), dtype)`` of an initialized
+    layer of any kind (channels: ``2 * head_dim`` unless values have their own head size)."""
     if isinstance(layer, KVPolicyLayer):
-        return layer.shape, layer.dtype
+        batch, heads, head_dim = layer.shape
+        return (batch, heads, head_dim + layer.value_head_dim), layer.dtype
     batch, heads, _, head_dim = layer.keys.shape
-    return (batch, heads, head_dim), layer.keys.dtype
+    return (batch, heads, head_dim + layer.values.shape[-1]), layer.keys.dtype
 
 
 def attention_layout(model) -> tuple[int, int, int]:

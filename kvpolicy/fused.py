@@ -398,6 +398,7 @@ class FusedExecutor(ChunkedExecutor):
             and self.kernels_serve(query)
             and _power_of_two(query.shape[-1])
             and query.shape[-1] >= 16  # the matrix units' smallest inner dimension
+            and step.new_values.shape[-1] == query.shape[-1]  # the kernels read keys and values of one head size
             and (keys is None or fusable(query, keys, values, paired_by_rows))
         ):
             return super().attend_regions(query, regions, step, attention_mask, scaling)

@@ -35,7 +35,8 @@ class LayerSpec:
     """What one decoder layer caches.
 
     ``type``: transformers' layer type; ``window``: tokens a sliding or chunked layer attends
-    (``None`` for full attention); keys and values are ``[batch, kv_heads, tokens, head_dim]``.
+    (``None`` for full attention); keys are ``[batch, kv_heads, tokens, head_dim]`` and values
+    ``[batch, kv_heads, tokens, value_head_dim]`` (the two differ in MiMo V2's attention).
     """
 
     index: int
@@ -45,6 +46,8 @@ class LayerSpec:
     window: int | None = None
     #: decoder layers in the model (a policy's ``layers`` section counts from both ends)
     num_layers: int = 1
+    #: the values' head size (``None``: the keys', ``head_dim``)
+    value_head_dim: int | None = None
 
 
 class LayerFactory:
@@ -67,7 +70,9 @@ class PolicyLayers(LayerFactory):
     serves = ("full_attention",)
 
     def build(self, policy: Policy, spec: LayerSpec, model_config=None) -> CacheLayerMixin:
-        return policy.for_layer(spec.index, spec.num_layers).new_layer(spec.head_dim, model_config)
+        return policy.for_layer(spec.index, spec.num_layers).new_layer(
+            spec.head_dim, model_config, value_head_dim=spec.value_head_dim
+        )
 
 
 class WindowLayers(LayerFactory):
@@ -146,6 +151,7 @@ def model_layers(model) -> list[LayerSpec]:
         ) from None
     kv_heads = getattr(text, "num_key_value_heads", None) or num_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // num_heads
+    value_head_dim = getattr(text, "v_head_dim", None)  # set where values have their own head size
     types = layer_types(config)
     if len(types) != num_layers:
         raise UnsupportedModelError(
@@ -161,7 +167,7 @@ def model_layers(model) -> list[LayerSpec]:
         window = windows.get(kind)
         if kind in windows and not window:
             raise UnsupportedModelError(f"{name}: layer {index} is {kind!r} but the config gives no window size")
-        specs.append(LayerSpec(index, kind, kv_heads, head_dim, window, num_layers))
+        specs.append(LayerSpec(index, kind, kv_heads, head_dim, window, num_layers, value_head_dim))
     return specs
 
 

@@ -138,17 +138,30 @@ class Policy:
         ]
         return math.lcm(*groups) if groups else DEFAULT_BLOCK
 
-    def memory_bound(self, tokens: int, batch: int, kv_heads: int, head_dim: int, element_size: int = 2) -> int:
-        """Most bytes one layer's stores can hold after ``tokens`` tokens (native backend).
+    def memory_bound(
+        self,
+        tokens: int,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        element_size: int = 2,
+        value_head_dim: int | None = None,
+    ) -> int:
+        """Most bytes one layer's stores can hold after ``tokens`` tokens (native backend);
+        ``value_head_dim`` defaults to ``head_dim``.
 
         Full-precision tokens up to the selector's budget, a staging buffer below one
         packing block, every remaining token packed (codes plus scales and zeros), and 4
         bytes of position per held token. Growth beyond this bound is a leak.
         """
         budgets = self.budget()
-        per_token = batch * kv_heads * head_dim * element_size
         total = 0
-        for spec, budget in ((self.config.keys, budgets["keys"]), (self.config.values, budgets["values"])):
+        sides = (
+            (self.config.keys, budgets["keys"], head_dim),
+            (self.config.values, budgets["values"], value_head_dim or head_dim),
+        )
+        for spec, budget, dim in sides:
+            per_token = batch * kv_heads * dim * element_size
             fp = tokens if budget is None else min(tokens, budget)
             total += fp * (per_token + 4)
             if spec.demote != "quantize":
@@ -156,11 +169,11 @@ class Policy:
             staged = min(tokens, self.demote_block() - 1)
             total += staged * (per_token + 4)
             quant = spec.quant
-            codes = batch * kv_heads * head_dim * quant.bits / 8
+            codes = batch * kv_heads * dim * quant.bits / 8
             if quant.axis == "token":
-                scales = 2 * batch * kv_heads * (head_dim // quant.group_size) * element_size
+                scales = 2 * batch * kv_heads * (dim // quant.group_size) * element_size
             else:
-                scales = 2 * batch * kv_heads * head_dim * element_size / quant.group_size
+                scales = 2 * batch * kv_heads * dim * element_size / quant.group_size
             total += int(tokens * (codes + scales + 4))
         return total
 
@@ -187,13 +200,16 @@ class Policy:
         override = self.config.override_of(layer, num_layers)
         return self if override is None else self.overrides[override]
 
-    def new_layer(self, head_dim: int, model_config=None) -> KVPolicyLayer:
-        """One layer's cache (fresh selectors and stores: nothing shared with other layers)."""
+    def new_layer(self, head_dim: int, model_config=None, value_head_dim: int | None = None) -> KVPolicyLayer:
+        """One layer's cache (fresh selectors and stores: nothing shared with other layers).
+
+        ``head_dim``: the keys' head size; ``value_head_dim``: the values' (default: the same).
+        """
         from kvpolicy.cache import KVPolicyLayer
 
         return KVPolicyLayer(
             key_store=self._store(self.config.keys, "keys", head_dim),
-            value_store=self._store(self.config.values, "values", head_dim),
+            value_store=self._store(self.config.values, "values", value_head_dim or head_dim),
             executor=self.registry.executor(self.config.executor),
             config=model_config,
         )
