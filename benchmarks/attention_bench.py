@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
-from kvpolicy.fused import packed_decode_attention
+from kvpolicy.executors.kernels import packed_decode_attention
 
 
 def bench(fn, warmup=5, reps=30) -> float:
@@ -58,7 +58,7 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
 
 def measure(n: int, b: int, copy_bw: float, kernel: str | None = None) -> dict:
     """Time one decode step's attention over ``n`` cached tokens for batch ``b`` (``kernel``:
-    the packed region's, see :func:`kvpolicy.fused.packed_splits`)."""
+    the packed region's, see :func:`kvpolicy.executors.kernels.packed_splits`)."""
     kv_heads, groups, d = 8, 4, 128
     backend = NativeQuantizer()
     k = torch.randn(b, kv_heads, n, d, device="cuda", dtype=torch.bfloat16)

@@ -31,14 +31,14 @@ import triton.language as tl
 from benchmarks.attention_bench import bench, copy_bandwidth
 from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
-from kvpolicy.fused import (
+from kvpolicy.executors.kernels import TritonLaunch, packed_decode_attention
+from kvpolicy.executors.kernels.common import cdiv as triton_cdiv
+from kvpolicy.executors.kernels.triton_splits import (
     MAX_REGISTERS,
     NUM_STAGES,
     NUM_WARPS,
     SPLIT_FACTOR,
     default_groups_per_block,
-    packed_decode_attention,
-    triton_cdiv,
 )
 
 SHAPES = [(8, 32768, 64), (32, 32768, 64), (74, 32768, 64), (8, 32768, 32), (32, 4096, 64)]  # batch, tokens, group
@@ -125,9 +125,9 @@ def sweep_shape(b: int, n: int, group: int, args, baselines: dict, sms: int, cop
     configs = itertools.product(args.warps, args.stages, args.split_factors, args.max_registers, args.groups_per_block)
     for warps, stages, factor, regs, per_block in configs:
         run = functools.partial(
-            packed_decode_attention, q, kp, vp, scale, None,
-            num_warps=warps, num_stages=stages, split_factor=factor, max_registers=regs or None,
-            groups_per_block=per_block, kernel="triton",
+            packed_decode_attention, q, kp, vp, scale, None, kernel="triton",
+            launch=TritonLaunch(num_warps=warps, num_stages=stages, split_factor=factor, max_registers=regs or None,
+                                groups_per_block=per_block),
         )  # fmt: skip
         try:
             out = run()[0].reshape(expected.shape)

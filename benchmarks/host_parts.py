@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     from transformers.cache_utils import DynamicLayer
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from kvpolicy import fused
     from kvpolicy.attention import kvpolicy_attention
+    from kvpolicy.executors.kernels import decode_attention
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=1)
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
                 full = [(view_k.fp, view_v.fp), (new, new)]
 
                 def kernels(view_k=view_k, view_v=view_v, full=full):
-                    fused.decode_attention(query, full, view_k.packed, view_v.packed, 128**-0.5)
+                    decode_attention(query, full, view_k.packed, view_v.packed, 128**-0.5)
 
                 rows.append(
                     (f"{name}: fused kernels alone (2 launches)", timed(kernels, args.calls, args.rounds, sync))

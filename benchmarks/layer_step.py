@@ -21,7 +21,7 @@ import time
 import torch
 
 from benchmarks.model_bench import fused_policy
-from kvpolicy import pairing
+from kvpolicy.executors import pairing
 
 
 class Module(torch.nn.Module):

@@ -13,8 +13,8 @@
 Prints a table last and writes JSON.
 
     python -m benchmarks.mma_sweep --out benchmarks/results/mma_sweep_h200.json
-    git show HEAD~1:kvpolicy/fused_mma.py > /tmp/fused_mma_before.py
-    python -m benchmarks.mma_sweep --baseline /tmp/fused_mma_before.py --stages 2 ...
+    git show HEAD~1:kvpolicy/executors/kernels/mma_device.py > /tmp/mma_device_before.py
+    python -m benchmarks.mma_sweep --baseline /tmp/mma_device_before.py --stages 2 ...
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ import torch
 
 from benchmarks.attention_bench import bench, bench_graph, copy_bandwidth
 from benchmarks.fused_sweep import layer_data, load_module, time_read_only
-from kvpolicy import fused
-from kvpolicy.fused import packed_decode_attention
+from kvpolicy.executors.kernels import MmaSplits, launch_settings, packed_decode_attention
 from tests.mma_cases import check
 
 SHAPES = [(8, 32768, 64), (32, 32768, 64), (74, 32768, 64), (128, 32768, 64), (8, 32768, 32), (74, 32768, 32),
@@ -39,29 +38,30 @@ SHAPES = [(8, 32768, 64), (32, 32768, 64), (74, 32768, 64), (128, 32768, 64), (8
 
 
 def load_kernel(path: str) -> Callable:
-    """``packed_decode_mma`` of a copy of ``kvpolicy/fused_mma.py`` (e.g. from ``git show``)."""
+    """``packed_decode_mma`` of a copy of ``kvpolicy/executors/kernels/mma_device.py`` (e.g. from ``git show``)."""
     return load_module(path, "fused_mma_baseline").packed_decode_mma
 
 
 @contextlib.contextmanager
 def launching(kernel: Callable | None) -> Iterator[None]:
     """The Gluon executor launches ``kernel`` (None: the current one) inside the block."""
-    current = fused._mma_kernel
+    current = MmaSplits.device_kernel
     if kernel is not None:
-        fused._mma_kernel = lambda: kernel
+        MmaSplits.device_kernel = staticmethod(lambda: kernel)
     try:
         yield
     finally:
-        fused._mma_kernel = current
+        MmaSplits.device_kernel = current
 
 
 def time_shape(b, n, group, variants, copy_bw, sms, baseline: Callable | None = None) -> dict:
     hkv = 8
     q, kp, vp, scale, nbytes, expected = layer_data(b, n, group, hkv)
 
-    def timed(**kw):
+    def timed(kernel: str, **settings):
         """(ms per call, its kernels' ms from a CUDA graph, relative error)."""
-        run = functools.partial(packed_decode_attention, q, kp, vp, scale, None, **kw)
+        launch = launch_settings(kernel, **settings)
+        run = functools.partial(packed_decode_attention, q, kp, vp, scale, None, kernel=kernel, launch=launch)
         out = run()[0].reshape(expected.shape)
         err = float((out - expected).norm() / expected.norm())
         return bench(run, warmup=3, reps=20), bench_graph(run, warmup=3, reps=20), err
@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--max-registers", type=int, nargs="+", default=[0])
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 3])
     parser.add_argument("--skip-check", action="store_true")
-    parser.add_argument("--baseline", help="an earlier fused_mma.py, timed at its defaults on every shape")
+    parser.add_argument("--baseline", help="an earlier mma_device.py, timed at its defaults on every shape")
     parser.add_argument("--out")
     args = parser.parse_args()
     gen = torch.Generator().manual_seed(0)

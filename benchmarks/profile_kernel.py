@@ -19,7 +19,7 @@ import torch
 from benchmarks.fused_sweep import load_baseline
 from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
-from kvpolicy.fused import packed_decode_attention
+from kvpolicy.executors.kernels import packed_decode_attention
 
 
 def main() -> None:
@@ -42,7 +42,8 @@ def main() -> None:
     for _ in range(args.launches):
         attend(q, keys, values, d**-0.5, None)
     torch.cuda.synchronize()
-    print(f"{args.launches} launches of {args.variant or 'kvpolicy.fused'} at batch {args.batch}, {args.tokens} tokens")
+    source = args.variant or "kvpolicy.executors.kernels"
+    print(f"{args.launches} launches of {source} at batch {args.batch}, {args.tokens} tokens")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ from kvpolicy.backends.hqq import HQQQuantizer
 from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.backends.quanto import QuantoQuantizer
 from kvpolicy.config import policy_files
-from kvpolicy.executors import ChunkedExecutor, ReferenceExecutor
-from kvpolicy.fused import AutoExecutor, FusedExecutor, FusedTritonExecutor
+from kvpolicy.executors import AutoExecutor, ChunkedExecutor, FusedExecutor, FusedTritonExecutor, ReferenceExecutor
 from kvpolicy.hookspecs import hookimpl
 from kvpolicy.layers import BUILTIN_LAYER_FACTORIES
 from kvpolicy.selectors import BUILTIN_SELECTORS

@@ -4,7 +4,7 @@
 fills it, takes one decode step and compares the executor's output with float64 softmax
 attention over the same stored (dequantized) tokens. ``python -m tests.executor_cases`` runs
 :data:`CASES` and prints one JSON line each, with the path the step took (``fused`` when
-:func:`kvpolicy.fused.decode_attention` ran); with ``TRITON_INTERPRET=1`` the kernels run in
+:func:`kvpolicy.executors.kernels.decode_attention` ran); with ``TRITON_INTERPRET=1`` the kernels run in
 Triton's CPU interpreter, so CI checks the executor's decode path without a GPU.
 """
 
@@ -15,8 +15,9 @@ import json
 
 import torch
 
-from kvpolicy import Policy, fused
+from kvpolicy import Policy
 from kvpolicy.executors import ReferenceExecutor
+from kvpolicy.executors.kernels import decode
 
 # dtype, batch, kv heads, query heads per kv head, head dim, cached tokens, key bits, value
 # bits, key group, value group, left padding, key retention ("log": keys keep a log-distributed
@@ -118,13 +119,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     calls = []
-    kernel = fused.decode_attention
+    kernel = decode.decode_attention
 
     def counted(*a, **k):
         calls.append(1)
         return kernel(*a, **k)
 
-    fused.decode_attention = counted
+    decode.decode_attention = counted
     for seed, (dtype, *shape) in enumerate(CASES):
         before = len(calls)
         rel, _ = run_case(args.device, getattr(torch, dtype), *shape, seed=seed)

@@ -1,7 +1,7 @@
 """Run the fused Triton kernels on a set of cases against float64 attention; one JSON line each.
 
-Each case checks :func:`~kvpolicy.fused.packed_decode_attention` (the packed region alone:
-``rel_err``, ``lse_err``) and :func:`~kvpolicy.fused.decode_attention` (a whole decode step:
+Each case checks :func:`~kvpolicy.executors.kernels.packed_decode_attention` (the packed region alone:
+``rel_err``, ``lse_err``) and :func:`~kvpolicy.executors.kernels.decode_attention` (a whole decode step:
 full-precision segments of kept, staged and new tokens plus the packed region, ``step_err``;
 ``fp_only_err`` without a packed region; ``gather_err``: the packed region with its values
 stored in another order and paired by value rows).
@@ -23,7 +23,7 @@ import torch
 
 from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
-from kvpolicy.fused import decode_attention, packed_decode_attention
+from kvpolicy.executors.kernels import TritonLaunch, decode_attention, packed_decode_attention
 
 # batch, kv heads, query heads per kv head, head dim, tokens, key bits, value bits, key group,
 # value group, padded, splits
@@ -138,8 +138,9 @@ def main() -> None:
             bias[0, : n // 3] = float("-inf")
         on_device = [t.to(device) if t is not None else None for t in (query, bias)]
         keys_d, values_d = (x.map_batch(lambda t: t.to(device)) for x in (keys, values))
+        launch = TritonLaunch(splits=splits, groups_per_block=args.groups_per_block)
         out, lse = packed_decode_attention(
-            on_device[0], keys_d, values_d, d**-0.5, on_device[1], splits=splits, groups_per_block=args.groups_per_block
+            on_device[0], keys_d, values_d, d**-0.5, on_device[1], kernel="triton", launch=launch
         )
         out, lse = out.cpu(), lse.cpu()
         expected, expected_lse = float64_attention(query, keys.dequantize(), values.dequantize(), d**-0.5, bias)

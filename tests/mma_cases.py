@@ -14,7 +14,7 @@ import torch
 
 from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
-from kvpolicy.fused import packed_decode_attention
+from kvpolicy.executors.kernels import launch_settings, packed_decode_attention
 
 # batch, kv heads, query heads per kv head, tokens, key group, value group, padded, paired by rows, splits, dtype
 CASES = [
@@ -72,9 +72,8 @@ def check(variants: list[dict], gen: torch.Generator, device: str = "cuda", kern
             scale,
             bias,
             rows.to(device) if rows is not None else None,
-            splits=splits,
             kernel=kernel,
-            **variant,
+            launch=launch_settings(kernel, splits=splits, **variant),
         )
         rel = float((out.double() - expected).norm() / expected.norm())
         results.append(

@@ -91,20 +91,20 @@ def test_the_sweep_launches_a_baseline_kernel_only_inside_its_block(tmp_path):
     import pathlib
 
     from benchmarks.mma_sweep import launching, load_kernel
-    from kvpolicy import fused, fused_mma
+    from kvpolicy.executors.kernels import MmaSplits, mma_device
 
-    copy = tmp_path / "fused_mma_before.py"
-    copy.write_text(pathlib.Path(fused_mma.__file__).read_text())
+    copy = tmp_path / "mma_device_before.py"
+    copy.write_text(pathlib.Path(mma_device.__file__).read_text())
     baseline = load_kernel(str(copy))
-    assert baseline is not fused_mma.packed_decode_mma and baseline.fn.__module__ == "fused_mma_baseline"
+    assert baseline is not mma_device.packed_decode_mma and baseline.fn.__module__ == "fused_mma_baseline"
     with launching(baseline):
-        assert fused._mma_kernel() is baseline
-    assert fused._mma_kernel() is fused_mma.packed_decode_mma
+        assert MmaSplits.device_kernel() is baseline
+    assert MmaSplits.device_kernel() is mma_device.packed_decode_mma
     with pytest.raises(RuntimeError), launching(baseline):
         raise RuntimeError("a shape failed")
-    assert fused._mma_kernel() is fused_mma.packed_decode_mma
+    assert MmaSplits.device_kernel() is mma_device.packed_decode_mma
     with launching(None):
-        assert fused._mma_kernel() is fused_mma.packed_decode_mma
+        assert MmaSplits.device_kernel() is mma_device.packed_decode_mma
 
 
 @pytest.mark.parametrize("with_baseline", [False, True])

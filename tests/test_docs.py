@@ -1,4 +1,4 @@
-"""Every code block of Getting started runs, and its set-up matches the README's."""
+"""Every code block of Getting started runs, its set-up matches the README's, and every results file is cited."""
 
 from __future__ import annotations
 
@@ -50,3 +50,27 @@ def test_getting_started_code_blocks_run(tmp_path, monkeypatch):
             result = subprocess.run(shlex.split(line), capture_output=True, text=True, env=env, timeout=600)
             assert result.returncode == 0, f"{line}\n{result.stderr[-2000:]}"
     assert (tmp_path / "my_policy.png").exists()
+
+
+def cites(text: str, name: str) -> bool:
+    """Whether ``text`` names the results file ``name``, or its run as ``stem.*`` / ``stem.{json,log}``
+    (a run's JSON and its log are one result)."""
+    stem = name.rsplit(".", 1)[0]
+    return name in text or re.search(rf"\b{re.escape(stem)}\.(\*|\{{|json|log|txt)", text) is not None
+
+
+def test_every_results_file_is_cited_by_a_page():
+    """A results file in ``benchmarks/results/`` that no docs page, the README or the benchmark
+    notes cite is a figure nobody can find: it is removed or cited."""
+    pages = [*ROOT.joinpath("docs").rglob("*.md"), ROOT / "README.md", ROOT / "benchmarks" / "NOTES.md"]
+    text = "\n".join(page.read_text() for page in pages)
+    results = sorted(p.name for p in ROOT.joinpath("benchmarks", "results").iterdir() if p.is_file())
+    assert results, "no results files found"
+    uncited = [name for name in results if not cites(text, name)]
+    assert not uncited, f"results files no page cites: {uncited}"
+
+
+def test_citation_matches_names_and_runs():
+    assert cites("see `model_h200_v19.*`", "model_h200_v19.log")
+    assert cites("(results/e2e_h200.json)", "e2e_h200.json")
+    assert not cites("model_h200_v19.json", "model_h200_v1.json")

@@ -175,13 +175,13 @@ def test_chunked_executor_never_materializes_the_whole_cache(monkeypatch, kinds)
     assert isinstance(layer.executor, ChunkedExecutor)
     layer.executor.chunk_tokens = 16
     seen = []
-    original_partial = __import__("kvpolicy.partial_attention", fromlist=["partial"]).partial
+    original_partial = __import__("kvpolicy.executors.partial", fromlist=["partial"]).partial
 
     def spy(query, keys, values, scaling, bias):
         seen.append(keys.shape[2])
         return original_partial(query, keys, values, scaling, bias)
 
-    monkeypatch.setattr("kvpolicy.partial_attention.partial", spy)
+    monkeypatch.setattr("kvpolicy.executors.partial.partial", spy)
     monkeypatch.setattr(TensorView, "materialize", refuse)
     layer.update(torch.randn(1, 2, 200, 16), torch.randn(1, 2, 200, 16))
     keys, _ = layer.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))

@@ -77,10 +77,11 @@ def test_fused_executor_falls_back_to_chunked_on_cpu(monkeypatch):
 
 @pytest.mark.parametrize(("executor", "kernel"), [("fused", None), ("fused-triton", "triton")])
 def test_fused_executors_hand_their_kernel_to_the_decode_step(monkeypatch, executor, kernel):
-    """``fused`` leaves the packed region's kernel to :func:`kvpolicy.fused.packed_splits`
-    (Gluon where it serves); ``fused-triton`` pins the Triton kernel. Checked on the decode
-    call itself, with the kernels replaced by a recorder (CPU)."""
-    from kvpolicy import fused
+    """``fused`` leaves the packed region's kernel to :func:`kvpolicy.executors.kernels.packed_splits`
+    (the first kernel that serves); ``fused-triton`` pins the Triton kernel. Checked on the
+    decode call itself, with the kernels replaced by a recorder (CPU)."""
+    from kvpolicy.executors import fused
+    from kvpolicy.executors.kernels import common, decode
 
     seen = []
 
@@ -88,33 +89,33 @@ def test_fused_executors_hand_their_kernel_to_the_decode_step(monkeypatch, execu
         seen.append(args[-1])
         return torch.zeros(query.shape[0], 1, query.shape[1], query.shape[3], dtype=query.dtype)
 
-    monkeypatch.setattr(fused, "_interpreted", lambda: True)
+    monkeypatch.setattr(common, "interpreted", lambda: True)
     monkeypatch.setattr(fused, "triton_available", lambda: True)
-    monkeypatch.setattr(fused, "decode_attention", recorded)
+    monkeypatch.setattr(decode, "decode_attention", recorded)
     run_case("cpu", torch.float32, 1, 2, 4, 128, 200, 2, 2, 64, 64, False, "window", seed=0, executor=executor)
     assert seen == [kernel]
 
 
 @cuda
 def test_fused_takes_the_gluon_kernel_where_it_serves_and_fused_triton_never(monkeypatch):
-    from kvpolicy import fused
+    from kvpolicy.executors.kernels import MmaSplits, TritonSplits, gluon_available
 
-    if not fused.gluon_available():
+    if not gluon_available():
         pytest.skip("needs Triton with Gluon")
     launched = []
 
-    def recording(name):
-        real = getattr(fused, name)
+    def recording(cls):
+        real = cls.splits
 
-        def call(*args, **kwargs):
-            launched.append(name)
-            return real(*args, **kwargs)
+        def call(self, *args, **kwargs):
+            launched.append(cls.name)
+            return real(self, *args, **kwargs)
 
         return call
 
-    for name in ("mma_splits", "_kernels"):  # the Gluon kernel's launch; the Triton kernels' lookup
-        monkeypatch.setattr(fused, name, recording(name))
-    for executor, expected in (("fused", "mma_splits"), ("fused-triton", "_kernels")):
+    for cls in (MmaSplits, TritonSplits):
+        monkeypatch.setattr(cls, "splits", recording(cls))
+    for executor, expected in (("fused", "mma"), ("fused-triton", "triton")):
         launched.clear()
         rel, _ = run_case("cuda", torch.bfloat16, 2, 2, 4, 128, 700, 2, 2, 64, 64, True, "window", 0, executor)
         assert rel <= 1e-2 and launched[0] == expected, (executor, launched)
@@ -180,7 +181,7 @@ def test_ptx_unpacking_constants_give_every_code_exactly(bits):
     import re
     import struct
 
-    from kvpolicy.fused_kernels import unpack_ptx
+    from kvpolicy.executors.kernels.triton_device import unpack_ptx
 
     def half(pattern: int) -> float:
         assert pattern >> 16 == pattern & 0xFFFF  # the same value in both halves
@@ -203,19 +204,23 @@ def test_ptx_unpacking_constants_give_every_code_exactly(bits):
 def test_groups_per_block_must_be_one_two_or_four():
     from kvpolicy.backends.native import NativeQuantizer
     from kvpolicy.config import QuantSpec
-    from kvpolicy.fused import packed_decode_attention
+    from kvpolicy.executors.kernels import MmaLaunch, TritonLaunch, packed_decode_attention
 
     backend = NativeQuantizer()
     keys = backend.quantize(torch.randn(1, 1, 64, 64), QuantSpec(bits=2, group_size=64, axis="channel"))
     values = backend.quantize(torch.randn(1, 1, 64, 64), QuantSpec(bits=2, group_size=64, axis="token"))
-    with pytest.raises(ValueError, match=r"groups_per_block must be one of \(1, 2, 4\), got 3"):
-        packed_decode_attention(torch.randn(1, 1, 4, 64), keys, values, 0.125, None, groups_per_block=3)
+    with pytest.raises(ValueError, match=r"groups_per_block must be one of \(1, 2, 4\) or None, got 3"):
+        TritonLaunch(groups_per_block=3)
+    with pytest.raises(TypeError, match="the 'triton' kernel takes TritonLaunch settings"):
+        query = torch.randn(1, 1, 4, 64)
+        packed_decode_attention(query, keys, values, 0.125, None, kernel="triton", launch=MmaLaunch())
 
 
 def test_default_groups_per_block_fills_128_token_blocks_within_16_rows():
     """The default stacks key groups up to blocks of 128 tokens (the swept best: 4 groups of
     32, 2 of 64), but never so many that the groups' query rows exceed one 16-row tile."""
-    from kvpolicy.fused import GROUPS_PER_BLOCK_CHOICES, default_groups_per_block, triton_next_power_of_2
+    from kvpolicy.executors.kernels.common import next_power_of_2
+    from kvpolicy.executors.kernels.triton_splits import GROUPS_PER_BLOCK_CHOICES, default_groups_per_block
 
     assert [default_groups_per_block(group, 4) for group in (16, 32, 64, 128, 256)] == [4, 4, 2, 1, 1]
     assert [default_groups_per_block(32, heads) for heads in (1, 2, 4, 5, 8, 16, 32)] == [4, 4, 4, 2, 2, 1, 1]
@@ -223,13 +228,13 @@ def test_default_groups_per_block_fills_128_token_blocks_within_16_rows():
         for heads in range(1, 33):
             r = default_groups_per_block(group, heads)
             assert r in GROUPS_PER_BLOCK_CHOICES
-            assert r == 1 or (r * group <= 128 and r * triton_next_power_of_2(heads) <= 16)
+            assert r == 1 or (r * group <= 128 and r * next_power_of_2(heads) <= 16)
 
 
 def _gluon_available() -> bool:
     if importlib.util.find_spec("triton") is None:
         return False
-    from kvpolicy.fused import gluon_available
+    from kvpolicy.executors.kernels import gluon_available
 
     return gluon_available()
 
@@ -259,7 +264,7 @@ def test_mma_kernel_compiles_for_sm90_without_a_shared_memory_round_trip(stages)
     (32 scores, 8 key offsets, 32 values per 64 tokens) take their operands from registers
     loaded in place; no shared-memory store or barrier there when reading straight from global
     memory, and with the ``cp.async`` stages shared memory is written only by the copies."""
-    from kvpolicy.kernel_inspect import compile_for, mma_kernel_source
+    from kvpolicy.executors.kernels.inspection import compile_for, mma_kernel_source
 
     compiled = compile_for(mma_kernel_source(stages=stages), {"num_warps": 1})
     loop = compiled.loop_opcodes()
@@ -285,7 +290,7 @@ def test_pair_unpacking_constants_give_every_code(mode):
     import re
     import struct
 
-    from kvpolicy.fused_mma import unpack_pairs_ptx
+    from kvpolicy.executors.kernels.mma_device import unpack_pairs_ptx
 
     def half(pattern: int) -> float:
         assert pattern >> 16 == pattern & 0xFFFF  # the same value in both halves
@@ -315,7 +320,7 @@ def test_pair_unpacking_constants_give_every_code(mode):
 def test_kernel_choice_names_the_allowed_kernels():
     from kvpolicy.backends.native import NativeQuantizer
     from kvpolicy.config import QuantSpec
-    from kvpolicy.fused import packed_splits
+    from kvpolicy.executors.kernels import packed_splits
 
     backend = NativeQuantizer()
     keys = backend.quantize(torch.randn(1, 1, 64, 128), QuantSpec(bits=2, group_size=64, axis="channel"))

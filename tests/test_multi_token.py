@@ -1,7 +1,7 @@
 """Multi-token steps (a prefill, a chunked prefill, a second turn) on the default executor.
 
 The full-precision part goes through PyTorch's SDPA kernels with their log-sum-exp
-(:func:`kvpolicy.partial_attention.sdpa_partial`), the packed part is dequantized a chunk at a
+(:func:`kvpolicy.executors.partial.sdpa_partial`), the packed part is dequantized a chunk at a
 time, and nothing holds a score matrix. Checked against float64 attention over the same
 stored tokens, on CPU in CI and on CUDA on the device.
 """
@@ -14,9 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpolicy import Policy, load_policy
-from kvpolicy import partial_attention as pa
-from kvpolicy.executors import ChunkedExecutor, ReferenceExecutor
-from kvpolicy.fused import AutoExecutor
+from kvpolicy.executors import AutoExecutor, ChunkedExecutor, ReferenceExecutor
+from kvpolicy.executors import partial as pa
 from tests.test_executor import FakeAttention, naive_attention, random_left_padding
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpolicy import pairing
-from kvpolicy.pairing import pair_regions
+from kvpolicy.executors import pairing
+from kvpolicy.executors.pairing import pair_regions
 from kvpolicy.policy import Policy
 
 RETAIN = {

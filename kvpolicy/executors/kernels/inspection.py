@@ -61,11 +61,11 @@ def compile_for(source, options: dict, arch: int = 90) -> Compiled:
 def mma_kernel_source(
     key_group: int = 64, value_group: int = 64, block_n: int = 64, stages: int = 0, dtype: str = "bf16", **flags: bool
 ):
-    """The Gluon kernel (:func:`kvpolicy.fused_mma.packed_decode_mma`) as launched by
-    :func:`kvpolicy.fused.mma_splits` (pointers 16-byte aligned), ready for :func:`compile_for`."""
+    """The Gluon kernel (:func:`kvpolicy.executors.kernels.mma_device.packed_decode_mma`) as launched by
+    :class:`kvpolicy.executors.kernels.MmaSplits` (pointers 16-byte aligned), ready for :func:`compile_for`."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from kvpolicy.fused_mma import packed_decode_mma
+    from kvpolicy.executors.kernels.mma_device import packed_decode_mma
 
     pointers = ["Q", "KC", "KS", "KZ", "VC", "VS", "VZ", "VROWS", "BIAS", "OUT", "LSE"]
     types = [

@@ -3,8 +3,8 @@
 ``packed_decode`` computes one decode step's attention over a slice of the packed tokens of
 one (batch row, KV head). ``finish_decode`` attends the full-precision tokens (kept, staged
 and new, read in place) and merges them with the slices by log-sum-exp into the step's
-output (:func:`kvpolicy.fused.decode_attention`); ``merge_splits`` merges the slices alone
-(:func:`kvpolicy.fused.packed_decode_attention`, the packed region's ``(o, lse)``).
+output (:func:`kvpolicy.executors.kernels.decode_attention`); ``merge_splits`` merges the slices alone
+(:func:`kvpolicy.executors.kernels.packed_decode_attention`, the packed region's ``(o, lse)``).
 
 Codes are packed in planes (:func:`kvpolicy.backends.native.pack_codes`): the ``i``-th code of
 the ``W`` bytes of a token row holds channels ``i*W .. (i+1)*W - 1``. A tile of bytes

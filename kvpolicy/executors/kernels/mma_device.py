@@ -26,7 +26,7 @@ only the ``cp.async`` copies of the blocks ahead (``STAGES``). Key scales are fo
 the query (``q.(c*s + z) = (q*s).c + q.z``), value scales into the probabilities
 (``p.(c*s + z) = (p*s).c + p.z``). Serves 2-bit keys (per-channel,
 groups of 16+ tokens) and values (per-token, groups of 32, 64 or 128 channels), head
-dimension 128 and up to 8 query heads per KV head: see :func:`kvpolicy.fused.mma_fusable`.
+dimension 128 and up to 8 query heads per KV head: see :meth:`kvpolicy.executors.kernels.MmaSplits.serves`.
 """
 
 from __future__ import annotations
@@ -462,7 +462,7 @@ def packed_decode_mma(
 ):  # fmt: skip
     """One warp: one (batch row, KV head) and tokens ``[start, start + tokens_per_split)``.
 
-    Same contract as :func:`kvpolicy.fused_kernels.packed_decode` with one partial result per
+    Same contract as :func:`kvpolicy.executors.kernels.triton_device.packed_decode` with one partial result per
     split (``OUT`` ``[B*H_kv, S, G, D]`` normalised, ``LSE`` ``[B*H_kv, S, G]`` in base e): ``KC``
     and ``VC`` are the codes viewed as int32 words ``[.., n, 8]``, ``KS``/``KZ`` ``[.., n // KG, D]``,
     ``VS``/``VZ`` ``[.., NV, D // VG]``; ``BLOCK_N`` divides ``KG`` (so ``N`` too, a whole number
