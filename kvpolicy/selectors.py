@@ -92,6 +92,14 @@ class Selector(ABC):
         which a decode step would otherwise run for every layer, keys and values."""
         return None
 
+    def dropped_run(self, held: int, added: int) -> tuple[int, int] | None:
+        """Like :meth:`oldest_dropped`, for selectors whose leaving tokens are one contiguous run
+        of the arrival order, not necessarily the oldest (a window behind attention sinks):
+        ``(start, count)``, the region indices ``start .. start+count-1`` of the ``held + added``
+        candidates leave; ``None`` where the selector cannot say without :meth:`is_kept`."""
+        oldest = self.oldest_dropped(held, added)
+        return None if oldest is None else (0, oldest)
+
     @property
     def sinks(self) -> int:
         """How many first tokens are kept for good (attention sinks). In a left-padded batch
@@ -354,6 +362,15 @@ class UnionSelector(Selector):
     def may_demote(self, previous: int, length: int) -> bool:
         # a position the union kept was kept by some member, which keeps it unless it may demote
         return any(m.may_demote(previous, length) for m in self.members)
+
+    def dropped_run(self, held: int, added: int) -> tuple[int, int] | None:
+        """Sinks and a window (StreamingLLM): the candidates are the sinks, then the window's
+        tokens, then the new ones, so the window's oldest leave, right after the sinks."""
+        kinds = sorted(self.members, key=lambda m: type(m).__name__)
+        if len(kinds) != 2 or type(kinds[0]) is not SinkSelector or type(kinds[1]) is not WindowSelector:
+            return None
+        sinks, window = kinds[0].size, kinds[1].size
+        return sinks, max(0, held + added - sinks - window)
 
     @property
     def fixed_budget(self) -> int:

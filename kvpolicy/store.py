@@ -140,6 +140,11 @@ class TensorStore:
         previous, self.length = self.length, self.length + q
         if previous == 0:
             self.selector = self.unbound_selector.for_prefill(q)
+        held = len(self.fp_pos)
+        run = self.selector.dropped_run(held, q) if held else None
+        if run is not None and run[0] + run[1] <= held:  # only held tokens leave: one copy, no test
+            self._drop_held_run(x, new_pos, *run)
+            return
         if self.fp is None:
             cand, cand_pos = owned(x), new_pos
         else:
@@ -168,6 +173,23 @@ class TensorStore:
             self.evicted += len(demoted_pos)
             return
         self._stage(demoted, demoted_pos)
+
+    def _drop_held_run(self, x: torch.Tensor, new_pos: torch.Tensor, start: int, count: int) -> None:
+        """Append ``x`` while the held tokens ``start .. start+count-1`` (region indices) leave:
+        the new full-precision region is one concatenation of what stays."""
+        fp, pos = self.fp, self.fp_pos
+        if not count:
+            self.fp, self.fp_pos = torch.cat([fp, x], dim=2), torch.cat([pos, new_pos])
+            return
+        stop, held = start + count, len(pos)
+        kept = ([fp[:, :, :start]] if start else []) + ([fp[:, :, stop:]] if stop < held else [])
+        self.fp = torch.cat([*kept, x], dim=2) if kept else owned(x)
+        kept_pos = ([pos[:start]] if start else []) + ([pos[stop:]] if stop < held else [])
+        self.fp_pos = torch.cat([*kept_pos, new_pos])
+        if self.demote == "evict":
+            self.evicted += count
+            return
+        self._stage(fp[:, :, start:stop], pos[start:stop])
 
     def _stage(self, x: torch.Tensor, pos: torch.Tensor) -> None:
         joined = self.staging is not None  # then x becomes a new tensor of exactly these tokens

@@ -150,6 +150,39 @@ def test_may_demote_false_promises_that_nothing_is_demoted(selector, t1, step):
         assert before <= set(selector.keep(t2).tolist())
 
 
+def _with_streaming(strategy):
+    """Selectors, and StreamingLLM's sinks + window in either order (the union with a run)."""
+    streaming = st.builds(
+        lambda sinks, window, flip: UnionSelector([WindowSelector(window), SinkSelector(sinks)][:: -1 if flip else 1]),
+        st.integers(1, 8), sizes, st.booleans(),
+    )  # fmt: skip
+    return st.one_of(strategy, streaming)
+
+
+@settings(max_examples=300, deadline=None)
+@given(selector=_with_streaming(selector_strategy()), t1=lengths, step=st.integers(1, 100))
+def test_dropped_run_is_exactly_what_keep_drops(selector, t1, step):
+    """Stores skip the per-position test where ``dropped_run`` answers: the candidates (the kept
+    set at ``t1`` in position order, then the new positions) that ``keep(t2)`` drops must be
+    exactly the region indices ``start .. start+count-1``."""
+    t2 = t1 + step
+    candidates = sorted(set(selector.keep(t1).tolist())) + list(range(t1, t2))
+    run = selector.dropped_run(len(candidates) - step, step)
+    if run is None:
+        return
+    start, count = run
+    kept = set(selector.keep(t2).tolist())
+    dropped = [i for i, p in enumerate(candidates) if p not in kept]
+    assert dropped == list(range(start, start + count)), (run, dropped)
+
+
+def test_streaming_answers_with_a_run_after_its_sinks():
+    streaming = UnionSelector([SinkSelector(4), WindowSelector(8)])
+    assert streaming.dropped_run(12, 1) == (4, 1)
+    assert streaming.dropped_run(5, 1) == (4, 0)
+    assert UnionSelector([LogSelector(8), SinkSelector(4)]).dropped_run(12, 1) is None
+
+
 @pytest.mark.parametrize(
     "selector, quiet",
     [
