@@ -11,7 +11,13 @@ Contenders (all in the same process and run):
 * ``dynamic``: ``generate()`` with no cache argument (transformers' DynamicCache, bf16);
 * ``static``: ``generate(cache_implementation="static")``, which transformers compiles with
   ``torch.compile(mode="reduce-overhead")`` (CUDA); a first untimed call pays the compilation;
+* ``static-compiled``: ``StaticCache`` with ``model.forward`` compiled by the user as
+  transformers' docs show (``torch.compile(mode="reduce-overhead", fullgraph=True)``); a first
+  untimed call pays the compilation;
 * ``quantized``: transformers' ``QuantizedCache`` (quanto, int2, residual 128), as shipped;
+* ``NAME+graphs``: ``load_policy(NAME).make_cache(model, cuda_graphs=True, max_cache_len=...)``
+  (the prompt plus the new tokens): decode steps replayed from a CUDA graph, captured at the
+  first decode step (its time is the first entry of ``steps_s``);
 * every other name: ``load_policy(name).make_cache(model)``, exactly as shipped (executor
   ``auto``).
 
@@ -53,7 +59,7 @@ SHAPES = {
     "tiny": dict(LLAMA_8B, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
                  num_key_value_heads=2, head_dim=64, vocab_size=1024),
 }  # fmt: skip
-BASELINES = ("dynamic", "static", "quantized")
+BASELINES = ("dynamic", "static", "static-compiled", "quantized")
 DEFAULT_CONTENDERS = (
     "dynamic",
     "logquant",
@@ -104,13 +110,13 @@ class StepClock:
         pass
 
 
-def generate_kwargs(name: str, model) -> dict:
-    """How a user asks ``generate()`` for contender ``name``."""
+def generate_kwargs(name: str, model, max_cache_len: int) -> dict:
+    """How a user asks ``generate()`` for contender ``name`` (``max_cache_len``: prompt + new tokens)."""
     from kvpolicy.generation import cache_kwargs
 
     if name == "dynamic":
         return {}
-    if name == "static":
+    if name in ("static", "static-compiled"):
         return {"cache_implementation": "static"}
     if name == "quantized":
         from transformers.cache_utils import QuantizedCache
@@ -118,6 +124,9 @@ def generate_kwargs(name: str, model) -> dict:
         return cache_kwargs(QuantizedCache(backend="quanto", config=model.config, nbits=2, residual_length=128))
     from kvpolicy import load_policy
 
+    if name.endswith("+graphs"):
+        policy = load_policy(name.removesuffix("+graphs"))
+        return cache_kwargs(policy.make_cache(model, cuda_graphs=True, max_cache_len=max_cache_len))
     return cache_kwargs(load_policy(name).make_cache(model))
 
 
@@ -139,9 +148,24 @@ def run_generate(
     g = torch.Generator().manual_seed(batch * 7919 + context)
     ids = torch.randint(1, model.config.vocab_size, (batch, context), generator=g).to(device)
     mask = torch.ones_like(ids)
-    kwargs = generate_kwargs(name, model)
+    kwargs = generate_kwargs(name, model, context + new_tokens)
     if prefill_chunk:
         kwargs["prefill_chunk_size"] = prefill_chunk
+    saved_forward = model.__dict__.get("forward")  # kvpolicy's CUDA-graph wrapper, when installed
+    if name == "static-compiled":  # the forward of the model's class, compiled (not a kvpolicy wrapper)
+        model.forward = torch.compile(type(model).forward.__get__(model), mode="reduce-overhead", fullgraph=True)
+    try:
+        return _timed_generate(model, ids, mask, new_tokens, device, kwargs)
+    finally:
+        if saved_forward is not None:
+            model.forward = saved_forward
+        else:
+            model.__dict__.pop("forward", None)
+        release()
+
+
+def _timed_generate(model, ids, mask, new_tokens: int, device: str, kwargs: dict) -> dict:
+    context = ids.shape[1]
     clock = StepClock(device)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -162,7 +186,6 @@ def run_generate(
         result["prefill_peak_bytes"] = clock.prefill_peak
         result["decode_peak_bytes"] = torch.cuda.max_memory_allocated()
     del out, kwargs
-    release()
     return result
 
 
@@ -176,7 +199,7 @@ def measure(model, name: str, batch: int, args, new_tokens: int | None = None) -
     """Timings of ``name`` at ``batch`` (a first untimed call compiles ``static``)."""
     row = {"contender": name, "batch": batch, "context": args.context, "prefill_chunk": args.prefill_chunk}
     try:
-        if name == "static" and args.device == "cuda":
+        if name in ("static", "static-compiled") and args.device == "cuda":
             begin = time.perf_counter()
             run_generate(model, name, batch, args.context, 2 + args.warmup, args.device, args.prefill_chunk)
             row["first_call_s"] = time.perf_counter() - begin
@@ -328,7 +351,7 @@ def main(argv=None) -> int:
     shape = SHAPES[args.shape]
     names = [n for n in args.contenders.split(",") if n]
     if args.device != "cuda":
-        names = [n for n in names if n != "static"]  # reduce-overhead compiles CUDA graphs
+        names = [n for n in names if n not in ("static", "static-compiled")]  # reduce-overhead: CUDA graphs
     batches = [int(b) for b in args.batches.split(",")]
     rows: list[dict] = []
     largest: list[dict] = []

@@ -277,7 +277,7 @@ class KVPolicyCache(Cache):
 def _layer_geometry(layer) -> tuple[tuple[int, int, int], torch.dtype]:
     """``((batch, kv_heads, key and value channels of a token), dtype)`` of an initialized
     layer of any kind (channels: ``2 * head_dim`` unless values have their own head size)."""
-    if isinstance(layer, KVPolicyLayer):
+    if hasattr(layer, "value_head_dim"):  # a KVPolicyLayer or a StaticPolicyLayer
         batch, heads, head_dim = layer.shape
         return (batch, heads, head_dim + layer.value_head_dim), layer.dtype
     batch, heads, _, head_dim = layer.keys.shape

@@ -214,7 +214,7 @@ class Policy:
             config=model_config,
         )
 
-    def make_cache(self, model) -> KVPolicyCache:
+    def make_cache(self, model, cuda_graphs: bool = False, max_cache_len: int | None = None) -> KVPolicyCache:
         """A transformers ``Cache`` for ``model``; switches the model to ``"kvpolicy"`` attention.
 
         One layer per decoder layer, built by the layer factory serving its type (the policy's
@@ -222,12 +222,21 @@ class Policy:
 
         The ``"kvpolicy"`` attention behaves exactly like SDPA for any other cache, so the
         model keeps working with a plain ``DynamicCache`` afterwards.
+
+        ``cuda_graphs=True``: preallocated layers for up to ``max_cache_len`` tokens whose
+        decode steps are captured once and replayed from a CUDA graph (on a CPU they run
+        eagerly); see :mod:`kvpolicy.cuda_graphs` for what it serves.
         """
         from kvpolicy import attention
         from kvpolicy.cache import KVPolicyCache
         from kvpolicy.layers import factory_for, model_layers, model_name
 
         specs = model_layers(model)
+        if cuda_graphs:
+            from kvpolicy.static_cache import build_static_cache
+
+            self.config.check_layer_indices(len(specs))
+            return build_static_cache(self, model, specs, max_cache_len)
         factories = self.registry.layer_factories()
         name = model_name(model)
         builders = {s.type: factory_for(s.type, self.config.layer_types, factories, name) for s in specs}

@@ -1,0 +1,118 @@
+"""Decode steps replayed from a CUDA graph: the whole model's step issued by one host call.
+
+At batch 1 a decode step is bound by the host: the device finishes each layer's kernels
+before Python has issued the next layer's (``benchmarks/profile_step.py``). transformers'
+``StaticCache`` answers that with ``torch.compile(mode="reduce-overhead")``; kvpolicy captures
+the step itself instead, because a policy's bookkeeping (which tokens stay, which are
+packed) is host logic that a compiled graph cannot hold, while the step's device work, on
+:class:`~kvpolicy.static_cache.StaticPolicyLayer` buffers, has the same shapes and pointers
+at every step.
+
+``policy.make_cache(model, cuda_graphs=True, max_cache_len=N)`` builds static layers and
+wraps ``model.forward`` (once per model, see :func:`install`): the prefill runs eagerly; the
+first decode step is run once to warm up (Triton compiles its kernels then) and captured;
+every later step copies the new token id and its position into the captured inputs,
+replays the graph and books the token on the host (:class:`~kvpolicy.static_cache.RingSchedule`),
+packing a block eagerly when one is complete. On a CPU the same steps run eagerly (no graph),
+which is how CI checks them against eager decoding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kvpolicy.errors import NotSupportedError
+
+_CACHE_KEYS = ("cache", "past_key_values")
+#: decode-step arguments a replay reproduces or may ignore (everything else is refused)
+_IGNORED = {"attention_mask", "position_ids", "cache_position", "use_cache", "return_dict", "logits_to_keep"}
+
+
+class GraphedDecoding:
+    """The decode steps of one cache: capture on the first, replay on the rest."""
+
+    def __init__(self, cache):
+        self.cache = cache
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.input_ids: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+        self.steps = 0
+
+    def __call__(self, forward, args: tuple, kwargs: dict):
+        cache = self.cache
+        if not cache.adopted:
+            return self._prefill(forward, args, kwargs)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        known = {*_IGNORED, *_CACHE_KEYS, "input_ids"}
+        unexpected = sorted(k for k, v in kwargs.items() if v is not None and v is not False and k not in known)
+        if input_ids is None or input_ids.shape[1] != 1 or unexpected or len(args) > 1:
+            raise NotSupportedError(
+                "a CUDA-graph cache replays decode steps of one token id per row "
+                f"(got input_ids of shape {None if input_ids is None else tuple(input_ids.shape)}"
+                + (f" and {', '.join(unexpected)}" if unexpected else "")
+                + "); build the cache without cuda_graphs for other calls"
+            )
+        key = next(k for k in _CACHE_KEYS if k in kwargs)
+        logits = self._decode(forward, input_ids, key, kwargs.get("logits_to_keep"))
+        cache.book_step()
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+    def _prefill(self, forward, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):  # one host sync, at the prefill only
+            raise NotSupportedError(
+                "a CUDA-graph cache serves batches without padding (its replayed step attends every held token "
+                "of every row); decode a left-padded batch with a cache built without cuda_graphs"
+            )
+        out = forward(*args, **kwargs)
+        self.cache.adopt()
+        return out
+
+    def _decode(self, forward, input_ids: torch.Tensor, key: str, logits_to_keep) -> torch.Tensor:
+        if self.input_ids is None:
+            self.input_ids = torch.zeros_like(input_ids)
+            self.positions = torch.zeros_like(input_ids)
+        self.input_ids.copy_(input_ids)
+        self.positions.fill_(self.cache.get_seq_length())
+        call = {"input_ids": self.input_ids, "position_ids": self.positions, key: self.cache, "use_cache": True}
+        if logits_to_keep is not None:
+            call["logits_to_keep"] = logits_to_keep
+        if not input_ids.is_cuda:
+            return forward(**call).logits
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # the real first step, which also compiles every kernel
+            logits = forward(**call).logits
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # recorded, not run: the warm-up already made this step
+            self.logits = forward(**call).logits
+        self.graph = graph
+        return logits
+
+
+def install(model) -> None:
+    """Wrap ``model.forward`` so that calls with a CUDA-graph cache go through its
+    :class:`GraphedDecoding` (idempotent; other caches reach the original forward unchanged)."""
+    if getattr(model, "_kvpolicy_graphed", False):
+        return
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        cache = next((kwargs[k] for k in _CACHE_KEYS if kwargs.get(k) is not None), None)
+        decoding = getattr(cache, "decoding", None)
+        if decoding is None:
+            return original(*args, **kwargs)
+        return decoding(original, args, kwargs)
+
+    model.forward = forward
+    model._kvpolicy_graphed = True
