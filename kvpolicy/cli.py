@@ -114,7 +114,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         text = prompt
     inputs = tokenizer(text, return_tensors="pt")
     prompt_tokens = inputs["input_ids"].shape[1]
-    cache = policy.make_cache(model)
+    if args.cuda_graphs:
+        cache = policy.make_cache(model, cuda_graphs=True, max_cache_len=prompt_tokens + args.max_new_tokens)
+    else:
+        cache = policy.make_cache(model)
     print(f"prefilling {prompt_tokens} prompt tokens under policy {policy.name} ...", file=sys.stderr, flush=True)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():
@@ -274,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--dtype", choices=GENERATE_DTYPES, default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap the prompt in the chat template")
+    gen.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="decode steps replayed from a CUDA graph (captured at the first step; on a CPU they run eagerly)",
+    )
     plot = sub.add_parser("plot-retention", help="PNG of which positions are full precision/quantized/evicted")
     plot.add_argument("policy", help="registered policy name or YAML path (third-party selectors included)")
     plot.add_argument("-o", "--output", help="PNG path (default: retention-POLICY.png)")

@@ -76,6 +76,20 @@ def test_generate_on_the_embedded_model_reports_kv_bytes(tmp_path):
     assert "prefilling" in result.stderr and "(float32)" in result.stderr  # the fastest dtype on a CPU
 
 
+@pytest.mark.model
+def test_generate_with_cuda_graphs_writes_what_eager_decoding_writes(tmp_path):
+    """``--cuda-graphs`` (on a CPU: the static layers' steps, run eagerly) gives the same text."""
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("List three facts about the moon. " * 40)
+    command = [sys.executable, "-m", "kvpolicy.cli", "generate", "--policy", "logquant", "--prompt-file", str(prompt),
+               "--max-new-tokens", "24"]  # fmt: skip
+    runs = [subprocess.run(command + extra, capture_output=True, text=True, check=True, timeout=600).stdout
+            for extra in ([], ["--cuda-graphs"])]  # fmt: skip
+    eager, graphed = (run.strip().splitlines() for run in runs)
+    assert graphed[:-1] == eager[:-1] and re.match(r"policy logquant: prompt \d+ tokens, 24 generated", eager[-2])
+    assert graphed[-1].startswith("KV cache: ")  # the preallocated buffers, counted as held
+
+
 def test_plot_retention_writes_a_picture(tmp_path, capsys):
     out = tmp_path / "log.png"
     assert main(["plot-retention", "logquant", "-o", str(out), "--steps", "120"]) == 0
