@@ -152,8 +152,8 @@ def run_generate(
     if prefill_chunk:
         kwargs["prefill_chunk_size"] = prefill_chunk
     saved_forward = model.__dict__.get("forward")  # kvpolicy's CUDA-graph wrapper, when installed
-    if name == "static-compiled":  # the forward of the model's class, compiled (not a kvpolicy wrapper)
-        model.forward = torch.compile(type(model).forward.__get__(model), mode="reduce-overhead", fullgraph=True)
+    if name == "static-compiled":
+        model.forward = compiled_forward(model)
     try:
         return _timed_generate(model, ids, mask, new_tokens, device, kwargs)
     finally:
@@ -162,6 +162,25 @@ def run_generate(
         else:
             model.__dict__.pop("forward", None)
         release()
+
+
+def compiled_forward(model):
+    """The forward of the model's class (not a kvpolicy wrapper) compiled with
+    ``mode="reduce-overhead"``; each call starts a new CUDA-graph step and hands ``generate()``
+    a copy of the logits (the graph's output buffer is overwritten by the next step)."""
+    import functools
+
+    original = type(model).forward.__get__(model)
+    compiled = torch.compile(original, mode="reduce-overhead", fullgraph=True)
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(*args, **kwargs)
+        out.logits = out.logits.clone()
+        return out
+
+    return forward
 
 
 def _timed_generate(model, ids, mask, new_tokens: int, device: str, kwargs: dict) -> dict:
