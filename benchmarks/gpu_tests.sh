@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_tests.sh benchmarks/results/gpu_tests_h200.txt
 set -uo pipefail
 out=${1:?usage: gpu_tests.sh OUTPUT_FILE}
-tests=(tests/test_fused.py tests/test_multi_token.py tests/test_executor.py tests/test_rotation.py
+tests=(tests/test_fused.py tests/test_multi_token.py tests/test_executor.py tests/test_rotation.py tests/test_cuda_graphs.py
        tests/test_hybrid.py tests/test_value_head_dim.py tests/test_pairing.py tests/test_benchmarks.py)
 workers=$(python3 -c "import os; print(min(8, os.cpu_count() or 1))")
 {
