@@ -39,7 +39,6 @@ class GraphedDecoding:
         self.input_ids: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
-        self.steps = 0
 
     def __call__(self, forward, args: tuple, kwargs: dict):
         cache = self.cache

@@ -59,12 +59,17 @@ class _CountingBackend:
 
 @attrs.frozen
 class Booking:
-    """What one step changed: ``packed`` positions (in packing order) and their ring ``slots``
-    to quantize at packed offset ``offset``; ``freed`` ring slots (packed or evicted)."""
+    """What one step changed: ``packed_slots``, the ring slots to quantize (in packing order) at
+    packed offset ``offset``, and ``packed_index``, the same slots on the device (one upload for
+    every layer); ``freed`` ring slots (packed or evicted)."""
 
     packed_slots: list[int]
     offset: int
     freed: list[int]
+    packed_index: torch.Tensor | None = None
+
+
+NOTHING_LEFT = Booking([], 0, [])
 
 
 class RingSchedule:
@@ -78,8 +83,9 @@ class RingSchedule:
         self.max_cache_len = max_cache_len
         #: packed tokens the buffers hold: ``max_cache_len`` rounded up to whole packing blocks
         self.capacity = -(-max_cache_len // store.block) * store.block
+        # set by start(), after the prefill
         self.slot_of: dict[int, int] = {}
-        self.free = list(range(slots - 1, -1, -1))
+        self.free: list[int] = []
         self.next_slot = -1
         self.slot_index: torch.Tensor | None = None  # int64 [1] on the device: the next token's slot
         self.ring_bias: torch.Tensor | None = None  # float32 [B, slots]
@@ -119,11 +125,14 @@ class RingSchedule:
         position, packed_before = self.length, len(self.store.packed_pos)
         self.slot_of[position] = self.next_slot
         self.store.append(torch.zeros(1, 1, 1, 1))
+        if len(self.store.fp_pos) + len(self.store.staging_pos) == len(self.slot_of):
+            return NOTHING_LEFT  # every held token stays in full precision (most steps)
         held = set(self.held_positions())
         packed = self.store.packed_pos[packed_before:].tolist()
         packed_slots = [self.slot_of[p] for p in packed]
         freed = [self.slot_of.pop(p) for p in [p for p in self.slot_of if p not in held]]
-        return Booking(packed_slots, packed_before, freed)
+        index = to_device(torch.tensor(packed_slots), self.ring_bias.device) if packed_slots else None
+        return Booking(packed_slots, packed_before, freed, index)
 
     def commit(self, booking: Booking) -> None:
         """After the layers packed what ``booking`` says: open the packed block, free the
@@ -293,7 +302,7 @@ class StaticPolicyLayer(CacheLayerMixin):
         """Quantize the ring slots ``booking`` packs into the packed buffers at its offset."""
         if not booking.packed_slots:
             return
-        index = to_device(torch.tensor(booking.packed_slots), self.ring_keys.device)
+        index = booking.packed_index
         for ring, packed, store in (
             (self.ring_keys, self.packed_keys, self.eager.key_store),
             (self.ring_values, self.packed_values, self.eager.value_store),

@@ -169,10 +169,7 @@ class TensorStore:
             self.fp_pos, demoted_pos = cand_pos[idx_keep], cand_pos[idx_drop]
             self.fp = take_tokens(cand, idx_keep)
             demoted = take_tokens(cand, idx_drop)
-        if self.demote == "evict":
-            self.evicted += len(demoted_pos)
-            return
-        self._stage(demoted, demoted_pos)
+        self._demote(demoted, demoted_pos)
 
     def _drop_held_run(self, x: torch.Tensor, new_pos: torch.Tensor, start: int, count: int) -> None:
         """Append ``x`` while the held tokens ``start .. start+count-1`` (region indices) leave:
@@ -186,10 +183,14 @@ class TensorStore:
         self.fp = torch.cat([*kept, x], dim=2) if kept else owned(x)
         kept_pos = ([pos[:start]] if start else []) + ([pos[stop:]] if stop < held else [])
         self.fp_pos = torch.cat([*kept_pos, new_pos])
+        self._demote(fp[:, :, start:stop], pos[start:stop])
+
+    def _demote(self, x: torch.Tensor, pos: torch.Tensor) -> None:
+        """Tokens ``x`` (positions ``pos``) left the full-precision region: evict or stage them."""
         if self.demote == "evict":
-            self.evicted += count
+            self.evicted += len(pos)
             return
-        self._stage(fp[:, :, start:stop], pos[start:stop])
+        self._stage(x, pos)
 
     def _stage(self, x: torch.Tensor, pos: torch.Tensor) -> None:
         joined = self.staging is not None  # then x becomes a new tensor of exactly these tokens

@@ -17,6 +17,7 @@ from kvpolicy.executors.kernels.triton_splits import NUM_WARPS, TritonSplits, de
 #: kernel: one module with a :class:`PackedKernel`, and its entry here)
 PACKED_KERNELS: tuple[PackedKernel, ...] = (MmaSplits(), TritonSplits())
 KERNEL_NAMES = tuple(k.name for k in PACKED_KERNELS)
+_BY_NAME = {k.name: k for k in PACKED_KERNELS}
 MERGE_BLOCK_S = 32  # partial results merged at a time
 FULL_PRECISION_BLOCK = 32  # full-precision tokens per block of the finishing kernel
 
@@ -26,10 +27,9 @@ def choose_kernel(grouped: torch.Tensor, keys: NativePacked, values: NativePacke
     ``None`` the first of :data:`PACKED_KERNELS` that serves them."""
     if kernel is None:
         return next(k for k in PACKED_KERNELS if k.serves(grouped, keys, values))
-    named = {k.name: k for k in PACKED_KERNELS}
-    if kernel not in named:
+    if kernel not in _BY_NAME:
         raise ValueError(f"kernel must be one of {KERNEL_NAMES} or None, got {kernel!r}")
-    chosen = named[kernel]
+    chosen = _BY_NAME[kernel]
     if not chosen.serves(grouped, keys, values):
         raise ValueError(f"kernel={kernel!r} does not serve these shapes (see {type(chosen).__name__}.serves)")
     return chosen
@@ -38,10 +38,9 @@ def choose_kernel(grouped: torch.Tensor, keys: NativePacked, values: NativePacke
 def launch_settings(kernel: str, **settings):
     """The launch settings of the kernel named ``kernel`` (its ``Launch`` class) from keyword
     arguments, e.g. ``launch_settings("triton", num_warps=8)`` (sweeps and tests)."""
-    named = {k.name: k for k in PACKED_KERNELS}
-    if kernel not in named:
+    if kernel not in _BY_NAME:
         raise ValueError(f"kernel must be one of {KERNEL_NAMES}, got {kernel!r}")
-    return named[kernel].Launch(**settings)
+    return _BY_NAME[kernel].Launch(**settings)
 
 
 def packed_splits(
