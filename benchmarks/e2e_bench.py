@@ -11,15 +11,18 @@ Contenders (all in the same process and run):
 * ``dynamic``: ``generate()`` with no cache argument (transformers' DynamicCache, bf16);
 * ``static``: ``generate(cache_implementation="static")``, which transformers compiles with
   ``torch.compile(mode="reduce-overhead")`` (CUDA); a first untimed call pays the compilation;
-* ``static-compiled``: ``StaticCache`` with ``model.forward`` compiled by the user as
-  transformers' docs show (``torch.compile(mode="reduce-overhead", fullgraph=True)``); a first
+* ``static-compiled``: ``StaticCache`` with the decode steps of ``model.forward`` compiled by
+  the user (``torch.compile(mode="reduce-overhead", fullgraph=True)``, a step boundary marked
+  before each call); the prefill runs uncompiled, as in generate's own auto-compile; a first
   untimed call pays the compilation;
 * ``quantized``: transformers' ``QuantizedCache`` (quanto, int2, residual 128), as shipped;
-* ``NAME+graphs``: ``load_policy(NAME).make_cache(model, cuda_graphs=True, max_cache_len=...)``
-  (the prompt plus the new tokens): decode steps replayed from a CUDA graph, captured at the
-  first decode step (its time is the first entry of ``steps_s``);
-* every other name: ``load_policy(name).make_cache(model)``, exactly as shipped (executor
-  ``auto``).
+* every policy name: ``load_policy(name).make_cache(model)``, exactly as shipped (executor
+  ``auto``, ``cuda_graphs="auto"``: on CUDA the decode steps of a policy the graph path
+  serves are replayed from a CUDA graph captured at the first decode step, whose time is the
+  first entry of ``steps_s``);
+* ``NAME+eager``: ``make_cache(model, cuda_graphs=False)``, every step issued eagerly;
+* ``NAME+graphs``: ``make_cache(model, cuda_graphs=True, max_cache_len=...)`` (the prompt plus
+  the new tokens): buffers sized once for the whole generation.
 
 Per contender and batch: time to first token (the prefill, from the ``generate()`` call),
 decode ms/step (mean over the steps after ``--warmup``, demotion steps included), peak memory
@@ -62,13 +65,14 @@ SHAPES = {
 BASELINES = ("dynamic", "static", "static-compiled", "quantized")
 DEFAULT_CONTENDERS = (
     "dynamic",
+    "static-compiled",
+    "quantized",
     "logquant",
     "kivi",
     "partial_logquant",
-    "quantized",
-    "static",
     "sink_kivi",
     "streaming",
+    "logquant+eager",
 )
 
 
@@ -127,6 +131,8 @@ def generate_kwargs(name: str, model, max_cache_len: int) -> dict:
     if name.endswith("+graphs"):
         policy = load_policy(name.removesuffix("+graphs"))
         return cache_kwargs(policy.make_cache(model, cuda_graphs=True, max_cache_len=max_cache_len))
+    if name.endswith("+eager"):
+        return cache_kwargs(load_policy(name.removesuffix("+eager")).make_cache(model, cuda_graphs=False))
     return cache_kwargs(load_policy(name).make_cache(model))
 
 
@@ -166,8 +172,10 @@ def run_generate(
 
 def compiled_forward(model):
     """The forward of the model's class (not a kvpolicy wrapper) compiled with
-    ``mode="reduce-overhead"``; each call starts a new CUDA-graph step and hands ``generate()``
-    a copy of the logits (the graph's output buffer is overwritten by the next step)."""
+    ``mode="reduce-overhead"`` for decode steps (one token per row); multi-token calls (the
+    prefill, which also allocates the StaticCache's tensors) run uncompiled. Each compiled call
+    starts a new CUDA-graph step and hands ``generate()`` a copy of the logits (the graph's
+    output buffer is overwritten by the next step)."""
     import functools
 
     original = type(model).forward.__get__(model)
@@ -175,6 +183,9 @@ def compiled_forward(model):
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None or ids.shape[1] != 1:
+            return original(*args, **kwargs)
         torch.compiler.cudagraph_mark_step_begin()
         out = compiled(*args, **kwargs)
         out.logits = out.logits.clone()

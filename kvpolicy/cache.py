@@ -17,7 +17,7 @@ from kvpolicy import attention
 from kvpolicy.errors import CacheMismatchError, NotSupportedError
 from kvpolicy.executors import AttentionStep, Executor
 from kvpolicy.row_sinks import RowSinks
-from kvpolicy.store import TensorStore
+from kvpolicy.store import TensorStore, aligned
 
 
 @attrs.frozen
@@ -85,11 +85,7 @@ class KVPolicyLayer(CacheLayerMixin):
         self.sinks = min(key_store.selector.sinks, value_store.selector.sinks)
         self.row_sinks: RowSinks | None = None
         # equal selectors, demotion and blocks keep both stores' positions identical
-        self.aligned = (
-            key_store.selector == value_store.selector
-            and key_store.demote == value_store.demote
-            and key_store.block == value_store.block
-        )
+        self.aligned = aligned(key_store, value_store)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device

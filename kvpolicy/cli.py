@@ -45,6 +45,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
             f"quantized keys/values at {bits} bits"
         )
     print(f"# executor on this machine: {policy.executor_summary()}")
+    print(f"# decode steps on this machine: {policy.decode_summary()}")
     if any(getattr(policy.config, side).quant.rotate != "none" for side in ("keys", "values")):
         print("# rotated regions are attended by the chunked path (the fused kernels read unrotated codes)")
     for side in ("keys", "values"):
@@ -114,10 +115,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         text = prompt
     inputs = tokenizer(text, return_tensors="pt")
     prompt_tokens = inputs["input_ids"].shape[1]
-    if args.cuda_graphs:
-        cache = policy.make_cache(model, cuda_graphs=True, max_cache_len=prompt_tokens + args.max_new_tokens)
-    else:
-        cache = policy.make_cache(model)
+    graphs = {"auto": "auto", "on": True, "off": False}[args.cuda_graphs]
+    cache = policy.make_cache(model, cuda_graphs=graphs, max_cache_len=prompt_tokens + args.max_new_tokens)
     print(f"prefilling {prompt_tokens} prompt tokens under policy {policy.name} ...", file=sys.stderr, flush=True)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():
@@ -279,8 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap the prompt in the chat template")
     gen.add_argument(
         "--cuda-graphs",
-        action="store_true",
-        help="decode steps replayed from a CUDA graph (captured at the first step; on a CPU they run eagerly)",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="decode steps replayed from a CUDA graph: auto (default) where the model and policy are served on "
+        "CUDA; on: always, refusing what is not served (on a CPU the same steps run eagerly); off: never",
     )
     plot = sub.add_parser("plot-retention", help="PNG of which positions are full precision/quantized/evicted")
     plot.add_argument("policy", help="registered policy name or YAML path (third-party selectors included)")

@@ -8,13 +8,15 @@ packed) is host logic that a compiled graph cannot hold, while the step's device
 :class:`~kvpolicy.static_cache.StaticPolicyLayer` buffers, has the same shapes and pointers
 at every step.
 
-``policy.make_cache(model, cuda_graphs=True, max_cache_len=N)`` builds static layers and
-wraps ``model.forward`` (once per model, see :func:`install`): the prefill runs eagerly; the
-first decode step is run once to warm up (Triton compiles its kernels then) and captured;
-every later step copies the new token id and its position into the captured inputs,
-replays the graph and books the token on the host (:class:`~kvpolicy.static_cache.RingSchedule`),
-packing a block eagerly when one is complete. On a CPU the same steps run eagerly (no graph),
-which is how CI checks them against eager decoding.
+``policy.make_cache(model)`` on a CUDA model (``cuda_graphs="auto"``, where the step serves the
+policy and model) or ``make_cache(model, cuda_graphs=True)`` builds static layers and wraps
+``model.forward`` (once per model, see :func:`install`): the prefill runs eagerly; at the
+first decode step the tokens move into the static buffers, and that step is run once to warm
+up (Triton compiles its kernels then) and captured; every later step copies the new token id
+and its position into the captured inputs, replays the graph and books the token on the host
+(:class:`~kvpolicy.static_cache.RingSchedule`), packing a block eagerly when one is complete
+(and capturing again when the packed buffers had to grow). On a CPU the same steps run
+eagerly (no graph), which is how CI checks them against eager decoding.
 """
 
 from __future__ import annotations
@@ -23,11 +25,32 @@ import functools
 
 import torch
 
-from kvpolicy.errors import NotSupportedError
-
 _CACHE_KEYS = ("cache", "past_key_values")
 #: decode-step arguments a replay reproduces or may ignore (everything else is refused)
 _IGNORED = {"attention_mask", "position_ids", "cache_position", "use_cache", "return_dict", "logits_to_keep"}
+
+
+def stores_refusal(policy_name: str, keys, values, max_cache_len: int | None) -> str | None:
+    """Why the replayed step cannot serve a layer whose key and value stores are ``keys`` and
+    ``values`` (:class:`~kvpolicy.store.TensorStore`; ``None``: it can)."""
+    from kvpolicy.backends.native import NativeQuantizer
+    from kvpolicy.store import aligned
+
+    if not aligned(keys, values):
+        return (
+            f"policy {policy_name!r} retains keys and values differently, so their tokens sit in different "
+            "places; the replayed step serves policies whose keys and values keep the same tokens "
+            "(e.g. logquant, kivi, streaming)"
+        )
+    for store, side in ((keys, "keys"), (values, "values")):
+        if store.backend is not None and type(store.backend) is not NativeQuantizer:
+            return (
+                f"{side} are quantized by {type(store.backend).__name__} ({store.spec.backend!r}, "
+                f"rotate={store.spec.rotate!r}); the replayed step reads the native backend's codes without rotation"
+            )
+    if keys.unbound_selector.budget is None and max_cache_len is None:
+        return f"policy {policy_name!r} keeps every token in full precision, so its ring needs a max_cache_len"
+    return None
 
 
 class GraphedDecoding:
@@ -40,20 +63,32 @@ class GraphedDecoding:
         self.positions: torch.Tensor | None = None
         self.logits: torch.Tensor | None = None
 
+    def drop(self) -> None:
+        """Forget the captured step (its buffers were replaced or handed back)."""
+        self.graph = self.logits = None
+
     def __call__(self, forward, args: tuple, kwargs: dict):
         cache = self.cache
-        if not cache.adopted:
-            return self._prefill(forward, args, kwargs)
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         known = {*_IGNORED, *_CACHE_KEYS, "input_ids"}
         unexpected = sorted(k for k, v in kwargs.items() if v is not None and v is not False and k not in known)
-        if input_ids is None or input_ids.shape[1] != 1 or unexpected or len(args) > 1:
-            raise NotSupportedError(
-                "a CUDA-graph cache replays decode steps of one token id per row "
-                f"(got input_ids of shape {None if input_ids is None else tuple(input_ids.shape)}"
-                + (f" and {', '.join(unexpected)}" if unexpected else "")
-                + "); build the cache without cuda_graphs for other calls"
-            )
+        one_token = (
+            isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 1
+            and not unexpected and len(args) <= 1
+        )  # fmt: skip
+        if not cache.adopted:
+            if not (one_token and cache.may_adopt(kwargs.get("attention_mask"))):
+                return forward(*args, **kwargs)  # a prefill, a new turn, or a cache that stays eager
+            cache.adopt()
+        if not one_token or not cache.adopted:
+            if cache.adopted:
+                cache.release(
+                    "a CUDA-graph cache replays decode steps of one token id per row "
+                    f"(got input_ids of shape {None if input_ids is None else tuple(input_ids.shape)}"
+                    + (f" and {', '.join(unexpected)}" if unexpected else "")
+                    + "); build the cache without cuda_graphs for other calls"
+                )
+            return forward(*args, **kwargs)
         key = next(k for k in _CACHE_KEYS if k in kwargs)
         logits = self._decode(forward, input_ids, key, kwargs.get("logits_to_keep"))
         cache.book_step()
@@ -61,21 +96,11 @@ class GraphedDecoding:
 
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
 
-    def _prefill(self, forward, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is not None and not bool(mask.all()):  # one host sync, at the prefill only
-            raise NotSupportedError(
-                "a CUDA-graph cache serves batches without padding (its replayed step attends every held token "
-                "of every row); decode a left-padded batch with a cache built without cuda_graphs"
-            )
-        out = forward(*args, **kwargs)
-        self.cache.adopt()
-        return out
-
     def _decode(self, forward, input_ids: torch.Tensor, key: str, logits_to_keep) -> torch.Tensor:
-        if self.input_ids is None:
+        if self.input_ids is None or self.input_ids.shape != input_ids.shape:
             self.input_ids = torch.zeros_like(input_ids)
             self.positions = torch.zeros_like(input_ids)
+            self.drop()
         self.input_ids.copy_(input_ids)
         self.positions.fill_(self.cache.get_seq_length())
         call = {"input_ids": self.input_ids, "position_ids": self.positions, key: self.cache, "use_cache": True}

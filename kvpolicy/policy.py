@@ -121,6 +121,27 @@ class Policy:
         described = spec.type if not spec.params else f"{spec.type} {spec.params}"
         return f"{described}: {resolves(device)}" if resolves else described
 
+    def decode_summary(self, device: str | None = None) -> str:
+        """How ``make_cache(model)`` decodes on ``device`` (default: CUDA if present, else CPU):
+        from CUDA graphs or eagerly, and why (checked on a 128-channel layer of the policy)."""
+        import torch
+
+        from kvpolicy.cuda_graphs import stores_refusal
+        from kvpolicy.executors.kernels import triton_available
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device != "cuda":
+            return "eager (CUDA graphs need a CUDA device)"
+        if self.config.executor.type != "auto":
+            return f"eager (executor {self.config.executor.type!r} was chosen; graphs come with 'auto')"
+        if not triton_available():
+            return "eager (CUDA graphs replay the Triton kernels, and Triton is not installed)"
+        keys, values = self._store(self.config.keys, "keys", 128), self._store(self.config.values, "values", 128)
+        refusal = stores_refusal(self.name, keys, values, None)
+        if refusal is not None:
+            return f"eager ({refusal})"
+        return "replayed from a CUDA graph where every layer of the model is full attention, else eager"
+
     def budget(self) -> dict[str, int | None]:
         """Most full-precision tokens per layer for keys and values (``None``: unbounded)."""
         return {
@@ -214,7 +235,23 @@ class Policy:
             config=model_config,
         )
 
-    def make_cache(self, model, cuda_graphs: bool = False, max_cache_len: int | None = None) -> KVPolicyCache:
+    def graphs_serve(self, model, specs=None, max_cache_len: int | None = None) -> bool:
+        """Whether ``make_cache(model)`` decodes from CUDA graphs (``cuda_graphs="auto"``): the
+        model on one CUDA device outside tensor parallelism, the policy's executor ``auto``,
+        Triton present, and a policy and model the replayed step serves."""
+        from kvpolicy.distributed import rank_and_world
+        from kvpolicy.executors.kernels import triton_available
+        from kvpolicy.layers import model_layers
+        from kvpolicy.static_cache import graph_refusal
+
+        devices = {p.device for p in model.parameters()}
+        if len(devices) != 1 or next(iter(devices)).type != "cuda" or rank_and_world()[1] > 1:
+            return False
+        if self.config.executor.type != "auto" or not triton_available():
+            return False
+        return graph_refusal(self, model, specs or model_layers(model), max_cache_len) is None
+
+    def make_cache(self, model, cuda_graphs: bool | str = "auto", max_cache_len: int | None = None) -> KVPolicyCache:
         """A transformers ``Cache`` for ``model``; switches the model to ``"kvpolicy"`` attention.
 
         One layer per decoder layer, built by the layer factory serving its type (the policy's
@@ -223,20 +260,29 @@ class Policy:
         The ``"kvpolicy"`` attention behaves exactly like SDPA for any other cache, so the
         model keeps working with a plain ``DynamicCache`` afterwards.
 
-        ``cuda_graphs=True``: preallocated layers for up to ``max_cache_len`` tokens whose
-        decode steps are captured once and replayed from a CUDA graph (on a CPU they run
-        eagerly); see :mod:`kvpolicy.cuda_graphs` for what it serves.
+        ``cuda_graphs``: whether decode steps are replayed from a CUDA graph, on layers whose
+        buffers are allocated once (:mod:`kvpolicy.cuda_graphs`). ``"auto"`` (the default):
+        where the model sits on one CUDA device, the policy's executor is ``auto`` and the
+        replayed step serves the policy and the model (:func:`~kvpolicy.static_cache.graph_refusal`);
+        a call it does not serve (a padded batch, beam search) then runs eagerly. ``True``: always,
+        refusing what it does not serve (on a CPU the same steps run eagerly, for tests).
+        ``False``: never. ``max_cache_len``: the most tokens the graph path holds (the prompt plus
+        the new tokens); ``None``: its buffers grow as decoding fills them.
         """
         from kvpolicy import attention
         from kvpolicy.cache import KVPolicyCache
         from kvpolicy.layers import factory_for, model_layers, model_name
 
+        if not (cuda_graphs is True or cuda_graphs is False or cuda_graphs == "auto"):
+            raise ConfigError("cuda_graphs", cuda_graphs, "True, False or 'auto'")
         specs = model_layers(model)
+        if cuda_graphs == "auto":
+            cuda_graphs = "auto" if self.graphs_serve(model, specs, max_cache_len) else False
         if cuda_graphs:
             from kvpolicy.static_cache import build_static_cache
 
             self.config.check_layer_indices(len(specs))
-            return build_static_cache(self, model, specs, max_cache_len)
+            return build_static_cache(self, model, specs, max_cache_len, fallback=cuda_graphs == "auto")
         factories = self.registry.layer_factories()
         name = model_name(model)
         builders = {s.type: factory_for(s.type, self.config.layer_types, factories, name) for s in specs}

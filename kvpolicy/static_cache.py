@@ -20,9 +20,15 @@ placeholders), so the graph path holds exactly the tokens, at exactly the precis
 eager decoding holds. Packing a block quantizes its ring slots into the packed buffers
 (eager operations, once per block).
 
-The prefill runs eagerly (any length); afterwards its state is copied into the buffers.
-Served: policies whose keys and values are retained alike, native quantization without
-rotation, no left padding; everything else is refused when the cache is built.
+Multi-token steps (the prefill, a chunked prefill, a new turn) run through the eager layer;
+at the first one-token step its stores' state is copied into the buffers (:meth:`adopt`).
+Served: models whose every layer is full attention, policies whose keys and values are
+retained alike, native quantization without rotation, batches without padding. Built with
+``cuda_graphs=True`` anything else is refused; built by ``cuda_graphs="auto"`` (the default on
+CUDA) the cache hands its tokens back to the eager layers instead (:meth:`release`) and goes
+on eagerly, so a user never meets a refusal the eager cache would not give. Without a
+declared ``max_cache_len`` the packed buffers grow (doubling) as decoding fills them, and
+the step is captured again.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from kvpolicy import attention
-from kvpolicy.backends.native import NativePacked, NativeQuantizer
+from kvpolicy.backends.native import NativePacked
 from kvpolicy.cache import KVPolicyCache
+from kvpolicy.cuda_graphs import stores_refusal
 from kvpolicy.errors import ConfigError, NotSupportedError
 from kvpolicy.executors import partial as pa
 from kvpolicy.store import TensorStore
@@ -75,15 +82,22 @@ NOTHING_LEFT = Booking([], 0, [])
 class RingSchedule:
     """Host bookkeeping shared by the layers of one retention schedule: which position sits in
     which ring slot, and what leaves the full-precision set at each step (decided by a
-    placeholder :class:`~kvpolicy.store.TensorStore` running the eager store's code)."""
+    placeholder :class:`~kvpolicy.store.TensorStore` running the eager store's code).
 
-    def __init__(self, store: TensorStore, slots: int, max_cache_len: int):
+    ``max_cache_len``: the declared limit (the packed buffers hold that many tokens, and
+    decoding past it is refused), or ``None``: buffers sized at adoption and grown on demand.
+    """
+
+    #: packed tokens a schedule without ``max_cache_len`` makes room for beyond the prompt's
+    #: (at least; an eighth of the length for a long one) before its first growth
+    headroom = 1024
+
+    def __init__(self, store: TensorStore, slots: int, max_cache_len: int | None):
         self.store = TensorStore(store.unbound_selector, store.demote, store.spec, _CountingBackend(), store.block)
         self.slots = slots
         self.max_cache_len = max_cache_len
-        #: packed tokens the buffers hold: ``max_cache_len`` rounded up to whole packing blocks
-        self.capacity = -(-max_cache_len // store.block) * store.block
-        # set by start(), after the prefill
+        #: packed tokens the buffers hold (whole packing blocks), set by :meth:`start`
+        self.capacity = 0
         self.slot_of: dict[int, int] = {}
         self.free: list[int] = []
         self.next_slot = -1
@@ -99,26 +113,49 @@ class RingSchedule:
         """Positions in full precision (kept, then staged), as the eager store orders them."""
         return torch.cat([self.store.fp_pos, self.store.staging_pos]).tolist()
 
-    def start(self, prefill: int, batch: int, device: torch.device) -> None:
-        """Book a prefill of ``prefill`` tokens: the held ones take slots ``0..m-1`` in order."""
-        if prefill > self.max_cache_len:
-            raise NotSupportedError(f"a prompt of {prefill} tokens exceeds max_cache_len={self.max_cache_len}")
-        self.store.append(torch.zeros(1, 1, prefill, 1))
+    def _blocks(self, tokens: int) -> int:
+        return -(-tokens // self.store.block) * self.store.block
+
+    def start(self, source: TensorStore, batch: int, device: torch.device) -> None:
+        """Take over the bookkeeping of ``source`` (an eager store after its multi-token steps):
+        the held tokens take ring slots ``0..m-1`` in the store's order."""
+        if self.max_cache_len is not None and source.length > self.max_cache_len:
+            raise NotSupportedError(f"a prompt of {source.length} tokens exceeds max_cache_len={self.max_cache_len}")
+        copy_bookkeeping(source, self.store)
+        store = self.store
+        store.fp = _placeholder(len(store.fp_pos))
+        store.staging = _placeholder(len(store.staging_pos))
+        store.packed = _Counted(len(store.packed_pos)) if len(store.packed_pos) else None
         held = self.held_positions()
         if len(held) >= self.slots:
             raise RuntimeError(f"{len(held)} held tokens do not fit {self.slots} ring slots")
+        packed = len(store.packed_pos)
+        limit = self.max_cache_len if self.max_cache_len is not None else packed + max(self.headroom, store.length // 8)
+        self.capacity = self._blocks(limit)
         self.slot_of = {p: s for s, p in enumerate(held)}
         self.free = list(range(self.slots - 1, len(held) - 1, -1))
         self.ring_bias = torch.full((batch, self.slots), float("-inf"), dtype=torch.float32, device=device)
         self.ring_bias[:, : len(held)] = 0.0
         self.packed_bias = torch.full((batch, self.capacity), float("-inf"), dtype=torch.float32, device=device)
-        self.packed_bias[:, : len(self.store.packed_pos)] = 0.0
+        self.packed_bias[:, :packed] = 0.0
         self.slot_index = torch.zeros(1, dtype=torch.int64, device=device)
         self._take_next_slot()
 
+    def grow(self, tokens: int) -> int:
+        """Room for at least ``tokens`` packed tokens (at least double the capacity); returns it."""
+        capacity = self._blocks(max(tokens, 2 * self.capacity))
+        bias = torch.full((self.packed_bias.shape[0], capacity), float("-inf"), dtype=torch.float32,
+                          device=self.packed_bias.device)  # fmt: skip
+        bias[:, : self.capacity].copy_(self.packed_bias)
+        self.packed_bias, self.capacity = bias, capacity
+        return capacity
+
+    def slots_of(self, positions: torch.Tensor) -> list[int]:
+        return [self.slot_of[p] for p in positions.tolist()]
+
     def book(self) -> Booking:
         """After a decode step wrote position ``length`` into :attr:`next_slot`: what leaves."""
-        if self.length + 1 > self.max_cache_len:
+        if self.max_cache_len is not None and self.length + 1 > self.max_cache_len:
             raise NotSupportedError(
                 f"decoding past max_cache_len={self.max_cache_len} tokens: build the cache with a larger max_cache_len"
             )
@@ -151,6 +188,17 @@ class RingSchedule:
         self.next_slot = self.free.pop()
         self.ring_bias[:, self.next_slot] = 0.0  # the next step writes it before attending
         self.slot_index.fill_(self.next_slot)
+
+
+def _placeholder(tokens: int) -> torch.Tensor | None:
+    return torch.zeros(1, 1, tokens, 1) if tokens else None
+
+
+def copy_bookkeeping(source: TensorStore, target: TensorStore) -> None:
+    """Give ``target`` the positions, length and bound selector of ``source`` (not its tensors)."""
+    target.selector, target.length, target.evicted = source.selector, source.length, source.evicted
+    target.fp_pos, target.staging_pos = source.fp_pos.clone(), source.staging_pos.clone()
+    target.packed_pos = source.packed_pos.clone()
 
 
 @attrs.frozen
@@ -219,11 +267,21 @@ def _write_block(dst: NativePacked, block: NativePacked, offset: int) -> None:
         dst.zero[:, :, offset : offset + n].copy_(block.zero)
 
 
+def _leading_tokens(packed: NativePacked, n: int) -> NativePacked:
+    """A copy of the first ``n`` tokens of ``packed`` (a multiple of a per-channel group)."""
+    scales = n // packed.group_size if packed.axis == "channel" else n
+    return NativePacked(
+        packed.codes[:, :, :n].clone(), packed.scale[:, :, :scales].clone(), packed.zero[:, :, :scales].clone(),
+        packed.bits, packed.group_size, packed.axis,
+    )  # fmt: skip
+
+
 class StaticPolicyLayer(CacheLayerMixin):
     """One decoder layer's cache in preallocated buffers (see the module docstring).
 
-    ``eager``: the policy's own layer, which serves the prefill and whose stores' state is then
-    copied here; ``schedule``: the bookkeeping shared with every layer of the same policy.
+    ``eager``: the policy's own layer, which serves every multi-token step and, while the
+    buffers are not in use (:attr:`adopted` false), everything else; ``schedule``: the
+    bookkeeping shared with every layer of the same policy.
     """
 
     is_sliding = False
@@ -231,41 +289,46 @@ class StaticPolicyLayer(CacheLayerMixin):
     supports_early_init = False
 
     def __init__(self, eager, schedule: RingSchedule):
-        super().__init__()
         self.eager = eager
+        super().__init__()
         self.schedule = schedule
         self.adopted = False
-        self._awaiting_attention = False
         self.ring_keys = self.ring_values = None
         self.packed_keys = self.packed_values = None
         self.fused = False
 
-    # -- the prefill, then the copy into the buffers ------------------------------------
+    # -- steps ----------------------------------------------------------------------------
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """The prefill through the eager layer; each later step (one token) into the ring."""
+        """A multi-token step through the eager layer; a decode step (one token) into the ring."""
         if not self.adopted:
             return self.eager.update(key_states, value_states, *args, **kwargs)
-        if key_states.shape[2] != 1:
-            raise NotSupportedError(
-                f"a CUDA-graph cache decodes one token per step after its prefill (got {key_states.shape[2]}): "
-                "a second turn or a chunked prefill needs a new cache, or a cache built without cuda_graphs"
-            )
+        if key_states.shape[2] != 1:  # the cache hands its tokens back before such a forward
+            raise RuntimeError(f"a static layer in use got a step of {key_states.shape[2]} tokens")
         self.ring_keys.index_copy_(2, self.schedule.slot_index, key_states)
         self.ring_values.index_copy_(2, self.schedule.slot_index, value_states)
         step = StaticStep(self)
         return attention.tag(key_states, step, STATIC_ATTENTION), attention.tag(value_states, step, None)
 
+    @property
+    def _awaiting_attention(self) -> bool:  # the eager layer's guard, while it serves the steps
+        return not self.adopted and self.eager._awaiting_attention
+
+    @_awaiting_attention.setter
+    def _awaiting_attention(self, value: bool) -> None:
+        self.eager._awaiting_attention = value
+
+    # -- moving the tokens between the eager stores and the buffers -----------------------
+
     def adopt(self) -> None:
-        """After the prefill's forward: copy the eager stores' tokens into the buffers (held
-        tokens into ring slots ``0..m-1`` in the schedule's order, the packed region into the
-        packed buffers' first tokens) and free the eager tensors."""
+        """Copy the eager stores' tokens into the buffers (held tokens into ring slots
+        ``0..m-1`` in the schedule's order, the packed region into the packed buffers' first
+        tokens) and free the eager tensors. The schedule has taken over the bookkeeping."""
         keys, values = self.eager.key_store, self.eager.value_store
         schedule = self.schedule
-        held = schedule.held_positions()
-        eager_held = torch.cat([keys.fp_pos, keys.staging_pos]).tolist()
-        if held != eager_held or schedule.store.packed_pos.tolist() != keys.packed_pos.tolist():
-            raise RuntimeError("the graph schedule and the eager store disagree on the prefill's tokens")
+        for store in (keys, values):
+            if not all(torch.equal(getattr(store, f), getattr(schedule.store, f)) for f in _POSITIONS):
+                raise RuntimeError("the graph schedule and this layer's stores disagree on their tokens")
         batch, heads, key_dim = self.eager.shape
         value_dim = self.eager.value_head_dim
         dtype, device = self.eager.dtype, self.eager.device
@@ -295,8 +358,46 @@ class StaticPolicyLayer(CacheLayerMixin):
             and key_dim == value_dim
             and (self.packed_keys is None or fusable(query_like, self.packed_keys, self.packed_values))
         )
-        self.eager.reset()
+        for store in (keys, values):
+            store.fp = store.staging = store.packed = None
         self.adopted = True
+
+    def release(self) -> None:
+        """The inverse of :meth:`adopt`: the eager stores take the schedule's bookkeeping and
+        the buffers' tokens (full-precision ones by ring slot, the packed prefix), and the
+        buffers are freed."""
+        schedule = self.schedule
+        sides = (
+            (self.ring_keys, self.packed_keys, self.eager.key_store),
+            (self.ring_values, self.packed_values, self.eager.value_store),
+        )
+        for ring, packed, store in sides:
+            copy_bookkeeping(schedule.store, store)
+            store.fp, store.staging = (self._ring_tokens(ring, p) for p in (store.fp_pos, store.staging_pos))
+            store.packed = _leading_tokens(packed, len(store.packed_pos)) if len(store.packed_pos) else None
+        self._free()
+
+    def _ring_tokens(self, ring: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        if not len(positions):
+            return None
+        return ring.index_select(2, to_device(torch.tensor(self.schedule.slots_of(positions)), ring.device))
+
+    def _free(self) -> None:
+        self.ring_keys = self.ring_values = self.packed_keys = self.packed_values = None
+        self.adopted = False
+
+    def grow(self, capacity: int) -> None:
+        """Packed buffers of ``capacity`` tokens holding what the current ones hold."""
+        packed = len(self.schedule.store.packed_pos)
+        sides = (("packed_keys", self.eager.key_store, self.ring_keys), ("packed_values", self.eager.value_store,
+                                                                             self.ring_values))  # fmt: skip
+        for name, store, ring in sides:
+            old = getattr(self, name)
+            batch, heads, _, dim = ring.shape
+            new = _capacity_packed(store.spec, store.backend, batch, heads, dim, capacity, ring.dtype, ring.device)
+            if packed:
+                _write_block(new, _leading_tokens(old, packed), 0)
+            setattr(self, name, new)
 
     def pack(self, booking: Booking) -> None:
         """Quantize the ring slots ``booking`` packs into the packed buffers at its offset."""
@@ -333,10 +434,13 @@ class StaticPolicyLayer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
-        return self.schedule.max_cache_len
+        limit = self.schedule.max_cache_len
+        return -1 if limit is None else limit
 
     @property
     def demoted(self) -> bool:
+        if not self.adopted:
+            return self.eager.demoted
         store = self.schedule.store
         return bool(len(store.packed_pos) or len(store.staging_pos) or store.evicted)
 
@@ -364,27 +468,65 @@ class StaticPolicyLayer(CacheLayerMixin):
         return out
 
     def reset(self) -> None:
-        raise NotSupportedError("a CUDA-graph cache serves one prompt: build a new one with policy.make_cache")
+        self._free()
+        self.eager.reset()
 
-    def _refuse(self, *args, **kwargs):
-        raise NotSupportedError(
-            "a CUDA-graph cache keeps its batch fixed (beam search, batch selection and rollback are not served); "
-            "build the cache without cuda_graphs for them"
-        )
+    # batch methods and rollback: the eager layer's, once the cache has handed its tokens back
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._eager("reorder_cache").reorder_cache(beam_idx)
 
-    reorder_cache = batch_repeat_interleave = batch_select_indices = crop = offload = prefetch = _refuse
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._eager("batch_repeat_interleave").batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._eager("batch_select_indices").batch_select_indices(indices)
+
+    @property
+    def is_croppable(self) -> bool:
+        return self.eager.is_croppable
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._eager("crop").crop(tokens_to_remove)
+
+    def offload(self):
+        self.eager.offload()
+
+    def prefetch(self):
+        self.eager.prefetch()
+
+    def _eager(self, method: str):
+        if self.adopted:
+            raise RuntimeError(f"{method} on a static layer in use: the cache hands its tokens back first")
+        return self.eager
+
+
+_POSITIONS = ("fp_pos", "staging_pos", "packed_pos")
+_BATCH_FIXED = (
+    "a CUDA-graph cache keeps its batch fixed (beam search, batch selection and rollback are not served); "
+    "build the cache without cuda_graphs for them"
+)
 
 
 class StaticPolicyCache(KVPolicyCache):
     """A :class:`~kvpolicy.cache.KVPolicyCache` of :class:`StaticPolicyLayer` objects, decoded
-    through :class:`~kvpolicy.cuda_graphs.GraphedDecoding` (its :attr:`decoding`)."""
+    through :class:`~kvpolicy.cuda_graphs.GraphedDecoding` (its :attr:`decoding`).
 
-    def __init__(self, layers: list[StaticPolicyLayer], policy_name: str = ""):
+    ``fallback``: what to do with a call the replayed step does not serve (a padded batch, a
+    multi-token step after decoding, beam search's reorders): ``False`` refuses it
+    (``cuda_graphs=True``); ``True`` hands the tokens back to the eager layers and goes on
+    eagerly (``cuda_graphs="auto"``): after a new turn the next decode step adopts them again,
+    after a padded batch or a batch method the cache stays eager.
+    """
+
+    def __init__(self, layers: list[StaticPolicyLayer], policy_name: str = "", fallback: bool = False):
         super().__init__(layers, policy_name=policy_name)
         from kvpolicy.cuda_graphs import GraphedDecoding
 
         self.decoding = GraphedDecoding(self)
+        self.fallback = fallback
         self.adopted = False
+        #: why this cache decodes eagerly for good (``None``: it may adopt its tokens)
+        self.eager_because: str | None = None
         self.schedules: list[tuple[RingSchedule, list[StaticPolicyLayer]]] = []
         for layer in layers:
             for schedule, members in self.schedules:
@@ -394,59 +536,125 @@ class StaticPolicyCache(KVPolicyCache):
             else:
                 self.schedules.append((layer.schedule, [layer]))
 
+    def may_adopt(self, attention_mask: torch.Tensor | None) -> bool:
+        """Whether the next decode step may run on the buffers (refuses a padded batch unless
+        ``fallback``). One host synchronization, at adoption only."""
+        if self.eager_because is not None or not self.get_seq_length():
+            return False
+        if attention_mask is not None and not bool(attention_mask.all()):
+            self._leave("a CUDA-graph cache serves batches without padding (its replayed step attends every held "
+                        "token of every row); decode a left-padded batch with a cache built without cuda_graphs",
+                        "a padded batch")  # fmt: skip
+            return False
+        return True
+
     def adopt(self) -> None:
-        """After the prefill: book it and move every layer's tokens into its buffers."""
+        """Before the first decode step: the schedules take over each eager store's
+        bookkeeping and every layer's tokens move into its buffers."""
         for schedule, layers in self.schedules:
-            batch, _, _ = layers[0].eager.shape
-            schedule.start(layers[0].eager.get_seq_length(), batch, layers[0].eager.device)
+            first = layers[0].eager
+            schedule.start(first.key_store, first.shape[0], first.device)
             for layer in layers:
                 layer.adopt()
         self.adopted = True
+        if self.fallback and any(layer.eager.device.type == "cuda" and not layer.fused for layer in self.layers):
+            self._leave("", "no fused kernel serves these shapes")  # auto only: no float32 sweep over the capacity
+
+    def release(self, refusal: str) -> None:
+        """Hand every layer's tokens back to its eager layer (``fallback``), or refuse with ``refusal``."""
+        if not self.fallback:
+            raise NotSupportedError(refusal)
+        for layer in self.layers:
+            layer.release()
+        self.adopted = False
+        self.decoding.drop()
+
+    def _leave(self, refusal: str, because: str) -> None:
+        """Decode eagerly from now on (``fallback``), or refuse with ``refusal``."""
+        if not self.fallback:
+            raise NotSupportedError(refusal)
+        if self.adopted:
+            self.release(refusal)
+        self.eager_because = because
 
     def book_step(self) -> None:
-        """After a decode step: book its token, pack what the policy packs, free what leaves."""
+        """After a decode step: book its token, pack what the policy packs (growing the packed
+        buffers first when they are full), free what leaves."""
         for schedule, layers in self.schedules:
             booking = schedule.book()
+            needed = booking.offset + len(booking.packed_slots)
+            if needed > schedule.capacity:
+                capacity = schedule.grow(needed)
+                for layer in layers:
+                    layer.grow(capacity)
+                self.decoding.drop()  # the captured step read the old buffers
             for layer in layers:
                 layer.pack(booking)
             schedule.commit(booking)
 
+    def reset(self) -> None:
+        super().reset()
+        self.adopted = False
+        self.eager_because = None
+        self.decoding.drop()
 
-def build_static_cache(policy, model, specs, max_cache_len: int | None) -> StaticPolicyCache:
-    """``policy.make_cache(model, cuda_graphs=True, max_cache_len=...)``: one static layer per
-    decoder layer, sharing a :class:`RingSchedule` per retention schedule; refuses what the
-    replayed step cannot serve."""
-    from kvpolicy import cuda_graphs
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._leave(_BATCH_FIXED, "beam search")
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._leave(_BATCH_FIXED, "a batch method")
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._leave(_BATCH_FIXED, "a batch method")
+        super().batch_select_indices(indices)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._leave(_BATCH_FIXED, "a rollback")
+        super().crop(tokens_to_remove)
+
+
+def graph_refusal(policy, model, specs, max_cache_len: int | None) -> str | None:
+    """Why the replayed step cannot serve ``policy`` on ``model`` (``None``: it can)."""
     from kvpolicy.layers import model_name
 
-    if not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool) or max_cache_len < 1:
-        raise ConfigError("max_cache_len", max_cache_len, "a positive number of tokens: the prompt plus the new tokens")
-    name = model_name(model)
     sliding = sorted({s.type for s in specs if s.type != "full_attention"})
     if sliding:
-        raise NotSupportedError(
-            f"cuda_graphs: {name} has {', '.join(sliding)} layers, whose cache grows and slides by concatenation; "
-            "the replayed step serves models whose every layer is full attention. Build the cache without cuda_graphs"
+        return (
+            f"{model_name(model)} has {', '.join(sliding)} layers, whose cache grows and slides by concatenation; "
+            "the replayed step serves models whose every layer is full attention"
         )
+    for spec in specs:
+        layer_policy = policy.for_layer(spec.index, spec.num_layers)
+        eager = layer_policy.new_layer(spec.head_dim, model.config, value_head_dim=spec.value_head_dim)
+        refusal = stores_refusal(policy.name, eager.key_store, eager.value_store, max_cache_len)
+        if refusal is not None:
+            return refusal
+    return None
+
+
+def build_static_cache(policy, model, specs, max_cache_len: int | None, fallback: bool = False) -> StaticPolicyCache:
+    """``policy.make_cache(model, cuda_graphs=True)``: one static layer per decoder layer,
+    sharing a :class:`RingSchedule` per retention schedule; refuses what the replayed step
+    cannot serve. ``fallback``: see :class:`StaticPolicyCache` (``cuda_graphs="auto"``)."""
+    from kvpolicy import cuda_graphs
+
+    if max_cache_len is not None and (
+        not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool) or max_cache_len < 1
+    ):
+        raise ConfigError(
+            "max_cache_len", max_cache_len, "a positive number of tokens (the prompt plus the new tokens) or None"
+        )
+    refusal = graph_refusal(policy, model, specs, max_cache_len)
+    if refusal is not None:
+        raise NotSupportedError(f"cuda_graphs: {refusal}. Build the cache without cuda_graphs")
     schedules: dict[tuple, RingSchedule] = {}
     layers = []
     for spec in specs:
         layer_policy = policy.for_layer(spec.index, spec.num_layers)
         eager = layer_policy.new_layer(spec.head_dim, model.config, value_head_dim=spec.value_head_dim)
-        keys, values = eager.key_store, eager.value_store
-        if not eager.aligned:
-            raise NotSupportedError(
-                f"cuda_graphs: policy {policy.name!r} retains keys and values differently, so their tokens sit in "
-                "different places; the replayed step serves policies whose keys and values keep the same tokens "
-                "(e.g. logquant, kivi, streaming). Build the cache without cuda_graphs"
-            )
-        for store, side in ((keys, "keys"), (values, "values")):
-            if store.backend is not None and type(store.backend) is not NativeQuantizer:
-                raise NotSupportedError(
-                    f"cuda_graphs: {side} are quantized by {type(store.backend).__name__} "
-                    f"({store.spec.backend!r}, rotate={store.spec.rotate!r}); the replayed step reads the native "
-                    "backend's codes without rotation. Build the cache without cuda_graphs"
-                )
+        keys = eager.key_store
         key = (repr(keys.unbound_selector), keys.demote, keys.block, repr(keys.spec))
         if key not in schedules:
             budget = keys.unbound_selector.budget
@@ -455,4 +663,4 @@ def build_static_cache(policy, model, specs, max_cache_len: int | None) -> Stati
         layers.append(StaticPolicyLayer(eager, schedules[key]))
     attention.attach(model)
     cuda_graphs.install(model)
-    return StaticPolicyCache(layers, policy_name=policy.name)
+    return StaticPolicyCache(layers, policy_name=policy.name, fallback=fallback)

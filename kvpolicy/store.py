@@ -64,6 +64,12 @@ def take_run(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return run if 2 * (stop - start) >= x.shape[2] else run.clone()
 
 
+def aligned(keys: TensorStore, values: TensorStore) -> bool:
+    """Whether two stores keep identical positions in each region: equal selectors, demotion
+    and blocks (then a fused executor reads a token's key and value at the same index)."""
+    return keys.selector == values.selector and keys.demote == values.demote and keys.block == values.block
+
+
 @attrs.frozen
 class TensorView:
     """An immutable snapshot of a store: what attention reads.

@@ -152,17 +152,17 @@ def test_e2e_ratios_are_against_dynamic_cache_at_the_same_batch(tmp_path):
 
 
 def test_e2e_bench_runs_a_graph_contender_through_generate(tmp_path):
-    """``NAME+graphs`` goes through the same ``generate()`` call as every contender (on a CPU its
-    steps run eagerly) and decodes every token asked for."""
+    """``NAME+graphs`` and ``NAME+eager`` go through the same ``generate()`` call as every
+    contender (on a CPU the graph path's steps run eagerly) and decode every token asked for."""
     import json
 
     from benchmarks.e2e_bench import main
 
     out = tmp_path / "e2e.json"
     argv = ["--shape", "tiny", "--device", "cpu", "--context", "256", "--batches", "1", "--new-tokens", "6",
-            "--warmup", "1", "--contenders", "dynamic,kivi+graphs", "--out", str(out)]  # fmt: skip
+            "--warmup", "1", "--contenders", "dynamic,kivi+graphs,kivi+eager", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     rows = {r["contender"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"dynamic", "kivi+graphs"}
+    assert set(rows) == {"dynamic", "kivi+graphs", "kivi+eager"}
     for row in rows.values():
         assert "error" not in row and row["generated"] == 6 and row["decode_ms"] > 0

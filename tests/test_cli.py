@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from kvpolicy import Policy, load_policy
 from kvpolicy.cli import main
 
 
@@ -31,6 +32,20 @@ def test_show_prints_yaml_and_budget(capsys):
     out = capsys.readouterr().out
     assert "type: log" in out and "window: 64" in out
     assert "budget per layer: keys 192, values 64" in out
+    assert "# decode steps on this machine: eager" in out  # no CUDA here, and keys and values differ
+
+
+def test_decode_summary_says_where_cuda_graphs_serve():
+    """What ``make_cache(model)`` would do on a CUDA device, per policy (no device needed)."""
+    from kvpolicy.executors.kernels import triton_available
+
+    if not triton_available():
+        pytest.skip("the graph path needs Triton")
+    assert load_policy("logquant").decode_summary("cuda").startswith("replayed from a CUDA graph")
+    assert "retains keys and values differently" in load_policy("partial_logquant").decode_summary("cuda")
+    assert "'reference' was chosen" in Policy.from_dict({**load_policy("kivi").config.to_dict(),
+                                                         "executor": "reference"}).decode_summary("cuda")  # fmt: skip
+    assert load_policy("kivi").decode_summary("cpu").startswith("eager (CUDA graphs need a CUDA device)")
 
 
 def test_unknown_policy_is_a_clear_error(capsys):
@@ -78,13 +93,13 @@ def test_generate_on_the_embedded_model_reports_kv_bytes(tmp_path):
 
 @pytest.mark.model
 def test_generate_with_cuda_graphs_writes_what_eager_decoding_writes(tmp_path):
-    """``--cuda-graphs`` (on a CPU: the static layers' steps, run eagerly) gives the same text."""
+    """``--cuda-graphs on`` (on a CPU: the static layers' steps, run eagerly) gives the same text."""
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("List three facts about the moon. " * 40)
     command = [sys.executable, "-m", "kvpolicy.cli", "generate", "--policy", "logquant", "--prompt-file", str(prompt),
                "--max-new-tokens", "24"]  # fmt: skip
     runs = [subprocess.run(command + extra, capture_output=True, text=True, check=True, timeout=600).stdout
-            for extra in ([], ["--cuda-graphs"])]  # fmt: skip
+            for extra in ([], ["--cuda-graphs", "on"])]  # fmt: skip
     eager, graphed = (run.strip().splitlines() for run in runs)
     assert graphed[:-1] == eager[:-1] and re.match(r"policy logquant: prompt \d+ tokens, 24 generated", eager[-2])
     assert graphed[-1].startswith("KV cache: ")  # the preallocated buffers, counted as held

@@ -15,7 +15,7 @@ import torch
 from kvpolicy import Policy, load_policy
 from kvpolicy.errors import ConfigError, NotSupportedError
 from kvpolicy.generation import cache_kwargs
-from kvpolicy.static_cache import StaticPolicyCache, StaticPolicyLayer
+from kvpolicy.static_cache import RingSchedule, StaticPolicyCache, StaticPolicyLayer, build_static_cache, graph_refusal
 from tests.conftest import tiny_llama
 from tests.test_cache import left_padded_batch
 
@@ -112,10 +112,56 @@ def test_policies_the_replayed_step_cannot_serve_are_refused(model, policy, says
         load_policy(policy).make_cache(model, cuda_graphs=True, max_cache_len=64)
 
 
-@pytest.mark.parametrize("bad", [None, 0, -5, 1.5, "64", True])
-def test_max_cache_len_is_required_and_named(model, bad):
+@pytest.mark.parametrize("bad", [0, -5, 1.5, "64", True])
+def test_max_cache_len_is_named_when_bad(model, bad):
     with pytest.raises(ConfigError, match="max_cache_len"):
         load_policy("kivi").make_cache(model, cuda_graphs=True, max_cache_len=bad)
+
+
+@pytest.mark.parametrize("bad", ["yes", 1, None, "graphs"])
+def test_cuda_graphs_must_be_true_false_or_auto(model, bad):
+    with pytest.raises(ConfigError, match="cuda_graphs.*True, False or 'auto'"):
+        load_policy("kivi").make_cache(model, cuda_graphs=bad)
+
+
+def test_auto_is_eager_on_a_cpu_and_says_why_a_policy_is_not_served(model):
+    """``make_cache(model)`` on a CPU builds the eager cache; ``graph_refusal`` names what the
+    replayed step does not serve and passes what it does."""
+    from kvpolicy.cache import KVPolicyCache
+    from kvpolicy.layers import model_layers
+
+    cache = load_policy("logquant").make_cache(model)
+    assert type(cache) is KVPolicyCache and not load_policy("logquant").graphs_serve(model)
+    specs = model_layers(model)
+    for name in ("logquant", "kivi", "streaming", "sink_kivi"):
+        assert graph_refusal(load_policy(name), model, specs, None) is None
+    assert "retains keys and values differently" in graph_refusal(load_policy("partial_logquant"), model, specs, None)
+    assert "needs a max_cache_len" in graph_refusal(load_policy("full"), model, specs, None)
+    assert graph_refusal(load_policy("full"), model, specs, 64) is None
+
+
+def test_packed_buffers_grow_without_max_cache_len(model, monkeypatch):
+    """No declared limit: the buffers start at the prompt's packed tokens plus a headroom and
+    double as decoding fills them, holding the same tokens as eager decoding."""
+    monkeypatch.setattr(RingSchedule, "headroom", 32)
+    grown = []
+    grow = RingSchedule.grow
+    monkeypatch.setattr(RingSchedule, "grow", lambda self, tokens: grown.append(grow(self, tokens)) or grown[-1])
+    inputs, n = _prompt(2, 150), 90
+    expected = _generate(model, inputs, load_policy("kivi").make_cache(model), n)
+    cache = load_policy("kivi").make_cache(model, cuda_graphs=True)
+    got = _generate(model, inputs, cache, n)
+    assert torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+    schedule, layer = cache.layers[0].schedule, cache.layers[0]
+    assert grown and grown == sorted(grown)  # once per schedule at least, each time larger
+    assert (
+        layer.packed_keys.num_tokens
+        == schedule.capacity
+        == schedule.packed_bias.shape[1]
+        >= len(schedule.store.packed_pos)
+    )
+    assert layer.get_max_length() == -1  # no declared limit
 
 
 def test_a_hybrid_model_is_refused():
@@ -144,6 +190,74 @@ def test_beam_search_is_refused(model):
         model.generate(**_prompt(1, 20), **cache_kwargs(cache), max_new_tokens=4, num_beams=2, do_sample=False)
 
 
+def _auto(model, name: str) -> StaticPolicyCache:
+    """What ``make_cache(model)`` builds on CUDA (``cuda_graphs="auto"``), built on this CPU."""
+    from kvpolicy.layers import model_layers
+
+    policy = load_policy(name)
+    return build_static_cache(policy, model, model_layers(model), None, fallback=True)
+
+
+def _snapshot(store):
+    return [getattr(store, f).clone() for f in ("fp_pos", "staging_pos", "packed_pos")], [
+        t if t is None else (t.clone() if isinstance(t, torch.Tensor) else t.codes.clone())
+        for t in (store.fp, store.staging, store.packed)
+    ]
+
+
+def test_adopting_then_handing_back_restores_the_eager_stores(model):
+    """adopt() then release() leaves every eager store as it was: positions, full-precision
+    tokens and packed codes, bit for bit."""
+    cache = _auto(model, "kivi")
+    with torch.no_grad():
+        model(**_prompt(2, 301), **cache_kwargs(cache))
+    before = [_snapshot(s) for layer in cache.layers for s in (layer.eager.key_store, layer.eager.value_store)]
+    cache.adopt()
+    assert all(layer.adopted and layer.eager.key_store.fp is None for layer in cache.layers)
+    cache.release("")
+    after = [_snapshot(s) for layer in cache.layers for s in (layer.eager.key_store, layer.eager.value_store)]
+    for (pos_a, data_a), (pos_b, data_b) in zip(before, after, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(pos_a, pos_b, strict=True))
+        for a, b in zip(data_a, data_b, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+    assert not any(layer.adopted for layer in cache.layers) and cache.decoding.graph is None
+
+
+@pytest.mark.parametrize("name", ["kivi", "logquant"])
+def test_auto_hands_a_second_turn_to_the_eager_layers_and_adopts_again(model, name):
+    """A second turn on a cache that decoded from its buffers: the turn runs eagerly, the next
+    decode step adopts again; tokens and logits equal an eager cache's through both turns."""
+    first_inputs, n = _prompt(1, 260), 40
+    eager, cache = load_policy(name).make_cache(model), _auto(model, name)
+    turns = []
+    for c in (eager, cache):
+        first = _generate(model, first_inputs, c, n)[0]
+        follow = torch.randint(1, 256, (1, 70), generator=torch.Generator().manual_seed(3))
+        ids = torch.cat([first[:, :-1], follow], dim=1)  # the last new token was never cached
+        turns.append(_generate(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, c, n))
+    assert torch.equal(turns[1][0], turns[0][0])
+    torch.testing.assert_close(turns[1][1], turns[0][1], rtol=1e-5, atol=1e-5)
+    assert cache.adopted and cache.eager_because is None
+    assert cache.layers[0].schedule.length == eager.layers[0].key_store.length
+
+
+def test_auto_decodes_a_padded_batch_and_beam_search_eagerly(model):
+    """Calls the replayed step does not serve run on the eager layers, with the eager cache's
+    results, and the cache says why it stays eager."""
+    padded = left_padded_batch([300, 200])
+    expected = _generate(model, padded, load_policy("kivi").make_cache(model), 8)
+    cache = _auto(model, "kivi")
+    got = _generate(model, padded, cache, 8)
+    assert torch.equal(got[0], expected[0]) and cache.eager_because == "a padded batch"
+    assert not cache.layers[0].adopted
+    beams = {"max_new_tokens": 6, "num_beams": 2, "do_sample": False}
+    with torch.no_grad():
+        want = model.generate(**_prompt(1, 200), **cache_kwargs(load_policy("kivi").make_cache(model)), **beams)
+        cache = _auto(model, "kivi")
+        out = model.generate(**_prompt(1, 200), **cache_kwargs(cache), **beams)
+    assert torch.equal(out, want) and cache.eager_because == "beam search"
+
+
 def test_other_caches_still_reach_the_models_own_forward(model):
     """The forward wrapper is installed once and passes every other cache through."""
     from transformers import DynamicCache
@@ -170,5 +284,30 @@ def test_replayed_steps_equal_eager_decoding_on_cuda(name):
     cache = policy.make_cache(gpu, cuda_graphs=True, max_cache_len=301 + n)
     got = _generate(gpu, inputs, cache, n)
     assert cache.decoding.graph is not None  # captured, then replayed
+    assert torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1].float(), expected[1].float(), rtol=2e-2, atol=2e-2)
+
+
+@cuda
+@pytest.mark.parametrize("name", ["kivi", "logquant"])
+def test_the_default_cache_on_cuda_replays_and_grows(name, monkeypatch):
+    """``make_cache(model)`` on CUDA (``cuda_graphs="auto"``): a graph cache without a declared
+    limit, whose buffers grow mid-generation (a small headroom forces it) and whose step is
+    captured again; the same tokens as the eager cache, logits to bf16 rounding."""
+    monkeypatch.setattr(RingSchedule, "headroom", 32)
+    gpu = tiny_llama(dtype=torch.bfloat16).to("cuda")
+    policy = Policy.load(name)
+    inputs, n = _prompt(2, 150, "cuda"), 90
+    expected = _generate(gpu, inputs, policy.make_cache(gpu, cuda_graphs=False), n)
+    cache = policy.make_cache(gpu)
+    assert isinstance(cache, StaticPolicyCache) and cache.fallback
+    captures = []
+    capture = cache.decoding._decode
+    monkeypatch.setattr(
+        cache.decoding, "_decode", lambda *a: captures.append(cache.decoding.graph is None) or capture(*a)
+    )
+    got = _generate(gpu, inputs, cache, n)
+    assert sum(captures) >= 2  # the first decode step, and again after the buffers grew
+    assert cache.decoding.graph is not None and cache.eager_because is None
     assert torch.equal(got[0], expected[0])
     torch.testing.assert_close(got[1].float(), expected[1].float(), rtol=2e-2, atol=2e-2)
