@@ -312,7 +312,7 @@ def test_the_default_cache_on_cuda_replays_and_grows(name, monkeypatch):
     got = _generate(gpu, inputs, cache, n)
     # the first decode step; kivi packs a block every 32 steps, so its buffers grow here and
     # the step is captured again (logquant's packed tokens fit the first buffers)
-    assert sum(captures) == 1 + bool(grown)
+    assert sum(captures) == 1 + len(grown)  # one schedule: one growth per step at most
     assert bool(grown) == (name == "kivi")
     assert cache.decoding.graph is not None and cache.eager_because is None
     assert torch.equal(got[0], expected[0])
