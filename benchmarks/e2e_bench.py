@@ -28,7 +28,9 @@ Per contender and batch: time to first token (the prefill, from the ``generate()
 decode ms/step (mean over the steps after ``--warmup``, demotion steps included), peak memory
 during the prefill and during decoding (CUDA: allocated bytes above the weights; CPU: the
 child process's peak resident memory above its start, each contender in a fresh process),
-KV bytes held at the end, and the tokens/s of a workload of ``--context`` + ``--workload``
+KV bytes held at the end, the floor of a decode step (the weights and the KV bytes held, read
+once at the device's copy bandwidth measured at the start of the run; CUDA), and the tokens/s
+of a workload of ``--context`` + ``--workload``
 new tokens, projected from the measured time to first token and mean step
 (``batch * workload / (ttft + (workload - 1) * step)``). ``--largest`` searches each cache's
 largest batch with a real prefill (predicted from the measured memory, then confirmed by a
@@ -297,19 +299,51 @@ def largest_batch(model, name: str, rows: list[dict], args) -> tuple[dict, dict 
     return found | {"error": "no batch fitted"}, None
 
 
-def table(rows: list[dict]) -> str:
-    """Markdown table; ratios against ``dynamic`` at the same batch."""
+def weight_bytes(model) -> int:
+    """Bytes of the weights a decode step reads: every parameter but the input embedding table
+    (a step reads one row of it)."""
+    embedding = model.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding)
+
+
+def copy_bandwidth(device: str, nbytes: int = 2 * 2**30, repeats: int = 10) -> float:
+    """Bytes/s of a device-to-device copy (read plus write), the best of ``repeats``."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - begin)
+    del src, dst
+    release()
+    return 2 * nbytes / best
+
+
+def floor_ms(row: dict, weights: int | None, bandwidth: float | None) -> float | None:
+    """The least time a decode step can take: the weights and the KV bytes held, read once
+    at the measured copy bandwidth (``None`` when either is unknown)."""
+    if not weights or not bandwidth or not row.get("kv_bytes"):
+        return None
+    return 1e3 * (weights + row["kv_bytes"]) / bandwidth
+
+
+def table(rows: list[dict], weights: int | None = None, bandwidth: float | None = None) -> str:
+    """Markdown table; ratios against ``dynamic`` at the same batch; the floor (see
+    :func:`floor_ms`) where the weights' bytes and the copy bandwidth are known."""
     largest = [r for r in rows if r.get("largest")]
     rows = [r for r in rows if not r.get("largest")]
     base = {r["batch"]: r for r in rows if r["contender"] == "dynamic" and "error" not in r}
     lines = [
         "| contender | batch | time to first token | vs dynamic | decode ms/step | vs dynamic "
-        "| prefill peak MiB | KV MiB | workload tok/s | vs dynamic |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| floor ms | step / floor | prefill peak MiB | KV MiB | workload tok/s | vs dynamic |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['contender']} | {r['batch']} | {r['error']} | | | | | | | |")
+            lines.append(f"| {r['contender']} | {r['batch']} | {r['error']} | | | | | | | | | |")
             continue
         b = base.get(r["batch"])
 
@@ -318,10 +352,12 @@ def table(rows: list[dict]) -> str:
 
         peak = r.get("prefill_peak_bytes") or r.get("peak_rss_above_start_bytes")
         kv = f"{r['kv_bytes'] / 2**20:.1f}" if r.get("kv_bytes") else "-"
+        floor = floor_ms(r, weights, bandwidth)
+        floors = f"{floor:.1f} | {r['decode_ms'] / floor:.1f}x" if floor else "- | -"
         lines.append(
             f"| {r['contender']} | {r['batch']} | {r['ttft_s']:.2f} s | {ratio('ttft_s')} | {r['decode_ms']:.1f} "
-            f"| {ratio('decode_ms')} | {peak / 2**20 if peak else 0:.0f} | {kv} | {r['workload_tokens_per_s']:.1f} "
-            f"| {ratio('workload_tokens_per_s')} |"
+            f"| {ratio('decode_ms')} | {floors} | {peak / 2**20 if peak else 0:.0f} | {kv} "
+            f"| {r['workload_tokens_per_s']:.1f} | {ratio('workload_tokens_per_s')} |"
         )
     if largest:
         top = next((r for r in largest if r["contender"] == "dynamic"), None)
@@ -405,6 +441,9 @@ def main(argv=None) -> int:
                 json.dump(record, f, indent=1)
 
     model = None if args.device == "cpu" else build_model(shape, args.device)
+    if model is not None:
+        record["weight_bytes"] = weight_bytes(model)
+        record["copy_bytes_per_s"] = copy_bandwidth(args.device)
     with sdpa_backends(args.sdpa):
         for batch in batches:
             for name in names:
@@ -418,7 +457,7 @@ def main(argv=None) -> int:
                 keep(found, largest)
                 if at is not None:
                     keep(at, rows)
-    print(table(rows))
+    print(table(rows, record.get("weight_bytes"), record.get("copy_bytes_per_s")))
     return 0
 
 

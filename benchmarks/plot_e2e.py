@@ -5,6 +5,9 @@ of bars per batch, each bar a contender's ratio to DynamicCache at that batch in
 run (1.0 is DynamicCache; lower is better for all three).
 
     python benchmarks/plot_e2e.py benchmarks/results/e2e_h200.json docs/results/e2e_h200.png
+
+Several records (e.g. one run per batch) are drawn together, each batch against the
+DynamicCache of its own record: ``plot_e2e.py A.json B.json OUT.png``.
 """
 
 from __future__ import annotations
@@ -65,11 +68,22 @@ def plot(record: dict, path: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: plot_e2e.py RECORD.json OUT.png", file=sys.stderr)
+    if len(argv) < 2:
+        print("usage: plot_e2e.py RECORD.json [RECORD.json ...] OUT.png", file=sys.stderr)
         return 2
-    print(plot(json.loads(Path(argv[0]).read_text()), argv[1]))
+    print(plot(merged([json.loads(Path(a).read_text()) for a in argv[:-1]]), argv[-1]))
     return 0
+
+
+def merged(records: list[dict]) -> dict:
+    """One record of several runs' rows; refuses two runs that measured the same batch (their
+    ratios would mix two DynamicCache baselines)."""
+    batches = [{r["batch"] for r in rec["rows"] if not r.get("largest")} for rec in records]
+    for i, a in enumerate(batches):
+        for b in batches[i + 1 :]:
+            if a & b:
+                raise SystemExit(f"two records measure batch {sorted(a & b)}: plot one run per batch")
+    return {"rows": [r for rec in records for r in rec["rows"]], "device": records[0].get("device", "")}
 
 
 if __name__ == "__main__":

@@ -37,11 +37,18 @@ def stores_refusal(policy_name: str, keys, values, max_cache_len: int | None) ->
     from kvpolicy.store import aligned
 
     if not aligned(keys, values):
-        return (
-            f"policy {policy_name!r} retains keys and values differently, so their tokens sit in different "
-            "places; the replayed step serves policies whose keys and values keep the same tokens "
-            "(e.g. logquant, kivi, streaming)"
+        paired = (
+            keys.demote == values.demote == "quantize"
+            and keys.unbound_selector.budget is not None
+            and values.unbound_selector.budget is not None
+            and values.spec.axis == "token"
         )
+        if not paired:
+            return (
+                f"policy {policy_name!r} retains keys and values differently and its values are not quantized per "
+                "token with a budget on both sides; the replayed step pairs a token's key and value across regions "
+                "only for such policies (e.g. partial_logquant)"
+            )
     for store, side in ((keys, "keys"), (values, "values")):
         if store.backend is not None and type(store.backend) is not NativeQuantizer:
             return (

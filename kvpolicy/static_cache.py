@@ -75,6 +75,11 @@ class Booking:
     freed: list[int]
     packed_index: torch.Tensor | None = None
 
+    @property
+    def packed_through(self) -> int:
+        """Packed tokens the buffers hold once this booking is applied."""
+        return self.offset + len(self.packed_slots)
+
 
 NOTHING_LEFT = Booking([], 0, [])
 
@@ -190,6 +195,151 @@ class RingSchedule:
         self.slot_index.fill_(self.next_slot)
 
 
+@attrs.frozen
+class PairedBooking:
+    """What one step of a :class:`PairedRingSchedule` changed, as host lists and their device
+    copies (``index``: one upload for every layer).
+
+    ``key_slots``: ring slots whose keys are packed, at key offsets ``key_offset..``;
+    ``dequantized_keys``: indices into ``key_slots`` whose value is not packed (their ring key
+    becomes the packed key's dequantized value); ``value_slots``: ring slots whose values are
+    packed, each to packed row ``value_rows[i]`` (its key's offset) or, where that is ``-1``
+    (its key is not packed), to the pending row of its slot (and its ring value becomes the
+    dequantized row); ``settled``: ``(slot, key offset)`` pairs whose pending value row moves
+    into the packed region; ``opened``: key offsets both of whose sides are now packed;
+    ``freed``: their ring slots."""
+
+    key_slots: list[int]
+    key_offset: int
+    dequantized_keys: list[int]
+    value_slots: list[int]
+    value_rows: list[int]
+    settled: list[tuple[int, int]]
+    opened: list[int]
+    freed: list[int]
+    index: dict[str, torch.Tensor] = attrs.field(factory=dict)
+
+    @property
+    def packed_through(self) -> int:
+        """Packed keys (and value rows) the buffers hold once this booking is applied."""
+        return self.key_offset + len(self.key_slots)
+
+
+class PairedRingSchedule(RingSchedule):
+    """A :class:`RingSchedule` for keys and values retained differently (PartialLogQuant: log
+    retention for keys, a window for values).
+
+    A ring slot holds a position while either side of it is not packed: its key in full
+    precision (or, once the key is packed, its dequantized value) and likewise its value. The
+    packed key region is the eager key store's, in its order; the packed value region is
+    indexed by key offset (values are quantized per token, so a row can sit anywhere), so the
+    replayed step reads packed key ``i`` with packed value row ``i``, exactly as for aligned
+    stores, and ``packed_bias`` opens key ``i`` once its value is packed too. A value packed
+    before its key waits in a pending row of its slot.
+    """
+
+    def __init__(self, keys: TensorStore, values: TensorStore, slots: int, max_cache_len: int | None):
+        super().__init__(keys, slots, max_cache_len)
+        self.value_store = TensorStore(
+            values.unbound_selector, values.demote, values.spec, _CountingBackend(), values.block
+        )
+        #: packed key offset of each position in a slot whose key is packed
+        self.key_offset: dict[int, int] = {}
+        #: positions in a slot whose value is packed (in a pending row) and key is not
+        self.pending: set[int] = set()
+
+    def held_positions(self) -> list[int]:
+        """Positions in a ring slot (either side not packed), in slot order at adoption."""
+        sides = (self.store, self.value_store)
+        return sorted({p for s in sides for p in torch.cat([s.fp_pos, s.staging_pos]).tolist()})
+
+    def start_paired(self, keys: TensorStore, values: TensorStore, batch: int, device: torch.device) -> None:
+        """Take over the bookkeeping of both eager stores (see :meth:`RingSchedule.start`)."""
+        copy_bookkeeping(values, self.value_store)
+        store = self.value_store
+        store.fp, store.staging = _placeholder(len(store.fp_pos)), _placeholder(len(store.staging_pos))
+        store.packed = _Counted(len(store.packed_pos)) if len(store.packed_pos) else None
+        self.start(keys, batch, device)  # slots: held_positions() in order
+        key_index = {p: i for i, p in enumerate(self.store.packed_pos.tolist())}
+        value_packed = set(self.value_store.packed_pos.tolist())
+        self.key_offset = {p: key_index[p] for p in self.slot_of if p in key_index}
+        self.pending = {p for p in self.slot_of if p in value_packed}
+        self.packed_bias.fill_(float("-inf"))
+        both = [i for p, i in key_index.items() if p in value_packed]
+        if both:
+            self.packed_bias.index_fill_(1, to_device(torch.tensor(both), device), 0.0)
+
+    def book(self) -> PairedBooking | Booking:
+        if self.max_cache_len is not None and self.length + 1 > self.max_cache_len:
+            raise NotSupportedError(
+                f"decoding past max_cache_len={self.max_cache_len} tokens: build the cache with a larger max_cache_len"
+            )
+        position = self.length
+        keys_before, values_before = len(self.store.packed_pos), len(self.value_store.packed_pos)
+        self.slot_of[position] = self.next_slot
+        self.store.append(torch.zeros(1, 1, 1, 1))
+        self.value_store.append(torch.zeros(1, 1, 1, 1))
+        new_keys = self.store.packed_pos[keys_before:].tolist()
+        new_values = self.value_store.packed_pos[values_before:].tolist()
+        if not new_keys and not new_values:
+            return NOTHING_LEFT  # only staging moved (most steps)
+        for i, p in enumerate(new_keys):
+            self.key_offset[p] = keys_before + i
+        settled, opened, freed, dequantized = [], [], [], []
+        just_packed = set(new_values)
+
+        def settle(p: int) -> None:
+            opened.append(self.key_offset.pop(p))
+            freed.append(self.slot_of.pop(p))
+            self.pending.discard(p)
+
+        key_slots = [self.slot_of[p] for p in new_keys]
+        value_slots = [self.slot_of[p] for p in new_values]
+        value_rows = [self.key_offset.get(p, -1) for p in new_values]
+        for i, p in enumerate(new_keys):
+            if p in self.pending:  # its value was packed before: the pending row moves in
+                settled.append((self.slot_of[p], self.key_offset[p]))
+                settle(p)
+            elif p not in just_packed:
+                dequantized.append(i)
+        for p, row in zip(new_values, value_rows, strict=True):
+            if row >= 0:
+                settle(p)
+            else:
+                self.pending.add(p)
+        device = self.ring_bias.device
+
+        def upload(values: list[int]) -> torch.Tensor:
+            return to_device(torch.tensor(values, dtype=torch.int64), device)
+
+        index = {
+            name: upload(values)
+            for name, values in (
+                ("key_slots", key_slots),
+                ("dequantized_keys", dequantized),
+                ("dequantized_key_slots", [key_slots[i] for i in dequantized]),
+                ("value_slots", value_slots),
+                ("direct", [i for i, r in enumerate(value_rows) if r >= 0]),
+                ("direct_rows", [r for r in value_rows if r >= 0]),
+                ("pending", [i for i, r in enumerate(value_rows) if r < 0]),
+                ("pending_slots", [s for s, r in zip(value_slots, value_rows, strict=True) if r < 0]),
+                ("settled_slots", [s for s, _ in settled]),
+                ("settled_rows", [r for _, r in settled]),
+            )
+            if values
+        }
+        return PairedBooking(
+            key_slots, keys_before, dequantized, value_slots, value_rows, settled, opened, freed, index
+        )
+
+    def commit(self, booking) -> None:
+        if isinstance(booking, PairedBooking):
+            if booking.opened:
+                self.packed_bias.index_fill_(1, to_device(torch.tensor(booking.opened), self.ring_bias.device), 0.0)
+            booking = Booking([], 0, booking.freed)
+        super().commit(booking)
+
+
 def _placeholder(tokens: int) -> torch.Tensor | None:
     return torch.zeros(1, 1, tokens, 1) if tokens else None
 
@@ -267,6 +417,21 @@ def _write_block(dst: NativePacked, block: NativePacked, offset: int) -> None:
         dst.zero[:, :, offset : offset + n].copy_(block.zero)
 
 
+def _write_rows(dst: NativePacked, src: NativePacked, src_index: torch.Tensor, dst_index: torch.Tensor) -> None:
+    """Per-token packed rows ``src_index`` of ``src`` into rows ``dst_index`` of ``dst`` (int64, on the device)."""
+    for name in ("codes", "scale", "zero"):
+        getattr(dst, name).index_copy_(2, dst_index, getattr(src, name).index_select(2, src_index))
+
+
+def _zero_rows(like: NativePacked, n: int) -> NativePacked:
+    """A zeroed per-token packed region of ``n`` rows in ``like``'s layout."""
+    b, h = like.codes.shape[:2]
+    return NativePacked(
+        like.codes.new_zeros(b, h, n, like.codes.shape[3]), like.scale.new_zeros(b, h, n, like.scale.shape[3]),
+        like.zero.new_zeros(b, h, n, like.zero.shape[3]), like.bits, like.group_size, like.axis,
+    )  # fmt: skip
+
+
 def _leading_tokens(packed: NativePacked, n: int) -> NativePacked:
     """A copy of the first ``n`` tokens of ``packed`` (a multiple of a per-channel group)."""
     scales = n // packed.group_size if packed.axis == "channel" else n
@@ -295,6 +460,7 @@ class StaticPolicyLayer(CacheLayerMixin):
         self.adopted = False
         self.ring_keys = self.ring_values = None
         self.packed_keys = self.packed_values = None
+        self.pending_values: NativePacked | None = None  # a PairedRingSchedule's values packed before their keys
         self.fused = False
 
     # -- steps ----------------------------------------------------------------------------
@@ -326,19 +492,35 @@ class StaticPolicyLayer(CacheLayerMixin):
         tokens) and free the eager tensors. The schedule has taken over the bookkeeping."""
         keys, values = self.eager.key_store, self.eager.value_store
         schedule = self.schedule
-        for store in (keys, values):
-            if not all(torch.equal(getattr(store, f), getattr(schedule.store, f)) for f in _POSITIONS):
+        paired = isinstance(schedule, PairedRingSchedule)
+        mirrors = ((keys, schedule.store), (values, schedule.value_store if paired else schedule.store))
+        for store, mirror in mirrors:
+            if not all(torch.equal(getattr(store, f), getattr(mirror, f)) for f in _POSITIONS):
                 raise RuntimeError("the graph schedule and this layer's stores disagree on their tokens")
-        batch, heads, key_dim = self.eager.shape
-        value_dim = self.eager.value_head_dim
-        dtype, device = self.eager.dtype, self.eager.device
-        self.ring_keys = torch.zeros(batch, heads, schedule.slots, key_dim, dtype=dtype, device=device)
-        self.ring_values = torch.zeros(batch, heads, schedule.slots, value_dim, dtype=dtype, device=device)
+        if paired:
+            self._allocate()
+            self._adopt_paired()
+            return
+        self._allocate()
         for ring, store in ((self.ring_keys, keys), (self.ring_values, values)):
             parts = [t for t in (store.fp, store.staging) if t is not None]
             if parts:
                 tokens = torch.cat(parts, dim=2)
                 ring[:, :, : tokens.shape[2]].copy_(tokens)
+        if keys.packed is not None and self.packed_keys is not None:
+            _write_block(self.packed_keys, keys.packed, 0)
+            _write_block(self.packed_values, values.packed, 0)
+        self._adopted()
+
+    def _allocate(self) -> None:
+        """Zeroed rings and packed buffers of the schedule's sizes (and pending value rows for
+        a :class:`PairedRingSchedule`)."""
+        keys, values, schedule = self.eager.key_store, self.eager.value_store, self.schedule
+        batch, heads, key_dim = self.eager.shape
+        value_dim = self.eager.value_head_dim
+        dtype, device = self.eager.dtype, self.eager.device
+        self.ring_keys = torch.zeros(batch, heads, schedule.slots, key_dim, dtype=dtype, device=device)
+        self.ring_values = torch.zeros(batch, heads, schedule.slots, value_dim, dtype=dtype, device=device)
         if keys.backend is not None:
             self.packed_keys = _capacity_packed(
                 keys.spec, keys.backend, batch, heads, key_dim, schedule.capacity, dtype, device
@@ -346,27 +528,69 @@ class StaticPolicyLayer(CacheLayerMixin):
             self.packed_values = _capacity_packed(
                 values.spec, values.backend, batch, heads, value_dim, schedule.capacity, dtype, device
             )
-            if keys.packed is not None:
-                _write_block(self.packed_keys, keys.packed, 0)
-                _write_block(self.packed_values, values.packed, 0)
+        if isinstance(schedule, PairedRingSchedule):
+            self.pending_values = _capacity_packed(
+                values.spec, values.backend, batch, heads, value_dim, schedule.slots, dtype, device
+            )
+
+    def _adopted(self) -> None:
+        """The eager tensors are copied: free them, choose the kernels, serve the steps."""
         from kvpolicy.executors.kernels import fusable, triton_available
 
+        batch, heads, key_dim = self.eager.shape
+        device = self.eager.device
         query_like = torch.empty(batch, heads, 1, key_dim, device="meta")
         self.fused = (
             device.type == "cuda"
             and triton_available()
-            and key_dim == value_dim
+            and key_dim == self.eager.value_head_dim
             and (self.packed_keys is None or fusable(query_like, self.packed_keys, self.packed_values))
         )
-        for store in (keys, values):
+        for store in (self.eager.key_store, self.eager.value_store):
             store.fp = store.staging = store.packed = None
         self.adopted = True
+
+    def _adopt_paired(self) -> None:
+        """:meth:`adopt` for a :class:`PairedRingSchedule`: each slot's key and value (full
+        precision, or dequantized where that side is packed, its packed row then pending), the
+        packed keys as they are, each packed value at its key's offset."""
+        keys, values, schedule = self.eager.key_store, self.eager.value_store, self.schedule
+        device = self.ring_keys.device
+
+        def upload(values: list[int]) -> torch.Tensor:
+            return to_device(torch.tensor(values, dtype=torch.int64), device)
+
+        key_index = {p: i for i, p in enumerate(keys.packed_pos.tolist())}
+        value_index = {p: i for i, p in enumerate(values.packed_pos.tolist())}
+        for ring, store, index in ((self.ring_keys, keys, key_index), (self.ring_values, values, value_index)):
+            for region, pos in ((store.fp, store.fp_pos), (store.staging, store.staging_pos)):
+                if region is not None:
+                    ring.index_copy_(2, upload(schedule.slots_of(pos)), region)
+            packed_in_slots = [p for p in schedule.slot_of if p in index]
+            if packed_in_slots:
+                rows = upload([index[p] for p in packed_in_slots])
+                ring.index_copy_(2, upload(schedule.slots_of(torch.tensor(packed_in_slots))),
+                                 store.packed.dequantize_tokens(rows))  # fmt: skip
+        pending = sorted(schedule.pending)
+        if pending:
+            slots = upload(schedule.slots_of(torch.tensor(pending)))
+            _write_rows(self.pending_values, values.packed, upload([value_index[p] for p in pending]), slots)
+        if keys.packed is not None:
+            _write_block(self.packed_keys, keys.packed, 0)
+        both = [p for p in key_index if p in value_index]
+        if both:
+            rows = upload([value_index[p] for p in both])
+            _write_rows(self.packed_values, values.packed, rows, upload([key_index[p] for p in both]))
+        self._adopted()
 
     def release(self) -> None:
         """The inverse of :meth:`adopt`: the eager stores take the schedule's bookkeeping and
         the buffers' tokens (full-precision ones by ring slot, the packed prefix), and the
         buffers are freed."""
         schedule = self.schedule
+        if isinstance(schedule, PairedRingSchedule):
+            self._release_paired()
+            return
         sides = (
             (self.ring_keys, self.packed_keys, self.eager.key_store),
             (self.ring_values, self.packed_values, self.eager.value_store),
@@ -377,13 +601,37 @@ class StaticPolicyLayer(CacheLayerMixin):
             store.packed = _leading_tokens(packed, len(store.packed_pos)) if len(store.packed_pos) else None
         self._free()
 
+    def _release_paired(self) -> None:
+        """:meth:`release` for a :class:`PairedRingSchedule`: values packed in key order (or
+        pending) go back in the value store's own order."""
+        schedule = self.schedule
+        keys, values = self.eager.key_store, self.eager.value_store
+        for ring, store, mirror in ((self.ring_keys, keys, schedule.store), (self.ring_values, values,
+                                                                            schedule.value_store)):  # fmt: skip
+            copy_bookkeeping(mirror, store)
+            store.fp, store.staging = (self._ring_tokens(ring, p) for p in (store.fp_pos, store.staging_pos))
+        keys.packed = _leading_tokens(self.packed_keys, len(keys.packed_pos)) if len(keys.packed_pos) else None
+        values.packed = None
+        if len(values.packed_pos):
+            device = self.ring_values.device
+            key_index = {p: i for i, p in enumerate(keys.packed_pos.tolist())}
+            order = values.packed_pos.tolist()
+            settled = [(i, key_index[p]) for i, p in enumerate(order) if p not in schedule.pending]
+            pending = [(i, schedule.slot_of[p]) for i, p in enumerate(order) if p in schedule.pending]
+            values.packed = _zero_rows(self.packed_values, len(order))
+            for source, rows in ((self.packed_values, settled), (self.pending_values, pending)):
+                if rows:
+                    dst, src = (to_device(torch.tensor(c, dtype=torch.int64), device) for c in zip(*rows))
+                    _write_rows(values.packed, source, src, dst)
+        self._free()
+
     def _ring_tokens(self, ring: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         if not len(positions):
             return None
         return ring.index_select(2, to_device(torch.tensor(self.schedule.slots_of(positions)), ring.device))
 
     def _free(self) -> None:
-        self.ring_keys = self.ring_values = self.packed_keys = self.packed_values = None
+        self.ring_keys = self.ring_values = self.packed_keys = self.packed_values = self.pending_values = None
         self.adopted = False
 
     def grow(self, capacity: int) -> None:
@@ -401,6 +649,9 @@ class StaticPolicyLayer(CacheLayerMixin):
 
     def pack(self, booking: Booking) -> None:
         """Quantize the ring slots ``booking`` packs into the packed buffers at its offset."""
+        if isinstance(booking, PairedBooking):
+            self._pack_paired(booking)
+            return
         if not booking.packed_slots:
             return
         index = booking.packed_index
@@ -410,6 +661,26 @@ class StaticPolicyLayer(CacheLayerMixin):
         ):
             block = store.backend.quantize(ring.index_select(2, index), store.spec)
             _write_block(packed, block, booking.offset)
+
+    def _pack_paired(self, booking: PairedBooking) -> None:
+        """Apply a :class:`PairedBooking` (see its fields) to this layer's buffers."""
+        keys, values, index = self.eager.key_store, self.eager.value_store, booking.index
+        if booking.key_slots:
+            block = keys.backend.quantize(self.ring_keys.index_select(2, index["key_slots"]), keys.spec)
+            _write_block(self.packed_keys, block, booking.key_offset)
+            if booking.dequantized_keys:
+                dequantized = block.dequantize().index_select(2, index["dequantized_keys"])
+                self.ring_keys.index_copy_(2, index["dequantized_key_slots"], dequantized.to(self.ring_keys.dtype))
+        if booking.value_slots:
+            rows = values.backend.quantize(self.ring_values.index_select(2, index["value_slots"]), values.spec)
+            if "direct" in index:
+                _write_rows(self.packed_values, rows, index["direct"], index["direct_rows"])
+            if "pending" in index:
+                _write_rows(self.pending_values, rows, index["pending"], index["pending_slots"])
+                dequantized = rows.dequantize().index_select(2, index["pending"])
+                self.ring_values.index_copy_(2, index["pending_slots"], dequantized.to(self.ring_values.dtype))
+        if booking.settled:
+            _write_rows(self.packed_values, self.pending_values, index["settled_slots"], index["settled_rows"])
 
     # -- what transformers and the memory report ask -------------------------------------
 
@@ -461,7 +732,7 @@ class StaticPolicyLayer(CacheLayerMixin):
         if not self.adopted:
             return self.eager.nbytes()
         out = {"full_precision": sum(t.numel() * t.element_size() for t in (self.ring_keys, self.ring_values))}
-        for packed in (self.packed_keys, self.packed_values):
+        for packed in (self.packed_keys, self.packed_values, self.pending_values):
             if packed is not None:
                 for region, n in packed.nbytes().items():
                     out[region] = out.get(region, 0) + n
@@ -553,7 +824,10 @@ class StaticPolicyCache(KVPolicyCache):
         bookkeeping and every layer's tokens move into its buffers."""
         for schedule, layers in self.schedules:
             first = layers[0].eager
-            schedule.start(first.key_store, first.shape[0], first.device)
+            if isinstance(schedule, PairedRingSchedule):
+                schedule.start_paired(first.key_store, first.value_store, first.shape[0], first.device)
+            else:
+                schedule.start(first.key_store, first.shape[0], first.device)
             for layer in layers:
                 layer.adopt()
         self.adopted = True
@@ -582,7 +856,7 @@ class StaticPolicyCache(KVPolicyCache):
         buffers first when they are full), free what leaves."""
         for schedule, layers in self.schedules:
             booking = schedule.book()
-            needed = booking.offset + len(booking.packed_slots)
+            needed = booking.packed_through
             if needed > schedule.capacity:
                 capacity = schedule.grow(needed)
                 for layer in layers:
@@ -654,12 +928,16 @@ def build_static_cache(policy, model, specs, max_cache_len: int | None, fallback
     for spec in specs:
         layer_policy = policy.for_layer(spec.index, spec.num_layers)
         eager = layer_policy.new_layer(spec.head_dim, model.config, value_head_dim=spec.value_head_dim)
-        keys = eager.key_store
-        key = (repr(keys.unbound_selector), keys.demote, keys.block, repr(keys.spec))
+        keys, values = eager.key_store, eager.value_store
+        key = tuple((repr(s.unbound_selector), s.demote, s.block, repr(s.spec)) for s in (keys, values))
         if key not in schedules:
             budget = keys.unbound_selector.budget
-            slots = budget + keys.block + 1 if budget is not None else max_cache_len + 1
-            schedules[key] = RingSchedule(keys, slots, max_cache_len)
+            if not eager.aligned:  # a slot per position either side of which is not packed
+                slots = budget + values.unbound_selector.budget + keys.block + values.block + 1
+                schedules[key] = PairedRingSchedule(keys, values, slots, max_cache_len)
+            else:
+                slots = budget + keys.block + 1 if budget is not None else max_cache_len + 1
+                schedules[key] = RingSchedule(keys, slots, max_cache_len)
         layers.append(StaticPolicyLayer(eager, schedules[key]))
     attention.attach(model)
     cuda_graphs.install(model)

@@ -151,6 +151,24 @@ def test_e2e_ratios_are_against_dynamic_cache_at_the_same_batch(tmp_path):
     assert out.stat().st_size > 1000
 
 
+def test_e2e_records_of_separate_batches_plot_together_and_floors_are_bytes_over_bandwidth(tmp_path):
+    import pytest
+
+    from benchmarks.e2e_bench import floor_ms, table
+    from benchmarks.plot_e2e import merged
+
+    one = {"rows": [{"contender": "dynamic", "batch": 1, "decode_ms": 20.0}], "device": "d"}
+    eight = {"rows": [{"contender": "dynamic", "batch": 8, "decode_ms": 30.0}]}
+    assert [r["batch"] for r in merged([one, eight])["rows"]] == [1, 8]
+    with pytest.raises(SystemExit, match=r"batch \[1\]"):
+        merged([one, one])
+    row = {"contender": "kivi", "batch": 1, "ttft_s": 1.0, "decode_ms": 10.0, "kv_bytes": 10**9,
+           "workload_tokens_per_s": 5.0}  # fmt: skip
+    assert floor_ms(row, 3 * 10**9, 2 * 10**12) == pytest.approx(2.0)
+    assert floor_ms(row, None, 2 * 10**12) is None
+    assert "| 2.0 | 5.0x |" in table([row], 3 * 10**9, 2 * 10**12)
+
+
 def test_e2e_bench_runs_a_graph_contender_through_generate(tmp_path):
     """``NAME+graphs`` and ``NAME+eager`` go through the same ``generate()`` call as every
     contender (on a CPU the graph path's steps run eagerly) and decode every token asked for."""

@@ -42,7 +42,10 @@ def test_decode_summary_says_where_cuda_graphs_serve():
     if not triton_available():
         pytest.skip("the graph path needs Triton")
     assert load_policy("logquant").decode_summary("cuda").startswith("replayed from a CUDA graph")
-    assert "retains keys and values differently" in load_policy("partial_logquant").decode_summary("cuda")
+    assert load_policy("partial_logquant").decode_summary("cuda").startswith("replayed from a CUDA graph")
+    data = load_policy("partial_logquant").to_dict()
+    channel = {**data["values"], "quant": {**data["values"]["quant"], "axis": "channel", "group_size": 64}}
+    assert "not quantized per token" in Policy.from_dict({**data, "values": channel}).decode_summary("cuda")
     assert "'reference' was chosen" in Policy.from_dict({**load_policy("kivi").config.to_dict(),
                                                          "executor": "reference"}).decode_summary("cuda")  # fmt: skip
     assert load_policy("kivi").decode_summary("cpu").startswith("eager (CUDA graphs need a CUDA device)")

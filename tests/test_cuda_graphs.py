@@ -15,12 +15,20 @@ import torch
 from kvpolicy import Policy, load_policy
 from kvpolicy.errors import ConfigError, NotSupportedError
 from kvpolicy.generation import cache_kwargs
-from kvpolicy.static_cache import RingSchedule, StaticPolicyCache, StaticPolicyLayer, build_static_cache, graph_refusal
+from kvpolicy.static_cache import (
+    NOTHING_LEFT,
+    PairedRingSchedule,
+    RingSchedule,
+    StaticPolicyCache,
+    StaticPolicyLayer,
+    build_static_cache,
+    graph_refusal,
+)
 from tests.conftest import tiny_llama
 from tests.test_cache import left_padded_batch
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-POLICIES = ["kivi", "logquant", "streaming", "sink_kivi", "full"]
+POLICIES = ["kivi", "logquant", "streaming", "sink_kivi", "full", "partial_logquant"]
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +70,73 @@ def test_static_steps_equal_eager_decoding(model, name):
     assert isinstance(static, StaticPolicyCache)
     for index, (eager_layer, layer) in enumerate(zip(eager.layers, static.layers, strict=True)):
         assert isinstance(layer, StaticPolicyLayer)
-        schedule, store = layer.schedule, eager_layer.key_store
-        assert schedule.length == store.length
-        assert schedule.held_positions() == torch.cat([store.fp_pos, store.staging_pos]).tolist()
-        assert schedule.store.packed_pos.tolist() == store.packed_pos.tolist()
-        slots = torch.tensor([schedule.slot_of[p] for p in schedule.held_positions()])
-        for ring, side in ((layer.ring_keys, store), (layer.ring_values, eager_layer.value_store)):
-            held = torch.cat([t for t in (side.fp, side.staging) if t is not None], dim=2)
-            torch.testing.assert_close(ring.index_select(2, slots), held, **_tolerance(index))
-        if store.packed is not None and index == 0:
-            n_packed = store.packed.num_tokens
-            assert torch.equal(layer.packed_keys.codes[:, :, :n_packed], store.packed.codes)
-            assert torch.equal(layer.packed_values.codes[:, :, :n_packed], eager_layer.value_store.packed.codes)
-            assert torch.equal(layer.packed_values.scale[:, :, :n_packed], eager_layer.value_store.packed.scale)
+        schedule = layer.schedule
+        paired = isinstance(schedule, PairedRingSchedule)
+        assert paired == (name == "partial_logquant")
+        sides = (
+            (layer.ring_keys, eager_layer.key_store, schedule.store),
+            (layer.ring_values, eager_layer.value_store, schedule.value_store if paired else schedule.store),
+        )
+        for ring, side, mirror in sides:
+            assert mirror.length == side.length
+            held = torch.cat([side.fp_pos, side.staging_pos])
+            assert torch.equal(torch.cat([mirror.fp_pos, mirror.staging_pos]), held)
+            assert torch.equal(mirror.packed_pos, side.packed_pos)
+            slots = torch.tensor(schedule.slots_of(held))
+            tokens = torch.cat([t for t in (side.fp, side.staging) if t is not None], dim=2)
+            torch.testing.assert_close(ring.index_select(2, slots), tokens, **_tolerance(index))
+        keys, values = eager_layer.key_store, eager_layer.value_store
+        if keys.packed is None or index:
+            continue
+        n_packed = keys.packed.num_tokens
+        assert torch.equal(layer.packed_keys.codes[:, :, :n_packed], keys.packed.codes)
+        # each packed key's value row (at the key's offset): the eager store's row of that position
+        value_row = {p: i for i, p in enumerate(values.packed_pos.tolist())}
+        pairs = [(i, value_row[p]) for i, p in enumerate(keys.packed_pos.tolist()) if p in value_row]
+        assert pairs and (paired or all(i == r for i, r in pairs))
+        at, rows = (torch.tensor(c) for c in zip(*pairs))
+        assert torch.equal(layer.packed_values.codes[:, :, at], values.packed.codes[:, :, rows])
+        assert torch.equal(layer.packed_values.scale[:, :, at], values.packed.scale[:, :, rows])
+        opened = (schedule.packed_bias[0] == 0).nonzero().squeeze(-1)
+        assert torch.equal(opened, at.sort().values)  # a packed key is attended once its value is packed too
+
+
+def _keys_leave_first() -> Policy:
+    """partial_logquant's retention swapped: a window of keys, log-kept values, so a key is
+    packed while its value is still held (the paths partial_logquant itself never takes)."""
+    data = load_policy("partial_logquant").to_dict()
+    keys, values = data["keys"], data["values"]
+    return Policy.from_dict({**data, "name": "keys_leave_first", "keys": {**keys, "retain": values["retain"]},
+                             "values": {**values, "retain": keys["retain"]}})  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", [lambda: load_policy("partial_logquant"), _keys_leave_first])
+def test_paired_schedules_take_every_path_and_equal_eager_decoding(model, policy, monkeypatch):
+    """Keys and values retained differently: whichever side is packed first, each position is
+    attended once with its own key and value at their precision (tokens and logits equal eager
+    decoding's), through every path of the booking."""
+    seen = {"settled": 0, "dequantized keys": 0, "direct rows": 0, "pending rows": 0}
+    book = PairedRingSchedule.book
+
+    def counted(self):
+        booking = book(self)
+        if booking is not NOTHING_LEFT:
+            seen["settled"] += len(booking.settled)
+            seen["dequantized keys"] += len(booking.dequantized_keys)
+            seen["direct rows"] += sum(r >= 0 for r in booking.value_rows)
+            seen["pending rows"] += sum(r < 0 for r in booking.value_rows)
+        return booking
+
+    monkeypatch.setattr(PairedRingSchedule, "book", counted)
+    inputs, n = _prompt(2, 301), 140
+    expected = _generate(model, inputs, policy().make_cache(model), n)
+    got = _generate(model, inputs, policy().make_cache(model, cuda_graphs=True), n)
+    assert torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+    if policy is _keys_leave_first:
+        assert seen["dequantized keys"] and seen["direct rows"], seen
+    else:
+        assert seen["settled"] and seen["pending rows"], seen
 
 
 def test_free_ring_slots_are_masked_and_held_ones_open(model):
@@ -100,16 +162,23 @@ def test_memory_report_counts_the_preallocated_buffers(model):
     assert cache.memory().tokens == 303  # the prompt and three decode forwards (the 4th token is not cached)
 
 
+def _channel_values() -> Policy:
+    """partial_logquant whose values are quantized per channel (in groups of tokens)."""
+    data = load_policy("partial_logquant").to_dict()
+    values = {**data["values"], "quant": {**data["values"]["quant"], "axis": "channel", "group_size": 64}}
+    return Policy.from_dict({**data, "name": "channel_values", "values": values})
+
+
 @pytest.mark.parametrize(
     ("policy", "says"),
     [
-        ("partial_logquant", "retains keys and values differently"),
-        ("logquant_rot", "rotate='hadamard'"),
+        (_channel_values, "retains keys and values differently and its values are not quantized per token"),
+        (lambda: load_policy("logquant_rot"), "rotate='hadamard'"),
     ],
 )
 def test_policies_the_replayed_step_cannot_serve_are_refused(model, policy, says):
     with pytest.raises(NotSupportedError, match=says):
-        load_policy(policy).make_cache(model, cuda_graphs=True, max_cache_len=64)
+        policy().make_cache(model, cuda_graphs=True, max_cache_len=64)
 
 
 @pytest.mark.parametrize("bad", [0, -5, 1.5, "64", True])
@@ -133,9 +202,10 @@ def test_auto_is_eager_on_a_cpu_and_says_why_a_policy_is_not_served(model):
     cache = load_policy("logquant").make_cache(model)
     assert type(cache) is KVPolicyCache and not load_policy("logquant").graphs_serve(model)
     specs = model_layers(model)
-    for name in ("logquant", "kivi", "streaming", "sink_kivi"):
+    for name in ("logquant", "kivi", "streaming", "sink_kivi", "partial_logquant"):
         assert graph_refusal(load_policy(name), model, specs, None) is None
-    assert "retains keys and values differently" in graph_refusal(load_policy("partial_logquant"), model, specs, None)
+    assert graph_refusal(load_policy("partial_logquant"), model, specs, None) is None
+    assert "values are not quantized per token" in graph_refusal(_channel_values(), model, specs, None)
     assert "needs a max_cache_len" in graph_refusal(load_policy("full"), model, specs, None)
     assert graph_refusal(load_policy("full"), model, specs, 64) is None
 
@@ -205,10 +275,12 @@ def _snapshot(store):
     ]
 
 
-def test_adopting_then_handing_back_restores_the_eager_stores(model):
+@pytest.mark.parametrize("name", ["kivi", "partial_logquant"])
+def test_adopting_then_handing_back_restores_the_eager_stores(model, name):
     """adopt() then release() leaves every eager store as it was: positions, full-precision
-    tokens and packed codes, bit for bit."""
-    cache = _auto(model, "kivi")
+    tokens and packed codes, bit for bit (for partial_logquant: values packed in the key order
+    or pending go back in the value store's order)."""
+    cache = _auto(model, name)
     with torch.no_grad():
         model(**_prompt(2, 301), **cache_kwargs(cache))
     before = [_snapshot(s) for layer in cache.layers for s in (layer.eager.key_store, layer.eager.value_store)]
@@ -223,7 +295,7 @@ def test_adopting_then_handing_back_restores_the_eager_stores(model):
     assert not any(layer.adopted for layer in cache.layers) and cache.decoding.graph is None
 
 
-@pytest.mark.parametrize("name", ["kivi", "logquant"])
+@pytest.mark.parametrize("name", ["kivi", "logquant", "partial_logquant"])
 def test_auto_hands_a_second_turn_to_the_eager_layers_and_adopts_again(model, name):
     """A second turn on a cache that decoded from its buffers: the turn runs eagerly, the next
     decode step adopts again; tokens and logits equal an eager cache's through both turns."""
@@ -273,7 +345,7 @@ def test_other_caches_still_reach_the_models_own_forward(model):
 
 
 @cuda
-@pytest.mark.parametrize("name", ["kivi", "logquant", "streaming"])
+@pytest.mark.parametrize("name", ["kivi", "logquant", "streaming", "partial_logquant"])
 def test_replayed_steps_equal_eager_decoding_on_cuda(name):
     """The graph path (captured at the first decode step, replayed after) against the eager
     cache with the same kernels: the same tokens, logits to bf16 rounding."""
@@ -289,7 +361,7 @@ def test_replayed_steps_equal_eager_decoding_on_cuda(name):
 
 
 @cuda
-@pytest.mark.parametrize("name", ["kivi", "logquant"])
+@pytest.mark.parametrize("name", ["kivi", "logquant", "partial_logquant"])
 def test_the_default_cache_on_cuda_replays_and_grows(name, monkeypatch):
     """``make_cache(model)`` on CUDA (``cuda_graphs="auto"``): a graph cache without a declared
     limit, whose buffers grow mid-generation (a small headroom forces it) and whose step is
