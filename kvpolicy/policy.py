@@ -244,6 +244,10 @@ class Policy:
         from kvpolicy.layers import model_layers
         from kvpolicy.static_cache import graph_refusal
 
+        import torch
+
+        if not isinstance(model, torch.nn.Module):
+            return False
         devices = {p.device for p in model.parameters()}
         if len(devices) != 1 or next(iter(devices)).type != "cuda" or rank_and_world()[1] > 1:
             return False
