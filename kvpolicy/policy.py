@@ -239,12 +239,12 @@ class Policy:
         """Whether ``make_cache(model)`` decodes from CUDA graphs (``cuda_graphs="auto"``): the
         model on one CUDA device outside tensor parallelism, the policy's executor ``auto``,
         Triton present, and a policy and model the replayed step serves."""
+        import torch
+
         from kvpolicy.distributed import rank_and_world
         from kvpolicy.executors.kernels import triton_available
         from kvpolicy.layers import model_layers
         from kvpolicy.static_cache import graph_refusal
-
-        import torch
 
         if not isinstance(model, torch.nn.Module):
             return False

@@ -567,8 +567,8 @@ class StaticPolicyLayer(CacheLayerMixin):
                 if region is not None:
                     ring.index_copy_(2, upload(schedule.slots_of(pos)), region)
             packed_in_slots = [p for p in schedule.slot_of if p in index]
-            if packed_in_slots:
-                rows = upload([index[p] for p in packed_in_slots])
+            if packed_in_slots:  # dequantize_tokens takes host rows
+                rows = torch.tensor([index[p] for p in packed_in_slots], dtype=torch.int64)
                 ring.index_copy_(2, upload(schedule.slots_of(torch.tensor(packed_in_slots))),
                                  store.packed.dequantize_tokens(rows))  # fmt: skip
         pending = sorted(schedule.pending)
