@@ -14,7 +14,7 @@ policy and model) or ``make_cache(model, cuda_graphs=True)`` builds static layer
 first decode step the tokens move into the static buffers, and that step is run once to warm
 up (Triton compiles its kernels then) and captured; every later step copies the new token id
 and its position into the captured inputs, replays the graph and books the token on the host
-(:class:`~kvpolicy.static_cache.RingSchedule`), packing a block eagerly when one is complete
+(:class:`~kvpolicy.ring_schedule.RingSchedule`), packing a block eagerly when one is complete
 (and capturing again when the packed buffers had to grow). On a CPU the same steps run
 eagerly (no graph), which is how CI checks them against eager decoding.
 """

@@ -15,15 +15,8 @@ import torch
 from kvpolicy import Policy, load_policy
 from kvpolicy.errors import ConfigError, NotSupportedError
 from kvpolicy.generation import cache_kwargs
-from kvpolicy.static_cache import (
-    NOTHING_LEFT,
-    PairedRingSchedule,
-    RingSchedule,
-    StaticPolicyCache,
-    StaticPolicyLayer,
-    build_static_cache,
-    graph_refusal,
-)
+from kvpolicy.ring_schedule import NOTHING_LEFT, PairedRingSchedule, RingSchedule
+from kvpolicy.static_cache import StaticPolicyCache, StaticPolicyLayer, build_static_cache, graph_refusal
 from tests.conftest import tiny_llama
 from tests.test_cache import left_padded_batch
 
