@@ -15,7 +15,7 @@ import attrs
 import torch
 
 from kvpolicy.errors import NotSupportedError
-from kvpolicy.store import TensorStore
+from kvpolicy.store import TensorStore, aligned
 from kvpolicy.transfer import to_device
 
 
@@ -321,3 +321,16 @@ def copy_bookkeeping(source: TensorStore, target: TensorStore) -> None:
     target.selector, target.length, target.evicted = source.selector, source.length, source.evicted
     target.fp_pos, target.staging_pos = source.fp_pos.clone(), source.staging_pos.clone()
     target.packed_pos = source.packed_pos.clone()
+
+
+def schedule_for(keys: TensorStore, values: TensorStore, max_cache_len: int | None) -> RingSchedule:
+    """The schedule of a layer whose stores are ``keys`` and ``values``, with its ring size:
+    the most full-precision tokens the policy holds plus a packing block being staged and the
+    next token (and, for keys and values retained differently, both sides' budgets and
+    blocks: a slot per position either side of which is not packed)."""
+    budget = keys.unbound_selector.budget
+    if not aligned(keys, values):
+        slots = budget + values.unbound_selector.budget + keys.block + values.block + 1
+        return PairedRingSchedule(keys, values, slots, max_cache_len)
+    slots = budget + keys.block + 1 if budget is not None else max_cache_len + 1
+    return RingSchedule(keys, slots, max_cache_len)

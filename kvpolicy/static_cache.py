@@ -43,7 +43,14 @@ from kvpolicy.cache import KVPolicyCache
 from kvpolicy.cuda_graphs import stores_refusal
 from kvpolicy.errors import ConfigError, NotSupportedError
 from kvpolicy.executors import partial as pa
-from kvpolicy.ring_schedule import Booking, PairedBooking, PairedRingSchedule, RingSchedule, copy_bookkeeping
+from kvpolicy.ring_schedule import (
+    Booking,
+    PairedBooking,
+    PairedRingSchedule,
+    RingSchedule,
+    copy_bookkeeping,
+    schedule_for,
+)
 from kvpolicy.transfer import to_device
 
 
@@ -627,13 +634,7 @@ def build_static_cache(policy, model, specs, max_cache_len: int | None, fallback
         keys, values = eager.key_store, eager.value_store
         key = tuple((repr(s.unbound_selector), s.demote, s.block, repr(s.spec)) for s in (keys, values))
         if key not in schedules:
-            budget = keys.unbound_selector.budget
-            if not eager.aligned:  # a slot per position either side of which is not packed
-                slots = budget + values.unbound_selector.budget + keys.block + values.block + 1
-                schedules[key] = PairedRingSchedule(keys, values, slots, max_cache_len)
-            else:
-                slots = budget + keys.block + 1 if budget is not None else max_cache_len + 1
-                schedules[key] = RingSchedule(keys, slots, max_cache_len)
+            schedules[key] = schedule_for(keys, values, max_cache_len)
         layers.append(StaticPolicyLayer(eager, schedules[key]))
     attention.attach(model)
     cuda_graphs.install(model)
