@@ -87,14 +87,15 @@ class GraphedDecoding:
             if not (one_token and cache.may_adopt(kwargs.get("attention_mask"))):
                 return forward(*args, **kwargs)  # a prefill, a new turn, or a cache that stays eager
             cache.adopt()
-        if not one_token or not cache.adopted:
-            if cache.adopted:
-                cache.release(
-                    "a CUDA-graph cache replays decode steps of one token id per row "
-                    f"(got input_ids of shape {None if input_ids is None else tuple(input_ids.shape)}"
-                    + (f" and {', '.join(unexpected)}" if unexpected else "")
-                    + "); build the cache without cuda_graphs for other calls"
-                )
+            if not cache.adopted:  # adoption found no fused kernel for these shapes and handed back
+                return forward(*args, **kwargs)
+        elif not one_token:
+            cache.release(
+                "a CUDA-graph cache replays decode steps of one token id per row "
+                f"(got input_ids of shape {None if input_ids is None else tuple(input_ids.shape)}"
+                + (f" and {', '.join(unexpected)}" if unexpected else "")
+                + "); build the cache without cuda_graphs for other calls"
+            )
             return forward(*args, **kwargs)
         key = next(k for k in _CACHE_KEYS if k in kwargs)
         logits = self._decode(forward, input_ids, key, kwargs.get("logits_to_keep"))

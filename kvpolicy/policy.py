@@ -127,20 +127,41 @@ class Policy:
         import torch
 
         from kvpolicy.cuda_graphs import stores_refusal
-        from kvpolicy.executors.kernels import triton_available
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device != "cuda":
             return "eager (CUDA graphs need a CUDA device)"
-        if self.config.executor.type != "auto":
-            return f"eager (executor {self.config.executor.type!r} was chosen; graphs come with 'auto')"
-        if not triton_available():
-            return "eager (CUDA graphs replay the Triton kernels, and Triton is not installed)"
-        keys, values = self._store(self.config.keys, "keys", 128), self._store(self.config.values, "values", 128)
-        refusal = stores_refusal(self.name, keys, values, None)
+        refusal = self._graph_setting_refusal()
+        if refusal is None:
+            keys, values = self._store(self.config.keys, "keys", 128), self._store(self.config.values, "values", 128)
+            refusal = stores_refusal(self.name, keys, values, None)
         if refusal is not None:
             return f"eager ({refusal})"
         return "replayed from a CUDA graph where every layer of the model is full attention, else eager"
+
+    def _graph_setting_refusal(self) -> str | None:
+        """Why ``cuda_graphs="auto"`` decodes eagerly whatever the model (``None``: it need not)."""
+        from kvpolicy.executors.kernels import triton_available
+
+        if self.config.executor.type != "auto":
+            return f"executor {self.config.executor.type!r} was chosen; graphs come with 'auto'"
+        if not triton_available():
+            return "CUDA graphs replay the Triton kernels, and Triton is not installed"
+        return None
+
+    def _graphs_possible(self, model) -> bool:
+        """Whether ``cuda_graphs="auto"`` may build a graph cache for ``model``: one CUDA device,
+        outside tensor parallelism, and the policy's settings allow it."""
+        import torch
+
+        from kvpolicy.distributed import rank_and_world
+
+        if not isinstance(model, torch.nn.Module):
+            return False
+        devices = {p.device for p in model.parameters()}
+        if len(devices) != 1 or next(iter(devices)).type != "cuda" or rank_and_world()[1] > 1:
+            return False
+        return self._graph_setting_refusal() is None
 
     def budget(self) -> dict[str, int | None]:
         """Most full-precision tokens per layer for keys and values (``None``: unbounded)."""
@@ -239,19 +260,10 @@ class Policy:
         """Whether ``make_cache(model)`` decodes from CUDA graphs (``cuda_graphs="auto"``): the
         model on one CUDA device outside tensor parallelism, the policy's executor ``auto``,
         Triton present, and a policy and model the replayed step serves."""
-        import torch
-
-        from kvpolicy.distributed import rank_and_world
-        from kvpolicy.executors.kernels import triton_available
         from kvpolicy.layers import model_layers
         from kvpolicy.static_cache import graph_refusal
 
-        if not isinstance(model, torch.nn.Module):
-            return False
-        devices = {p.device for p in model.parameters()}
-        if len(devices) != 1 or next(iter(devices)).type != "cuda" or rank_and_world()[1] > 1:
-            return False
-        if self.config.executor.type != "auto" or not triton_available():
+        if not self._graphs_possible(model):
             return False
         return graph_refusal(self, model, specs or model_layers(model), max_cache_len) is None
 
@@ -280,13 +292,18 @@ class Policy:
         if not (cuda_graphs is True or cuda_graphs is False or cuda_graphs == "auto"):
             raise ConfigError("cuda_graphs", cuda_graphs, "True, False or 'auto'")
         specs = model_layers(model)
-        if cuda_graphs == "auto":
-            cuda_graphs = "auto" if self.graphs_serve(model, specs, max_cache_len) else False
+        if cuda_graphs == "auto" and not self._graphs_possible(model):
+            cuda_graphs = False
         if cuda_graphs:
+            from kvpolicy.errors import NotSupportedError
             from kvpolicy.static_cache import build_static_cache
 
             self.config.check_layer_indices(len(specs))
-            return build_static_cache(self, model, specs, max_cache_len, fallback=cuda_graphs == "auto")
+            try:
+                return build_static_cache(self, model, specs, max_cache_len, fallback=cuda_graphs == "auto")
+            except NotSupportedError:
+                if cuda_graphs is True:
+                    raise  # "auto": a policy or model the replayed step does not serve decodes eagerly
         factories = self.registry.layer_factories()
         name = model_name(model)
         builders = {s.type: factory_for(s.type, self.config.layer_types, factories, name) for s in specs}

@@ -16,7 +16,7 @@ import torch
 
 from kvpolicy.errors import NotSupportedError
 from kvpolicy.store import TensorStore, aligned
-from kvpolicy.transfer import to_device
+from kvpolicy.transfer import indices_to
 
 
 @attrs.frozen
@@ -70,7 +70,7 @@ class RingSchedule:
     headroom = 1024
 
     def __init__(self, store: TensorStore, slots: int, max_cache_len: int | None):
-        self.store = TensorStore(store.unbound_selector, store.demote, store.spec, _CountingBackend(), store.block)
+        self.store = _counting_mirror(store)
         self.slots = slots
         self.max_cache_len = max_cache_len
         #: packed tokens the buffers hold (whole packing blocks), set by :meth:`start`
@@ -93,16 +93,14 @@ class RingSchedule:
     def _blocks(self, tokens: int) -> int:
         return -(-tokens // self.store.block) * self.store.block
 
-    def start(self, source: TensorStore, batch: int, device: torch.device) -> None:
-        """Take over the bookkeeping of ``source`` (an eager store after its multi-token steps):
-        the held tokens take ring slots ``0..m-1`` in the store's order."""
-        if self.max_cache_len is not None and source.length > self.max_cache_len:
-            raise NotSupportedError(f"a prompt of {source.length} tokens exceeds max_cache_len={self.max_cache_len}")
-        copy_bookkeeping(source, self.store)
+    def start(self, keys: TensorStore, values: TensorStore, batch: int, device: torch.device) -> None:
+        """Take over the bookkeeping of the eager stores after their multi-token steps (here the
+        keys' alone: the values' is the same): the held tokens take ring slots ``0..m-1`` in
+        :meth:`held_positions` order."""
+        if self.max_cache_len is not None and keys.length > self.max_cache_len:
+            raise NotSupportedError(f"a prompt of {keys.length} tokens exceeds max_cache_len={self.max_cache_len}")
+        _mirror(keys, self.store)
         store = self.store
-        store.fp = _placeholder(len(store.fp_pos))
-        store.staging = _placeholder(len(store.staging_pos))
-        store.packed = _Counted(len(store.packed_pos)) if len(store.packed_pos) else None
         held = self.held_positions()
         if len(held) >= self.slots:
             raise RuntimeError(f"{len(held)} held tokens do not fit {self.slots} ring slots")
@@ -127,15 +125,21 @@ class RingSchedule:
         self.packed_bias, self.capacity = bias, capacity
         return capacity
 
-    def slots_of(self, positions: torch.Tensor) -> list[int]:
-        return [self.slot_of[p] for p in positions.tolist()]
+    def slots_of(self, positions: torch.Tensor | list[int]) -> list[int]:
+        """The ring slot of each of ``positions`` (held ones)."""
+        if isinstance(positions, torch.Tensor):
+            positions = positions.tolist()
+        return [self.slot_of[p] for p in positions]
 
-    def book(self) -> Booking:
-        """After a decode step wrote position ``length`` into :attr:`next_slot`: what leaves."""
+    def _check_room(self) -> None:
         if self.max_cache_len is not None and self.length + 1 > self.max_cache_len:
             raise NotSupportedError(
                 f"decoding past max_cache_len={self.max_cache_len} tokens: build the cache with a larger max_cache_len"
             )
+
+    def book(self) -> Booking:
+        """After a decode step wrote position ``length`` into :attr:`next_slot`: what leaves."""
+        self._check_room()
         position, packed_before = self.length, len(self.store.packed_pos)
         self.slot_of[position] = self.next_slot
         self.store.append(torch.zeros(1, 1, 1, 1))
@@ -145,7 +149,7 @@ class RingSchedule:
         packed = self.store.packed_pos[packed_before:].tolist()
         packed_slots = [self.slot_of[p] for p in packed]
         freed = [self.slot_of.pop(p) for p in [p for p in self.slot_of if p not in held]]
-        index = to_device(torch.tensor(packed_slots), self.ring_bias.device) if packed_slots else None
+        index = indices_to(packed_slots, self.ring_bias.device) if packed_slots else None
         return Booking(packed_slots, packed_before, freed, index)
 
     def commit(self, booking: Booking) -> None:
@@ -155,7 +159,7 @@ class RingSchedule:
             stop = booking.offset + len(booking.packed_slots)
             self.packed_bias[:, booking.offset : stop] = 0.0
         if booking.freed:
-            self.ring_bias.index_fill_(1, to_device(torch.tensor(booking.freed), self.ring_bias.device), float("-inf"))
+            self.ring_bias.index_fill_(1, indices_to(booking.freed, self.ring_bias.device), float("-inf"))
             self.free.extend(booking.freed)
         self._take_next_slot()
 
@@ -212,9 +216,7 @@ class PairedRingSchedule(RingSchedule):
 
     def __init__(self, keys: TensorStore, values: TensorStore, slots: int, max_cache_len: int | None):
         super().__init__(keys, slots, max_cache_len)
-        self.value_store = TensorStore(
-            values.unbound_selector, values.demote, values.spec, _CountingBackend(), values.block
-        )
+        self.value_store = _counting_mirror(values)
         #: packed key offset of each position in a slot whose key is packed
         self.key_offset: dict[int, int] = {}
         #: positions in a slot whose value is packed (in a pending row) and key is not
@@ -225,13 +227,10 @@ class PairedRingSchedule(RingSchedule):
         sides = (self.store, self.value_store)
         return sorted({p for s in sides for p in torch.cat([s.fp_pos, s.staging_pos]).tolist()})
 
-    def start_paired(self, keys: TensorStore, values: TensorStore, batch: int, device: torch.device) -> None:
+    def start(self, keys: TensorStore, values: TensorStore, batch: int, device: torch.device) -> None:
         """Take over the bookkeeping of both eager stores (see :meth:`RingSchedule.start`)."""
-        copy_bookkeeping(values, self.value_store)
-        store = self.value_store
-        store.fp, store.staging = _placeholder(len(store.fp_pos)), _placeholder(len(store.staging_pos))
-        store.packed = _Counted(len(store.packed_pos)) if len(store.packed_pos) else None
-        self.start(keys, batch, device)  # slots: held_positions() in order
+        _mirror(values, self.value_store)
+        super().start(keys, values, batch, device)  # slots: held_positions() in order
         key_index = {p: i for i, p in enumerate(self.store.packed_pos.tolist())}
         value_packed = set(self.value_store.packed_pos.tolist())
         self.key_offset = {p: key_index[p] for p in self.slot_of if p in key_index}
@@ -239,13 +238,10 @@ class PairedRingSchedule(RingSchedule):
         self.packed_bias.fill_(float("-inf"))
         both = [i for p, i in key_index.items() if p in value_packed]
         if both:
-            self.packed_bias.index_fill_(1, to_device(torch.tensor(both), device), 0.0)
+            self.packed_bias.index_fill_(1, indices_to(both, device), 0.0)
 
     def book(self) -> PairedBooking | Booking:
-        if self.max_cache_len is not None and self.length + 1 > self.max_cache_len:
-            raise NotSupportedError(
-                f"decoding past max_cache_len={self.max_cache_len} tokens: build the cache with a larger max_cache_len"
-            )
+        self._check_room()
         position = self.length
         keys_before, values_before = len(self.store.packed_pos), len(self.value_store.packed_pos)
         self.slot_of[position] = self.next_slot
@@ -279,13 +275,8 @@ class PairedRingSchedule(RingSchedule):
                 settle(p)
             else:
                 self.pending.add(p)
-        device = self.ring_bias.device
-
-        def upload(values: list[int]) -> torch.Tensor:
-            return to_device(torch.tensor(values, dtype=torch.int64), device)
-
         index = {
-            name: upload(values)
+            name: indices_to(values, self.ring_bias.device)
             for name, values in (
                 ("key_slots", key_slots),
                 ("dequantized_keys", dequantized),
@@ -307,13 +298,25 @@ class PairedRingSchedule(RingSchedule):
     def commit(self, booking) -> None:
         if isinstance(booking, PairedBooking):
             if booking.opened:
-                self.packed_bias.index_fill_(1, to_device(torch.tensor(booking.opened), self.ring_bias.device), 0.0)
+                self.packed_bias.index_fill_(1, indices_to(booking.opened, self.ring_bias.device), 0.0)
             booking = Booking([], 0, booking.freed)
         super().commit(booking)
 
 
+def _counting_mirror(store: TensorStore) -> TensorStore:
+    """An empty store under ``store``'s selector, demotion and block whose backend only counts."""
+    return TensorStore(store.unbound_selector, store.demote, store.spec, _CountingBackend(), store.block)
+
+
 def _placeholder(tokens: int) -> torch.Tensor | None:
     return torch.zeros(1, 1, tokens, 1) if tokens else None
+
+
+def _mirror(source: TensorStore, target: TensorStore) -> None:
+    """Give a counting ``target`` the bookkeeping of ``source`` and placeholders of its sizes."""
+    copy_bookkeeping(source, target)
+    target.fp, target.staging = _placeholder(len(target.fp_pos)), _placeholder(len(target.staging_pos))
+    target.packed = _Counted(len(target.packed_pos)) if len(target.packed_pos) else None
 
 
 def copy_bookkeeping(source: TensorStore, target: TensorStore) -> None:

@@ -51,7 +51,7 @@ from kvpolicy.ring_schedule import (
     copy_bookkeeping,
     schedule_for,
 )
-from kvpolicy.transfer import to_device
+from kvpolicy.transfer import indices_to
 
 
 @attrs.frozen
@@ -200,11 +200,10 @@ class StaticPolicyLayer(CacheLayerMixin):
         for store, mirror in mirrors:
             if not all(torch.equal(getattr(store, f), getattr(mirror, f)) for f in _POSITIONS):
                 raise RuntimeError("the graph schedule and this layer's stores disagree on their tokens")
+        self._allocate()
         if paired:
-            self._allocate()
             self._adopt_paired()
             return
-        self._allocate()
         for ring, store in ((self.ring_keys, keys), (self.ring_values, values)):
             parts = [t for t in (store.fp, store.staging) if t is not None]
             if parts:
@@ -259,31 +258,27 @@ class StaticPolicyLayer(CacheLayerMixin):
         packed keys as they are, each packed value at its key's offset."""
         keys, values, schedule = self.eager.key_store, self.eager.value_store, self.schedule
         device = self.ring_keys.device
-
-        def upload(values: list[int]) -> torch.Tensor:
-            return to_device(torch.tensor(values, dtype=torch.int64), device)
-
         key_index = {p: i for i, p in enumerate(keys.packed_pos.tolist())}
         value_index = {p: i for i, p in enumerate(values.packed_pos.tolist())}
         for ring, store, index in ((self.ring_keys, keys, key_index), (self.ring_values, values, value_index)):
             for region, pos in ((store.fp, store.fp_pos), (store.staging, store.staging_pos)):
                 if region is not None:
-                    ring.index_copy_(2, upload(schedule.slots_of(pos)), region)
+                    ring.index_copy_(2, indices_to(schedule.slots_of(pos), device), region)
             packed_in_slots = [p for p in schedule.slot_of if p in index]
             if packed_in_slots:  # dequantize_tokens takes host rows
                 rows = torch.tensor([index[p] for p in packed_in_slots], dtype=torch.int64)
-                ring.index_copy_(2, upload(schedule.slots_of(torch.tensor(packed_in_slots))),
-                                 store.packed.dequantize_tokens(rows))  # fmt: skip
+                slots = indices_to(schedule.slots_of(packed_in_slots), device)
+                ring.index_copy_(2, slots, store.packed.dequantize_tokens(rows))
         pending = sorted(schedule.pending)
         if pending:
-            slots = upload(schedule.slots_of(torch.tensor(pending)))
-            _write_rows(self.pending_values, values.packed, upload([value_index[p] for p in pending]), slots)
+            rows = indices_to([value_index[p] for p in pending], device)
+            _write_rows(self.pending_values, values.packed, rows, indices_to(schedule.slots_of(pending), device))
         if keys.packed is not None:
             _write_block(self.packed_keys, keys.packed, 0)
         both = [p for p in key_index if p in value_index]
         if both:
-            rows = upload([value_index[p] for p in both])
-            _write_rows(self.packed_values, values.packed, rows, upload([key_index[p] for p in both]))
+            rows = indices_to([value_index[p] for p in both], device)
+            _write_rows(self.packed_values, values.packed, rows, indices_to([key_index[p] for p in both], device))
         self._adopted()
 
     def release(self) -> None:
@@ -299,20 +294,23 @@ class StaticPolicyLayer(CacheLayerMixin):
             (self.ring_values, self.packed_values, self.eager.value_store),
         )
         for ring, packed, store in sides:
-            copy_bookkeeping(schedule.store, store)
-            store.fp, store.staging = (self._ring_tokens(ring, p) for p in (store.fp_pos, store.staging_pos))
+            self._hand_back_held(ring, store, schedule.store)
             store.packed = _leading_tokens(packed, len(store.packed_pos)) if len(store.packed_pos) else None
         self._free()
+
+    def _hand_back_held(self, ring: torch.Tensor, store, mirror) -> None:
+        """``store`` takes the bookkeeping of the schedule's ``mirror`` and its full-precision
+        and staged tokens from their ring slots."""
+        copy_bookkeeping(mirror, store)
+        store.fp, store.staging = (self._ring_tokens(ring, p) for p in (store.fp_pos, store.staging_pos))
 
     def _release_paired(self) -> None:
         """:meth:`release` for a :class:`PairedRingSchedule`: values packed in key order (or
         pending) go back in the value store's own order."""
         schedule = self.schedule
         keys, values = self.eager.key_store, self.eager.value_store
-        for ring, store, mirror in ((self.ring_keys, keys, schedule.store), (self.ring_values, values,
-                                                                            schedule.value_store)):  # fmt: skip
-            copy_bookkeeping(mirror, store)
-            store.fp, store.staging = (self._ring_tokens(ring, p) for p in (store.fp_pos, store.staging_pos))
+        self._hand_back_held(self.ring_keys, keys, schedule.store)
+        self._hand_back_held(self.ring_values, values, schedule.value_store)
         keys.packed = _leading_tokens(self.packed_keys, len(keys.packed_pos)) if len(keys.packed_pos) else None
         values.packed = None
         if len(values.packed_pos):
@@ -324,14 +322,14 @@ class StaticPolicyLayer(CacheLayerMixin):
             values.packed = _zero_rows(self.packed_values, len(order))
             for source, rows in ((self.packed_values, settled), (self.pending_values, pending)):
                 if rows:
-                    dst, src = (to_device(torch.tensor(c, dtype=torch.int64), device) for c in zip(*rows))
+                    dst, src = (indices_to(c, device) for c in zip(*rows))
                     _write_rows(values.packed, source, src, dst)
         self._free()
 
     def _ring_tokens(self, ring: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         if not len(positions):
             return None
-        return ring.index_select(2, to_device(torch.tensor(self.schedule.slots_of(positions)), ring.device))
+        return ring.index_select(2, indices_to(self.schedule.slots_of(positions), ring.device))
 
     def _free(self) -> None:
         self.ring_keys = self.ring_values = self.packed_keys = self.packed_values = self.pending_values = None
@@ -527,10 +525,7 @@ class StaticPolicyCache(KVPolicyCache):
         bookkeeping and every layer's tokens move into its buffers."""
         for schedule, layers in self.schedules:
             first = layers[0].eager
-            if isinstance(schedule, PairedRingSchedule):
-                schedule.start_paired(first.key_store, first.value_store, first.shape[0], first.device)
-            else:
-                schedule.start(first.key_store, first.shape[0], first.device)
+            schedule.start(first.key_store, first.value_store, first.shape[0], first.device)
             for layer in layers:
                 layer.adopt()
         self.adopted = True
@@ -592,8 +587,17 @@ class StaticPolicyCache(KVPolicyCache):
         super().crop(tokens_to_remove)
 
 
-def graph_refusal(policy, model, specs, max_cache_len: int | None) -> str | None:
-    """Why the replayed step cannot serve ``policy`` on ``model`` (``None``: it can)."""
+def _eager_layers(policy, model, specs) -> list:
+    """The policy's eager layer for each decoder layer (what the static layers wrap)."""
+    return [
+        policy.for_layer(spec.index, spec.num_layers).new_layer(
+            spec.head_dim, model.config, value_head_dim=spec.value_head_dim
+        )
+        for spec in specs
+    ]
+
+
+def _refusal(policy, model, specs, eager_layers, max_cache_len: int | None) -> str | None:
     from kvpolicy.layers import model_name
 
     sliding = sorted({s.type for s in specs if s.type != "full_attention"})
@@ -602,13 +606,16 @@ def graph_refusal(policy, model, specs, max_cache_len: int | None) -> str | None
             f"{model_name(model)} has {', '.join(sliding)} layers, whose cache grows and slides by concatenation; "
             "the replayed step serves models whose every layer is full attention"
         )
-    for spec in specs:
-        layer_policy = policy.for_layer(spec.index, spec.num_layers)
-        eager = layer_policy.new_layer(spec.head_dim, model.config, value_head_dim=spec.value_head_dim)
+    for eager in eager_layers:
         refusal = stores_refusal(policy.name, eager.key_store, eager.value_store, max_cache_len)
         if refusal is not None:
             return refusal
     return None
+
+
+def graph_refusal(policy, model, specs, max_cache_len: int | None) -> str | None:
+    """Why the replayed step cannot serve ``policy`` on ``model`` (``None``: it can)."""
+    return _refusal(policy, model, specs, _eager_layers(policy, model, specs), max_cache_len)
 
 
 def build_static_cache(policy, model, specs, max_cache_len: int | None, fallback: bool = False) -> StaticPolicyCache:
@@ -623,14 +630,13 @@ def build_static_cache(policy, model, specs, max_cache_len: int | None, fallback
         raise ConfigError(
             "max_cache_len", max_cache_len, "a positive number of tokens (the prompt plus the new tokens) or None"
         )
-    refusal = graph_refusal(policy, model, specs, max_cache_len)
+    eager_layers = _eager_layers(policy, model, specs)
+    refusal = _refusal(policy, model, specs, eager_layers, max_cache_len)
     if refusal is not None:
         raise NotSupportedError(f"cuda_graphs: {refusal}. Build the cache without cuda_graphs")
     schedules: dict[tuple, RingSchedule] = {}
     layers = []
-    for spec in specs:
-        layer_policy = policy.for_layer(spec.index, spec.num_layers)
-        eager = layer_policy.new_layer(spec.head_dim, model.config, value_head_dim=spec.value_head_dim)
+    for eager in eager_layers:
         keys, values = eager.key_store, eager.value_store
         key = tuple((repr(s.unbound_selector), s.demote, s.block, repr(s.spec)) for s in (keys, values))
         if key not in schedules:

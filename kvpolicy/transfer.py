@@ -6,6 +6,8 @@ device through :func:`to_device`, which never makes the host wait either.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -15,3 +17,8 @@ def to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
     if torch.device(device).type != "cuda":
         return index.to(device)
     return index.pin_memory().to(device, non_blocking=True)
+
+
+def indices_to(indices: Sequence[int], device: torch.device) -> torch.Tensor:
+    """A host list of indices as an int64 tensor on ``device`` (through :func:`to_device`)."""
+    return to_device(torch.tensor(indices, dtype=torch.int64), device)

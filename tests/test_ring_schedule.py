@@ -80,10 +80,7 @@ def test_ring_schedules_attend_every_position_once_and_never_overflow(name, pref
     assert isinstance(schedule, PairedRingSchedule) == (not layer.aligned)
     keys.append(torch.zeros(1, 1, prefill, HEAD_DIM))
     values.append(torch.zeros(1, 1, prefill, HEAD_DIM))
-    if isinstance(schedule, PairedRingSchedule):
-        schedule.start_paired(keys, values, 1, torch.device("cpu"))
-    else:
-        schedule.start(keys, 1, torch.device("cpu"))
+    schedule.start(keys, values, 1, torch.device("cpu"))
     ever_settled: set[int] = set()
     _check(schedule, keys, values, ever_settled)
     for _ in range(steps):
@@ -103,10 +100,7 @@ def test_a_declared_limit_sizes_the_packed_buffers_once_and_is_enforced(name):
     schedule = schedule_for(keys, values, 300)
     keys.append(torch.zeros(1, 1, 200, HEAD_DIM))
     values.append(torch.zeros(1, 1, 200, HEAD_DIM))
-    if isinstance(schedule, PairedRingSchedule):
-        schedule.start_paired(keys, values, 1, torch.device("cpu"))
-    else:
-        schedule.start(keys, 1, torch.device("cpu"))
+    schedule.start(keys, values, 1, torch.device("cpu"))
     capacity = schedule.capacity
     assert capacity >= 300 and capacity % keys.block == 0
     for _ in range(100):
