@@ -9,8 +9,10 @@ model wrote, approximated.
 :class:`RotatingBackend` wraps any quantizer backend: it rotates each block before packing
 and its packed objects (:class:`RotatedPacked`) rotate back on every dequantization, so the
 stores and the chunked and reference executors need no change. The fused GPU kernels read
-native codes directly and do not apply the rotation; they decline rotated regions, which the
-chunked path then serves.
+the rotated codes unchanged: their decode step runs in the rotated space
+(:func:`unwrap_rotation`, :func:`rotate`): the query and the full-precision keys are rotated by
+the keys' ``R`` (``qR . kR = q . k``), the full-precision values by the values' ``R``, and the
+output is rotated back once (``softmax(.) VR R^T = softmax(.) V``).
 """
 
 from __future__ import annotations
@@ -103,3 +105,16 @@ class RotatingBackend(QuantizerBackend):
 
     def concat(self, blocks: list[RotatedPacked]) -> RotatedPacked:
         return RotatedPacked(self.backend.concat([b.inner for b in blocks]), blocks[0].rotation)
+
+
+def unwrap_rotation(packed) -> tuple[torch.Tensor | None, object]:
+    """``(rotation [D, D] or None, the codes' own packed block)``: a rotated block's matrix and
+    inner block, or ``(None, packed)`` for anything else (``None`` included)."""
+    if isinstance(packed, RotatedPacked):
+        return packed.rotation, packed.inner
+    return None, packed
+
+
+def rotate(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """``x @ rotation`` (float32 arithmetic, ``x``'s dtype), or ``x`` itself when ``rotation`` is None."""
+    return x if rotation is None else _rotated(x, rotation)

@@ -39,12 +39,13 @@ class Module(torch.nn.Module):
         self.is_causal = True
 
 
-def policy(window, kbits, vbits, kgroup, vgroup, executor="fused", key_retention="window"):
+def policy(window, kbits, vbits, kgroup, vgroup, executor="fused", key_retention="window", rotate="none"):
     """Keys per-channel, values per-token; both keep a window of ``window``, or the keys a
-    log-distributed set (``key_retention="log"``, log window ``window // 2``)."""
+    log-distributed set (``key_retention="log"``, log window ``window // 2``); ``rotate``: both
+    sides' ``quant.rotate``."""
 
     def side(bits, group, axis, retain):
-        return {"retain": [retain], "quant": {"bits": bits, "group_size": group, "axis": axis}}
+        return {"retain": [retain], "quant": {"bits": bits, "group_size": group, "axis": axis, "rotate": rotate}}
 
     window_retain = {"type": "window", "size": window}
     key_retain = window_retain if key_retention == "window" else {"type": "log", "window": window // 2}
@@ -92,10 +93,11 @@ def run_case(
     retention,
     seed,
     executor="fused",
+    rotate="none",
 ):
     """``(relative error vs float64, the reference executor's output)`` of one decode step."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    layer = policy(16, kbits, vbits, kgroup, vgroup, executor, key_retention=retention).new_layer(head_dim)
+    layer = policy(16, kbits, vbits, kgroup, vgroup, executor, key_retention=retention, rotate=rotate).new_layer(head_dim)
     pad = torch.ones(batch, length + 1, dtype=torch.bool)
     if padded:
         for row in range(1, batch):

@@ -97,7 +97,7 @@ def test_rotation_needs_a_power_of_two_head_dim():
 
 @pytest.mark.parametrize("executor", ["reference", "chunked", "fused"])
 def test_a_rotating_policy_generates_on_every_executor_and_they_agree(executor):
-    """The fused executor declines rotated regions (its kernels read native codes), so all three agree."""
+    """On CPU the fused executor's steps take the chunked path, so all three read the same dequantized tokens."""
     model = build("LlamaConfig", "LlamaForCausalLM", dict(num_hidden_layers=2))
     inputs = left_padded_batch([60, 200])
     data = _rotating_kivi(rotate="hadamard", group_size=16).to_dict()
@@ -106,3 +106,66 @@ def test_a_rotating_policy_generates_on_every_executor_and_they_agree(executor):
     reference = greedy(model, inputs, Policy.from_dict({**data, "executor": "reference"}).make_cache(model), n=12)
     got = greedy(model, inputs, Policy.from_dict({**data, "executor": executor}).make_cache(model), n=12)
     assert torch.equal(got, reference)
+
+
+def _emulated_decode_attention(calls):
+    """A torch stand-in for :func:`decode.decode_attention` (no biases, no value rows): what the
+    kernels compute from the codes and tensors they are handed, recording what they were handed."""
+
+    def attend(query, full, keys, values, scaling, fp_bias=None, packed_bias=None, value_rows=None, kernel=None):
+        assert fp_bias is None and packed_bias is None and value_rows is None
+        calls.append((type(keys).__name__, type(values).__name__))
+        k = torch.cat([keys.dequantize(), *(k for k, _ in full)], 2).double()
+        v = torch.cat([values.dequantize(), *(v for _, v in full)], 2).double()
+        groups = query.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        weights = torch.softmax(torch.einsum("bhqd,bhnd->bhqn", query.double(), k) * scaling, -1)
+        return torch.einsum("bhqn,bhnd->bhqd", weights, v).transpose(1, 2).to(query.dtype)
+
+    return attend
+
+
+@pytest.mark.parametrize("rotate", ["none", "hadamard"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_the_fused_step_hands_the_kernels_rotated_codes_and_rotates_the_output_back(monkeypatch, rotate, head_dim):
+    """The fused executor's decode step, with the kernels replaced by a torch emulation (CPU, CI):
+    the kernels get the stored native codes (never a rotated wrapper) and the result equals float64
+    attention over the dequantized, rotated-back tokens. The same test on the device runs the
+    real kernels (``test_the_fused_kernels_read_rotated_codes_on_cuda``)."""
+    from kvpolicy.executors.kernels import common, decode
+    from tests.executor_cases import run_case
+
+    calls: list = []
+    monkeypatch.setattr(common, "interpreted", lambda: True)
+    monkeypatch.setattr("kvpolicy.executors.fused.triton_available", lambda: True)
+    monkeypatch.setattr(decode, "decode_attention", _emulated_decode_attention(calls))
+    rel, _ = run_case("cpu", torch.float32, 2, 2, 2, head_dim, 150, 2, 2, 32, 32, False, "window", seed=3, rotate=rotate)
+    assert calls == [("NativePacked", "NativePacked")]
+    assert rel < 1e-5, rel
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("retention", ["window", "log"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_the_fused_kernels_read_rotated_codes_on_cuda(retention, head_dim):
+    """Rotated policies on the real kernels against float64 attention over the rotated-back
+    tokens: batches with left padding, bf16, 2 and 4 bits, keys and values paired or not."""
+    from kvpolicy.executors.kernels import decode
+    from tests.executor_cases import run_case
+
+    calls = []
+    kernel = decode.decode_attention
+
+    def counted(*a, **k):
+        calls.append(1)
+        return kernel(*a, **k)
+
+    decode.decode_attention = counted
+    try:
+        for seed, (bits, padded) in enumerate([((2, 2), False), ((2, 2), True), ((4, 2), True)]):
+            rel, _ = run_case("cuda", torch.bfloat16, 3, 2, 4, head_dim, 1000, *bits, 32, 32, padded, retention,
+                              seed=seed, rotate="hadamard")  # fmt: skip
+            assert rel <= 1e-2, (bits, padded, rel)
+    finally:
+        decode.decode_attention = kernel
+    assert len(calls) == 3

@@ -19,6 +19,7 @@ from kvpolicy.executors.base import allowed_columns
 from kvpolicy.executors.chunked import ChunkedExecutor
 from kvpolicy.executors.kernels import common, decode
 from kvpolicy.executors.kernels.common import fusable, gluon_available, power_of_two, triton_available
+from kvpolicy.rotation import rotate, unwrap_rotation
 
 KERNEL_CHOICES = ("auto", *decode.KERNEL_NAMES)
 
@@ -36,7 +37,8 @@ class FusedExecutor(ChunkedExecutor):
     (:func:`~kvpolicy.executors.kernels.packed_splits`) and one that attends the full-precision
     tokens (kept, staged, new) and merges both into the output
     (:func:`~kvpolicy.executors.kernels.decode_attention`). Supports the native backend with
-    keys per-channel and values per-token (KIVI's layout), 2/4/8 bits, key groups of 16 tokens
+    keys per-channel and values per-token (KIVI's layout), rotated or not (:mod:`kvpolicy.rotation`:
+    the step runs in the rotated space), 2/4/8 bits, key groups of 16 tokens
     or more, value groups that divide the head dimension, bf16/fp16/fp32 (see :func:`fusable`).
     Keys and values stored in different orders are paired first
     (:mod:`kvpolicy.executors.pairing`): the kernel reads each packed key's value row where it
@@ -59,7 +61,8 @@ class FusedExecutor(ChunkedExecutor):
         return (query.is_cuda or common.interpreted()) and triton_available()
 
     def attend_regions(self, query, regions, step, attention_mask, scaling):
-        keys, values = regions.packed_keys, regions.packed_values
+        key_rotation, keys = unwrap_rotation(regions.packed_keys)
+        value_rotation, values = unwrap_rotation(regions.packed_values)
         paired_by_rows = regions.value_rows is not None
         if not (
             query.shape[2] == 1
@@ -72,7 +75,10 @@ class FusedExecutor(ChunkedExecutor):
             return super().attend_regions(query, regions, step, attention_mask, scaling)
         b, _, _, d = query.shape
         scaling = scaling if scaling is not None else d**-0.5
-        full = [*regions.full_precision, (step.new_keys, step.new_values)]
+        # rotated codes are read as they are: the step runs in the rotated space (kvpolicy.rotation)
+        full = [(rotate(k, key_rotation), rotate(v, value_rotation))
+                for k, v in (*regions.full_precision, (step.new_keys, step.new_values))]  # fmt: skip
+        query = rotate(query, key_rotation)
         fp_bias = packed_bias = None
         if attention_mask is not None:
             past = step.past_length
@@ -83,7 +89,8 @@ class FusedExecutor(ChunkedExecutor):
                 packed_bias = token_bias(pa.group_bias(allowed, 1), b)
         value_rows = regions.value_rows_on(query.device)
         kernel = None if self.kernel == "auto" else self.kernel
-        return decode.decode_attention(query, full, keys, values, scaling, fp_bias, packed_bias, value_rows, kernel)
+        out = decode.decode_attention(query, full, keys, values, scaling, fp_bias, packed_bias, value_rows, kernel)
+        return rotate(out, None if value_rotation is None else value_rotation.T)
 
 
 @attrs.define
