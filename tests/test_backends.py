@@ -176,10 +176,62 @@ def test_a_bad_backend_option_is_named_with_the_accepted_ones(options, says):
     assert says in str(err.value)
 
 
-def test_a_backend_without_options_says_so():
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"fast": True}, "keys.quant.options.fast: got True; allowed: an option of backend 'native' (its options: fit)"),
+        ({"fit": "l2"}, "keys.quant.options.fit: got 'l2'; allowed: minmax | mse"),
+    ],
+)  # fmt: skip
+def test_a_bad_native_option_is_named_with_the_accepted_ones(options, says):
     data = Policy.load("kivi").to_dict()
-    data["keys"]["quant"]["options"] = {"fast": True}
-    with pytest.raises(
-        ConfigError, match="keys.quant.options.fast.*an option of backend 'native' \\(its options: none\\)"
-    ):
+    data["keys"]["quant"]["options"] = options
+    with pytest.raises(ConfigError) as err:
         Policy.from_dict(data)
+    assert says in str(err.value)
+
+
+def _group_errors(x: torch.Tensor, spec) -> torch.Tensor:
+    """Squared reconstruction error of each group of ``x`` ``[B, H, n, D]`` under ``spec``."""
+    from kvpolicy.backends.native import NativeQuantizer
+
+    err = (NativeQuantizer().quantize(x, spec).dequantize() - x).square()
+    b, h, n, d = x.shape
+    g = spec.group_size
+    if spec.axis == "token":
+        return err.reshape(b, h, n, d // g, g).sum(-1)
+    return err.reshape(b, h, n // g, g, d).sum(-2)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.sampled_from([2, 4]),
+    axis=st.sampled_from(["token", "channel"]),
+    outliers=st.floats(1.0, 20.0),
+    seed=st.integers(0, 2**16),
+)
+def test_the_mse_fit_never_reconstructs_a_group_worse_than_min_max(bits, axis, outliers, seed):
+    """``fit: mse`` tries min/max itself among its candidates, so no group's error can grow; the
+    packed format (codes, scale and zero shapes and dtypes) is the one the kernels read."""
+    from kvpolicy.backends.native import NativeQuantizer
+    from kvpolicy.config import QuantSpec
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 2, 64, 32, generator=g)
+    x = x * torch.where(torch.rand(x.shape, generator=g) < 0.02, outliers, 1.0)  # a few large values
+    plain = QuantSpec(bits=bits, group_size=16, axis=axis)
+    fitted = QuantSpec(bits=bits, group_size=16, axis=axis, options={"fit": "mse"})
+    assert (_group_errors(x, fitted) <= _group_errors(x, plain) * (1 + 1e-5) + 1e-9).all()
+    a, b = NativeQuantizer().quantize(x, plain), NativeQuantizer().quantize(x, fitted)
+    for name in ("codes", "scale", "zero"):
+        assert getattr(a, name).shape == getattr(b, name).shape and getattr(a, name).dtype == getattr(b, name).dtype
+
+
+def test_the_mse_fit_lowers_the_error_of_two_bit_gaussian_groups():
+    from kvpolicy.config import QuantSpec
+
+    x = torch.randn(1, 4, 256, 64, generator=torch.Generator().manual_seed(1))
+    for axis in ("token", "channel"):
+        plain = _group_errors(x, QuantSpec(bits=2, group_size=32, axis=axis)).sum()
+        fitted = _group_errors(x, QuantSpec(bits=2, group_size=32, axis=axis, options={"fit": "mse"})).sum()
+        assert fitted < 0.8 * plain, (axis, float(fitted / plain))

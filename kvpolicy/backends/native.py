@@ -1,8 +1,12 @@
-"""The native backend: pure-torch asymmetric min/max quantization with real bit-packing.
+"""The native backend: pure-torch asymmetric quantization with real bit-packing.
 
-One scale and one zero (the group minimum) per group, codes bit-packed into ``uint8`` along
-the head dimension (four 2-bit codes per byte, in planes: see :func:`pack_codes`); the
-format the fused GPU kernels read.
+One scale and one zero (the low end of the group's range) per group, codes bit-packed into
+``uint8`` along the head dimension (four 2-bit codes per byte, in planes: see
+:func:`pack_codes`); the format the fused GPU kernels read. The range is the group's min and
+max (``options: {fit: minmax}``, the default) or, with ``fit: mse``, each end pulled towards
+the group's mean by the factors of :data:`MSE_SHRINK` chosen per group for the least squared
+error (:func:`mse_range`): a few extreme values no longer widen every step of a 2-bit grid.
+The stored format, and so the kernels, are the same either way.
 
 * ``axis="token"`` (per-token, values): scale/zero shape ``[B, H, n, D // group_size]``.
 * ``axis="channel"`` (per-channel, keys): scale/zero shape ``[B, H, n // group_size, D]``.
@@ -18,7 +22,7 @@ import torch
 
 from kvpolicy.config import QuantSpec
 from kvpolicy.errors import ConfigError
-from kvpolicy.quantizers import QuantizerBackend
+from kvpolicy.quantizers import BackendOption, QuantizerBackend
 from kvpolicy.transfer import to_device
 
 
@@ -103,11 +107,47 @@ class NativePacked:
         return out.to(self.scale.dtype)
 
 
+#: the factors ``fit: mse`` tries for each end of a group's range (1: the min or max itself)
+MSE_SHRINK = (1.0, 0.85, 0.7, 0.55)
+FITS = ("minmax", "mse")
+
+
+def mse_range(work: torch.Tensor, dim: int, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` per group of ``work`` (float32, groups along ``dim``, kept as size 1): the
+    pair among min/max pulled towards the mean by :data:`MSE_SHRINK` (each end on its own) whose
+    ``levels``-step uniform grid reconstructs the group with the least squared error."""
+    lo, hi = work.amin(dim=dim, keepdim=True), work.amax(dim=dim, keepdim=True)
+    mean = work.mean(dim=dim, keepdim=True)
+    best_lo, best_hi, best_err = lo, hi, None
+    for lo_shrink in MSE_SHRINK:
+        for hi_shrink in MSE_SHRINK:
+            low, high = mean + (lo - mean) * lo_shrink, mean + (hi - mean) * hi_shrink
+            step = ((high - low) / levels).clamp_min(torch.finfo(torch.float32).tiny)
+            err = (((work - low) / step).round().clamp(0, levels) * step + low - work).square().sum(dim, keepdim=True)
+            if best_err is None:
+                best_err = err
+                continue
+            better = err < best_err
+            best_lo, best_hi = torch.where(better, low, best_lo), torch.where(better, high, best_hi)
+            best_err = torch.where(better, err, best_err)
+    return best_lo, best_hi
+
+
 class NativeQuantizer(QuantizerBackend):
-    """Pure-torch asymmetric min/max quantization with real bit-packing (2, 4 or 8 bits)."""
+    """Pure-torch asymmetric quantization with real bit-packing (2, 4 or 8 bits); each group's
+    range is its min/max or, with ``fit: mse``, the least-squared-error range (:func:`mse_range`)."""
 
     name: ClassVar[str] = "native"
     supported_bits: ClassVar[tuple[int, ...]] = (2, 4, 8)
+    options: ClassVar[dict[str, BackendOption]] = {
+        "fit": BackendOption(
+            "minmax",
+            lambda v: v in FITS,
+            " | ".join(FITS),
+            "each group's range: `minmax` (its min and max) or `mse` (each end pulled towards the mean, the pair "
+            "with the least squared error: lower error at 2 bits, the same format and kernels, slower to quantize)",
+        )
+    }
 
     def validate(self, spec: QuantSpec, head_dim: int, section: str) -> None:
         super().validate(spec, head_dim, section)
@@ -141,9 +181,11 @@ class NativeQuantizer(QuantizerBackend):
             grouped = x.reshape(b, h, n // g, g, d)
             reduce_dim = -2
         work = grouped.to(torch.float32, copy=True)
-        lo = work.amin(dim=reduce_dim, keepdim=True)
-        hi = work.amax(dim=reduce_dim, keepdim=True)
         levels = (1 << spec.bits) - 1
+        if self.option(spec, "fit") == "mse":
+            lo, hi = mse_range(work, reduce_dim, levels)
+        else:
+            lo, hi = work.amin(dim=reduce_dim, keepdim=True), work.amax(dim=reduce_dim, keepdim=True)
         # scale and zero are stored in the cache dtype; quantize against the stored values
         scale = ((hi - lo) / levels).clamp_min(torch.finfo(x.dtype).tiny).to(x.dtype)
         zero = lo.to(x.dtype)
