@@ -47,7 +47,10 @@ def _cmd_show(args: argparse.Namespace) -> int:
     print(f"# executor on this machine: {policy.executor_summary()}")
     print(f"# decode steps on this machine: {policy.decode_summary()}")
     if any(getattr(policy.config, side).quant.rotate != "none" for side in ("keys", "values")):
-        print("# rotated codes: the fused decode kernels read them as stored (the query and full-precision tokens are rotated, the output rotated back)")
+        print(
+            "# rotated codes: the fused decode kernels read them as stored "
+            "(the query and full-precision tokens are rotated, the output rotated back)"
+        )
     for side in ("keys", "values"):
         quant = getattr(policy.config, side).quant
         backend = policy.registry.quantizer(quant.backend)

@@ -97,7 +97,8 @@ def run_case(
 ):
     """``(relative error vs float64, the reference executor's output)`` of one decode step."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    layer = policy(16, kbits, vbits, kgroup, vgroup, executor, key_retention=retention, rotate=rotate).new_layer(head_dim)
+    layer = policy(16, kbits, vbits, kgroup, vgroup, executor, key_retention=retention, rotate=rotate)
+    layer = layer.new_layer(head_dim)
     pad = torch.ones(batch, length + 1, dtype=torch.bool)
     if padded:
         for row in range(1, batch):

@@ -179,7 +179,8 @@ def test_a_bad_backend_option_is_named_with_the_accepted_ones(options, says):
 @pytest.mark.parametrize(
     ("options", "says"),
     [
-        ({"fast": True}, "keys.quant.options.fast: got True; allowed: an option of backend 'native' (its options: fit)"),
+        ({"fast": True}, "keys.quant.options.fast: got True; allowed: an option of backend 'native' "
+                         "(its options: fit)"),
         ({"fit": "l2"}, "keys.quant.options.fit: got 'l2'; allowed: minmax | mse"),
     ],
 )  # fmt: skip

@@ -139,7 +139,8 @@ def test_the_fused_step_hands_the_kernels_rotated_codes_and_rotates_the_output_b
     monkeypatch.setattr(common, "interpreted", lambda: True)
     monkeypatch.setattr("kvpolicy.executors.fused.triton_available", lambda: True)
     monkeypatch.setattr(decode, "decode_attention", _emulated_decode_attention(calls))
-    rel, _ = run_case("cpu", torch.float32, 2, 2, 2, head_dim, 150, 2, 2, 32, 32, False, "window", seed=3, rotate=rotate)
+    shape = (2, 2, 2, head_dim, 150, 2, 2, 32, 32, False, "window")
+    rel, _ = run_case("cpu", torch.float32, *shape, seed=3, rotate=rotate)
     assert calls == [("NativePacked", "NativePacked")]
     assert rel < 1e-5, rel
 
