@@ -11,7 +11,9 @@ Triton's CPU interpreter, so CI checks the executor's decode path without a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 
 import torch
 
@@ -117,11 +119,11 @@ def run_case(
     return float(rel), ReferenceExecutor().attend(Module(groups), query, step, mask, scaling=scaling)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    calls = []
+@contextlib.contextmanager
+def kernel_calls() -> Iterator[list]:
+    """A list that grows by one entry per call of :func:`decode.decode_attention` (the fused
+    decode step) while the context is open."""
+    calls: list = []
     kernel = decode.decode_attention
 
     def counted(*a, **k):
@@ -129,11 +131,22 @@ def main() -> None:
         return kernel(*a, **k)
 
     decode.decode_attention = counted
-    for seed, (dtype, *shape) in enumerate(CASES):
-        before = len(calls)
-        rel, _ = run_case(args.device, getattr(torch, dtype), *shape, seed=seed)
-        path = "fused" if len(calls) > before else "fallback"
-        print(json.dumps({"case": [dtype, *shape], "path": path, "rel_err": rel}))
+    try:
+        yield calls
+    finally:
+        decode.decode_attention = kernel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    with kernel_calls() as calls:
+        for seed, (dtype, *shape) in enumerate(CASES):
+            before = len(calls)
+            rel, _ = run_case(args.device, getattr(torch, dtype), *shape, seed=seed)
+            path = "fused" if len(calls) > before else "fallback"
+            print(json.dumps({"case": [dtype, *shape], "path": path, "rel_err": rel}))
 
 
 if __name__ == "__main__":

@@ -151,22 +151,11 @@ def test_the_fused_step_hands_the_kernels_rotated_codes_and_rotates_the_output_b
 def test_the_fused_kernels_read_rotated_codes_on_cuda(retention, head_dim):
     """Rotated policies on the real kernels against float64 attention over the rotated-back
     tokens: batches with left padding, bf16, 2 and 4 bits, keys and values paired or not."""
-    from kvpolicy.executors.kernels import decode
-    from tests.executor_cases import run_case
+    from tests.executor_cases import kernel_calls, run_case
 
-    calls = []
-    kernel = decode.decode_attention
-
-    def counted(*a, **k):
-        calls.append(1)
-        return kernel(*a, **k)
-
-    decode.decode_attention = counted
-    try:
+    with kernel_calls() as calls:
         for seed, (bits, padded) in enumerate([((2, 2), False), ((2, 2), True), ((4, 2), True)]):
             rel, _ = run_case("cuda", torch.bfloat16, 3, 2, 4, head_dim, 1000, *bits, 32, 32, padded, retention,
                               seed=seed, rotate="hadamard")  # fmt: skip
             assert rel <= 1e-2, (bits, padded, rel)
-    finally:
-        decode.decode_attention = kernel
     assert len(calls) == 3
