@@ -102,9 +102,9 @@ class QuantSpec:
         validator=_one_of("quant.rotate", ROTATIONS),
         metadata={
             "doc": "`hadamard`: quantize tokens rotated by an orthonormal randomized Hadamard transform over "
-            "head_dim (a power of two), rotated back when read; spreads outlier channels. The fused decode kernels "
-            "read the rotated codes (the step rotates the query and rotates the output back); CUDA graphs do not "
-            "serve it"
+            "head_dim (a power of two), rotated back when read; spreads outlier channels. Decode steps (eager or "
+            "replayed from a CUDA graph) read the rotated codes in the fused kernels: the step rotates the query and "
+            "rotates the output back"
         },
     )
 

@@ -34,6 +34,7 @@ def stores_refusal(policy_name: str, keys, values, max_cache_len: int | None) ->
     """Why the replayed step cannot serve a layer whose key and value stores are ``keys`` and
     ``values`` (:class:`~kvpolicy.store.TensorStore`; ``None``: it can)."""
     from kvpolicy.backends.native import NativeQuantizer
+    from kvpolicy.rotation import unrotated_backend
     from kvpolicy.store import aligned
 
     if not aligned(keys, values):
@@ -50,10 +51,11 @@ def stores_refusal(policy_name: str, keys, values, max_cache_len: int | None) ->
                 "only for such policies (e.g. partial_logquant)"
             )
     for store, side in ((keys, "keys"), (values, "values")):
-        if store.backend is not None and type(store.backend) is not NativeQuantizer:
+        inner = unrotated_backend(store.backend)
+        if store.backend is not None and type(inner) is not NativeQuantizer:
             return (
-                f"{side} are quantized by {type(store.backend).__name__} ({store.spec.backend!r}, "
-                f"rotate={store.spec.rotate!r}); the replayed step reads the native backend's codes without rotation"
+                f"{side} are quantized by {type(inner).__name__} (backend {store.spec.backend!r}); the replayed "
+                "step reads the native backend's codes"
             )
     if keys.unbound_selector.budget is None and max_cache_len is None:
         return f"policy {policy_name!r} keeps every token in full precision, so its ring needs a max_cache_len"

@@ -118,3 +118,19 @@ def unwrap_rotation(packed) -> tuple[torch.Tensor | None, object]:
 def rotate(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
     """``x @ rotation`` (float32 arithmetic, ``x``'s dtype), or ``x`` itself when ``rotation`` is None."""
     return x if rotation is None else _rotated(x, rotation)
+
+
+def backend_rotation(backend, device: torch.device) -> torch.Tensor | None:
+    """The ``[D, D]`` matrix a :class:`RotatingBackend` rotates by, on ``device``; ``None`` for any other backend."""
+    return backend._rotation_on(device) if isinstance(backend, RotatingBackend) else None
+
+
+def as_stored(packed, rotation: torch.Tensor | None):
+    """Native codes of rotated tokens as their store holds them: wrapped in :class:`RotatedPacked`
+    when ``rotation`` is given (the inverse of :func:`unwrap_rotation`)."""
+    return packed if rotation is None or packed is None else RotatedPacked(packed, rotation)
+
+
+def unrotated_backend(backend):
+    """The backend that packs the codes: a :class:`RotatingBackend`'s own, or ``backend`` itself."""
+    return backend.backend if isinstance(backend, RotatingBackend) else backend

@@ -23,7 +23,9 @@ eager decoding holds. Packing a block quantizes its ring slots into the packed b
 Multi-token steps (the prefill, a chunked prefill, a new turn) run through the eager layer;
 at the first one-token step its stores' state is copied into the buffers (:meth:`adopt`).
 Served: models whose every layer is full attention, policies whose keys and values are
-retained alike, native quantization without rotation, batches without padding. Built with
+retained alike or paired (:class:`~kvpolicy.ring_schedule.PairedRingSchedule`), native
+quantization, rotated or not (the buffers hold the rotated codes; the step rotates the query,
+the ring and the output), batches without padding. Built with
 ``cuda_graphs=True`` anything else is refused; built by ``cuda_graphs="auto"`` (the default on
 CUDA) the cache hands its tokens back to the eager layers instead (:meth:`release`) and goes
 on eagerly, so a user never meets a refusal the eager cache would not give. Without a
@@ -51,6 +53,7 @@ from kvpolicy.ring_schedule import (
     copy_bookkeeping,
     schedule_for,
 )
+from kvpolicy.rotation import as_stored, backend_rotation, rotate, unwrap_rotation
 from kvpolicy.transfer import indices_to
 
 
@@ -66,7 +69,9 @@ class StaticStep:
 class StaticAttention:
     """Attention of a static layer's decode step: the ring and the packed capacity under their
     biases. On CUDA the fused decode kernels (two launches, fixed shapes); elsewhere the same
-    sums in float32 (:mod:`kvpolicy.executors.partial`)."""
+    sums in float32 (:mod:`kvpolicy.executors.partial`). Where a side is rotated
+    (:mod:`kvpolicy.rotation`) the step runs in the rotated space: the query and the ring's
+    keys by the keys' matrix, the ring's values by the values', the output rotated back."""
 
     name = "static"
 
@@ -76,30 +81,36 @@ class StaticAttention:
         b, hq, q, d = query.shape
         scaling = scaling if scaling is not None else d**-0.5
         packed_keys, packed_values = layer.packed_keys, layer.packed_values
+        key_rotation, value_rotation = layer.key_rotation, layer.value_rotation
+        query = rotate(query, key_rotation)
+        ring_keys, ring_values = rotate(layer.ring_keys, key_rotation), rotate(layer.ring_values, value_rotation)
+        back = None if value_rotation is None else value_rotation.T
         if query.is_cuda and layer.fused:
             from kvpolicy.executors.kernels import decode_attention
 
-            return decode_attention(
-                query, [(layer.ring_keys, layer.ring_values)], packed_keys, packed_values, scaling,
+            return rotate(decode_attention(
+                query, [(ring_keys, ring_values)], packed_keys, packed_values, scaling,
                 schedule.ring_bias, schedule.packed_bias if packed_keys is not None else None,
-            )  # fmt: skip
-        kv_heads = layer.ring_keys.shape[1]
+            ), back)  # fmt: skip
+        kv_heads = ring_keys.shape[1]
         grouped = pa.group_queries(query, kv_heads)
-        result = pa.partial(grouped, layer.ring_keys, layer.ring_values, scaling, schedule.ring_bias[:, None, None, :])
+        result = pa.partial(grouped, ring_keys, ring_values, scaling, schedule.ring_bias[:, None, None, :])
         if packed_keys is not None:
             bias = schedule.packed_bias[:, None, None, :]
             part = pa.partial(grouped, packed_keys.dequantize(), packed_values.dequantize(), scaling, bias)
             result = pa.merge([result, part])
-        return pa.ungroup_output(result[0], hq, q).to(query.dtype)
+        return rotate(pa.ungroup_output(result[0], hq, q).to(query.dtype), back)
 
 
 STATIC_ATTENTION = StaticAttention()
 
 
 def _capacity_packed(spec, backend, batch, heads, dim, capacity, dtype, device) -> NativePacked:
-    """Zeroed native buffers for ``capacity`` packed tokens, in ``spec``'s layout."""
-    probe = backend.quantize(torch.zeros(batch, heads, spec.group_size if spec.axis == "channel" else 1, dim,
-                                         dtype=dtype, device=device), spec)  # fmt: skip
+    """Zeroed native buffers for ``capacity`` packed tokens, in ``spec``'s layout (a rotating
+    backend's too: the buffers hold its native codes of rotated tokens)."""
+    tokens = spec.group_size if spec.axis == "channel" else 1
+    zeros = torch.zeros(batch, heads, tokens, dim, dtype=dtype, device=device)
+    _, probe = unwrap_rotation(backend.quantize(zeros, spec))
     per = probe.num_tokens
     codes = torch.zeros(batch, heads, capacity, probe.codes.shape[-1], dtype=probe.codes.dtype, device=device)
     scale_tokens = capacity // per * probe.scale.shape[2]
@@ -107,8 +118,10 @@ def _capacity_packed(spec, backend, batch, heads, dim, capacity, dtype, device) 
     return NativePacked(codes, scale, torch.zeros_like(scale), probe.bits, probe.group_size, probe.axis)
 
 
-def _write_block(dst: NativePacked, block: NativePacked, offset: int) -> None:
-    """Copy ``block`` into ``dst`` at token ``offset`` (a multiple of a per-channel group)."""
+def _write_block(dst: NativePacked, block, offset: int) -> None:
+    """Copy ``block`` (native, or a rotated block's native codes) into ``dst`` at token
+    ``offset`` (a multiple of a per-channel group)."""
+    _, block = unwrap_rotation(block)
     n = block.num_tokens
     dst.codes[:, :, offset : offset + n].copy_(block.codes)
     if dst.axis == "channel":
@@ -120,8 +133,10 @@ def _write_block(dst: NativePacked, block: NativePacked, offset: int) -> None:
         dst.zero[:, :, offset : offset + n].copy_(block.zero)
 
 
-def _write_rows(dst: NativePacked, src: NativePacked, src_index: torch.Tensor, dst_index: torch.Tensor) -> None:
-    """Per-token packed rows ``src_index`` of ``src`` into rows ``dst_index`` of ``dst`` (int64, on the device)."""
+def _write_rows(dst, src, src_index: torch.Tensor, dst_index: torch.Tensor) -> None:
+    """Per-token packed rows ``src_index`` of ``src`` into rows ``dst_index`` of ``dst`` (int64, on
+    the device; either may be a rotated block, whose native codes are copied)."""
+    (_, dst), (_, src) = unwrap_rotation(dst), unwrap_rotation(src)
     for name in ("codes", "scale", "zero"):
         getattr(dst, name).index_copy_(2, dst_index, getattr(src, name).index_select(2, src_index))
 
@@ -164,6 +179,8 @@ class StaticPolicyLayer(CacheLayerMixin):
         self.ring_keys = self.ring_values = None
         self.packed_keys = self.packed_values = None
         self.pending_values: NativePacked | None = None  # a PairedRingSchedule's values packed before their keys
+        # [D, D] matrices of rotating backends (the buffers hold their codes of rotated tokens)
+        self.key_rotation = self.value_rotation = None
         self.fused = False
 
     # -- steps ----------------------------------------------------------------------------
@@ -221,6 +238,7 @@ class StaticPolicyLayer(CacheLayerMixin):
         batch, heads, key_dim = self.eager.shape
         value_dim = self.eager.value_head_dim
         dtype, device = self.eager.dtype, self.eager.device
+        self.key_rotation, self.value_rotation = (backend_rotation(s.backend, device) for s in (keys, values))
         self.ring_keys = torch.zeros(batch, heads, schedule.slots, key_dim, dtype=dtype, device=device)
         self.ring_values = torch.zeros(batch, heads, schedule.slots, value_dim, dtype=dtype, device=device)
         if keys.backend is not None:
@@ -295,8 +313,16 @@ class StaticPolicyLayer(CacheLayerMixin):
         )
         for ring, packed, store in sides:
             self._hand_back_held(ring, store, schedule.store)
-            store.packed = _leading_tokens(packed, len(store.packed_pos)) if len(store.packed_pos) else None
+            store.packed = (
+                self._as_stored(_leading_tokens(packed, len(store.packed_pos)), store)
+                if len(store.packed_pos)
+                else None
+            )
         self._free()
+
+    def _as_stored(self, packed: NativePacked, store):
+        """Buffer codes handed back to ``store`` in its own form (rotated blocks for a rotating backend)."""
+        return as_stored(packed, self.key_rotation if store is self.eager.key_store else self.value_rotation)
 
     def _hand_back_held(self, ring: torch.Tensor, store, mirror) -> None:
         """``store`` takes the bookkeeping of the schedule's ``mirror`` and its full-precision
@@ -311,7 +337,8 @@ class StaticPolicyLayer(CacheLayerMixin):
         keys, values = self.eager.key_store, self.eager.value_store
         self._hand_back_held(self.ring_keys, keys, schedule.store)
         self._hand_back_held(self.ring_values, values, schedule.value_store)
-        keys.packed = _leading_tokens(self.packed_keys, len(keys.packed_pos)) if len(keys.packed_pos) else None
+        n_keys = len(keys.packed_pos)
+        keys.packed = self._as_stored(_leading_tokens(self.packed_keys, n_keys), keys) if n_keys else None
         values.packed = None
         if len(values.packed_pos):
             device = self.ring_values.device
@@ -324,6 +351,7 @@ class StaticPolicyLayer(CacheLayerMixin):
                 if rows:
                     dst, src = (indices_to(c, device) for c in zip(*rows))
                     _write_rows(values.packed, source, src, dst)
+            values.packed = self._as_stored(values.packed, values)
         self._free()
 
     def _ring_tokens(self, ring: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
@@ -333,6 +361,7 @@ class StaticPolicyLayer(CacheLayerMixin):
 
     def _free(self) -> None:
         self.ring_keys = self.ring_values = self.packed_keys = self.packed_values = self.pending_values = None
+        self.key_rotation = self.value_rotation = None
         self.adopted = False
 
     def grow(self, capacity: int) -> None:

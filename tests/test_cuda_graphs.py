@@ -16,12 +16,13 @@ from kvpolicy import Policy, load_policy
 from kvpolicy.errors import ConfigError, NotSupportedError
 from kvpolicy.generation import cache_kwargs
 from kvpolicy.ring_schedule import NOTHING_LEFT, PairedRingSchedule, RingSchedule
+from kvpolicy.rotation import unwrap_rotation
 from kvpolicy.static_cache import StaticPolicyCache, StaticPolicyLayer, build_static_cache, graph_refusal
 from tests.conftest import tiny_llama
 from tests.test_cache import left_padded_batch
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-POLICIES = ["kivi", "logquant", "streaming", "sink_kivi", "full", "partial_logquant"]
+POLICIES = ["kivi", "logquant", "streaming", "sink_kivi", "full", "partial_logquant", "logquant_rot"]
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +82,16 @@ def test_static_steps_equal_eager_decoding(model, name):
         keys, values = eager_layer.key_store, eager_layer.value_store
         if keys.packed is None or index:
             continue
-        n_packed = keys.packed.num_tokens
-        assert torch.equal(layer.packed_keys.codes[:, :, :n_packed], keys.packed.codes)
+        (_, packed_keys), (_, packed_values) = unwrap_rotation(keys.packed), unwrap_rotation(values.packed)
+        n_packed = packed_keys.num_tokens
+        assert torch.equal(layer.packed_keys.codes[:, :, :n_packed], packed_keys.codes)
         # each packed key's value row (at the key's offset): the eager store's row of that position
         value_row = {p: i for i, p in enumerate(values.packed_pos.tolist())}
         pairs = [(i, value_row[p]) for i, p in enumerate(keys.packed_pos.tolist()) if p in value_row]
         assert pairs and (paired or all(i == r for i, r in pairs))
         at, rows = (torch.tensor(c) for c in zip(*pairs))
-        assert torch.equal(layer.packed_values.codes[:, :, at], values.packed.codes[:, :, rows])
-        assert torch.equal(layer.packed_values.scale[:, :, at], values.packed.scale[:, :, rows])
+        assert torch.equal(layer.packed_values.codes[:, :, at], packed_values.codes[:, :, rows])
+        assert torch.equal(layer.packed_values.scale[:, :, at], packed_values.scale[:, :, rows])
         opened = (schedule.packed_bias[0] == 0).nonzero().squeeze(-1)
         assert torch.equal(opened, at.sort().values)  # a packed key is attended once its value is packed too
 
@@ -103,7 +105,15 @@ def _keys_leave_first() -> Policy:
                              "values": {**values, "retain": keys["retain"]}})  # fmt: skip
 
 
-@pytest.mark.parametrize("policy", [lambda: load_policy("partial_logquant"), _keys_leave_first])
+def _rotated_partial() -> Policy:
+    """partial_logquant with keys and values rotated before quantizing (the buffers hold rotated codes)."""
+    data = load_policy("partial_logquant").to_dict()
+    for side in ("keys", "values"):
+        data[side]["quant"] = {**data[side]["quant"], "rotate": "hadamard"}
+    return Policy.from_dict({**data, "name": "partial_logquant_rot"})
+
+
+@pytest.mark.parametrize("policy", [lambda: load_policy("partial_logquant"), _keys_leave_first, _rotated_partial])
 def test_paired_schedules_take_every_path_and_equal_eager_decoding(model, policy, monkeypatch):
     """Keys and values retained differently: whichever side is packed first, each position is
     attended once with its own key and value at their precision (tokens and logits equal eager
@@ -155,6 +165,15 @@ def test_memory_report_counts_the_preallocated_buffers(model):
     assert cache.memory().tokens == 303  # the prompt and three decode forwards (the 4th token is not cached)
 
 
+def _library_backend() -> Policy:
+    """kivi packed by optimum-quanto (skipped where it is not installed)."""
+    pytest.importorskip("optimum.quanto")
+    data = load_policy("kivi").to_dict()
+    for side in ("keys", "values"):
+        data[side]["quant"] = {**data[side]["quant"], "backend": "quanto"}
+    return Policy.from_dict({**data, "name": "kivi_quanto"})
+
+
 def _channel_values() -> Policy:
     """partial_logquant whose values are quantized per channel (in groups of tokens)."""
     data = load_policy("partial_logquant").to_dict()
@@ -166,7 +185,7 @@ def _channel_values() -> Policy:
     ("policy", "says"),
     [
         (_channel_values, "retains keys and values differently and its values are not quantized per token"),
-        (lambda: load_policy("logquant_rot"), "rotate='hadamard'"),
+        (_library_backend, "keys are quantized by QuantoQuantizer \\(backend 'quanto'\\); the replayed step reads"),
     ],
 )
 def test_policies_the_replayed_step_cannot_serve_are_refused(model, policy, says):
