@@ -357,7 +357,7 @@ def test_other_caches_still_reach_the_models_own_forward(model):
 
 
 @cuda
-@pytest.mark.parametrize("name", ["kivi", "logquant", "streaming", "partial_logquant"])
+@pytest.mark.parametrize("name", ["kivi", "logquant", "streaming", "partial_logquant", "logquant_rot"])
 def test_replayed_steps_equal_eager_decoding_on_cuda(name):
     """The graph path (captured at the first decode step, replayed after) against the eager
     cache with the same kernels: the same tokens, logits to bf16 rounding."""
@@ -373,7 +373,7 @@ def test_replayed_steps_equal_eager_decoding_on_cuda(name):
 
 
 @cuda
-@pytest.mark.parametrize("name", ["kivi", "logquant", "partial_logquant"])
+@pytest.mark.parametrize("name", ["kivi", "logquant", "partial_logquant", "logquant_rot"])
 def test_the_default_cache_on_cuda_replays_and_grows(name, monkeypatch):
     """``make_cache(model)`` on CUDA (``cuda_graphs="auto"``): a graph cache without a declared
     limit, whose buffers grow mid-generation (a small headroom forces it) and whose step is
