@@ -303,7 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--budget", type=int, default=128, help="full-precision tokens every policy is matched to (0: as registered)"
     )
-    ev.add_argument("--bits", type=int, default=2, help="bits of every quantized tensor (default: 2)")
+    ev.add_argument(
+        "--bits",
+        type=int,
+        default=2,
+        help="bits of every quantized tensor (default: 2); a policy's `layers` overrides keep their own",
+    )
     ev.add_argument(
         "--model",
         default="default",

@@ -43,7 +43,8 @@ def at_budget(
     config: PolicyConfig, budget: int, bits: int | None = None, registry: Registry | None = None
 ) -> PolicyConfig:
     """``config`` rescaled to a mean of at most ``budget`` full-precision tokens per layer
-    (keys and values averaged), with ``bits`` for every quantized tensor if given.
+    (keys and values averaged), with ``bits`` for every quantized tensor if given. Its
+    ``layers`` overrides are kept as written (their own retention and bits).
 
     Policies without a bound (``full``) are returned with only the bits changed.
     """
