@@ -120,6 +120,12 @@ def rotate(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
     return x if rotation is None else _rotated(x, rotation)
 
 
+def rotate_back(x: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """``x @ rotation.T``: an attention output of rotated values back in the model's space, or
+    ``x`` itself when ``rotation`` is None."""
+    return x if rotation is None else _rotated(x, rotation.T)
+
+
 def backend_rotation(backend, device: torch.device) -> torch.Tensor | None:
     """The ``[D, D]`` matrix a :class:`RotatingBackend` rotates by, on ``device``; ``None`` for any other backend."""
     return backend._rotation_on(device) if isinstance(backend, RotatingBackend) else None

@@ -53,7 +53,7 @@ from kvpolicy.ring_schedule import (
     copy_bookkeeping,
     schedule_for,
 )
-from kvpolicy.rotation import as_stored, backend_rotation, rotate, unwrap_rotation
+from kvpolicy.rotation import as_stored, backend_rotation, rotate, rotate_back, unwrap_rotation
 from kvpolicy.transfer import indices_to
 
 
@@ -84,14 +84,13 @@ class StaticAttention:
         key_rotation, value_rotation = layer.key_rotation, layer.value_rotation
         query = rotate(query, key_rotation)
         ring_keys, ring_values = rotate(layer.ring_keys, key_rotation), rotate(layer.ring_values, value_rotation)
-        back = None if value_rotation is None else value_rotation.T
         if query.is_cuda and layer.fused:
             from kvpolicy.executors.kernels import decode_attention
 
-            return rotate(decode_attention(
+            return rotate_back(decode_attention(
                 query, [(ring_keys, ring_values)], packed_keys, packed_values, scaling,
                 schedule.ring_bias, schedule.packed_bias if packed_keys is not None else None,
-            ), back)  # fmt: skip
+            ), value_rotation)  # fmt: skip
         kv_heads = ring_keys.shape[1]
         grouped = pa.group_queries(query, kv_heads)
         result = pa.partial(grouped, ring_keys, ring_values, scaling, schedule.ring_bias[:, None, None, :])
@@ -99,7 +98,7 @@ class StaticAttention:
             bias = schedule.packed_bias[:, None, None, :]
             part = pa.partial(grouped, packed_keys.dequantize(), packed_values.dequantize(), scaling, bias)
             result = pa.merge([result, part])
-        return rotate(pa.ungroup_output(result[0], hq, q).to(query.dtype), back)
+        return rotate_back(pa.ungroup_output(result[0], hq, q).to(query.dtype), value_rotation)
 
 
 STATIC_ATTENTION = StaticAttention()
@@ -133,10 +132,10 @@ def _write_block(dst: NativePacked, block, offset: int) -> None:
         dst.zero[:, :, offset : offset + n].copy_(block.zero)
 
 
-def _write_rows(dst, src, src_index: torch.Tensor, dst_index: torch.Tensor) -> None:
-    """Per-token packed rows ``src_index`` of ``src`` into rows ``dst_index`` of ``dst`` (int64, on
-    the device; either may be a rotated block, whose native codes are copied)."""
-    (_, dst), (_, src) = unwrap_rotation(dst), unwrap_rotation(src)
+def _write_rows(dst: NativePacked, src, src_index: torch.Tensor, dst_index: torch.Tensor) -> None:
+    """Per-token packed rows ``src_index`` of ``src`` (native, or a rotated block's native codes)
+    into rows ``dst_index`` of ``dst`` (int64, on the device)."""
+    _, src = unwrap_rotation(src)
     for name in ("codes", "scale", "zero"):
         getattr(dst, name).index_copy_(2, dst_index, getattr(src, name).index_select(2, src_index))
 
@@ -320,9 +319,10 @@ class StaticPolicyLayer(CacheLayerMixin):
             )
         self._free()
 
-    def _as_stored(self, packed: NativePacked, store):
+    @staticmethod
+    def _as_stored(packed: NativePacked, store):
         """Buffer codes handed back to ``store`` in its own form (rotated blocks for a rotating backend)."""
-        return as_stored(packed, self.key_rotation if store is self.eager.key_store else self.value_rotation)
+        return as_stored(packed, backend_rotation(store.backend, packed.codes.device))
 
     def _hand_back_held(self, ring: torch.Tensor, store, mirror) -> None:
         """``store`` takes the bookkeeping of the schedule's ``mirror`` and its full-precision

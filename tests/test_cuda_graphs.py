@@ -281,17 +281,21 @@ def _auto(model, name: str) -> StaticPolicyCache:
 
 
 def _snapshot(store):
-    return [getattr(store, f).clone() for f in ("fp_pos", "staging_pos", "packed_pos")], [
-        t if t is None else (t.clone() if isinstance(t, torch.Tensor) else t.codes.clone())
-        for t in (store.fp, store.staging, store.packed)
-    ]
+    """Positions, tensors (a packed block's native codes) and the kind of each region of ``store``."""
+    regions = (store.fp, store.staging, store.packed)
+    return (
+        [getattr(store, f).clone() for f in ("fp_pos", "staging_pos", "packed_pos")],
+        [t if t is None else (t.clone() if isinstance(t, torch.Tensor) else unwrap_rotation(t)[1].codes.clone())
+         for t in regions],
+        [type(t).__name__ for t in regions],
+    )  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["kivi", "partial_logquant"])
+@pytest.mark.parametrize("name", ["kivi", "partial_logquant", "logquant_rot"])
 def test_adopting_then_handing_back_restores_the_eager_stores(model, name):
     """adopt() then release() leaves every eager store as it was: positions, full-precision
     tokens and packed codes, bit for bit (for partial_logquant: values packed in the key order
-    or pending go back in the value store's order)."""
+    or pending go back in the value store's order; for logquant_rot: rotated blocks again)."""
     cache = _auto(model, name)
     with torch.no_grad():
         model(**_prompt(2, 301), **cache_kwargs(cache))
@@ -300,7 +304,8 @@ def test_adopting_then_handing_back_restores_the_eager_stores(model, name):
     assert all(layer.adopted and layer.eager.key_store.fp is None for layer in cache.layers)
     cache.release("")
     after = [_snapshot(s) for layer in cache.layers for s in (layer.eager.key_store, layer.eager.value_store)]
-    for (pos_a, data_a), (pos_b, data_b) in zip(before, after, strict=True):
+    for (pos_a, data_a, kinds_a), (pos_b, data_b, kinds_b) in zip(before, after, strict=True):
+        assert kinds_a == kinds_b
         assert all(torch.equal(a, b) for a, b in zip(pos_a, pos_b, strict=True))
         for a, b in zip(data_a, data_b, strict=True):
             assert (a is None and b is None) or torch.equal(a, b)

@@ -19,7 +19,7 @@ from kvpolicy.executors.base import allowed_columns
 from kvpolicy.executors.chunked import ChunkedExecutor
 from kvpolicy.executors.kernels import common, decode
 from kvpolicy.executors.kernels.common import fusable, gluon_available, power_of_two, triton_available
-from kvpolicy.rotation import rotate, unwrap_rotation
+from kvpolicy.rotation import rotate, rotate_back, unwrap_rotation
 
 KERNEL_CHOICES = ("auto", *decode.KERNEL_NAMES)
 
@@ -90,7 +90,7 @@ class FusedExecutor(ChunkedExecutor):
         value_rows = regions.value_rows_on(query.device)
         kernel = None if self.kernel == "auto" else self.kernel
         out = decode.decode_attention(query, full, keys, values, scaling, fp_bias, packed_bias, value_rows, kernel)
-        return rotate(out, None if value_rotation is None else value_rotation.T)
+        return rotate_back(out, value_rotation)
 
 
 @attrs.define
