@@ -40,10 +40,17 @@ def _cmd_show(args: argparse.Namespace) -> int:
     for override, layer_policy in zip(policy.config.layers, policy.overrides):
         b = layer_policy.budget()
         bits = "/".join(str(getattr(layer_policy.config, side).quant.bits) for side in ("keys", "values"))
+        chosen = (
+            list(override.at)
+            if override.within_bits is None
+            else f"the earliest within {override.within_bits:g} bits per element (--model names them)"
+        )
         print(
-            f"# layers {list(override.at)}: full-precision budget keys {b['keys']}, values {b['values']}; "
+            f"# layers {chosen}: full-precision budget keys {b['keys']}, values {b['values']}; "
             f"quantized keys/values at {bits} bits"
         )
+    if args.model:
+        _show_layers(policy, args)
     print(f"# executor on this machine: {policy.executor_summary()}")
     print(f"# decode steps on this machine: {policy.decode_summary()}")
     if any(getattr(policy.config, side).quant.rotate != "none" for side in ("keys", "values")):
@@ -58,6 +65,29 @@ def _cmd_show(args: argparse.Namespace) -> int:
             chosen = ", ".join(f"{k}={backend.option(quant, k)!r}" for k in backend.options)
             print(f"# {side}: backend {quant.backend} options {chosen}")
     return 0
+
+
+def _show_layers(policy, args: argparse.Namespace) -> None:
+    """Each layer the policy caches on ``args.model``: its keys' and values' quantization."""
+    from kvpolicy.layer_budget import layer_bits, mean_bits, served_layers
+    from kvpolicy.layers import model_layers, model_name
+    from kvpolicy.policy import layer_quant
+
+    args.dtype = "float32"
+    model, _ = _load_model(args)
+    specs = model_layers(model)
+    settled = policy.for_model(specs, model_name(model))
+    served = served_layers(settled, specs, model_name(model))
+    per_layer = {s.index: settled.for_layer(s.index, s.num_layers) for s in served}
+    print(f"# on {args.model}: {len(served)} of {len(specs)} layers cached by the policy")
+    for s in served:
+        sides = []
+        for side, dim in (("keys", s.head_dim), ("values", s.value_head_dim or s.head_dim)):
+            quant = layer_quant(getattr(per_layer[s.index].config, side).quant, dim, s.normalized_keys)
+            sides.append(f"{side} {quant.bits}-bit/{quant.axis} groups of {quant.group_size}/rotate {quant.rotate}")
+        print(f"#   layer {s.index}: {', '.join(sides)} ({layer_bits(per_layer[s.index], s):.3f} bits per element)")
+    if served:
+        print(f"# mean bits per quantized element: {mean_bits(per_layer, served):.3f}")
 
 
 #: what ``kvpolicy generate`` summarizes when given no prompt: long enough (about 700 tokens)
@@ -267,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="registered selectors, quantizers, executors and policies, with their plugins")
     show = sub.add_parser("show", help="print a policy as YAML")
     show.add_argument("policy", help="registered policy name or YAML path")
+    show.add_argument(
+        "--model",
+        help="also print each layer's quantization on this model (smollm2, gemma3-270m or a local folder): "
+        "the layers a budgeted `layers` entry takes, `rotate: auto` and `group_size: head` as they resolve",
+    )
     gen = sub.add_parser("generate", help="generate with an embedded model (SmolLM2-135M-Instruct) under a policy")
     gen.add_argument(
         "--model", default="smollm2", help="embedded model: smollm2 (default) or gemma3-270m (a base model)"

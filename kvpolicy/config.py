@@ -29,7 +29,20 @@ from kvpolicy.errors import ConfigError
 
 DEMOTE_MODES = ("quantize", "evict")
 AXES = ("channel", "token")
-ROTATIONS = ("none", "hadamard")
+ROTATIONS = ("none", "hadamard", "auto")
+#: ``group_size`` of per-token groups (``axis: token``) covering a token's whole head
+WHOLE_HEAD = "head"
+
+
+def _group_size(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value == WHOLE_HEAD:
+        if instance.axis != "token":
+            raise ConfigError(
+                "quant.group_size", value, "a positive integer (`head` groups a token's channels: axis token only)"
+            )
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError("quant.group_size", value, f"a positive integer, or `{WHOLE_HEAD}` with axis token")
 
 
 def _positive_int(field_name: str):
@@ -83,10 +96,13 @@ class QuantSpec:
     bits: int = attrs.field(
         default=2, validator=_positive_int("quant.bits"), metadata={"doc": "code width; native: 2, 4 or 8"}
     )
-    group_size: int = attrs.field(
+    group_size: int | str = attrs.field(
         default=64,
-        validator=_positive_int("quant.group_size"),
-        metadata={"doc": "elements sharing one scale and zero; must divide head_dim when axis is token"},
+        validator=_group_size,
+        metadata={
+            "doc": "elements sharing one scale and zero; must divide head_dim when axis is token, where `head` "
+            "makes one group of a token's whole head (head_dim channels, whatever the model's)"
+        },
     )
     axis: str = attrs.field(
         default="token",
@@ -104,9 +120,19 @@ class QuantSpec:
             "doc": "`hadamard`: quantize tokens rotated by an orthonormal randomized Hadamard transform over "
             "head_dim (a power of two), rotated back when read; spreads outlier channels. Decode steps (eager or "
             "replayed from a CUDA graph) read the rotated codes in the fused kernels: the step rotates the query and "
-            "rotates the output back"
+            "rotates the output back. `auto`: `hadamard`, except on layers that normalize keys per head (QK-norm, "
+            "e.g. Gemma 3, Qwen 3) or whose head_dim is not a power of two, which stay unrotated"
         },
     )
+
+    def group_for(self, head_dim: int) -> int:
+        """``group_size`` on a head of ``head_dim`` channels (``head`` resolved)."""
+        return head_dim if self.group_size == WHOLE_HEAD else self.group_size
+
+    def bits_per_element(self, head_dim: int, scale_bits: int = 16) -> float:
+        """Bits a quantized element costs on a head of ``head_dim``: its code plus its share of
+        its group's scale and zero (each ``scale_bits`` wide)."""
+        return self.bits + 2 * scale_bits / self.group_for(head_dim)
 
     @classmethod
     def from_dict(cls, data: dict, section: str = "quant") -> QuantSpec:
@@ -231,27 +257,53 @@ def _merged(base: dict, changes: dict) -> dict:
     return out
 
 
+#: the key of a ``layers`` entry's ``at`` mapping that fills layers under a bit budget
+EARLIEST_WITHIN_BITS = "earliest_within_bits"
+
+
 @attrs.frozen
 class LayerOverride:
     """Keys/values settings for chosen layers, over the policy's own (per-layer precision).
 
     ``at``: layer indices, negative ones counted from the last layer (``[0, 1, -2, -1]``: the
-    first and last two). ``keys``/``values``: the fields that change, e.g.
-    ``{quant: {bits: 4}}`` or ``{retain: [{type: all}]}`` (16-bit); ``quant`` merges field
-    by field, ``retain`` and ``demote`` replace."""
+    first and last two). ``within_bits``: instead of indices (``at: {earliest_within_bits: 3.0}``),
+    the earliest layers the policy serves, as many as keep its mean bits per quantized element
+    (keys and values, scales and zeros included) at most this; which layers that is depends on
+    the model and is settled by ``make_cache`` (:mod:`kvpolicy.layer_budget`).
+    ``keys``/``values``: the fields that change, e.g. ``{quant: {bits: 4}}`` or
+    ``{retain: [{type: all}]}`` (16-bit); ``quant`` merges field by field, ``retain`` and
+    ``demote`` replace."""
 
     at: tuple[int, ...] = attrs.field(converter=tuple)
     keys: dict = attrs.field(factory=dict)
     values: dict = attrs.field(factory=dict)
+    within_bits: float | None = None
 
     @classmethod
     def from_dict(cls, data: Any, section: str) -> LayerOverride:
+        if isinstance(data, dict) and "within_bits" in data:  # a field, written as ``at: {earliest_within_bits: ..}``
+            raise ConfigError(f"{section}.within_bits", data["within_bits"], "one of the keys at, keys, values")
         data = _reject_unknown_keys(section, data, cls)
-        at = data.get("at")
-        if isinstance(at, int) and not isinstance(at, bool):
+        at, within_bits = data.get("at"), None
+        if isinstance(at, dict):
+            if set(at) != {EARLIEST_WITHIN_BITS}:
+                raise ConfigError(
+                    f"{section}.at", at, f"layer indices, or {{{EARLIEST_WITHIN_BITS}: BITS}} (e.g. 3.0, kivi's mean)"
+                )
+            within_bits = at[EARLIEST_WITHIN_BITS]
+            if isinstance(within_bits, bool) or not isinstance(within_bits, (int, float)) or not within_bits > 0:
+                raise ConfigError(
+                    f"{section}.at.{EARLIEST_WITHIN_BITS}", within_bits, "a positive number of bits per element"
+                )
+            at = []
+        elif isinstance(at, int) and not isinstance(at, bool):
             at = [at]
-        if not isinstance(at, list) or not at or not all(isinstance(i, int) and not isinstance(i, bool) for i in at):
-            raise ConfigError(f"{section}.at", at, "a non-empty list of layer indices, e.g. [0, 1, -2, -1]")
+        elif not isinstance(at, list) or not at or not all(isinstance(i, int) and not isinstance(i, bool) for i in at):
+            raise ConfigError(
+                f"{section}.at",
+                at,
+                f"a non-empty list of layer indices, e.g. [0, 1, -2, -1], or {{{EARLIEST_WITHIN_BITS}: BITS}}",
+            )
         changes = {}
         for side in ("keys", "values"):
             value = data.get(side, {})
@@ -259,10 +311,11 @@ class LayerOverride:
             changes[side] = value
         if not changes["keys"] and not changes["values"]:
             raise ConfigError(section, data, "a 'keys' and/or 'values' section saying what changes on these layers")
-        return cls(at=at, **changes)
+        return cls(at=at, within_bits=None if within_bits is None else float(within_bits), **changes)
 
     def to_dict(self) -> dict:
-        out: dict = {"at": list(self.at)}
+        at = {EARLIEST_WITHIN_BITS: self.within_bits} if self.within_bits is not None else list(self.at)
+        out: dict = {"at": at}
         out.update({side: getattr(self, side) for side in ("keys", "values") if getattr(self, side)})
         return out
 
@@ -402,6 +455,11 @@ class PolicyConfig:
             if any(at % num_layers == layer for at in override.at):
                 found = i
         return found
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether a ``layers`` entry picks its layers by a bit budget (settled per model)."""
+        return any(override.within_bits is not None for override in self.layers)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -18,6 +18,7 @@ refused with the model type and the type named, never cached as if it were full 
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, ClassVar
 
 import attrs
@@ -48,6 +49,9 @@ class LayerSpec:
     num_layers: int = 1
     #: the values' head size (``None``: the keys', ``head_dim``)
     value_head_dim: int | None = None
+    #: whether the layer normalizes keys per head before caching them (QK-norm, a ``k_norm``
+    #: module: Gemma 3, Qwen 3, OLMo 2), which ``rotate: auto`` leaves unrotated
+    normalized_keys: bool = False
 
 
 class LayerFactory:
@@ -71,7 +75,7 @@ class PolicyLayers(LayerFactory):
 
     def build(self, policy: Policy, spec: LayerSpec, model_config=None) -> CacheLayerMixin:
         return policy.for_layer(spec.index, spec.num_layers).new_layer(
-            spec.head_dim, model_config, value_head_dim=spec.value_head_dim
+            spec.head_dim, model_config, value_head_dim=spec.value_head_dim, normalized_keys=spec.normalized_keys
         )
 
 
@@ -115,6 +119,18 @@ def layer_types(model_config) -> list[str]:
 def model_name(model) -> str:
     """``ClassName (model_type)``, how refusals name a model."""
     return f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')})"
+
+
+#: a decoder layer's key norm, as transformers names it (``model.layers.5.self_attn.k_norm``)
+_KEY_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.[^.]+\.k_norm$")
+
+
+def normalized_key_layers(model) -> set[int]:
+    """Indices of the decoder layers that normalize keys per head (own a ``k_norm`` module)."""
+    named = getattr(model, "named_modules", None)
+    if named is None:
+        return set()
+    return {int(m.group(1)) for name, _ in named() if (m := _KEY_NORM.search(name))}
 
 
 def model_layers(model) -> list[LayerSpec]:
@@ -163,11 +179,14 @@ def model_layers(model) -> list[LayerSpec]:
         "chunked_attention": getattr(text, "attention_chunk_size", None),
     }
     specs = []
+    normalized = normalized_key_layers(model)
     for index, kind in enumerate(types):
         window = windows.get(kind)
         if kind in windows and not window:
             raise UnsupportedModelError(f"{name}: layer {index} is {kind!r} but the config gives no window size")
-        specs.append(LayerSpec(index, kind, kv_heads, head_dim, window, num_layers, value_head_dim))
+        specs.append(
+            LayerSpec(index, kind, kv_heads, head_dim, window, num_layers, value_head_dim, index in normalized)
+        )
     return specs
 
 

@@ -28,7 +28,8 @@ STATE_COLORS = {UNSEEN: "#ffffff", FULL: "#1b7837", STAGED: "#a6dba0", QUANTIZED
 
 
 def _head_dim(policy: Policy) -> int:
-    sizes = [s.quant.group_size for s in (policy.config.keys, policy.config.values) if s.quant.axis == "token"]
+    sides = (policy.config.keys, policy.config.values)
+    sizes = [s.quant.group_size for s in sides if s.quant.axis == "token" and isinstance(s.quant.group_size, int)]
     return math.lcm(8, *sizes)
 
 

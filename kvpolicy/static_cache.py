@@ -620,7 +620,7 @@ def _eager_layers(policy, model, specs) -> list:
     """The policy's eager layer for each decoder layer (what the static layers wrap)."""
     return [
         policy.for_layer(spec.index, spec.num_layers).new_layer(
-            spec.head_dim, model.config, value_head_dim=spec.value_head_dim
+            spec.head_dim, model.config, value_head_dim=spec.value_head_dim, normalized_keys=spec.normalized_keys
         )
         for spec in specs
     ]

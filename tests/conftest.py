@@ -6,25 +6,26 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+#: the shape of the tiny random test models: head_dim 64 and GQA (2 query heads per KV head)
+TINY = dict(
+    vocab_size=256,
+    hidden_size=128,
+    intermediate_size=256,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=64,
+    max_position_embeddings=4096,
+    attn_implementation="sdpa",
+    pad_token_id=0,
+    eos_token_id=None,
+    bos_token_id=None,
+)
+
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, layers: int = 2) -> LlamaForCausalLM:
     """A randomly initialised Llama with head_dim 64 and GQA (2 query heads per KV head)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        max_position_embeddings=4096,
-        attn_implementation="sdpa",
-        pad_token_id=0,
-        eos_token_id=None,
-        bos_token_id=None,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    return LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **TINY)).to(dtype).eval()
 
 
 @pytest.fixture(scope="session")

@@ -49,6 +49,7 @@ def test_each_shipped_policy_is_one_yaml_file_of_its_plugin_package():
         "sink_kivi",
         "logquant",
         "logquant_rot",
+        "logquant_mixed",
         "partial_logquant",
         "streaming",
     }

@@ -22,7 +22,7 @@ from tests.conftest import tiny_llama
 from tests.test_cache import left_padded_batch
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-POLICIES = ["kivi", "logquant", "streaming", "sink_kivi", "full", "partial_logquant", "logquant_rot"]
+POLICIES = ["kivi", "logquant", "streaming", "sink_kivi", "full", "partial_logquant", "logquant_rot", "logquant_mixed"]
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +37,29 @@ def _generate(model, inputs, cache, n):
             output_logits=True, return_dict_in_generate=True,
         )  # fmt: skip
     return out.sequences, torch.stack(out.logits)
+
+
+def assert_same_but_for_bf16_ties(got, expected, tol: float = 2e-2) -> None:
+    """Two bf16 generations (``(sequences, logits [steps, batch, vocab])``) agree: each row's
+    logits match to ``tol`` until its tokens first differ, and they may differ only at a step
+    where the expected top two logits are within ``2 * tol`` of each other (summation order
+    in bf16 can flip a near tie; a random tiny model has many). Later steps read different
+    tokens and are not compared."""
+    steps = expected[1].shape[0]
+    new_got, new_expected = got[0][:, -steps:], expected[0][:, -steps:]
+    assert got[0].shape == expected[0].shape
+    assert torch.equal(got[0][:, :-steps], expected[0][:, :-steps])
+    for row in range(new_expected.shape[0]):
+        differ = (new_got[row] != new_expected[row]).nonzero()
+        until = int(differ[0]) if len(differ) else steps
+        ours, theirs = (
+            got[1][: until + (until < steps), row].float(),
+            expected[1][: until + (until < steps), row].float(),
+        )
+        torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+        if until < steps:
+            top2 = theirs[-1].topk(2).values
+            assert float(top2[0] - top2[1]) <= 2 * tol, f"row {row} differs at step {until}, not at a near tie"
 
 
 def _tolerance(layer: int) -> dict:
@@ -362,7 +385,9 @@ def test_other_caches_still_reach_the_models_own_forward(model):
 
 
 @cuda
-@pytest.mark.parametrize("name", ["kivi", "logquant", "streaming", "partial_logquant", "logquant_rot"])
+@pytest.mark.parametrize(
+    "name", ["kivi", "logquant", "streaming", "partial_logquant", "logquant_rot", "logquant_mixed"]
+)
 def test_replayed_steps_equal_eager_decoding_on_cuda(name):
     """The graph path (captured at the first decode step, replayed after) against the eager
     cache with the same kernels: the same tokens, logits to bf16 rounding."""
@@ -373,8 +398,7 @@ def test_replayed_steps_equal_eager_decoding_on_cuda(name):
     cache = policy.make_cache(gpu, cuda_graphs=True, max_cache_len=301 + n)
     got = _generate(gpu, inputs, cache, n)
     assert cache.decoding.graph is not None  # captured, then replayed
-    assert torch.equal(got[0], expected[0])
-    torch.testing.assert_close(got[1].float(), expected[1].float(), rtol=2e-2, atol=2e-2)
+    assert_same_but_for_bf16_ties(got, expected)
 
 
 @cuda

@@ -254,3 +254,50 @@ def test_spread_table_reads_every_sample_of_a_results_file():
     }  # fmt: skip
     table = spread_table(data)
     assert "| a | 0.100, 0.300 | 1/2 (" in table and "| b | 0.200, 0.400 | 0/2 (0.00–" in table
+    assert "recalled" not in table  # a run before the recall metric
+    for detail, recalled in zip(data["tasks"][1]["details"], (5, 3, 0, 1)):
+        detail.update(recalled=recalled, key_tokens=5)
+    table = spread_table(data)
+    assert "| a | 0.100, 0.300 | 1/2 (0.09–0.91) | 8/10 (" in table and "| 0/2 (0.00–0.66) | 1/10 (" in table
+
+
+def test_forced_recall_counts_the_key_tokens_a_full_forward_predicts():
+    """Feeding the key token by token on a cache scores what one forward over the whole
+    sequence predicts at the key's positions (the full-precision cache changes nothing)."""
+    from transformers import DynamicCache
+
+    from kvpolicy.evaluation.decoding import prefill
+    from kvpolicy.evaluation.passkey import answer_tokens, forced_recall
+
+    model, tokenizer = tiny_llama(layers=2), ByteTokenizer()
+    prompt = build_prompt(tokenizer, list(range(97, 123)) * 20, 256, 0.5, "60494")
+    ids = tokenizer(prompt)["input_ids"]
+    key_ids = answer_tokens(tokenizer, prompt, ids, "60494")
+    assert bytes(key_ids) == b" 60494"
+    prefix = len(ids) - 16
+    source, _ = prefill(model, ids[:prefix])
+    got = forced_recall(model, DynamicCache(config=model.config), source, prefix, ids[prefix:], key_ids)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + key_ids])).logits[0]
+    predicted = logits[len(ids) : len(ids) + len(key_ids) - 1].argmax(-1).tolist()
+    assert got == sum(p == t for p, t in zip(predicted, key_ids[1:]))
+
+
+def test_passkey_rows_count_recalled_key_tokens(run):
+    result, _, _ = run
+    passkey = {t.task: t for t in result.tasks}["passkey"]
+    for detail in passkey.details:
+        assert detail["key_tokens"] == 5 and 0 <= detail["recalled"] <= 5
+    for name, row in passkey.rows.items():
+        mine = [d for d in passkey.details if d["contender"] == name]
+        assert row["recall"] == sum(d["recalled"] for d in mine) / (5 * len(mine))
+
+
+def test_a_policy_its_bits_push_over_its_own_bit_budget_is_skipped_with_the_reason():
+    """`--bits 4` on logquant_mixed (a 3.0-bit budget for its 4-bit layers): the run goes on
+    without it and records why."""
+    model, tokenizer = tiny_llama(layers=2), ByteTokenizer()
+    contenders = resolve_contenders(["kivi", "logquant_mixed"], budget=32, bits=4)
+    result = evaluate(model, tokenizer, [Fidelity(length=96, decode_tokens=8)], contenders, progress=False)
+    assert [c["name"] for c in result.contenders] == ["kivi"]
+    assert "earliest_within_bits: got 3.0" in result.settings["skipped"]["logquant_mixed"]

@@ -16,7 +16,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
 
 from kvpolicy.cache import KVPolicyCache
-from kvpolicy.errors import MissingDependencyError
+from kvpolicy.errors import ConfigError, MissingDependencyError
 from kvpolicy.evaluation.matching import at_budget
 from kvpolicy.policy import Policy
 
@@ -38,7 +38,18 @@ class Contender:
 
 
 def policy_contender(policy: Policy, budget: int | None = None, bits: int | None = None) -> Contender:
-    return Contender(policy.name, policy.make_cache, policy, budget, bits)
+    def refuses(model: torch.nn.Module) -> str | None:
+        """A policy whose settings this model cannot take (a bit budget below its own bits
+        after ``--bits``): the error, so the run skips it and goes on."""
+        from kvpolicy.layers import model_layers, model_name
+
+        try:
+            policy.for_model(model_layers(model), model_name(model))
+        except ConfigError as err:
+            return str(err)
+        return None
+
+    return Contender(policy.name, policy.make_cache, policy, budget, bits, refuses)
 
 
 def hf_quantized_contender(bits: int = 2, residual_length: int = 128) -> Contender:

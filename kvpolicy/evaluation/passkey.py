@@ -5,6 +5,13 @@ the needle sentence is inserted at a sentence boundary at ``depth`` of the conte
 question and the answer are decoded one token at a time on the contender's cache, so the
 key has to be recovered from the compressed cache. Exact scoring: the key's digits appear
 in the first ``answer_tokens`` generated tokens.
+
+A base model may know where the key is and still answer in prose ("the pass key is the
+..."), so the task also scores retrieval without the answer's format: ``recall``, the
+share of the key's tokens after its first that the model predicts (top-1) when the key is
+fed to it token by token after the question (teacher forcing, on a fresh cache). Copying
+the rest of a 5-digit key needs the needle from the cache; guessing a digit is right one
+time in ten.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import attrs
 import torch
 
 from kvpolicy.evaluation.contenders import Contender
-from kvpolicy.evaluation.decoding import continue_on, prefill
+from kvpolicy.evaluation.decoding import continue_on, feed, ingest, prefill, step
 from kvpolicy.evaluation.task import Metric, Task, TaskResult, progress_bar
 from kvpolicy.evaluation.texts import prose_text
 
@@ -52,7 +59,8 @@ class Passkey(Task):
 
     def metrics(self) -> list[Metric]:
         per_length = [Metric(f"acc@{n}", f"passkey @{_k(n)}", True, ".2f") for n in self.lengths]
-        return [Metric("accuracy", "passkey accuracy", True, ".2f"), *per_length]
+        recall = Metric("recall", "passkey digits recalled (teacher-forced)", True, ".2f")
+        return [Metric("accuracy", "passkey accuracy", True, ".2f"), recall, *per_length]
 
     @torch.no_grad()
     def run(self, model, tokenizer, contenders: Sequence[Contender], progress: bool = True) -> TaskResult:
@@ -66,7 +74,9 @@ class Passkey(Task):
         for length in self.lengths:
             for depth in self.depths:
                 key = str(rng.randrange(10_000, 100_000))
-                ids = tokenizer(build_prompt(tokenizer, haystack, length, depth, key))["input_ids"]
+                prompt = build_prompt(tokenizer, haystack, length, depth, key)
+                ids = tokenizer(prompt)["input_ids"]
+                key_ids = answer_tokens(tokenizer, prompt, ids, key)
                 prefix = len(ids) - self.tail_tokens
                 source, _ = prefill(model, ids[:prefix])
                 for contender in contenders:
@@ -75,6 +85,7 @@ class Passkey(Task):
                         model, contender.make_cache(model), source, prefix, ids[prefix:], self.answer_tokens
                     )
                     answer = tokenizer.decode(out, skip_special_tokens=True)
+                    recalled = forced_recall(model, contender.make_cache(model), source, prefix, ids[prefix:], key_ids)
                     result.details.append(
                         {
                             "contender": contender.name,
@@ -84,18 +95,46 @@ class Passkey(Task):
                             "key": key,
                             "answer": answer,
                             "correct": key in answer,
+                            "recalled": recalled,
+                            "key_tokens": len(key_ids) - 1,
                         }
                     )
                     bar.update()
         bar.close()
         for contender in contenders:
             mine = [d for d in result.details if d["contender"] == contender.name]
-            row = {"accuracy": sum(d["correct"] for d in mine) / len(mine)}
+            row = {
+                "accuracy": sum(d["correct"] for d in mine) / len(mine),
+                "recall": sum(d["recalled"] for d in mine) / max(1, sum(d["key_tokens"] for d in mine)),
+            }
             for n in self.lengths:
                 at = [d["correct"] for d in mine if d["length"] == n]
                 row[f"acc@{n}"] = sum(at) / len(at)
             result.rows[contender.name] = row
         return result
+
+
+def answer_tokens(tokenizer, prompt: str, ids: list[int], key: str) -> list[int]:
+    """The tokens of `` KEY`` as they follow ``prompt`` (``ids``): the tail of the prompt
+    and the key tokenized together, so the key's tokens are the ones the model would write."""
+    joined = tokenizer(prompt + " " + key)["input_ids"]
+    if joined[: len(ids)] != ids or len(joined) - len(ids) < 2:
+        raise ValueError(f"the key {key!r} does not tokenize apart from the prompt's last token")
+    return joined[len(ids) :]
+
+
+@torch.no_grad()
+def forced_recall(model, cache, source, prefix: int, tail: list[int], key_ids: list[int]) -> int:
+    """How many of ``key_ids[1:]`` the model predicts (top-1) with the key fed token by token
+    after ``tail`` on ``cache`` (its first ``prefix`` tokens ingested from ``source``)."""
+    ingest(cache, source, prefix)
+    feed(model, cache, tail)
+    hits = 0
+    logits = step(model, cache, key_ids[0])
+    for token in key_ids[1:]:
+        hits += int(logits.argmax()) == token
+        logits = step(model, cache, token)
+    return hits
 
 
 def _k(n: int) -> str:

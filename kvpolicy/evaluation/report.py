@@ -16,6 +16,7 @@ SUMMARY_COLUMNS = [
     ("fidelity", "ppl"),
     ("fidelity", "attn_err"),
     ("passkey", "accuracy"),
+    ("passkey", "recall"),
     ("code", "exact_match"),
     ("code", "edit_sim"),
     ("humaneval", "pass@1"),
@@ -74,15 +75,19 @@ def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def spread_table(data: dict) -> str:
     """How far the samples separate the contenders, from a ``results.json`` dict: KL of each
-    fidelity document, passkey hits with their 95% Wilson interval, code edit similarity's
-    mean and standard deviation over samples."""
+    fidelity document, passkey hits with their 95% Wilson interval (and the key digits
+    recalled under teacher forcing, where the run scored them), code edit similarity's mean
+    and standard deviation over samples."""
     tasks = {t["task"]: t for t in data["tasks"]}
     names = [c["name"] for c in data["contenders"]]
     header = ["policy"]
+    recall = "passkey" in tasks and all("recalled" in d for d in tasks["passkey"]["details"])
     if "fidelity" in tasks:
         header.append("KL by document")
     if "passkey" in tasks:
         header.append("passkey hits (95% interval)")
+    if recall:
+        header.append("key digits recalled (95% interval)")
     if "code" in tasks:
         header.append("code edit similarity (mean ± sd)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -95,6 +100,11 @@ def spread_table(data: dict) -> str:
             found = [d["correct"] for d in tasks["passkey"]["details"] if d["contender"] == name]
             lo, hi = wilson_interval(sum(found), len(found))
             cells.append(f"{sum(found)}/{len(found)} ({lo:.2f}–{hi:.2f})")
+        if recall:
+            mine = [d for d in tasks["passkey"]["details"] if d["contender"] == name]
+            hits, total = sum(d["recalled"] for d in mine), sum(d["key_tokens"] for d in mine)
+            lo, hi = wilson_interval(hits, total)
+            cells.append(f"{hits}/{total} ({lo:.2f}–{hi:.2f})")
         if "code" in tasks:
             sims = [d["edit_sim"] for d in tasks["code"]["details"] if d["contender"] == name]
             mean = sum(sims) / len(sims) if sims else 0.0
