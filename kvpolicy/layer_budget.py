@@ -81,7 +81,8 @@ def settle_layers(policy: Policy, specs: Sequence[LayerSpec], model_name: str = 
         return policy
     config.check_layer_indices(len(specs))
     served = served_layers(policy, specs, model_name)
-    current = {s.index: policy.for_layer(s.index, s.num_layers) for s in served}
+    explicit = [config.override_of(s.index, s.num_layers) for s in served]
+    current = {s.index: policy if i is None else policy.overrides[i] for s, i in zip(served, explicit)}
     named = {at % len(specs) for override in config.layers for at in override.at}
     taken: set[int] = set()
     settled: list[LayerOverride] = []

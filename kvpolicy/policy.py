@@ -250,6 +250,13 @@ class Policy:
     def for_layer(self, layer: int, num_layers: int) -> Policy:
         """The policy on decoder layer ``layer`` of ``num_layers``: this one, or the one its
         ``layers`` section gives that layer."""
+        if self.config.budgeted:  # its budgeted entries' layers are not known before the model is
+            raise ConfigError(
+                "layers",
+                [o.to_dict()["at"] for o in self.config.layers],
+                "layer indices here: a policy with a bit-budgeted entry is settled for a model first "
+                "(policy.for_model(kvpolicy.layers.model_layers(model)); make_cache does it)",
+            )
         override = self.config.override_of(layer, num_layers)
         return self if override is None else self.overrides[override]
 

@@ -35,6 +35,23 @@ def test_show_prints_yaml_and_budget(capsys):
     assert "# decode steps on this machine: eager" in out  # no CUDA here, and keys and values differ
 
 
+@pytest.mark.parametrize(
+    ("model", "served", "four_bit", "rotate"),
+    [("smollm2", "30 of 30", 12, "hadamard"), ("gemma3-270m", "3 of 18", 2, "none")],
+)
+def test_show_with_a_model_names_each_layers_settings(capsys, model, served, four_bit, rotate):
+    """`kvpolicy show logquant_mixed --model M`: the layers its bit budget takes on M, the
+    rotation `auto` resolves to and the whole-head value groups, and the mean within 3.0."""
+    assert main(["show", "logquant_mixed", "--model", model]) == 0
+    out = capsys.readouterr().out
+    assert f"# on {model}: {served} layers cached by the policy" in out
+    layers = re.findall(r"^#   layer \d+: keys (\d)-bit/channel groups of (\d+)/rotate (\w+)", out, re.M)
+    assert [bits for bits, _, _ in layers] == ["4"] * four_bit + ["2"] * (len(layers) - four_bit)
+    assert {r for _, _, r in layers} == {rotate}
+    mean = float(re.search(r"mean bits per quantized element: ([\d.]+)", out).group(1))
+    assert 2.0 < mean <= 3.0
+
+
 def test_decode_summary_says_where_cuda_graphs_serve():
     """What ``make_cache(model)`` would do on a CUDA device, per policy (no device needed)."""
     from kvpolicy.executors.kernels import triton_available

@@ -13,7 +13,7 @@ from tests.test_smollm2 import real_text
 
 pytestmark = pytest.mark.model
 
-SHIPPED = ["full", "kivi", "sink_kivi", "logquant", "partial_logquant", "streaming"]
+SHIPPED = ["full", "kivi", "sink_kivi", "logquant", "partial_logquant", "streaming", "logquant_rot", "logquant_mixed"]
 NEW_TOKENS = 12
 
 

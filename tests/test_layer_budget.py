@@ -125,6 +125,16 @@ def test_the_settled_cache_holds_four_bit_keys_on_the_earliest_layers():
     assert report.total_bytes == sum(sum(layer.nbytes().values()) for layer in cache.layers)
 
 
+def test_an_unsettled_budgeted_policy_names_no_layer_s_settings():
+    """Which layers a budgeted entry takes depends on the model: asking before is an error, not
+    the base settings silently."""
+    policy = _policy(layers=[_budgeted(3.35)])
+    with pytest.raises(ConfigError, match="settled for a model first"):
+        policy.for_layer(0, 4)
+    settled = policy.for_model(model_layers(tiny_llama(layers=4)))
+    assert settled.for_layer(0, 4).config.keys.quant.bits == 4 and settled.for_layer(3, 4) is settled
+
+
 def test_a_budget_below_the_policys_own_bits_is_refused_naming_both():
     with pytest.raises(ConfigError, match=r"earliest_within_bits: got 2\.5.*at least 3\.000"):
         _policy(layers=[_budgeted(2.5)]).make_cache(tiny_llama(layers=2))

@@ -55,7 +55,9 @@ def test_full_policy_equals_dynamic_cache(smollm):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("name", ["kivi", "logquant", "partial_logquant", "streaming", "sink_kivi"])
+@pytest.mark.parametrize(
+    "name", ["kivi", "logquant", "partial_logquant", "streaming", "sink_kivi", "logquant_rot", "logquant_mixed"]
+)
 def test_every_policy_generates_and_compresses(smollm, name):
     model, tokenizer = smollm
     inputs = batch(tokenizer, [real_text(1500)])
