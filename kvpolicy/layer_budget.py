@@ -81,9 +81,8 @@ def settle_layers(policy: Policy, specs: Sequence[LayerSpec], model_name: str = 
         return policy
     config.check_layer_indices(len(specs))
     served = served_layers(policy, specs, model_name)
-    explicit = [config.override_of(s.index, s.num_layers) for s in served]
-    current = {s.index: policy if i is None else policy.overrides[i] for s, i in zip(served, explicit)}
-    named = {at % len(specs) for override in config.layers for at in override.at}
+    explicit = {s.index: config.override_of(s.index, s.num_layers) for s in served}
+    current = {index: policy if i is None else policy.overrides[i] for index, i in explicit.items()}
     taken: set[int] = set()
     settled: list[LayerOverride] = []
     for i, override in enumerate(config.layers):
@@ -100,7 +99,7 @@ def settle_layers(policy: Policy, specs: Sequence[LayerSpec], model_name: str = 
             )
         layers = []
         for s in served:
-            if s.index in named or s.index in taken:
+            if explicit[s.index] is not None or s.index in taken:
                 continue
             trial = {**current, s.index: policy.overrides[i]}
             if mean_bits(trial, served) > override.within_bits + 1e-9:

@@ -351,11 +351,13 @@ def layer_quant(quant: QuantSpec, head_dim: int, normalized_keys: bool = False) 
     ``none`` where the layer normalizes keys per head (QK-norm: a rotation spreads the few
     channels whose learned norm weights carry the keys' variation, measured 4-6x kivi's error
     on Gemma 3) or ``head_dim`` is not a power of two, else ``hadamard``."""
+    from kvpolicy.executors.kernels.common import power_of_two
+
     changes: dict = {}
     if quant.group_size != quant.group_for(head_dim):
         changes["group_size"] = quant.group_for(head_dim)
     if quant.rotate == "auto":
-        changes["rotate"] = "none" if normalized_keys or head_dim & (head_dim - 1) else "hadamard"
+        changes["rotate"] = "hadamard" if power_of_two(head_dim) and not normalized_keys else "none"
     return attrs.evolve(quant, **changes) if changes else quant
 
 

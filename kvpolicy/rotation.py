@@ -32,7 +32,9 @@ SEED = 0x5EED
 def hadamard(d: int, seed: int = SEED) -> torch.Tensor:
     """Orthonormal randomized Hadamard matrix ``[d, d]`` (float32): random signs on the rows
     of Sylvester's Hadamard matrix, scaled by ``1/sqrt(d)``. ``d`` must be a power of two."""
-    if d <= 0 or d & (d - 1):
+    from kvpolicy.executors.kernels.common import power_of_two
+
+    if not power_of_two(d):
         raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim (it is {d})")
     h = torch.ones(1, 1)
     while h.shape[0] < d:

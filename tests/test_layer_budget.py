@@ -227,10 +227,8 @@ def test_logquant_mixed_replays_on_cuda_as_it_decodes_eagerly_and_near_the_refer
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=head_dim, max_position_embeddings=4096, attn_implementation="sdpa",
-        pad_token_id=0, eos_token_id=None, bos_token_id=None,
-    )  # fmt: skip
+        **{**TINY, "hidden_size": 256, "num_attention_heads": 4, "head_dim": head_dim}, num_hidden_layers=3
+    )
     gpu = LlamaForCausalLM(config).to(torch.bfloat16).to("cuda").eval()
     policy = Policy.load("logquant_mixed")
     inputs = _prompt(2, 400, "cuda")
