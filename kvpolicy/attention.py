@@ -26,8 +26,12 @@ def tag(tensor: torch.Tensor, step, executor, on_attend=None) -> torch.Tensor:
     return alias
 
 
+@torch.compiler.disable  # host bookkeeping and data-dependent regions: run eagerly under torch.compile
 def kvpolicy_attention(module, query, key, value, attention_mask, **kwargs):
-    """transformers attention function: dispatch tagged steps to their executor, else SDPA."""
+    """transformers attention function: dispatch tagged steps to their executor, else SDPA.
+
+    Under ``torch.compile`` the model's own layers compile and this function (like the cache
+    layers' ``update``) runs eagerly between the compiled graphs."""
     tagged = getattr(key, _STEP_ATTRIBUTE, None)
     if kwargs.get("output_attentions"):
         from kvpolicy.errors import NotSupportedError
@@ -57,6 +61,15 @@ def kvpolicy_attention(module, query, key, value, attention_mask, **kwargs):
             f"{type(module).__name__} hands the attention other values than its cache returned (it transforms them "
             "after the cache, as differential attention splits them): a kvpolicy cache attends the values it stores, "
             "so it cannot serve this model; use DynamicCache"
+        )
+    if attention_mask is not None and attention_mask.is_floating_point() and not step.lossless:
+        from kvpolicy.errors import NotSupportedError
+
+        raise NotSupportedError(
+            f"{type(module).__name__} hands its attention an additive float mask (a position bias folded into the "
+            "mask, as ALiBi models such as Falcon-RW do); a kvpolicy policy that quantizes or evicts tokens reads "
+            "the mask as a boolean per cached position, so it would attend without that bias. Use the 'full' "
+            "policy or DynamicCache with this model"
         )
     mask = step.row_sinks.remap(attention_mask) if step.row_sinks is not None else attention_mask
     out = executor.attend(module, query, step, mask, **kwargs)

@@ -93,6 +93,7 @@ class KVPolicyLayer(CacheLayerMixin):
         self.value_head_dim = value_states.shape[3]
         self.is_initialized = True
 
+    @torch.compiler.disable  # the stores' bookkeeping runs eagerly under torch.compile
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store ``[B, H, q, D]`` keys/values; return them tagged for the ``"kvpolicy"`` attention."""
         if self._config is not None and not attention.is_attached(self._config):
@@ -117,6 +118,7 @@ class KVPolicyLayer(CacheLayerMixin):
             if prefill and self.sinks
             else None,
             aligned=self.aligned,
+            lossless=self.is_croppable,
         )
         self.key_store.append(key_states)
         self.value_store.append(value_states)
@@ -215,11 +217,16 @@ class KVPolicyLayer(CacheLayerMixin):
         raise NotSupportedError("offloading is not supported by kvpolicy caches")
 
     def nbytes(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+        """Bytes by region: both stores' and what the executor keeps between steps (rotation
+        matrices, shared between layers, are counted once by the cache)."""
+        out: dict[str, int] = {"executor": self.executor.nbytes()}
         for store in (self.key_store, self.value_store):
             for region, n in store.nbytes().items():
                 out[region] = out.get(region, 0) + n
         return out
+
+    def rotations(self) -> list[torch.Tensor]:
+        return self.key_store.rotations() + self.value_store.rotations()
 
 
 class KVPolicyCache(Cache):
@@ -253,13 +260,18 @@ class KVPolicyCache(Cache):
         by_region: dict[str, int] = {}
         baseline = 0
         dtype, demoted = None, False
+        rotations: dict[tuple, int] = {}  # one count per matrix, however many stores share it
         for layer in self.layers:
             for region, n in layer.nbytes().items():
                 by_region[region] = by_region.get(region, 0) + n
+            for matrix in getattr(layer, "rotations", list)():
+                rotations[(matrix.device, matrix.data_ptr())] = matrix.numel() * matrix.element_size()
             if layer.is_initialized:
                 (batch, heads, channels), dtype = _layer_geometry(layer)
                 baseline += batch * heads * channels * 2 * layer.held_tokens()
                 demoted = demoted or layer.demoted
+        if rotations:
+            by_region["rotation"] = sum(rotations.values())
         return MemoryReport(
             tokens=self.get_seq_length(),
             bytes_by_region=by_region,

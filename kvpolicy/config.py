@@ -73,7 +73,7 @@ def _reject_unknown_keys(section: str, data: Any, cls: type) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(section, data, "a mapping")
     known = {f.name for f in attrs.fields(cls)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known, key=lambda key: (not isinstance(key, str), str(key)))
     if unknown:
         raise ConfigError(f"{section}.{unknown[0]}", data[unknown[0]], f"one of the keys {', '.join(sorted(known))}")
     return data
@@ -407,6 +407,8 @@ class PolicyConfig:
             data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
         except yaml.YAMLError as err:
             raise ConfigError("yaml", str(source)[:80], f"valid YAML ({err})") from None
+        except RecursionError:
+            raise ConfigError("yaml", str(source)[:80], "YAML nested a few levels deep, as a policy is") from None
         return cls.from_dict(data)
 
     def to_dict(self) -> dict:
@@ -497,15 +499,38 @@ def _read_policy_file(path: Path) -> str:
     return read_text(path, "policy file", "YAML file", missing="an existing YAML file or a registered policy name")
 
 
+#: the largest integer a policy file may hold (no count or size of a cache comes near it)
+MAX_INT = 2**53
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping."""
+    """PyYAML's safe loader, refusing a key given twice in one mapping (merge keys, ``<<: *anchor``,
+    may still be overridden by the mapping's own keys), a key that is not a scalar, and integers
+    beyond :data:`MAX_INT`."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                line = key_node.start_mark.line + 1
+                raise ConfigError("yaml", f"a {key_node.id} as a key on line {line}", "plain (scalar) keys")
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 line = key_node.start_mark.line + 1
                 raise ConfigError("yaml", key, f"each key once per mapping (given again on line {line})")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        text = str(node.value)
+        if len(text.replace("_", "").lstrip("+-")) > 17:  # before Python converts a 5,000-digit string
+            raise ConfigError("yaml", text[:40] + ("..." if len(text) > 40 else ""), f"integers of at most {MAX_INT}")
+        value = super().construct_yaml_int(node)
+        if abs(value) > MAX_INT:
+            raise ConfigError("yaml", value, f"integers of at most {MAX_INT}")
+        return value
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)

@@ -121,12 +121,13 @@ def model_name(model) -> str:
     return f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')})"
 
 
-#: a decoder layer's key norm, as transformers names it (``model.layers.5.self_attn.k_norm``)
-_KEY_NORM = re.compile(r"(?:^|\.)layers\.(\d+)\.[^.]+\.k_norm$")
+#: a decoder layer's key norm under the names transformers gives it (``model.layers.5.self_attn.k_norm``;
+#: ``k_layernorm`` in StableLM and Persimmon, ``key_layernorm`` in HunYuan), the layer index first
+_KEY_NORM = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.[^.]+\.(?:k_norm|k_layernorm|key_layernorm|key_norm)$")
 
 
 def normalized_key_layers(model) -> set[int]:
-    """Indices of the decoder layers that normalize keys per head (own a ``k_norm`` module)."""
+    """Indices of the decoder layers that normalize keys per head (own a key-norm module)."""
     named = getattr(model, "named_modules", None)
     if named is None:
         return set()
@@ -136,7 +137,14 @@ def normalized_key_layers(model) -> set[int]:
 def model_layers(model) -> list[LayerSpec]:
     """One :class:`LayerSpec` per decoder layer of ``model``, or a refusal naming what is not
     served (cross-attention, latent attention, layers sharing another's cache)."""
-    config = model.config
+    from transformers import PretrainedConfig
+
+    config = getattr(model, "config", None)
+    if not isinstance(config, PretrainedConfig):
+        raise UnsupportedModelError(
+            f"expected a transformers model (a module with a transformers config, as from_pretrained returns), got "
+            f"{type(model).__name__}{' with config ' + type(config).__name__ if config is not None else ''}"
+        )
     text = text_config(config)
     name = model_name(model)
     if getattr(config, "is_encoder_decoder", False) or getattr(text, "add_cross_attention", False):

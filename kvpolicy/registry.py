@@ -1,25 +1,45 @@
 """The plugin registry: a pluggy PluginManager over :mod:`kvpolicy.hookspecs`.
 
-Built-ins register first, then every ``kvpolicy`` entry point. A plugin that fails to
-load (import error, name clash) is recorded in :attr:`Registry.load_errors` with a
+The plugins kvpolicy ships (:data:`DEFAULT_PLUGINS`: the core's built-ins and the
+LogQuant, KIVI and StreamingLLM plugin packages) register first, by module name, through the
+same hooks; then every ``kvpolicy`` entry point. What is registered first wins a name
+clash, so no third party can replace a shipped plugin or policy: an entry point that takes a
+shipped plugin's name, or registers a name already provided, is skipped with a warning naming
+the newcomer. A plugin that fails to load is recorded in :attr:`Registry.load_errors` with a
 warning naming it; the others still load.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.metadata
+import inspect
 import warnings
 from typing import Any
 
 import attrs
 import pluggy
 
-from kvpolicy import builtins, hookspecs
+from kvpolicy import hookspecs
 from kvpolicy.config import ExecutorSpec, PolicyConfig
 from kvpolicy.errors import ConfigError, UnknownNameError
 
 KINDS = ("selector", "quantizer", "executor", "layer", "policy")
+#: the plugins kvpolicy ships, ``{plugin name: module}``, registered in this order before any entry point
+DEFAULT_PLUGINS = {
+    "kvpolicy": "kvpolicy.builtins",
+    "kvpolicy_logquant": "kvpolicy_logquant.plugin",
+    "kvpolicy_kivi": "kvpolicy_kivi.plugin",
+    "kvpolicy_streaming": "kvpolicy_streaming.plugin",
+}
+#: what a registered class of each kind must provide (its contract's attributes and methods)
+_CONTRACTS = {
+    "selector": ("name", "budget", "keep"),
+    "quantizer": ("name", "supported_bits", "quantize", "concat"),
+    "executor": ("name", "attend"),
+    "layer": ("name", "serves", "build"),
+}
 _HOOKS = {
     "selector": "kvpolicy_selectors",
     "quantizer": "kvpolicy_quantizers",
@@ -36,20 +56,29 @@ class Registry:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.load_errors: dict[str, str] = {}
-        self.pm.register(builtins, name="kvpolicy")
+        for name, module in DEFAULT_PLUGINS.items():
+            self.pm.register(importlib.import_module(module), name=name)
         if load_entry_points:
             for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
-                if self.pm.has_plugin(ep.name):
-                    continue
-                try:
-                    self.pm.register(ep.load(), name=ep.name)
-                except Exception as err:  # a broken plugin must not break the others
-                    self._fail(ep.name, f"failed to load ({type(err).__name__}: {err})")
+                self._load_entry_point(ep)
         for name, plugin in (plugins or {}).items():
             self.pm.register(plugin, name=name)
         self._check_hook_names()
         self._entries: dict[str, dict[str, tuple[Any, str]]] = {kind: {} for kind in KINDS}
         self._collect()
+
+    def _load_entry_point(self, ep: importlib.metadata.EntryPoint) -> None:
+        if ep.value in DEFAULT_PLUGINS.values():  # a shipped plugin's own entry point (an older install)
+            return
+        source = f"{ep.value}, from {ep.dist.name if ep.dist else 'an unknown distribution'}"
+        if self.pm.has_plugin(ep.name):
+            shipped = "a plugin kvpolicy ships" if ep.name in DEFAULT_PLUGINS else "a plugin already loaded"
+            self._fail(f"{ep.name} ({source})", f"takes the name of {shipped}; skipped")
+            return
+        try:
+            self.pm.register(ep.load(), name=ep.name)
+        except Exception as err:  # a broken plugin must not break the others
+            self._fail(ep.name, f"failed to load ({type(err).__name__}: {err}; {source})")
 
     def _check_hook_names(self) -> None:
         """A hook implementation whose name matches no hook (``kvpolicy_selector`` for
@@ -68,14 +97,20 @@ class Registry:
         warnings.warn(f"kvpolicy plugin {plugin!r} {message}", RuntimeWarning, stacklevel=3)
 
     def _collect(self) -> None:
+        order = {name: i for i, (name, _) in enumerate(self.pm.list_name_plugin())}
         for kind, hook_name in _HOOKS.items():
             hook = getattr(self.pm.hook, hook_name)
-            # get_hookimpls() lists in registration order, so built-ins win name clashes
-            for impl in hook.get_hookimpls():
+            # in registration order, so the shipped plugins win name clashes (pluggy's own
+            # order puts an implementation marked trylast first)
+            for impl in sorted(hook.get_hookimpls(), key=lambda impl: order[impl.plugin_name]):
                 plugin = impl.plugin_name
                 try:
                     items = impl.function() or []
                     for item in items:
+                        broken = _breaks_contract(kind, item)
+                        if broken:
+                            self._fail(plugin, f"registers a {kind} that {broken}; skipped")
+                            continue
                         name = _name_of(kind, item)
                         if name in self._entries[kind]:
                             other = self._entries[kind][name][1]
@@ -139,6 +174,25 @@ def parameter_names(cls: type) -> list[str]:
     if not attrs.has(cls):
         return []
     return [f.name for f in attrs.fields(cls) if f.init and not f.name.startswith("_")]
+
+
+def _breaks_contract(kind: str, item: Any) -> str | None:
+    """How ``item`` fails the contract of ``kind`` (in words), or ``None``."""
+    if kind == "policy":
+        if isinstance(item, PolicyConfig) or (isinstance(item, dict) and isinstance(item.get("name"), str)):
+            return None
+        return f"is neither a PolicyConfig nor a mapping with a name ({type(item).__name__})"
+    if not isinstance(item, type):
+        return f"is not a class ({type(item).__name__} {item!r:.60})"
+    missing = [attribute for attribute in _CONTRACTS[kind] if not hasattr(item, attribute)]
+    if missing:
+        return f"does not implement the {kind} contract: {item.__name__} has no {', '.join(missing)}"
+    if inspect.isabstract(item):
+        abstract = ", ".join(sorted(item.__abstractmethods__))
+        return f"does not implement the {kind} contract: {item.__name__} leaves {abstract} abstract"
+    if not isinstance(item.name, str) or not item.name:
+        return f"has no name: {item.__name__}.name is {item.name!r}"
+    return None
 
 
 def _name_of(kind: str, item: Any) -> str:

@@ -25,6 +25,9 @@ class _Counted:
 
     num_tokens: int
 
+    def nbytes(self) -> dict[str, int]:
+        return {"codes": 0, "scales": 0}
+
 
 class _CountingBackend:
     """A quantizer backend that only counts (the schedule needs positions, not values)."""
@@ -67,7 +70,22 @@ class RingSchedule:
 
     #: packed tokens a schedule without ``max_cache_len`` makes room for beyond the prompt's
     #: (at least; an eighth of the length for a long one) before its first growth
-    headroom = 1024
+    headroom = 256
+
+    def sides(self) -> tuple[TensorStore, ...]:
+        """The mirrored stores this schedule keeps the bookkeeping of (keys, or keys and values)."""
+        return (self.store,)
+
+    @property
+    def demoted(self) -> bool:
+        """Whether either side quantized or evicted a token yet (what the eager stores would say)."""
+        return any(side.demoted for side in self.sides())
+
+    def nbytes(self) -> int:
+        """Bytes of the bookkeeping: the biases and slot index on the device, the mirrors' positions."""
+        tensors = (self.slot_index, self.ring_bias, self.packed_bias)
+        own = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return own + sum(sum(side.nbytes().values()) for side in self.sides())
 
     def __init__(self, store: TensorStore, slots: int, max_cache_len: int | None):
         self.store = _counting_mirror(store)
@@ -222,6 +240,9 @@ class PairedRingSchedule(RingSchedule):
         #: positions in a slot whose value is packed (in a pending row) and key is not
         self.pending: set[int] = set()
 
+    def sides(self) -> tuple[TensorStore, ...]:
+        return (self.store, self.value_store)
+
     def held_positions(self) -> list[int]:
         """Positions in a ring slot (either side not packed), in slot order at adoption."""
         sides = (self.store, self.value_store)
@@ -330,10 +351,15 @@ def schedule_for(keys: TensorStore, values: TensorStore, max_cache_len: int | No
     """The schedule of a layer whose stores are ``keys`` and ``values``, with its ring size:
     the most full-precision tokens the policy holds plus a packing block being staged and the
     next token (and, for keys and values retained differently, both sides' budgets and
-    blocks: a slot per position either side of which is not packed)."""
+    blocks: a slot per position either side of which is not packed), never more than a
+    declared ``max_cache_len`` can use."""
     budget = keys.unbound_selector.budget
     if not aligned(keys, values):
         slots = budget + values.unbound_selector.budget + keys.block + values.block + 1
+    else:
+        slots = budget + keys.block + 1 if budget is not None else max_cache_len + 1
+    if max_cache_len is not None:
+        slots = min(slots, max_cache_len + 1)
+    if not aligned(keys, values):
         return PairedRingSchedule(keys, values, slots, max_cache_len)
-    slots = budget + keys.block + 1 if budget is not None else max_cache_len + 1
     return RingSchedule(keys, slots, max_cache_len)

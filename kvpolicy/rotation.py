@@ -17,6 +17,7 @@ output is rotated back once (``softmax(.) VR R^T = softmax(.) V``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import attrs
@@ -29,9 +30,12 @@ from kvpolicy.quantizers import Packed, QuantizerBackend
 SEED = 0x5EED
 
 
+@functools.cache
 def hadamard(d: int, seed: int = SEED) -> torch.Tensor:
     """Orthonormal randomized Hadamard matrix ``[d, d]`` (float32): random signs on the rows
-    of Sylvester's Hadamard matrix, scaled by ``1/sqrt(d)``. ``d`` must be a power of two."""
+    of Sylvester's Hadamard matrix, scaled by ``1/sqrt(d)``. ``d`` must be a power of two.
+    Made once per ``(d, seed)``: every store rotating by it shares the one matrix (never
+    written to), so a cache holds one copy, not one per layer."""
     from kvpolicy.executors.kernels.common import power_of_two
 
     if not power_of_two(d):
@@ -95,6 +99,10 @@ class RotatingBackend(QuantizerBackend):
         self.supported_bits = backend.supported_bits
         self.options = backend.options
         self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def matrices(self) -> list[torch.Tensor]:
+        """Every copy of the matrix this backend keeps (the original and one per device used)."""
+        return [self.rotation, *self._on_device.values()]
 
     def _rotation_on(self, device: torch.device) -> torch.Tensor:
         if device not in self._on_device:

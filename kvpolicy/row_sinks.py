@@ -6,12 +6,19 @@ padding for every row but the longest. After the prefill, the cache writes row `
 sink slots, and each later step's attention mask is rewritten to match:
 
 * slots ``0 .. m_b-1`` are visible to row ``b`` (they hold its sinks);
-* slots ``m_b .. n-1`` are hidden (nothing of row ``b`` there);
+* the prefill's other slots, ``m_b .. min(n, q)-1`` (``q``: the prefill's width), are hidden
+  (padding of row ``b``, or its tokens already copied into a slot); a slot past the prefill
+  (``q .. n-1``, when the prompt is narrower than the sinks) holds a token that every row
+  decoded itself and stays visible;
 * the tokens copied into the slots stay stored at their own positions too (quantized or
   evicted when the selector drops them); positions ``max(n, pad_b) .. pad_b+m_b-1`` are
   hidden from row ``b`` so that no token is seen twice.
 
-Unpadded rows (``pad_b = 0``) are left exactly as they are. Every executor reads the mask
+Unpadded rows (``pad_b = 0``) are left exactly as they are. When the prompt is narrower than
+the sinks (``q < n``), a padded row keeps as sinks its ``m_b`` prompt tokens and the decoded
+tokens at positions ``q .. n-1``: ``n - (q - m_b)`` tokens, its padding fewer than the same
+prompt alone keeps once the policy starts demoting (until then every token is attended, as
+with a ``DynamicCache``). Every executor reads the mask
 through the same positions, so this works for all of them.
 """
 
@@ -28,11 +35,13 @@ from kvpolicy.transfer import to_device
 
 @attrs.frozen
 class RowSinks:
-    """Per-row sink placement: ``pad`` and ``count`` are int64 CPU tensors ``[B]``."""
+    """Per-row sink placement: ``pad`` and ``count`` are int64 CPU tensors ``[B]``; ``width``: the
+    prefill's length ``q``."""
 
     size: int
     pad: torch.Tensor
     count: torch.Tensor
+    width: int
 
     @classmethod
     def from_prefill_mask(cls, attention_mask: torch.Tensor, size: int) -> RowSinks | None:
@@ -42,7 +51,7 @@ class RowSinks:
         pad = torch.where(last_row.any(-1), last_row.to(torch.int64).argmax(-1), torch.full((len(last_row),), q))
         if not bool((pad > 0).any()):
             return None
-        return cls(size=size, pad=pad, count=(q - pad).clamp(min=0, max=size))
+        return cls(size=size, pad=pad, count=(q - pad).clamp(min=0, max=size), width=q)
 
     def place(self, store: TensorStore, prefill: torch.Tensor) -> None:
         """Write each padded row's first real tokens of ``prefill`` ``[B, H, q, D]`` (positions
@@ -72,7 +81,8 @@ class RowSinks:
         cols = torch.arange(width)[None, :]
         pad, count = self.pad[:, None], self.count[:, None]
         show = cols < count
-        hide = ((cols >= count) & (cols < self.size)) | ((cols >= pad.clamp(min=self.size)) & (cols < pad + count))
+        prefill_slots = min(self.size, self.width)
+        hide = ((cols >= count) & (cols < prefill_slots)) | ((cols >= pad.clamp(min=self.size)) & (cols < pad + count))
         override = (pad > 0) & (show | hide)  # [B, width]
         device = attention_mask.device
         head = attention_mask[..., :width].expand(len(pad), *attention_mask.shape[1:-1], width)
@@ -82,4 +92,4 @@ class RowSinks:
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> RowSinks:
         """The same rows after a beam reorder or batch selection (``fn`` acts on dim 0)."""
-        return RowSinks(self.size, fn(self.pad[:, None])[:, 0].cpu(), fn(self.count[:, None])[:, 0].cpu())
+        return RowSinks(self.size, fn(self.pad[:, None])[:, 0].cpu(), fn(self.count[:, None])[:, 0].cpu(), self.width)

@@ -41,7 +41,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from kvpolicy import attention
 from kvpolicy.backends.native import NativePacked
-from kvpolicy.cache import KVPolicyCache
+from kvpolicy.cache import KVPolicyCache, MemoryReport
 from kvpolicy.cuda_graphs import stores_refusal
 from kvpolicy.errors import ConfigError, NotSupportedError
 from kvpolicy.executors import partial as pa
@@ -59,11 +59,13 @@ from kvpolicy.transfer import indices_to
 
 @attrs.frozen
 class StaticStep:
-    """What a static layer hands its attention (``row_sinks``/``after_prefill``: never used)."""
+    """What a static layer hands its attention (``row_sinks``/``after_prefill``: never used; the
+    policies it serves demote, so never ``lossless``)."""
 
     layer: StaticPolicyLayer
     row_sinks: None = None
     after_prefill: None = None
+    lossless: bool = False
 
 
 class StaticAttention:
@@ -184,6 +186,7 @@ class StaticPolicyLayer(CacheLayerMixin):
 
     # -- steps ----------------------------------------------------------------------------
 
+    @torch.compiler.disable
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """A multi-token step through the eager layer; a decode step (one token) into the ring."""
         if not self.adopted:
@@ -440,10 +443,10 @@ class StaticPolicyLayer(CacheLayerMixin):
 
     @property
     def demoted(self) -> bool:
-        if not self.adopted:
-            return self.eager.demoted
-        store = self.schedule.store
-        return bool(len(store.packed_pos) or len(store.staging_pos) or store.evicted)
+        return self.schedule.demoted if self.adopted else self.eager.demoted
+
+    def rotations(self) -> list[torch.Tensor]:
+        return self.eager.rotations()
 
     @property
     def shape(self):
@@ -461,7 +464,8 @@ class StaticPolicyLayer(CacheLayerMixin):
         """Bytes the buffers hold (allocated whole: the ring and the packed capacity)."""
         if not self.adopted:
             return self.eager.nbytes()
-        out = {"full_precision": sum(t.numel() * t.element_size() for t in (self.ring_keys, self.ring_values))}
+        out = self.eager.nbytes()  # after adoption its stores' positions and its executor's memos
+        out["full_precision"] += sum(t.numel() * t.element_size() for t in (self.ring_keys, self.ring_values))
         for packed in (self.packed_keys, self.packed_values, self.pending_values):
             if packed is not None:
                 for region, n in packed.nbytes().items():
@@ -592,6 +596,15 @@ class StaticPolicyCache(KVPolicyCache):
             for layer in layers:
                 layer.pack(booking)
             schedule.commit(booking)
+
+    def memory(self) -> MemoryReport:
+        """:meth:`KVPolicyCache.memory`, plus the bookkeeping each schedule keeps for its layers
+        (biases, slot index and positions: counted once per schedule)."""
+        report = super().memory()
+        bookkeeping = sum(schedule.nbytes() for schedule, _ in self.schedules) if self.adopted else 0
+        if not bookkeeping:
+            return report
+        return attrs.evolve(report, bytes_by_region={**report.bytes_by_region, "bookkeeping": bookkeeping})
 
     def reset(self) -> None:
         super().reset()

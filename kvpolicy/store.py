@@ -233,6 +233,12 @@ class TensorStore:
         self.fp_pos = self.fp_pos[keep]
         self.fp = None if self.fp is None or not len(self.fp_pos) else self.fp[:, :, : len(self.fp_pos)]
 
+    def rotations(self) -> list[torch.Tensor]:
+        """The rotation matrices this store's backend keeps (shared between stores: counted once
+        per cache by :meth:`~kvpolicy.cache.KVPolicyCache.memory`)."""
+        matrices = getattr(self.backend, "matrices", None)
+        return matrices() if matrices is not None else []
+
     def nbytes(self) -> dict[str, int]:
         """True bytes held by this store's tensors, by region."""
         packed = self.packed.nbytes() if self.packed is not None else {"codes": 0, "scales": 0}

@@ -11,7 +11,10 @@ DynamicCache, then with each of :data:`POLICIES` through ``make_cache``. Outcome
 * ``not built``: the config class does not build small with these settings, or DynamicCache
   itself fails on it (the reason is recorded); nothing was asked of kvpolicy.
 
-``python -m tests.family_sweep [model_type ...]`` prints one JSON line per family. The test
+:data:`VARIANTS` adds the configurations a family's defaults skip (ALiBi, parallel attention,
+biases, QK-norm under other names), each under its own name.
+
+``python -m tests.family_sweep [name ...]`` prints one JSON line per family or variant. The test
 runs it in a subprocess whose address space is capped, since a family whose config
 ignores the small settings could otherwise take the machine's memory.
 """
@@ -34,6 +37,16 @@ SMALL = dict(
     sliding_window_pattern=2, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
     v_head_dim=8, n_group=1, topk_group=1, pad_token_id=0, bos_token_id=1, eos_token_id=None,
 )  # fmt: skip
+#: name -> (model_type, config attributes set on top of SMALL): what the defaults do not build
+VARIANTS = {
+    "falcon+alibi": ("falcon", {"alibi": True}),
+    "falcon+parallel_attn+bias": ("falcon", {"parallel_attn": True, "bias": True, "new_decoder_architecture": False}),
+    "stablelm+qk_layernorm": ("stablelm", {"qk_layernorm": True}),
+    "persimmon+qk_layernorm": ("persimmon", {"qk_layernorm": True}),
+    "phi+qk_layernorm": ("phi", {"qk_layernorm": True}),
+    "llama+attention_bias": ("llama", {"attention_bias": True}),
+    "qwen2+sliding_window": ("qwen2", {"use_sliding_window": True, "max_window_layers": 1}),
+}
 MEMORY_CAP = 10 << 30
 SECONDS_PER_FAMILY = 60
 
@@ -48,7 +61,12 @@ def families() -> list[tuple[str, str]]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items())
 
 
-def build(model_type: str, class_name: str):
+def names() -> list[str]:
+    """Every family's ``model_type``, then every variant's name."""
+    return [name for name, _ in families()] + list(VARIANTS)
+
+
+def build(model_type: str, class_name: str, overrides: dict | None = None):
     import torch
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -62,7 +80,7 @@ def build(model_type: str, class_name: str):
     }
     model_class = getattr(transformers, class_name)
     for attention in ("sdpa", "eager"):  # eager where a family has no SDPA path
-        config = config_class(**settable)
+        config = config_class(**settable, **(overrides or {}))
         config._attn_implementation = attention
         torch.manual_seed(0)
         try:
@@ -73,15 +91,16 @@ def build(model_type: str, class_name: str):
     raise AssertionError("unreachable")
 
 
-def one_family(model_type: str, class_name: str) -> dict:
+def one_family(name: str, class_name: str, overrides: dict | None = None) -> dict:
     import torch
 
     from kvpolicy import KVPolicyError, load_policy
     from kvpolicy.generation import cache_kwargs
 
-    row = {"family": model_type}
+    row = {"family": name}
+    model_type = VARIANTS[name][0] if name in VARIANTS else name
     try:
-        model = build(model_type, class_name)
+        model = build(model_type, class_name, overrides)
         ids = torch.randint(2, 100, (1, 12), generator=torch.Generator().manual_seed(0))
         common = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
         with torch.no_grad():
@@ -119,14 +138,17 @@ def main(argv: list[str]) -> int:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    for model_type, class_name in families():
-        if argv and model_type not in argv:
+    classes = dict(families())
+    runs = [(name, classes[name], None) for name in classes]
+    runs += [(name, classes[model_type], overrides) for name, (model_type, overrides) in VARIANTS.items()]
+    for name, class_name, overrides in runs:
+        if argv and name not in argv:
             continue
         signal.alarm(SECONDS_PER_FAMILY)
         try:
-            row = one_family(model_type, class_name)
+            row = one_family(name, class_name, overrides)
         except _Timeout as err:
-            row = {"family": model_type, "outcome": "not built", "detail": str(err)}
+            row = {"family": name, "outcome": "not built", "detail": str(err)}
         finally:
             signal.alarm(0)
         print(json.dumps(row), flush=True)

@@ -184,3 +184,82 @@ def test_output_attentions_is_refused_not_answered_empty():
     model.set_attn_implementation("eager")  # what the message says: attentions come back
     out = model.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
     assert out.attentions[0][0].shape == (1, 2, 12, 12)
+
+
+SINK_64 = {
+    "name": "sink64",
+    "keys": {"retain": [{"type": "sink", "size": 64}, {"type": "window", "size": 64}], "demote": "evict"},
+    "values": {"retain": [{"type": "sink", "size": 64}, {"type": "window", "size": 64}], "demote": "evict"},
+}
+
+
+@pytest.mark.parametrize(
+    "policy, lengths",
+    [("streaming", [3, 1]), ("sink_kivi", [3, 1]), ("streaming", [2, 5, 1]), (SINK_64, [50, 20]), (SINK_64, [63, 1])],
+)
+def test_sink_policies_equal_dynamic_cache_on_padded_prompts_shorter_than_the_sinks(model, policy, lengths):
+    """Prompts narrower than the sink size: a padded row's own decode tokens fill sink positions
+    and must stay visible (nothing is evicted or quantized within these lengths)."""
+    policy = kvpolicy.Policy.from_dict(policy) if isinstance(policy, dict) else kvpolicy.load_policy(policy)
+    inputs = left_padded_batch(lengths, seed=3)
+    expected = greedy(
+        model, inputs, DynamicCache(config=model.config), n=20, output_logits=True, return_dict_in_generate=True
+    )
+    got = greedy(model, inputs, policy.make_cache(model), n=20, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, expected.sequences)
+    for mine, theirs in zip(got.logits, expected.logits):
+        torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def falcon_alibi():
+    """A Falcon-RW-shaped model: ALiBi folded into a float attention mask, parallel attention, biases."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    config = FalconConfig(
+        vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, alibi=True,
+        new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=True, attn_implementation="sdpa",
+    )  # fmt: skip
+    return FalconForCausalLM(config).eval()
+
+
+def test_full_equals_dynamic_cache_under_an_alibi_float_mask(falcon_alibi):
+    inputs = left_padded_batch([40, 20])
+    expected = greedy(falcon_alibi, inputs, DynamicCache(config=falcon_alibi.config), n=20)
+    assert torch.equal(
+        greedy(falcon_alibi, inputs, kvpolicy.load_policy("full").make_cache(falcon_alibi), n=20), expected
+    )
+
+
+@pytest.mark.parametrize("name", ["streaming", "kivi", "logquant", "sink_kivi", "partial_logquant"])
+def test_demoting_policies_refuse_an_alibi_float_mask_at_the_first_forward(falcon_alibi, name):
+    from kvpolicy.errors import NotSupportedError
+
+    cache = kvpolicy.load_policy(name).make_cache(falcon_alibi)
+    with pytest.raises(NotSupportedError, match="float mask"):
+        greedy(falcon_alibi, left_padded_batch([40, 20]), cache, n=2)
+
+
+@pytest.mark.parametrize("name", ["full", "kivi", "partial_logquant"])
+def test_a_compiled_model_decodes_with_a_kvpolicy_cache_as_the_eager_model_does(name):
+    """``torch.compile`` (aot_eager on a CPU) compiles the model's layers and runs the cache's
+    bookkeeping and attention eagerly between them: the same logits as without compiling."""
+    import torch._dynamo
+
+    model = tiny_llama(layers=2)
+    ids = torch.randint(1, 256, (1, 150), generator=torch.Generator().manual_seed(4))
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True)
+    logits = []
+    try:
+        for forward in (model, compiled):
+            cache, steps = kvpolicy.load_policy(name).make_cache(model), []
+            with torch.no_grad():
+                out = forward(ids, cache=cache, use_cache=True)
+                for _ in range(6):
+                    steps.append(out.logits[:, -1])
+                    out = forward(out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+            logits.append(torch.stack(steps))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)

@@ -45,7 +45,6 @@ def test_each_shipped_policy_is_one_yaml_file_of_its_plugin_package():
     shipped = {
         "full",
         "kivi",
-        "kivi_per_token",
         "sink_kivi",
         "logquant",
         "logquant_rot",
@@ -171,3 +170,25 @@ def test_a_side_that_never_demotes_needs_no_quantizer_setting_that_fits_the_mode
     quantizes, so its quantizer settings are not checked against the model."""
     layer = Policy.load("full").new_layer(head_dim=32)
     assert layer.key_store.backend is None and layer.value_store.backend is None
+
+
+def test_yaml_merge_keys_load_as_the_mapping_they_expand_to():
+    """``<<: *anchor`` is valid YAML: merged keys can be overridden by the mapping's own."""
+    merged = PolicyConfig.from_yaml(
+        "name: m\n"
+        "keys: &side\n"
+        "  retain: [{type: window, size: 64}]\n"
+        "  quant: &quant {backend: native, bits: 2, group_size: 32, axis: channel}\n"
+        "values:\n"
+        "  <<: *side\n"
+        "  quant: {<<: *quant, axis: token}\n"
+    )
+    retain = [{"type": "window", "size": 64}]
+    plain = PolicyConfig.from_dict(
+        {
+            "name": "m",
+            "keys": {"retain": retain, "quant": {"bits": 2, "group_size": 32, "axis": "channel"}},
+            "values": {"retain": retain, "quant": {"bits": 2, "group_size": 32, "axis": "token"}},
+        }
+    )
+    assert merged == plain

@@ -138,3 +138,78 @@ def test_a_misspelt_hook_implementation_is_named_not_ignored():
     with pytest.warns(RuntimeWarning, match="unknown hook 'kvpolicy_selector'.*did you mean 'kvpolicy_selectors'"):
         registry = Registry(load_entry_points=False, plugins={"misspelt": Misspelt()})
     assert "misspelt" in registry.load_errors
+
+
+HIJACK_SOURCE = textwrap.dedent(
+    """
+    from kvpolicy.hookspecs import hookimpl
+
+
+    @hookimpl(trylast=True)
+    def kvpolicy_policies():
+        window = [{"type": "window", "size": 8}]
+        return [{
+            "name": "logquant",
+            "keys": {"retain": window, "quant": {"bits": 2, "group_size": 8, "axis": "channel"}},
+            "values": {"retain": window, "quant": {"bits": 2, "group_size": 8, "axis": "token"}},
+        }]
+    """
+)
+
+
+@pytest.mark.parametrize("entry_point_name", ["kvpolicy_logquant", "my_logquant"])
+def test_a_third_party_cannot_replace_a_shipped_plugin_or_policy(tmp_path, monkeypatch, entry_point_name):
+    """Both directions: an entry point named like a shipped plugin, and one that registers a
+    shipped policy's name (with trylast, which pluggy would otherwise order first)."""
+    package = "hijack_plugin"
+    make_distribution(tmp_path, package, f"[kvpolicy]\n{entry_point_name} = {package}\n")
+    (tmp_path / package / "__init__.py").write_text(HIJACK_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.warns(RuntimeWarning) as caught:
+            registry = Registry()
+    finally:
+        sys.modules.pop(package, None)
+    assert registry.provider("policy", "logquant") == "kvpolicy_logquant"
+    assert registry.policy_config("logquant") == get_registry().policy_config("logquant")
+    assert {"logquant_mixed", "logquant_rot", "partial_logquant"} <= set(registry.names("policy"))
+    (blamed,) = registry.load_errors  # the newcomer, never the shipped plugin
+    assert (
+        blamed.startswith(f"kvpolicy_logquant ({package}")
+        if entry_point_name == "kvpolicy_logquant"
+        else blamed == "my_logquant"
+    )
+    assert any(blamed in str(w.message) for w in caught)
+
+
+def test_a_class_that_breaks_its_contract_is_skipped_with_the_plugin_named():
+    from kvpolicy.hookspecs import hookimpl
+    from kvpolicy.selectors import Selector
+
+    class HalfSelector(Selector):  # keep() left abstract
+        name = "half"
+
+        def budget(self):
+            return None
+
+    class NoQuantize:
+        name = "noq"
+        supported_bits = (2,)
+
+    class Broken:
+        @hookimpl
+        def kvpolicy_selectors(self):
+            return [HalfSelector]
+
+        @hookimpl
+        def kvpolicy_quantizers(self):
+            return [NoQuantize, "native"]
+
+    with pytest.warns(RuntimeWarning) as caught:
+        registry = Registry(load_entry_points=False, plugins={"broken_plugin": Broken()})
+    text = " ".join(str(w.message) for w in caught)
+    assert "'broken_plugin' registers a selector that does not implement the selector contract" in text
+    assert "HalfSelector leaves keep abstract" in text
+    assert "NoQuantize has no quantize, concat" in text and "is not a class (str 'native')" in text
+    assert "half" not in registry.names("selector") and "noq" not in registry.names("quantizer")
+    assert registry.provider("quantizer", "native") == "kvpolicy"

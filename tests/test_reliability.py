@@ -18,8 +18,8 @@ import torch
 import yaml
 from transformers import (
     DynamicCache,
-    FalconConfig,
-    FalconForCausalLM,
+    MptConfig,
+    MptForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -207,11 +207,23 @@ BAD_INPUTS = [
     BadInput("per-channel `group_size: 1000000`",
              lambda tp, mp: Policy.from_dict(policy_dict(quant={"axis": "channel", "group_size": 1_000_000})),
              ConfigError, ("keys.quant.group_size: got 1000000", "at most 1024 tokens per per-channel group")),
+    BadInput("`make_cache` on something that is not a transformers model",
+             lambda tp, mp: Policy.load("kivi").make_cache(torch.nn.Linear(2, 2)), UnsupportedModelError,
+             ("expected a transformers model", "got Linear")),
+    BadInput("unknown keys of mixed types", lambda tp, mp: Policy.from_dict({**policy_dict(), 1: "x", "zzz": 2}),
+             ConfigError, ("policy.zzz: got 2", "one of the keys")),
+    BadInput("a YAML mapping used as a key", lambda tp, mp: PolicyConfig.from_yaml("? {a: 1}\n: 2\nname: x\n"),
+             ConfigError, ("a mapping as a key on line 1", "plain (scalar) keys")),
+    BadInput("YAML nested thousands of levels", lambda tp, mp: PolicyConfig.from_yaml("a: " + "[" * 3000 + "]" * 3000),
+             ConfigError, ("YAML nested a few levels deep",)),
+    BadInput("a 5,000-digit integer", lambda tp, mp: PolicyConfig.from_yaml(
+        yaml.safe_dump(policy_dict()).replace("bits: 2", "bits: " + "9" * 5000, 1)),
+             ConfigError, ("integers of at most 9007199254740992",)),
     BadInput("multi-head latent attention (DeepSeek V3)", lambda tp, mp: Policy.load("full").make_cache(_deepseek_v3()),
              UnsupportedModelError, ("DeepseekV3ForCausalLM (deepseek_v3)", "multi-head latent attention")),
-    BadInput("attention outside the AttentionInterface (Falcon)", lambda tp, mp: Policy.load("full").make_cache(
-        FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2))),
-             UnsupportedModelError, ("FalconForCausalLM (falcon) does not take a custom attention function",)),
+    BadInput("attention outside the AttentionInterface (MPT)", lambda tp, mp: Policy.load("full").make_cache(
+        MptForCausalLM(MptConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2))),
+             UnsupportedModelError, ("MptForCausalLM (mpt) does not take a custom attention function",)),
     BadInput("keys transformed between the cache and attention (unknown family)", lambda tp, mp: _latents_slip(mp),
              NotSupportedError, ("never reached the 'kvpolicy' attention function", "use DynamicCache")),
     BadInput("`output_attentions=True` under a kvpolicy cache", lambda tp, mp: _output_attentions(), NotSupportedError,
@@ -525,7 +537,8 @@ def test_transformers_feature_works_or_is_refused_clearly(feature_model, feature
 def test_every_decoder_family_equals_dynamic_cache_or_is_refused():
     """Every causal-LM family of the installed transformers that builds small from its config
     class: `full`, and `kivi` with a budget above the sequence, give DynamicCache's logits
-    exactly, or kvpolicy refuses the model with a message. No family may answer otherwise
+    exactly, or kvpolicy refuses the model with a message; so does every variant the defaults
+    skip (ALiBi, parallel attention, biases, QK-norm names). No family may answer otherwise
     (see tests/family_sweep.py; two processes, one per core)."""
     import json
     import subprocess
@@ -533,7 +546,7 @@ def test_every_decoder_family_equals_dynamic_cache_or_is_refused():
 
     from tests import family_sweep
 
-    names = [name for name, _ in family_sweep.families()]
+    names = family_sweep.names()
     root = Path(__file__).parent.parent
     runs = [
         subprocess.Popen([sys.executable, "-m", "tests.family_sweep", *half], cwd=root, stdout=subprocess.PIPE,
@@ -547,6 +560,12 @@ def test_every_decoder_family_equals_dynamic_cache_or_is_refused():
     assert sorted(r["family"] for r in rows) == sorted(names), "a family's run was lost (crash or memory)"
     for row in rows:
         record("families", row["family"], **row)
-    wrong = [row for row in rows if row["outcome"] not in ("equal", "refused", "not built")]
+    wrong = [
+        row
+        for row in rows
+        if row["outcome"] != "not built" and not {row[p] for p in family_sweep.POLICIES} <= {"equal", "refused"}
+    ]
     assert not wrong, wrong
+    built = {row["family"] for row in rows if row["outcome"] != "not built"}
+    assert set(family_sweep.VARIANTS) <= built, set(family_sweep.VARIANTS) - built  # each variant really ran
     assert sum(row["outcome"] == "equal" for row in rows) >= 40  # the sweep really ran models through kvpolicy

@@ -159,3 +159,33 @@ def test_the_fused_kernels_read_rotated_codes_on_cuda(retention, head_dim):
                               seed=seed, rotate="hadamard")  # fmt: skip
             assert rel <= 1e-2, (bits, padded, rel)
     assert len(calls) == 3
+
+
+def _qk_norm_models():
+    from transformers import (
+        HunYuanDenseV1Config,
+        HunYuanDenseV1ForCausalLM,
+        PersimmonConfig,
+        PersimmonForCausalLM,
+        StableLmConfig,
+        StableLmForCausalLM,
+    )
+
+    small = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    return {
+        "stablelm (k_layernorm)": lambda: StableLmForCausalLM(StableLmConfig(**small, qk_layernorm=True)),
+        "persimmon (k_layernorm)": lambda: PersimmonForCausalLM(PersimmonConfig(**small, qk_layernorm=True)),
+        "hunyuan dense (key_layernorm)": lambda: HunYuanDenseV1ForCausalLM(HunYuanDenseV1Config(**small, head_dim=32)),
+    }
+
+
+@pytest.mark.parametrize("family", list(_qk_norm_models()))
+def test_rotate_auto_leaves_keys_of_qk_norm_models_unrotated_whatever_the_norm_is_called(family):
+    from kvpolicy.config import QuantSpec
+    from kvpolicy.layers import model_layers
+    from kvpolicy.policy import layer_quant
+
+    specs = model_layers(_qk_norm_models()[family]())
+    assert all(spec.normalized_keys for spec in specs)
+    auto = QuantSpec(bits=2, group_size=32, axis="channel", rotate="auto")
+    assert {layer_quant(auto, spec.head_dim, spec.normalized_keys).rotate for spec in specs} == {"none"}

@@ -43,6 +43,9 @@ class AttentionStep:
     #: keys and values are known to hold the same positions in the same order (their stores
     #: retain and demote alike), so executors need not compare the views' positions
     aligned: bool = False
+    #: the layer keeps every token in full precision, in position order (a policy without a
+    #: budget, like ``full``): attention is always plain SDPA over the concatenation
+    lossless: bool = False
 
 
 class Executor(ABC):
@@ -64,6 +67,10 @@ class Executor(ABC):
         ``attention_mask`` is transformers' boolean mask over positions ``0 .. past_length+q-1``
         (``[B or 1, 1, q, past_length+q]``, True = attend) or ``None`` (plain causal).
         """
+
+    def nbytes(self) -> int:
+        """Bytes this executor keeps for its layer between steps (memos of dequantized tokens)."""
+        return 0
 
 
 def select_mask_columns(

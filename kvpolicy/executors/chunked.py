@@ -50,6 +50,9 @@ class ChunkedExecutor(Executor):
     #: remembers this layer's packed key/value pairs across steps
     pairing: Pairing = attrs.field(factory=Pairing, init=False, repr=False, eq=False)
 
+    def nbytes(self) -> int:
+        return self.pairing.nbytes()
+
     def attend(self, module, query, step, attention_mask, scaling=None, **kwargs):
         if in_position_order(step):
             return exact_attention(module, query, step, attention_mask, scaling=scaling, **kwargs)

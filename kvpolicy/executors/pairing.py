@@ -90,6 +90,12 @@ class PackedPairing:
         # regions are replaced, never changed in place: the same position tensors, the same regions
         return keys.packed_pos is self.key_pos and values.packed_pos is self.value_pos
 
+    def nbytes(self) -> int:
+        """Bytes of its own indices (the position tensors are the stores')."""
+        arrays = (self.unpaired, self.row_of_position)
+        tensors = (self.value_rows, *self._on_device.values())
+        return sum(a.nbytes for a in arrays) + sum(t.numel() * t.element_size() for t in tensors)
+
     def rows_on(self, device: torch.device) -> torch.Tensor:
         """:attr:`value_rows` as int32 on ``device`` (what the fused kernel reads), sent once."""
         key = str(device)
@@ -116,6 +122,11 @@ class Pairing:
     def __init__(self) -> None:
         self._packed: PackedPairing | None = None
         self._key_rows, self._value_rows = DequantizedRows(), DequantizedRows()
+
+    def nbytes(self) -> int:
+        """Bytes of the memos: the dequantized packed tokens and the packed pairing's indices."""
+        packed = self._packed.nbytes() if self._packed is not None else 0
+        return packed + self._key_rows.nbytes() + self._value_rows.nbytes()
 
     def __call__(self, keys: TensorView, values: TensorView, aligned: bool) -> PairedRegions:
         """The step's regions; ``aligned`` says both stores are known to hold the same positions
@@ -183,6 +194,12 @@ class DequantizedRows:
 
     def __init__(self) -> None:
         self._last: tuple[Packed, np.ndarray, torch.Tensor] | None = None
+
+    def nbytes(self) -> int:
+        if self._last is None:
+            return 0
+        rows, tokens = self._last[1], self._last[2]
+        return rows.nbytes + tokens.numel() * tokens.element_size()
 
     def __call__(self, packed: Packed, rows: np.ndarray) -> torch.Tensor:
         last = self._last
