@@ -58,7 +58,7 @@ def prepare_checkpoint(model: str, nproc: int, folder: Path) -> Path:
     from kvpolicy.distributed import replicate_kv_heads
     from kvpolicy.models import load_default_model
 
-    lm, tokenizer = load_default_model(dtype=torch.float32)
+    lm, tokenizer = load_default_model("smollm2", dtype=torch.float32)
     if lm.config.num_key_value_heads % nproc:
         replicate_kv_heads(lm, nproc)
     # the GGUF loader marks the model as quantized (not serializable): copy into a plain model

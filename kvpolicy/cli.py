@@ -8,13 +8,35 @@ import sys
 from pathlib import Path
 
 from kvpolicy.errors import KVPolicyError
+from kvpolicy.models import DEFAULT_MODEL, EMBEDDED_MODELS
 
 DTYPES = ("bfloat16", "float16", "float32")
 #: ``generate``'s dtypes: ``auto`` is bfloat16 on CUDA and float32 on a CPU (whose bfloat16
 #: matrix products are slow where the processor has no bfloat16 instructions)
 GENERATE_DTYPES = ("auto", *DTYPES)
-#: what ``kvpolicy evaluate`` compares by default (budget-matched)
-DEFAULT_POLICIES = ("full", "hf_quantized", "kivi", "streaming", "logquant", "partial_logquant")
+#: what ``kvpolicy evaluate`` compares by default: the 16-bit cache, transformers' QuantizedCache
+#: at 2 and 4 bits and every shipped policy, each as shipped
+DEFAULT_POLICIES = (
+    "full",
+    "hf_quantized_int2",
+    "hf_quantized_int4",
+    "kivi",
+    "sink_kivi",
+    "logquant",
+    "partial_logquant",
+    "logquant_rot",
+    "logquant_mixed",
+    "streaming",
+)
+#: ``kvpolicy evaluate --tasks`` by default: the generation tasks
+DEFAULT_TASKS = "code,qa,summary,humaneval,trace"
+#: each generation task's ``(prompt tokens, new tokens at most)`` by default and under ``--quick``
+TASK_LENGTHS = {
+    "code": ((4096, 48), (1024, 32)),
+    "qa": ((4096, 24), (1024, 24)),
+    "summary": ((2048, 128), (1024, 64)),
+    "humaneval": ((2048, 192), (1024, 128)),
+}
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -75,6 +97,7 @@ def _show_layers(policy, args: argparse.Namespace) -> None:
 
     args.dtype = "float32"
     model, _ = _load_model(args)
+    policy.make_cache(model, cuda_graphs=False)  # a model the policy cannot serve is refused here, not planned
     specs = model_layers(model)
     settled = policy.for_model(specs, model_name(model))
     served = served_layers(settled, specs, model_name(model))
@@ -128,9 +151,9 @@ def _read_prompt(args: argparse.Namespace, instruct: bool = True) -> str:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
-    from transformers import TextStreamer
+    from transformers import DynamicCache, TextStreamer
 
-    from kvpolicy.generation import cache_kwargs
+    from kvpolicy.evaluation.answer_comparison import answer, compare_answers
     from kvpolicy.models import embedded_model, load_default_model
     from kvpolicy.policy import Policy
 
@@ -146,26 +169,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
     else:
         text = prompt
-    inputs = tokenizer(text, return_tensors="pt")
+    inputs = tokenizer(text, return_tensors="pt").to(model.device)
     prompt_tokens = inputs["input_ids"].shape[1]
     graphs = {"auto": "auto", "on": True, "off": False}[args.cuda_graphs]
-    cache = policy.make_cache(model, cuda_graphs=graphs, max_cache_len=prompt_tokens + args.max_new_tokens)
+    cache = policy.make_cache(model, cuda_graphs=graphs)
     print(f"prefilling {prompt_tokens} prompt tokens under policy {policy.name} ...", file=sys.stderr, flush=True)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            **cache_kwargs(cache),
-            streamer=streamer,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=args.temperature > 0,
-            temperature=args.temperature if args.temperature > 0 else None,
-            top_p=None,
-            top_k=None,
-        )
-    new_tokens = out[0, prompt_tokens:]
-    print(f"policy {policy.name}: prompt {prompt_tokens} tokens, {len(new_tokens)} generated")
+    mine = answer(model, tokenizer, inputs, cache, args.max_new_tokens, streamer, args.temperature)
+    print(f"\npolicy {policy.name}: prompt {prompt_tokens} tokens, {len(mine.tokens)} generated")
     print(cache.memory().summary())
+    if not args.compare:
+        return 0
+    print(f"\nthe full-precision cache (DynamicCache, {dtype}) on the same prompt:", flush=True)
+    reference_cache = DynamicCache()
+    reference = answer(model, tokenizer, inputs, reference_cache, args.max_new_tokens, streamer, args.temperature)
+    print()
+    print(compare_answers(model, inputs, mine, reference, reference_cache).summary())
     return 0
 
 
@@ -200,15 +219,53 @@ def _temperature(text: str) -> float:
     return value
 
 
+def _int_between(low: int, high: int):
+    """An argparse type: an integer from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _depths(text: str) -> tuple[float, ...]:
+    try:
+        depths = tuple(float(part) for part in _csv(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers from 0 to 1, got {text!r}") from None
+    if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers from 0 to 1, got {text!r}")
+    return depths
+
+
 def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
-        return tuple(int(part) for part in _csv(text))
+        values = tuple(int(part) for part in _csv(text))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
 
 
 def fidelity_task(args: argparse.Namespace):
@@ -224,31 +281,48 @@ def fidelity_task(args: argparse.Namespace):
 
 
 def build_tasks(args: argparse.Namespace) -> list:
-    """The task objects the ``evaluate`` options ask for."""
-    from kvpolicy.errors import UnknownNameError
+    """The task objects the ``evaluate`` options ask for (``--quick``: short prompts, 2 samples)."""
+    from kvpolicy.errors import ConfigError, UnknownNameError
     from kvpolicy.evaluation import TASKS
-    from kvpolicy.evaluation.code_completion import CodeCompletion
-    from kvpolicy.evaluation.humaneval import HumanEval
     from kvpolicy.evaluation.passkey import Passkey
+    from kvpolicy.evaluation.program_trace import ProgramTrace
+
+    samples = args.samples or (2 if args.quick else 8)
+    batch = args.batch or min(samples, 2 if args.quick else 4)
+
+    def sized(name: str):
+        context, new_tokens = TASK_LENGTHS[name][1 if args.quick else 0]
+        options = {"execute": args.execute} if name == "humaneval" else {}
+        return TASKS[name](
+            samples=samples, context=args.context or context, batch=batch, max_new_tokens=new_tokens, **options
+        )
 
     made = {
         "fidelity": lambda: fidelity_task(args),
         "passkey": lambda: Passkey(lengths=args.passkey_lengths, depths=args.passkey_depths),
-        "code": lambda: CodeCompletion(context=args.code_context, samples=args.samples),
-        "humaneval": lambda: HumanEval(samples=args.samples, execute=args.execute),
+        "trace": lambda: ProgramTrace(
+            samples=samples, batch=batch, entries=args.trace_entries or (12 if args.quick else 32)
+        ),
+        **{name: (lambda name=name: sized(name)) for name in TASK_LENGTHS},
     }
+    if "fidelity" in _csv(args.tasks) and args.decode_tokens >= args.fidelity_length:
+        raise ConfigError(
+            "--decode-tokens", args.decode_tokens, f"fewer than --fidelity-length ({args.fidelity_length}) tokens"
+        )
     tasks = []
     for name in _csv(args.tasks):
         if name not in TASKS:
             raise UnknownNameError("task", name, TASKS)
         tasks.append(made[name]())
+    if not tasks:
+        raise KVPolicyError(f"--tasks: no task named in {args.tasks!r}; choose from {', '.join(TASKS)}")
     return tasks
 
 
 def _load_model(args: argparse.Namespace):
     import torch
 
-    from kvpolicy.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_default_model
+    from kvpolicy.models import load_default_model
 
     dtype = getattr(torch, args.dtype)
     name = DEFAULT_MODEL if args.model == "default" else args.model
@@ -266,25 +340,75 @@ def _load_model(args: argparse.Namespace):
     return model, tokenizer
 
 
+def _earlier_run(args: argparse.Namespace, settings: dict) -> dict:
+    """``--out/results.json`` of an earlier run with the same model, dtype, policies and
+    budget/bits (``--resume``); refused, naming the difference, when they differ."""
+    import json
+
+    from kvpolicy.errors import ConfigError
+
+    path = Path(args.out) / "results.json"
+    if not path.is_file():
+        raise ConfigError("--resume", str(path), "an earlier run's results.json in --out (none is there)")
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError("--resume", str(path), f"a readable results.json ({exc})") from None
+    name = DEFAULT_MODEL if args.model == "default" else args.model
+    was = earlier.get("settings", {})
+    env = earlier.get("environment", {})
+    expected = {
+        "model": (Path(env.get("model", "")).name, Path(name).name),
+        "dtype": (env.get("dtype"), args.dtype),
+        **{key: (was.get(key), settings[key]) for key in ("policies", "budget", "bits")},
+    }
+    for key, (then, now) in expected.items():
+        if then != now:
+            raise ConfigError("--resume", str(path), f"a run with the same {key} ({now!r}; that run had {then!r})")
+    return earlier
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import shlex
 
     from kvpolicy.evaluation import evaluate, resolve_contenders
     from kvpolicy.evaluation import report as report_module
+    from kvpolicy.evaluation.generation_task import REFERENCE
     from kvpolicy.evaluation.runner import sweep
+    from kvpolicy.evaluation.task import TaskResult
 
     budget = args.budget or None
-    contenders = resolve_contenders(_csv(args.policies), budget, args.bits)  # fail fast on bad names
+    names = _csv(args.policies)
+    if REFERENCE not in names:  # every table states the 16-bit score of the same run
+        names.insert(0, REFERENCE)
+    contenders = resolve_contenders(names, budget, args.bits or None)  # fail fast on bad names
     tasks = build_tasks(args)
+    report_module.check_output(args.out)  # before hours of work, not after
+    settings = {"policies": names, "tasks": _csv(args.tasks), "budget": budget, "bits": args.bits or None}
+    earlier = _earlier_run(args, settings) if args.resume else {}
     print(f"loading model {args.model!r} ({args.dtype}) ...", file=sys.stderr)
     model, tokenizer = _load_model(args)
-    settings = {"policies": _csv(args.policies), "tasks": _csv(args.tasks), "budget": budget, "bits": args.bits}
-    result = evaluate(model, tokenizer, tasks, contenders, settings, progress=not args.quiet)
+    command = "kvpolicy " + " ".join(shlex.quote(a) for a in (args.argv or []))
+
+    def save(result) -> None:  # after every task: a run that stops keeps what it finished
+        report_module.write(result, args.out, command)
+
+    finished = [TaskResult.from_dict(t) for t in earlier.get("tasks", [])]
+    result = evaluate(
+        model,
+        tokenizer,
+        tasks,
+        contenders,
+        settings,
+        progress=not args.quiet,
+        on_task=save,
+        finished=finished,
+        finished_seconds=earlier.get("seconds"),
+    )
     if args.sweep_budgets:
         fidelity = fidelity_task(args)
-        policies = [p for p in _csv(args.policies) if p != "full"]
+        policies = [p for p in names if p != "full"]
         result.sweep = sweep(model, tokenizer, policies, args.sweep_budgets, args.sweep_bits, fidelity, not args.quiet)
-    command = "kvpolicy " + " ".join(shlex.quote(a) for a in (args.argv or []))
     written = report_module.write(result, args.out, command)
     print(report_module.summary_table(result))
     print("wrote " + ", ".join(str(p) for p in written))
@@ -302,9 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also print each layer's quantization on this model (smollm2, gemma3-270m or a local folder): "
         "the layers a budgeted `layers` entry takes, `rotate: auto` and `group_size: head` as they resolve",
     )
-    gen = sub.add_parser("generate", help="generate with an embedded model (SmolLM2-135M-Instruct) under a policy")
+    gen = sub.add_parser(
+        "generate",
+        help="generate with an embedded model under a policy, next to the 16-bit cache's answer to the same prompt",
+    )
     gen.add_argument(
-        "--model", default="smollm2", help="embedded model: smollm2 (default) or gemma3-270m (a base model)"
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"embedded model: {', '.join(EMBEDDED_MODELS)} (default {DEFAULT_MODEL}; gemma3-270m is a base model)",
     )
     gen.add_argument("--policy", default="logquant", help="registered policy name or YAML path (default: logquant)")
     source = gen.add_mutually_exclusive_group()
@@ -312,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
     gen.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
+    gen.add_argument(
+        "--no-compare",
+        dest="compare",
+        action="store_false",
+        help="skip the 16-bit cache's answer to the same prompt and the comparison (about halves the time)",
+    )
     gen.add_argument("--dtype", choices=GENERATE_DTYPES, default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap the prompt in the chat template")
     gen.add_argument(
@@ -324,42 +459,78 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot-retention", help="PNG of which positions are full precision/quantized/evicted")
     plot.add_argument("policy", help="registered policy name or YAML path (third-party selectors included)")
     plot.add_argument("-o", "--output", help="PNG path (default: retention-POLICY.png)")
-    plot.add_argument("--steps", type=_positive_int, default=400, help="decode steps to simulate (default: 400)")
-    plot.add_argument("--prefill", type=_positive_int, default=1, help="prompt length before decoding (default: 1)")
-    ev = sub.add_parser("evaluate", help="accuracy of policies vs the 16-bit cache: fidelity, passkey, code, HumanEval")
+    plot.add_argument(
+        "--steps", type=_int_between(1, 20000), default=400, help="decode steps to simulate, 1-20000 (default: 400)"
+    )
+    plot.add_argument(
+        "--prefill", type=_int_between(1, 1_000_000), default=1, help="prompt length before decoding (default: 1)"
+    )
+    ev = sub.add_parser(
+        "evaluate",
+        help="task scores of policies against the 16-bit cache: code, document QA, summaries, HumanEval, a long trace",
+    )
     ev.add_argument(
         "--policies",
         default=",".join(DEFAULT_POLICIES),
-        help="comma-separated registered names, YAML paths or hf_quantized",
+        help="comma-separated registered names, YAML paths, hf_quantized_int2, hf_quantized_int4 or hf_quantized "
+        "(at --bits); full, the 16-bit cache, is always added",
     )
     ev.add_argument(
-        "--tasks", default="fidelity,passkey,code,humaneval", help="comma-separated: fidelity, passkey, code, humaneval"
+        "--tasks",
+        default=DEFAULT_TASKS,
+        help=f"comma-separated: code, qa, summary, humaneval, trace (default {DEFAULT_TASKS}); also the "
+        "teacher-forced proxies fidelity (KL) and passkey",
+    )
+    ev.add_argument("--quick", action="store_true", help="1,024-token prompts, 2 samples a task, shorter answers")
+    ev.add_argument("--samples", type=_positive_int, help="samples of each generation task (default 8, --quick 2)")
+    ev.add_argument(
+        "--context",
+        type=_int_between(256, 131072),
+        help="prompt tokens of code, qa, summary and humaneval, 256-131072 (default 4096/4096/2048/2048, --quick 1024)",
+    )
+    ev.add_argument("--batch", type=_positive_int, help="prompts prefilled and decoded together (default 4)")
+    ev.add_argument(
+        "--trace-entries", type=_int_between(1, 150), help="lines each trace program prints, 1-150 (default 32)"
     )
     ev.add_argument(
-        "--budget", type=int, default=128, help="full-precision tokens every policy is matched to (0: as registered)"
+        "--budget",
+        type=_non_negative_int,
+        default=0,
+        help="full-precision tokens every policy is matched to (default 0: each policy as registered)",
     )
     ev.add_argument(
         "--bits",
-        type=int,
-        default=2,
-        help="bits of every quantized tensor (default: 2); a policy's `layers` overrides keep their own",
+        type=_non_negative_int,
+        default=0,
+        choices=(0, 2, 4, 8),
+        metavar="{0,2,4,8}",
+        help="bits of every quantized tensor (default 0: as registered); a policy's `layers` overrides keep their own",
     )
     ev.add_argument(
         "--model",
         default="default",
-        help="an embedded model: 'default' or smollm2 (SmolLM2-135M-Instruct), gemma3-270m; or a local model folder",
+        help=f"an embedded model: 'default' ({DEFAULT_MODEL}), {', '.join(EMBEDDED_MODELS)}; or a local model folder",
     )
     ev.add_argument(
-        "--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32: fastest on CPU)"
+        "--dtype",
+        choices=DTYPES,
+        default="bfloat16",
+        help="compute and cache dtype (default bfloat16: the 16-bit cache)",
     )
     ev.add_argument("--out", default="kvpolicy-eval", help="output folder for results.json, results.md and plots")
-    ev.add_argument("--fidelity-length", type=int, default=4096, help="tokens per fidelity document (default 4096)")
-    ev.add_argument("--decode-tokens", type=int, default=128, help="teacher-forced decode steps per document")
-    ev.add_argument("--documents", type=int, default=1, help="fidelity documents of each kind (prose, code)")
+    ev.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the tasks that --out/results.json already holds for the same model, dtype, policies and "
+        "task settings, and run only the rest",
+    )
+    ev.add_argument(
+        "--fidelity-length", type=_positive_int, default=4096, help="tokens per fidelity document (default 4096)"
+    )
+    ev.add_argument("--decode-tokens", type=_positive_int, default=128, help="teacher-forced decode steps per document")
+    ev.add_argument("--documents", type=_positive_int, default=1, help="fidelity documents of each kind (prose, code)")
     ev.add_argument("--passkey-lengths", type=_ints, default=(1024, 2048, 4096, 8192))
-    ev.add_argument("--passkey-depths", type=lambda t: tuple(float(x) for x in _csv(t)), default=(0.1, 0.5, 0.9))
-    ev.add_argument("--code-context", type=int, default=4096, help="tokens of source before the line to complete")
-    ev.add_argument("--samples", type=int, default=8, help="samples of the code and humaneval tasks")
+    ev.add_argument("--passkey-depths", type=_depths, default=(0.1, 0.5, 0.9))
     ev.add_argument("--no-execute", dest="execute", action="store_false", help="do not run HumanEval completions")
     ev.add_argument("--sweep-budgets", type=_ints, default=(), help="e.g. 64,128,256: also sweep fidelity over budgets")
     ev.add_argument("--sweep-bits", type=_ints, default=(2, 4), help="bit widths of the sweep (default 2,4)")

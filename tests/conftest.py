@@ -33,7 +33,7 @@ def smollm():
     """``(model, tokenizer)``: SmolLM2-135M-Instruct in float32, loaded once per test session."""
     from kvpolicy.models import load_default_model
 
-    return load_default_model(dtype=torch.float32)
+    return load_default_model("smollm2", dtype=torch.float32)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -95,6 +96,9 @@ def test_generate_on_the_embedded_model_reports_kv_bytes(tmp_path):
             str(prompt),
             "--max-new-tokens",
             "8",
+            "--model",
+            "smollm2",
+            "--no-compare",
         ],
         capture_output=True,
         text=True,
@@ -117,7 +121,7 @@ def test_generate_with_cuda_graphs_writes_what_eager_decoding_writes(tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("List three facts about the moon. " * 40)
     command = [sys.executable, "-m", "kvpolicy.cli", "generate", "--policy", "logquant", "--prompt-file", str(prompt),
-               "--max-new-tokens", "24"]  # fmt: skip
+               "--max-new-tokens", "24", "--model", "smollm2", "--no-compare"]  # fmt: skip
     runs = [subprocess.run(command + extra, capture_output=True, text=True, check=True, timeout=600).stdout
             for extra in ([], ["--cuda-graphs", "on"])]  # fmt: skip
     eager, graphed = (run.strip().splitlines() for run in runs)
@@ -142,6 +146,18 @@ def test_plot_retention_writes_a_picture(tmp_path, capsys):
         (["generate", "--prompt", "a", "--prompt-file", "b"], "--prompt-file"),
         (["plot-retention", "logquant", "--steps", "-5"], "--steps"),
         (["generate", "--dtype", "float64"], "--dtype"),
+        (["evaluate", "--samples", "0"], "--samples"),
+        (["evaluate", "--context", "10"], "--context"),
+        (["evaluate", "--batch", "-1"], "--batch"),
+        (["evaluate", "--trace-entries", "999"], "--trace-entries"),
+        (["evaluate", "--bits", "3"], "--bits"),
+        (["evaluate", "--budget", "-4"], "--budget"),
+        (["evaluate", "--sweep-budgets", "0"], "--sweep-budgets"),
+        (["evaluate", "--passkey-lengths", "0,1024"], "--passkey-lengths"),
+        (["evaluate", "--passkey-depths", "1.5"], "--passkey-depths"),
+        (["evaluate", "--fidelity-length", "0"], "--fidelity-length"),
+        (["plot-retention", "logquant", "--steps", "100000000"], "--steps"),
+        (["plot-retention", "logquant", "--prefill", "0"], "--prefill"),
     ],
 )
 def test_bad_arguments_are_refused_by_name_before_anything_loads(argv, names, capsys):
@@ -243,3 +259,21 @@ def test_generate_on_gemma3_reports_its_sliding_window_layers():
     assert re.match(r"KV cache: [\d.]+ MiB for \d+ tokens; a DynamicCache in float32 holds [\d.]+ MiB: [\d.]+x", last)
     assert "its sliding-window layers hold" in last
     assert "loading Gemma 3 270M (float32)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["evaluate", "--out", "README.md", "--tasks", "qa"], "--out: got 'README.md'"),
+        (["evaluate", "--tasks", "fidelity", "--decode-tokens", "5000"], "--decode-tokens: got 5000"),
+        (["evaluate", "--tasks", "qa,nope"], "unknown task 'nope'"),
+        (["evaluate", "--policies", "kivi,nope"], "unknown policy 'nope'"),
+    ],
+)
+def test_evaluate_refuses_what_would_fail_after_hours_before_the_model_loads(argv, says, capsys, monkeypatch):
+    import kvpolicy.models
+
+    monkeypatch.setattr(kvpolicy.models, "load_default_model", lambda **k: pytest.fail("loaded the model"))
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    assert main(argv) == 2
+    assert says in capsys.readouterr().err

@@ -1,33 +1,26 @@
-"""Next-line code completion on real Python source (LongBench LCC style).
+"""Long-context code completion (LongBench LCC style): the next line of real Python source.
 
-Each sample is a standard-library file cut after about ``context`` tokens, at the start
-of the next non-trivial line (at least 8 characters, not a comment). The contender
-completes that line greedily; scores: exact match and edit similarity
-(``difflib.SequenceMatcher`` ratio, 0..1) of the stripped line.
+Each sample is a standard-library file cut at the start of a non-trivial line (at least 8
+characters, not a comment) after at least ``context`` tokens of it; the prompt is the
+``context`` tokens before the cut, as a plain continuation (no chat template: a code model
+completes source). The contender writes the line greedily; the score is its edit similarity
+(0-100) to the true line, both stripped.
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Sequence
 from typing import ClassVar
 
 import attrs
-import torch
 
-from kvpolicy.evaluation.contenders import Contender
-from kvpolicy.evaluation.decoding import continue_on, prefill
-from kvpolicy.evaluation.task import Metric, Task, TaskResult, progress_bar
+from kvpolicy.evaluation.generation_task import GenerationTask, Sample
+from kvpolicy.evaluation.scoring import edit_similarity
 from kvpolicy.evaluation.texts import code_files
-
-METRICS = [
-    Metric("exact_match", "code exact match", True, ".2f"),
-    Metric("edit_sim", "code edit similarity", True, ".3f"),
-]
 
 
 def cut_at_line(tokenizer, text: str, context: int) -> tuple[str, str] | None:
-    """``(prompt, target line)``: the text before the first non-trivial line after ``context`` tokens."""
+    """``(text before, target line)``: the first non-trivial line that starts after the first
+    ``context`` tokens of ``text``, or ``None`` when the file is too short."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < context + 64:
         return None
@@ -42,66 +35,38 @@ def cut_at_line(tokenizer, text: str, context: int) -> tuple[str, str] | None:
     return None
 
 
-def edit_similarity(a: str, b: str) -> float:
-    return difflib.SequenceMatcher(None, a, b).ratio()
+def first_line(text: str) -> str:
+    """The first non-blank line of ``text``, stripped."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
 @attrs.define
-class CodeCompletion(Task):
+class CodeCompletion(GenerationTask):
     name: ClassVar[str] = "code"
+    label: ClassVar[str] = "code edit similarity"
+    scored_by: ClassVar[str] = "edit similarity (0-100) of the next line of a stdlib file to the true line"
+    samples: int = 8
     context: int = 4096
-    samples: int = 6
-    tail_tokens: int = 16
-    max_line_tokens: int = 48
-    skip_files: int = 1  # the first long file is the fidelity task's code document
+    max_new_tokens: int = 48
 
-    def prompts(self, tokenizer) -> list[tuple[str, str, str]]:
+    def build(self, tokenizer, instruct: bool) -> list[Sample]:
         out = []
-        for path in code_files()[self.skip_files :]:
+        for path in code_files():
             cut = cut_at_line(tokenizer, path.read_text(encoding="utf-8"), self.context)
-            if cut is not None:
-                out.append((path.name, *cut))
+            if cut is None:
+                continue
+            before, target = cut
+            ids = tokenizer(before, add_special_tokens=False)["input_ids"][-self.context :]
+            out.append(Sample(path.name, tuple(ids), target.strip()))
             if len(out) == self.samples:
                 break
         return out
 
-    @torch.no_grad()
-    def run(self, model, tokenizer, contenders: Sequence[Contender], progress: bool = True) -> TaskResult:
-        prompts = self.prompts(tokenizer)
-        result = TaskResult(self.name, METRICS, settings=self.settings())
-        bar = progress_bar(len(prompts) * len(contenders), "code", progress)
+    def stop(self, tokenizer, tokens: list[int]) -> bool:
+        return "\n" in tokenizer.decode(tokens).lstrip()
 
-        def stop(tokens: list[int]) -> bool:
-            text = tokenizer.decode(tokens)
-            return "\n" in text.lstrip("\n")
+    def answer(self, tokenizer, tokens: list[int]) -> str:
+        return first_line(tokenizer.decode(tokens, skip_special_tokens=True))
 
-        for file_name, prompt, target in prompts:
-            ids = tokenizer(prompt)["input_ids"]
-            prefix = len(ids) - self.tail_tokens
-            source, _ = prefill(model, ids[:prefix])
-            for contender in contenders:
-                bar.set_postfix_str(f"{file_name} · {contender.name}")
-                out = continue_on(
-                    model, contender.make_cache(model), source, prefix, ids[prefix:], self.max_line_tokens, stop
-                )
-                line = tokenizer.decode(out, skip_special_tokens=True).lstrip("\n").split("\n")[0]
-                result.details.append(
-                    {
-                        "contender": contender.name,
-                        "file": file_name,
-                        "tokens": len(ids),
-                        "target": target.strip(),
-                        "prediction": line.strip(),
-                        "exact_match": line.strip() == target.strip(),
-                        "edit_sim": edit_similarity(line.strip(), target.strip()),
-                    }
-                )
-                bar.update()
-        bar.close()
-        for contender in contenders:
-            mine = [d for d in result.details if d["contender"] == contender.name]
-            result.rows[contender.name] = {
-                "exact_match": sum(d["exact_match"] for d in mine) / len(mine),
-                "edit_sim": sum(d["edit_sim"] for d in mine) / len(mine),
-            }
-        return result
+    def score(self, sample: Sample, answer: str, reference_answer: str) -> float:
+        return edit_similarity(answer, sample.reference)

@@ -3,7 +3,8 @@
 A :class:`Contender` makes a fresh cache for a model and says how many bytes a cache holds.
 ``hf_quantized`` is transformers' own ``QuantizedCache`` with the quanto backend, used as
 shipped (its defaults except ``nbits`` and ``residual_length``, which follow the run's bits
-and budget).
+and budget, else 2 bits and its own 128); ``hf_quantized_int2`` and ``hf_quantized_int4`` name
+the bits themselves, so both widths can be compared in one run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from kvpolicy.policy import Policy
 
 #: the name under which transformers' QuantizedCache (quanto backend) is evaluated
 HF_QUANTIZED = "hf_quantized"
+#: ``hf_quantized`` at a named width: ``hf_quantized_int2``, ``hf_quantized_int4``
+HF_QUANTIZED_WIDTHS = {f"{HF_QUANTIZED}_int{bits}": bits for bits in (2, 4)}
 
 
 @attrs.frozen
@@ -52,7 +55,7 @@ def policy_contender(policy: Policy, budget: int | None = None, bits: int | None
     return Contender(policy.name, policy.make_cache, policy, budget, bits, refuses)
 
 
-def hf_quantized_contender(bits: int = 2, residual_length: int = 128) -> Contender:
+def hf_quantized_contender(bits: int = 2, residual_length: int = 128, name: str = HF_QUANTIZED) -> Contender:
     try:
         import optimum.quanto  # noqa: F401
     except ImportError:
@@ -69,7 +72,7 @@ def hf_quantized_contender(bits: int = 2, residual_length: int = 128) -> Contend
             return f"transformers' QuantizedCache serves full-attention models only (this one has {other})"
         return None
 
-    return Contender(HF_QUANTIZED, make, None, residual_length, bits, refuses)
+    return Contender(name, make, None, residual_length, bits, refuses)
 
 
 def resolve_contenders(names: list[str], budget: int | None = None, bits: int | None = None) -> list[Contender]:
@@ -79,6 +82,9 @@ def resolve_contenders(names: list[str], budget: int | None = None, bits: int | 
     for name in names:
         if name == HF_QUANTIZED:
             out.append(hf_quantized_contender(bits or 2, budget or 128))
+            continue
+        if name in HF_QUANTIZED_WIDTHS:
+            out.append(hf_quantized_contender(HF_QUANTIZED_WIDTHS[name], budget or 128, name))
             continue
         policy = Policy.load(name)
         if budget is not None or bits is not None:
@@ -115,6 +121,47 @@ def cache_nbytes(cache: Cache) -> int:
         for attr in ("keys", "values", "_quantized_keys", "_quantized_values"):
             total += _leaf_bytes(getattr(layer, attr, None))
     return total
+
+
+def held_ratio(cache: Cache, model: torch.nn.Module) -> float:
+    """KV bytes ``cache`` holds against a ``DynamicCache`` holding the same tokens in the same dtype."""
+    if isinstance(cache, KVPolicyCache):
+        report = cache.memory()
+        return report.total_bytes / report.dynamic_cache_bytes if report.dynamic_cache_bytes else 0.0
+    from kvpolicy.layers import model_layers
+
+    layers = [layer for layer in cache.layers if layer.is_initialized]
+    if not layers:
+        return 0.0
+    specs = model_layers(model)
+    batch, element_size = layers[0]._quantized_keys.shape[0], next(model.parameters()).element_size()
+    tokens = cache.get_seq_length()
+    base = sum(s.kv_heads * (s.head_dim + (s.value_head_dim or s.head_dim)) for s in specs[: len(layers)])
+    return cache_nbytes(cache) / (base * batch * tokens * element_size)
+
+
+def bits_per_element(contender: Contender, model: torch.nn.Module) -> float:
+    """Bits per quantized element on ``model``, scales and zero-points included: the mean over
+    the layers a policy serves (:func:`~kvpolicy.layer_budget.mean_bits`; 16 for ``full``,
+    0 for evicted tokens), or what ``QuantizedCache`` stores per element of a 256-token prefill."""
+    if contender.policy is not None:
+        from kvpolicy.layer_budget import mean_bits, served_layers
+        from kvpolicy.layers import model_layers, model_name
+
+        specs = model_layers(model)
+        settled = contender.policy.for_model(specs, model_name(model))
+        served = served_layers(settled, specs, model_name(model))
+        if not served:
+            return 16.0
+        return mean_bits({s.index: settled.for_layer(s.index, s.num_layers) for s in served}, served)
+    from kvpolicy.cache import attention_layout
+
+    _, kv_heads, head_dim = attention_layout(model)
+    cache = contender.make_cache(model)
+    keys = torch.randn(1, kv_heads, 256, head_dim, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    cache.update(keys, keys.clone(), 0)
+    layer = cache.layers[0]
+    return 8 * (_leaf_bytes(layer._quantized_keys) + _leaf_bytes(layer._quantized_values)) / (2 * keys.numel())
 
 
 def replay_nbytes(contender: Contender, model: torch.nn.Module, prefill: int, steps: int, dtype=torch.bfloat16) -> dict:

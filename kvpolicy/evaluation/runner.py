@@ -5,24 +5,33 @@ from __future__ import annotations
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import torch
 
 from kvpolicy.evaluation.code_completion import CodeCompletion
 from kvpolicy.evaluation.contenders import Contender, resolve_contenders
+from kvpolicy.evaluation.document_qa import DocumentQA
 from kvpolicy.evaluation.fidelity import Fidelity
 from kvpolicy.evaluation.humaneval import HumanEval
 from kvpolicy.evaluation.passkey import Passkey
+from kvpolicy.evaluation.program_trace import ProgramTrace
+from kvpolicy.evaluation.summarization import Summarization
 from kvpolicy.evaluation.task import Task, TaskResult
 
+#: the generation tasks (free greedy generation scored 0-100 against the 16-bit cache), then
+#: the teacher-forced proxies (fidelity: KL; passkey)
 TASKS: dict[str, type[Task]] = {
+    "code": CodeCompletion,
+    "qa": DocumentQA,
+    "summary": Summarization,
+    "humaneval": HumanEval,
+    "trace": ProgramTrace,
     "fidelity": Fidelity,
     "passkey": Passkey,
-    "code": CodeCompletion,
-    "humaneval": HumanEval,
 }
+GENERATION_TASKS = ("code", "qa", "summary", "humaneval", "trace")
 
 
 @attrs.define
@@ -73,26 +82,40 @@ def evaluate(
     contenders: Sequence[Contender],
     settings: dict | None = None,
     progress: bool = True,
+    on_task: Callable[[EvaluationResult], None] | None = None,
+    finished: Sequence[TaskResult] = (),
+    finished_seconds: dict[str, float] | None = None,
 ) -> EvaluationResult:
     """Every task over every contender that can serve ``model``, on the same samples (those
-    that cannot are named in ``settings["skipped"]`` with the reason)."""
+    that cannot are named in ``settings["skipped"]`` with the reason). ``on_task`` gets the
+    result so far after each task (the CLI writes it, so a long run that stops keeps its tasks).
+    A task of ``finished`` (an earlier run's results) made with the same settings and contenders
+    is reused, not run again."""
     skipped = {c.name: why for c in contenders if (why := c.refuses(model))}
     for name, why in skipped.items():
         print(f"skipping {name}: {why}", file=sys.stderr)
     contenders = [c for c in contenders if c.name not in skipped]
     settings = {**(settings or {}), **({"skipped": skipped} if skipped else {})}
-    results, seconds = [], {}
-    for task in tasks:
-        start = time.perf_counter()
-        results.append(task.run(model, tokenizer, contenders, progress))
-        seconds[task.name] = time.perf_counter() - start
-    return EvaluationResult(
+    result = EvaluationResult(
         settings=settings,
         environment=environment(model),
         contenders=[describe(c) for c in contenders],
-        tasks=results,
-        seconds=seconds,
+        tasks=[],
     )
+    names = [c.name for c in contenders]
+    for task in tasks:
+        done = next((r for r in finished if r.made_by(task, names)), None)
+        if done is not None:
+            print(f"reusing the finished task {task.name!r} of the earlier run", file=sys.stderr)
+            result.tasks.append(done)
+            result.seconds[task.name] = (finished_seconds or {}).get(task.name, 0.0)
+        else:
+            start = time.perf_counter()
+            result.tasks.append(task.run(model, tokenizer, contenders, progress))
+            result.seconds[task.name] = time.perf_counter() - start
+        if on_task is not None:
+            on_task(result)
+    return result
 
 
 def sweep(

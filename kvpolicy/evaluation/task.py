@@ -31,15 +31,48 @@ class TaskResult:
     rows: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     details: list[dict[str, Any]] = attrs.field(factory=list)
     settings: dict[str, Any] = attrs.field(factory=dict)
+    #: what a generation task's 0-100 score measures (``None``: a teacher-forced proxy)
+    scored_by: str | None = None
 
     def to_dict(self) -> dict:
         return {
             "task": self.task,
+            "scored_by": self.scored_by,
             "settings": self.settings,
             "metrics": [attrs.asdict(m) for m in self.metrics],
             "rows": self.rows,
             "details": self.details,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TaskResult:
+        """The inverse of :meth:`to_dict` (a saved ``results.json`` entry)."""
+        return cls(
+            task=data["task"],
+            metrics=[Metric(**m) for m in data["metrics"]],
+            rows=data["rows"],
+            details=data["details"],
+            settings=data["settings"],
+            scored_by=data.get("scored_by"),
+        )
+
+    def made_by(self, task: Task, contenders: Sequence[str]) -> bool:
+        """Whether this result is what ``task`` would compute for ``contenders`` (same task,
+        same settings, same contenders): a resumed run reuses it instead of running again."""
+        return (
+            self.task == task.name
+            and sorted(self.rows) == sorted(contenders)
+            and all(self.settings.get(k) == v for k, v in _jsonable(task.settings()).items())
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 class Task(ABC):
