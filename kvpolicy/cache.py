@@ -169,6 +169,7 @@ class KVPolicyLayer(CacheLayerMixin):
         self._awaiting_attention = False
         self.key_store.reset()
         self.value_store.reset()
+        self.executor.reset()
         self.row_sinks = None
         self.is_initialized = False
 

@@ -270,6 +270,7 @@ class StaticPolicyLayer(CacheLayerMixin):
         )
         for store in (self.eager.key_store, self.eager.value_store):
             store.fp = store.staging = store.packed = None
+        self.eager.executor.reset()  # its memos of the eager tokens: the ring serves them now
         self.adopted = True
 
     def _adopt_paired(self) -> None:

@@ -72,6 +72,9 @@ def test_every_shipped_policy_generates_and_reports_its_true_bytes(gemma3, long_
             held += 2 * layer.keys.numel() * 4
         else:
             held += sum(sum(store.nbytes().values()) for store in (layer.key_store, layer.value_store))
+            held += layer.executor.nbytes()  # memos of dequantized tokens (partial_logquant's values)
+    rotations = {id(m): m for layer in cache.layers if hasattr(layer, "rotations") for m in layer.rotations()}
+    held += sum(m.numel() * m.element_size() for m in rotations.values())  # shared: counted once
     assert report.total_bytes == held
     assert report.bytes_by_region["sliding_window"] == 15 * 2 * 511 * 256 * 4
     # what a float32 DynamicCache holds for the same tokens: windows for 15 layers, everything for 3

@@ -111,6 +111,9 @@ def test_program_trace_prints_what_python_prints():
     assert task.score(sample, answer, "") == 100.0
     assert task.score(sample, "\n".join(printed[1:]), "") == pytest.approx(95.0)  # one line dropped costs one
     assert task.score(sample, "nothing", "") == 0.0
+    programs = ProgramTrace(samples=4, entries=20, seed=3).build(_ByteTokenizer(), instruct=False)
+    assert len(programs) == 4 and len({len(p.ids) for p in programs}) == 1  # one batch, no padding
+    assert len({p.reference[0] for p in programs}) > 1  # different programs
 
 
 class _ByteTokenizer:

@@ -22,6 +22,8 @@ import attrs
 from kvpolicy.evaluation.generation_task import GenerationTask, Sample, chat_ids
 
 REQUEST = "What does this Python program print? Answer with the printed lines only, with no other text.\n\n```python\n"
+#: programs drawn per sample wanted, to find ``samples`` of one prompt length
+CANDIDATES_PER_SAMPLE = 40
 LOOP = 'for name, code in zip(names, codes):\n    print(f"{name}: {code}")\n'
 
 
@@ -58,12 +60,18 @@ class ProgramTrace(GenerationTask):
             self.max_new_tokens = 8 * self.entries + 16  # a name, ': ', four digits and a newline per line
 
     def build(self, tokenizer, instruct: bool) -> list[Sample]:
+        """``samples`` programs whose prompts have one token count, so that they decode in
+        batches without padding: drawn in order from the seed, the most common length wins."""
         rng = random.Random(self.seed)
-        out = []
-        for i in range(self.samples):
+        by_length: dict[int, list[Sample]] = {}
+        for i in range(CANDIDATES_PER_SAMPLE * self.samples):
             source, printed = program(rng, self.entries)
-            out.append(Sample(f"program{i}", tuple(chat_ids(tokenizer, [REQUEST, source, "```"], instruct)), printed))
-        return out
+            ids = tuple(chat_ids(tokenizer, [REQUEST, source, "```"], instruct))
+            group = by_length.setdefault(len(ids), [])
+            group.append(Sample(f"program{i}", ids, printed))
+            if len(group) == self.samples:
+                return group
+        return max(by_length.values(), key=len)
 
     def score(self, sample: Sample, answer: str, reference_answer: str) -> float:
         got, expected = printed_lines(answer), sample.reference

@@ -72,6 +72,10 @@ class Executor(ABC):
         """Bytes this executor keeps for its layer between steps (memos of dequantized tokens)."""
         return 0
 
+    def reset(self) -> None:
+        """Drop what :meth:`nbytes` counts (the cache was emptied); nothing by default."""
+        return None
+
 
 def select_mask_columns(
     attention_mask: torch.Tensor | None,

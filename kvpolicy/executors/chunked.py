@@ -53,6 +53,9 @@ class ChunkedExecutor(Executor):
     def nbytes(self) -> int:
         return self.pairing.nbytes()
 
+    def reset(self) -> None:
+        self.pairing = Pairing()
+
     def attend(self, module, query, step, attention_mask, scaling=None, **kwargs):
         if in_position_order(step):
             return exact_attention(module, query, step, attention_mask, scaling=scaling, **kwargs)
