@@ -15,12 +15,17 @@ from kvpolicy.evaluation.answer_comparison import answer, compare_answers
 from kvpolicy.evaluation.scoring import looping
 from kvpolicy.models import DEFAULT_MODEL, load_default_model
 from kvpolicy.policy import Policy
-from kvpolicy.registry import get_registry
+from kvpolicy.registry import DEFAULT_PLUGINS, get_registry
 
 pytestmark = pytest.mark.model
 
 NEW_TOKENS = 64  # the CLI's default --max-new-tokens
-QUANTIZING = [name for name in get_registry().names("policy") if name != "full"]
+#: the policies kvpolicy ships (an installed third-party plugin's are not the main job's)
+QUANTIZING = [
+    name
+    for name in get_registry().names("policy")
+    if name != "full" and get_registry().provider("policy", name) in DEFAULT_PLUGINS
+]
 
 
 @pytest.fixture(scope="module")
