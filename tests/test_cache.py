@@ -12,6 +12,7 @@ from transformers import (
 import kvpolicy
 from kvpolicy import KVPolicyCache, Policy
 from kvpolicy.cache import attention_layout
+from kvpolicy.generation import cache_kwargs
 from tests.conftest import tiny_llama
 
 SHIPPED = ["full", "kivi", "logquant", "partial_logquant", "streaming", "sink_kivi"]
@@ -178,7 +179,9 @@ def test_output_attentions_is_refused_not_answered_empty():
     ids = torch.randint(1, 256, (1, 12))
     cache = load_policy("logquant").make_cache(model)
     with pytest.raises(NotSupportedError, match="Generate without output_attentions"):
-        model.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True, cache=cache)
+        model.generate(
+            ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True, **cache_kwargs(cache)
+        )
     with pytest.raises(NotSupportedError, match="set_attn_implementation"):
         model.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
     model.set_attn_implementation("eager")  # what the message says: attentions come back
@@ -221,7 +224,13 @@ def falcon_alibi():
         vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, alibi=True,
         new_decoder_architecture=False, multi_query=True, parallel_attn=True, bias=True, attn_implementation="sdpa",
     )  # fmt: skip
-    return FalconForCausalLM(config).eval()
+    model = FalconForCausalLM(config).eval()
+    try:  # older transformers run Falcon's attention outside AttentionInterface: refused, not served
+        kvpolicy.load_policy("full").make_cache(model)
+    except kvpolicy.UnsupportedModelError as err:
+        pytest.skip(f"this transformers does not route Falcon through AttentionInterface ({err})")
+    model.set_attn_implementation("sdpa")
+    return model
 
 
 def test_full_equals_dynamic_cache_under_an_alibi_float_mask(falcon_alibi):

@@ -10,6 +10,7 @@ import torch
 
 import kvpolicy
 from kvpolicy.errors import NotSupportedError
+from kvpolicy.generation import cache_kwargs
 from kvpolicy.registry import get_registry
 from tests.conftest import tiny_llama
 
@@ -68,7 +69,9 @@ def decoded(model, name: str, cuda_graphs: bool):
         return None
     ids = torch.randint(1, 256, (2, 300), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=40, do_sample=False)
+        model.generate(
+            ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=40, do_sample=False
+        )
     return cache
 
 
@@ -99,7 +102,9 @@ def test_partial_logquant_after_a_short_prompt_reports_its_demotion_on_both_path
         cache = kvpolicy.load_policy("partial_logquant").make_cache(model, cuda_graphs=graphs)
         ids = torch.randint(1, 256, (1, 100), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=4, do_sample=False)
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache), max_new_tokens=4, do_sample=False
+            )
         reports.append(cache.memory())
     assert reports[0].demoted and reports[1].demoted
 
@@ -113,7 +118,11 @@ def test_graph_buffers_are_sized_by_what_the_run_needs(model, name):
         cache = kvpolicy.load_policy(name).make_cache(model, cuda_graphs=True, max_cache_len=max_cache_len)
         with torch.no_grad():
             model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), cache=cache, max_new_tokens=10, do_sample=False
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                **cache_kwargs(cache),
+                max_new_tokens=10,
+                do_sample=False,
             )
         report = cache.memory()
         assert report.total_bytes <= 2.5 * report.dynamic_cache_bytes, (max_cache_len, report.summary())
