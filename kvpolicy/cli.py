@@ -199,14 +199,28 @@ def _cmd_plot_retention(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _bounded_int(allowed, wording: str):
+    """An argparse type: an integer for which ``allowed(value)`` holds, described as ``wording``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wording}, got {text!r}") from None
+        if not allowed(value):
+            raise argparse.ArgumentTypeError(f"expected {wording}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _bounded_int(lambda value: value > 0, "a positive integer")
+_non_negative_int = _bounded_int(lambda value: value >= 0, "an integer >= 0")
+
+
+def _int_between(low: int, high: int):
+    """An argparse type: an integer from ``low`` to ``high``."""
+    return _bounded_int(lambda value: low <= value <= high, f"an integer from {low} to {high}")
 
 
 def _temperature(text: str) -> float:
@@ -216,31 +230,6 @@ def _temperature(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0: greedy), got {text!r}")
-    return value
-
-
-def _int_between(low: int, high: int):
-    """An argparse type: an integer from ``low`` to ``high``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {high}, got {value}")
-        return value
-
-    return parse
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return value
 
 
