@@ -56,7 +56,9 @@ import time
 
 import torch
 
+from benchmarks.hand_loop import LOOPS, run_loop
 from benchmarks.model_bench import LLAMA_8B, sdpa_backends
+from kvpolicy.generation import prefill_chunk_size
 
 SHAPES = {
     "llama-8b": LLAMA_8B,
@@ -64,7 +66,11 @@ SHAPES = {
     "tiny": dict(LLAMA_8B, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
                  num_key_value_heads=2, head_dim=64, vocab_size=1024),
 }  # fmt: skip
-BASELINES = ("dynamic", "static", "static-compiled", "quantized")
+BASELINES = ("dynamic", "static", "static-compiled", "quantized", *LOOPS)
+COMPILED = ("static", "static-compiled", "static-loop")  # compiled on a first, untimed call
+#: the 16-bit contenders each ratio is taken against: the faster of each group at the same batch
+DYNAMIC = ("dynamic", "dynamic-loop")
+STATIC = ("static", "static-compiled", "static-loop")
 DEFAULT_CONTENDERS = (
     "dynamic",
     "static-compiled",
@@ -156,14 +162,16 @@ def run_generate(
     g = torch.Generator().manual_seed(batch * 7919 + context)
     ids = torch.randint(1, model.config.vocab_size, (batch, context), generator=g).to(device)
     mask = torch.ones_like(ids)
-    kwargs = generate_kwargs(name, model, context + new_tokens)
+    kwargs = {} if name in LOOPS else generate_kwargs(name, model, context + new_tokens)
     if prefill_chunk:
         kwargs["prefill_chunk_size"] = prefill_chunk
     saved_forward = model.__dict__.get("forward")  # kvpolicy's CUDA-graph wrapper, when installed
     if name == "static-compiled":
         model.forward = compiled_forward(model)
     try:
-        return _timed_generate(model, ids, mask, new_tokens, device, kwargs)
+        if name in LOOPS:
+            return _timed(ids, device, lambda clock: run_loop(model, name, ids, new_tokens, prefill_chunk, clock))
+        return _timed(ids, device, lambda clock: _generate(model, ids, mask, new_tokens, clock, kwargs))
     finally:
         if saved_forward is not None:
             model.forward = saved_forward
@@ -196,28 +204,36 @@ def compiled_forward(model):
     return forward
 
 
-def _timed_generate(model, ids, mask, new_tokens: int, device: str, kwargs: dict) -> dict:
-    context = ids.shape[1]
+def _generate(model, ids, mask, new_tokens: int, clock, kwargs: dict):
+    """``generate()`` as a user calls it; returns ``(new token ids, cache)``."""
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        streamer=clock, return_dict_in_generate=True, **kwargs,
+    )  # fmt: skip
+    return out.sequences[:, ids.shape[1] :], out.past_key_values
+
+
+def _timed(ids, device: str, call) -> dict:
+    """Times ``call(clock)`` (a ``generate()`` or a hand loop stamping ``clock``): time to
+    first token, every step, peak memory during the prefill and during decoding, KV bytes held."""
     clock = StepClock(device)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-        streamer=clock, return_dict_in_generate=True, **kwargs,
-    )  # fmt: skip
+    tokens, cache = call(clock)
     steps = [b - a for a, b in zip(clock.times[1:], clock.times[2:])]
     result = {
         "ttft_s": clock.times[1] - start,
         "steps_s": steps,
-        "kv_bytes": cache_bytes(out.past_key_values),
-        "generated": int(out.sequences.shape[1] - context),
+        "total_s": clock.times[-1] - start,
+        "kv_bytes": cache_bytes(cache),
+        "generated": int(tokens.shape[1]),
     }
     if device == "cuda":
         result["prefill_peak_bytes"] = clock.prefill_peak
         result["decode_peak_bytes"] = torch.cuda.max_memory_allocated()
-    del out, kwargs
+    del tokens, cache
     return result
 
 
@@ -229,14 +245,16 @@ def release() -> None:
 
 def measure(model, name: str, batch: int, args, new_tokens: int | None = None) -> dict:
     """Timings of ``name`` at ``batch`` (a first untimed call compiles ``static``)."""
-    row = {"contender": name, "batch": batch, "context": args.context, "prefill_chunk": args.prefill_chunk}
+    chunk = args.prefill_chunk
+    if args.tokens_per_forward:
+        chunk = prefill_chunk_size(batch, args.tokens_per_forward)
+    row = {"contender": name, "batch": batch, "context": args.context, "prefill_chunk": chunk}
     try:
-        if name in ("static", "static-compiled") and args.device == "cuda":
+        if name in COMPILED and args.device == "cuda":
             begin = time.perf_counter()
-            run_generate(model, name, batch, args.context, 2 + args.warmup, args.device, args.prefill_chunk)
+            run_generate(model, name, batch, args.context, 2 + args.warmup, args.device, chunk)
             row["first_call_s"] = time.perf_counter() - begin
-        row.update(run_generate(model, name, batch, args.context, new_tokens or args.new_tokens, args.device,
-                                args.prefill_chunk))  # fmt: skip
+        row.update(run_generate(model, name, batch, args.context, new_tokens or args.new_tokens, args.device, chunk))
     except torch.OutOfMemoryError as err:
         row["error"] = f"out of memory: {str(err).splitlines()[0]}"
         release()
@@ -249,6 +267,7 @@ def measure(model, name: str, batch: int, args, new_tokens: int | None = None) -
         row["workload_tokens_per_s"] = (
             batch * args.workload / (row["ttft_s"] + (args.workload - 1) * row["decode_ms"] / 1e3)
         )
+        row["tokens_per_s"] = batch * row["generated"] / row["total_s"]  # measured: prefill and every step
     return row
 
 
@@ -276,16 +295,19 @@ def measure_isolated(shape, name, batch, args) -> dict:
 
 def largest_batch(model, name: str, rows: list[dict], args) -> tuple[dict, dict | None]:
     """The largest batch whose real prefill and decoding fit, and the measurement there:
-    predicted from the peaks at the measured batches (linear in the batch), then measured
-    (``--largest-new-tokens`` tokens), backing off by ``--backoff`` on out-of-memory."""
+    predicted from the peaks at the measured batches (linear in the batch; the per-sequence
+    part scaled to the longer sequences of ``--largest-new-tokens``), then measured with
+    ``--largest-new-tokens`` tokens, backing off by ``--backoff`` on out-of-memory."""
     measured = sorted((r["batch"], max(r["prefill_peak_bytes"], r["decode_peak_bytes"])) for r in rows
                       if r["contender"] == name and "error" not in r and not r.get("largest"))  # fmt: skip
     if len(measured) < 2:
         return {"contender": name, "error": "needs two measured batches to predict from"}, None
     (b0, p0), (b1, p1) = measured[0], measured[-1]
     per_row = max(1.0, (p1 - p0) / (b1 - b0))
+    base = p0 - b0 * per_row  # weights and what does not grow with the batch
+    per_row *= max(1.0, (args.context + args.largest_new_tokens) / (args.context + args.new_tokens))
     total = torch.cuda.get_device_properties(0).total_memory
-    batch = max(1, int((total * args.memory_fraction - (p0 - b0 * per_row)) / per_row))
+    batch = max(1, int((total * args.memory_fraction - base) / per_row))
     found = {"contender": name, "predicted_batch": batch, "per_sequence_bytes": per_row, "tried": []}
     for _ in range(args.tries):
         row = measure(model, name, batch, args, args.largest_new_tokens)
@@ -330,49 +352,75 @@ def floor_ms(row: dict, weights: int | None, bandwidth: float | None) -> float |
     return 1e3 * (weights + row["kv_bytes"]) / bandwidth
 
 
+def fastest(rows: list[dict], group: tuple[str, ...], key: str, higher: bool = False) -> dict | None:
+    """The row of ``group`` with the best ``key`` (lowest, or highest with ``higher``)."""
+    found = [r for r in rows if r["contender"] in group and "error" not in r and r.get(key)]
+    if not found:
+        return None
+    return (max if higher else min)(found, key=lambda r: r[key])
+
+
+def largest_table(largest: list[dict]) -> list[str]:
+    """Each cache at its largest batch: the measured tokens/s of the whole run (prefill and
+    every step), against the faster of DynamicCache's two drivers and of the StaticCache +
+    compile drivers, each at its own largest batch."""
+    dynamic = fastest(largest, DYNAMIC, "tokens_per_s", higher=True)
+    static = fastest(largest, STATIC, "tokens_per_s", higher=True)
+    lines = [
+        f"| contender | largest batch | vs {dynamic['contender'] if dynamic else 'dynamic'} | time to first token "
+        f"| decode ms/step | tokens/s measured | vs {dynamic['contender'] if dynamic else 'dynamic'} "
+        f"| vs {static['contender'] if static else 'static'} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in largest:
+
+        def vs(top, key, r=r):
+            return f"{r[key] / top[key]:.2f}x" if top else "-"
+
+        lines.append(
+            f"| {r['contender']} | {r['batch']} | {vs(dynamic, 'batch')} | {r['ttft_s']:.1f} s | {r['decode_ms']:.1f} "
+            f"| {r['tokens_per_s']:.0f} | {vs(dynamic, 'tokens_per_s')} | {vs(static, 'tokens_per_s')} |"
+        )
+    return lines
+
+
 def table(rows: list[dict], weights: int | None = None, bandwidth: float | None = None) -> str:
-    """Markdown table; ratios against ``dynamic`` at the same batch; the floor (see
-    :func:`floor_ms`) where the weights' bytes and the copy bandwidth are known."""
+    """Markdown table; ratios against the faster of ``dynamic`` (through ``generate()``) and
+    ``dynamic-loop`` (a hand loop) at the same batch, each figure against the better of the two
+    (the decode step also against the fastest StaticCache + compile driver); the floor (see
+    :func:`floor_ms`) where the weights' bytes and the copy bandwidth are known; on CUDA the
+    prefill's peak above the weights and the KV bytes held."""
     largest = [r for r in rows if r.get("largest")]
     rows = [r for r in rows if not r.get("largest")]
-    base = {r["batch"]: r for r in rows if r["contender"] == "dynamic" and "error" not in r}
     lines = [
-        "| contender | batch | time to first token | vs dynamic | decode ms/step | vs dynamic "
-        "| floor ms | step / floor | prefill peak MiB | KV MiB | workload tok/s | vs dynamic |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| contender | batch | time to first token | vs dynamic | decode ms/step | vs dynamic | vs static "
+        "| floor ms | step / floor | prefill peak MiB | over weights+KV MiB | KV MiB | workload tok/s | vs dynamic |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['contender']} | {r['batch']} | {r['error']} | | | | | | | | | |")
+            lines.append(f"| {r['contender']} | {r['batch']} | {r['error']} |" + " |" * 11)
             continue
-        b = base.get(r["batch"])
+        same = [x for x in rows if x["batch"] == r["batch"]]
 
-        def ratio(key, r=r, b=b):
-            return f"{r[key] / b[key]:.2f}x" if b and b.get(key) else "-"
+        def ratio(key, group=DYNAMIC, higher=False, r=r, same=same):
+            b = fastest(same, group, key, higher)
+            return f"{r[key] / b[key]:.2f}x" if b else "-"
 
         peak = r.get("prefill_peak_bytes") or r.get("peak_rss_above_start_bytes")
+        over = "-"
+        if r.get("prefill_peak_bytes") and weights and r.get("kv_bytes"):
+            over = f"{(r['prefill_peak_bytes'] - weights - r['kv_bytes']) / 2**20:.0f}"
         kv = f"{r['kv_bytes'] / 2**20:.1f}" if r.get("kv_bytes") else "-"
         floor = floor_ms(r, weights, bandwidth)
         floors = f"{floor:.1f} | {r['decode_ms'] / floor:.1f}x" if floor else "- | -"
         lines.append(
             f"| {r['contender']} | {r['batch']} | {r['ttft_s']:.2f} s | {ratio('ttft_s')} | {r['decode_ms']:.1f} "
-            f"| {ratio('decode_ms')} | {floors} | {peak / 2**20 if peak else 0:.0f} | {kv} "
-            f"| {r['workload_tokens_per_s']:.1f} | {ratio('workload_tokens_per_s')} |"
+            f"| {ratio('decode_ms')} | {ratio('decode_ms', STATIC)} | {floors} | {peak / 2**20 if peak else 0:.0f} "
+            f"| {over} | {kv} | {r['workload_tokens_per_s']:.1f} | {ratio('workload_tokens_per_s', higher=True)} |"
         )
     if largest:
-        top = next((r for r in largest if r["contender"] == "dynamic"), None)
-        lines += [
-            "",
-            "| contender | largest batch | vs dynamic | decode ms/step | workload tok/s there | vs dynamic |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in largest:
-            vs_batch = f"{r['batch'] / top['batch']:.2f}x" if top else "-"
-            vs_rate = f"{r['workload_tokens_per_s'] / top['workload_tokens_per_s']:.2f}x" if top else "-"
-            lines.append(
-                f"| {r['contender']} | {r['batch']} | {vs_batch} | {r['decode_ms']:.1f} "
-                f"| {r['workload_tokens_per_s']:.1f} | {vs_rate} |"
-            )
+        lines += ["", *largest_table(largest)]
     return "\n".join(lines)
 
 
@@ -393,6 +441,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="SDPA backends (no-cudnn spares the 16-bit baselines cuDNN's per-length re-planning)",
     )
     p.add_argument("--prefill-chunk", type=int, help="generate()'s prefill_chunk_size (default: one prefill forward)")
+    p.add_argument(
+        "--tokens-per-forward",
+        type=int,
+        help="bounded prefill: prefill_chunk_size=kvpolicy.generation.prefill_chunk_size(batch, N) at each batch",
+    )
     p.add_argument("--largest", action="store_true", help="also search each cache's largest batch (CUDA)")
     p.add_argument("--largest-new-tokens", type=int, default=12, help="new tokens timed at the largest batch")
     p.add_argument("--memory-fraction", type=float, default=0.97)
@@ -404,8 +457,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("context", "new_tokens", "workload", "tries", "largest_new_tokens"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.prefill_chunk is not None and args.prefill_chunk <= 0:
-        p.error(f"--prefill-chunk must be positive, got {args.prefill_chunk}")
+    for name in ("prefill_chunk", "tokens_per_forward"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.prefill_chunk and args.tokens_per_forward:
+        p.error("--prefill-chunk and --tokens-per-forward both set the prefill's chunks: give one")
     if min(args.new_tokens, args.largest_new_tokens) <= args.warmup:
         p.error(f"--new-tokens and --largest-new-tokens must exceed --warmup ({args.warmup})")
     return args
@@ -417,7 +473,7 @@ def main(argv=None) -> int:
     shape = SHAPES[args.shape]
     names = [n for n in args.contenders.split(",") if n]
     if args.device != "cuda":
-        names = [n for n in names if n not in ("static", "static-compiled")]  # reduce-overhead: CUDA graphs
+        names = [n for n in names if n not in COMPILED]  # reduce-overhead: CUDA graphs
     batches = [int(b) for b in args.batches.split(",")]
     rows: list[dict] = []
     largest: list[dict] = []

@@ -1,0 +1,115 @@
+"""A batch prefilled in bounded forwards (:func:`kvpolicy.generation.prefill_chunk_size`).
+
+``generate(prefill_chunk_size=prefill_chunk_size(batch))`` keeps every prefill forward at most
+``tokens_per_forward`` tokens over all rows, whatever the batch; each chunk after the first is a
+multi-token step over the filled cache, padded rows included.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvpolicy import Policy, load_policy
+from kvpolicy.generation import TOKENS_PER_FORWARD, cache_kwargs, prefill_chunk_size
+from tests.conftest import tiny_llama
+
+
+@given(batch=st.integers(1, 5000), budget=st.integers(1, 100_000))
+def test_a_forward_holds_at_most_the_budget_and_as_many_tokens_per_row_as_fit(batch, budget):
+    chunk = prefill_chunk_size(batch, budget)
+    assert chunk >= 1
+    if batch <= budget:
+        assert batch * chunk <= budget < batch * (chunk + 1)
+    else:  # more rows than the budget: one token per row, the least a forward can take
+        assert chunk == 1
+
+
+def test_the_default_budget_is_the_documented_one():
+    assert prefill_chunk_size(1) == TOKENS_PER_FORWARD
+    assert prefill_chunk_size(64) == TOKENS_PER_FORWARD // 64
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "wording"),
+    [
+        ({"batch": 0}, "batch must be a positive integer, got 0"),
+        ({"batch": 2.5}, "batch must be a positive integer, got 2.5"),
+        ({"batch": True}, "batch must be a positive integer, got True"),
+        ({"batch": 4, "tokens_per_forward": -8}, "tokens_per_forward must be a positive integer, got -8"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, wording):
+    with pytest.raises(ValueError, match=wording):
+        prefill_chunk_size(**kwargs)
+
+
+def _padded_batch(lengths: list[int], vocab: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``(ids, mask)`` of random prompts of ``lengths`` tokens."""
+    g = torch.Generator().manual_seed(sum(lengths))
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(1, vocab, (n,), generator=g)
+        mask[row, width - n :] = 1
+    return ids, mask
+
+
+def _generate(model, ids, mask, policy: Policy | None, chunk: int | None, new_tokens: int = 6):
+    extra = {} if policy is None else cache_kwargs(policy.make_cache(model))
+    if chunk is not None:
+        extra["prefill_chunk_size"] = chunk
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        output_logits=True, return_dict_in_generate=True, pad_token_id=0, **extra,
+    )  # fmt: skip
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, 1)
+
+
+def _with_executor(name: str, executor: str) -> Policy:
+    policy = load_policy(name)
+    return Policy(attrs.evolve(policy.config, executor=executor), policy.registry)
+
+
+@pytest.mark.parametrize("name", ["kivi", "logquant", "sink_kivi", "streaming"])
+def test_a_padded_batch_prefills_in_forwards_of_bounded_size(name):
+    """Five left-padded prompts of up to 300 tokens, 120 tokens per forward: every prefill
+    forward holds at most 120 tokens, the prompt takes ceil(300 / 24) forwards, and the
+    default executor's logits equal the reference executor's under the same chunks."""
+    model = tiny_llama(seed=3)
+    ids, mask = _padded_batch([300, 260, 181, 300, 97])
+    chunk = prefill_chunk_size(ids.shape[0], tokens_per_forward=120)
+    assert chunk == 24
+    sizes: list[int] = []
+    hook = model.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(math.prod((args[0] if args else kwargs["hidden_states"]).shape[:2])),
+        with_kwargs=True,
+    )
+    try:
+        tokens, logits = _generate(model, ids, mask, _with_executor(name, "auto"), chunk)
+    finally:
+        hook.remove()
+    prefill = [n for n in sizes if n > ids.shape[0]]  # decode steps hold one token per row
+    assert len(prefill) == math.ceil(300 / chunk)  # 12 chunks of 24 tokens per row, one of 12
+    assert len(sizes) == len(prefill) + 5  # then five decode steps
+    assert max(sizes) <= 120
+    want_tokens, want_logits = _generate(model, ids, mask, _with_executor(name, "reference"), chunk)
+    assert torch.allclose(logits, want_logits, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens, want_tokens)
+
+
+def test_a_policy_that_keeps_everything_prefilled_in_chunks_equals_one_dynamic_cache_forward():
+    """``full`` with a chunked prefill gives DynamicCache's one-forward answer on a padded batch."""
+    model = tiny_llama(seed=4)
+    ids, mask = _padded_batch([150, 64, 150, 9])
+    chunk = prefill_chunk_size(ids.shape[0], tokens_per_forward=100)
+    tokens, logits = _generate(model, ids, mask, load_policy("full"), chunk)
+    want_tokens, want_logits = _generate(model, ids, mask, None, None)
+    assert torch.equal(tokens, want_tokens)
+    assert torch.allclose(logits, want_logits, atol=1e-4, rtol=1e-4)
