@@ -17,9 +17,9 @@ import platform
 import torch
 import torch.nn.functional as F
 
-from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
 from kvpolicy.executors.kernels import packed_decode_attention
+from kvpolicy.quantizers.native import NativeQuantizer
 
 
 def bench(fn, warmup=5, reps=30) -> float:

@@ -384,12 +384,18 @@ def largest_table(largest: list[dict]) -> list[str]:
     return lines
 
 
+def prompt_kv_bytes(row: dict) -> float:
+    """The KV bytes held at the end of the prefill, estimated from those held at the end
+    (``kv_bytes``, after ``generated - 1`` more tokens) in proportion to the tokens."""
+    return row["kv_bytes"] * row["context"] / (row["context"] + row.get("generated", 1) - 1)
+
+
 def table(rows: list[dict], weights: int | None = None, bandwidth: float | None = None) -> str:
     """Markdown table; ratios against the faster of ``dynamic`` (through ``generate()``) and
     ``dynamic-loop`` (a hand loop) at the same batch, each figure against the better of the two
     (the decode step also against the fastest StaticCache + compile driver); the floor (see
     :func:`floor_ms`) where the weights' bytes and the copy bandwidth are known; on CUDA the
-    prefill's peak above the weights and the KV bytes held."""
+    prefill's peak above the weights and the KV bytes of the prompt (:func:`prompt_kv_bytes`)."""
     largest = [r for r in rows if r.get("largest")]
     rows = [r for r in rows if not r.get("largest")]
     lines = [
@@ -410,7 +416,7 @@ def table(rows: list[dict], weights: int | None = None, bandwidth: float | None 
         peak = r.get("prefill_peak_bytes") or r.get("peak_rss_above_start_bytes")
         over = "-"
         if r.get("prefill_peak_bytes") and weights and r.get("kv_bytes"):
-            over = f"{(r['prefill_peak_bytes'] - weights - r['kv_bytes']) / 2**20:.0f}"
+            over = f"{(r['prefill_peak_bytes'] - weights - prompt_kv_bytes(r)) / 2**20:.0f}"
         kv = f"{r['kv_bytes'] / 2**20:.1f}" if r.get("kv_bytes") else "-"
         floor = floor_ms(r, weights, bandwidth)
         floors = f"{floor:.1f} | {r['decode_ms'] / floor:.1f}x" if floor else "- | -"

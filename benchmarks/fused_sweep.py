@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 from benchmarks.attention_bench import bench, copy_bandwidth
-from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
 from kvpolicy.executors.kernels import TritonLaunch, packed_decode_attention
 from kvpolicy.executors.kernels.common import cdiv as triton_cdiv
@@ -40,6 +39,7 @@ from kvpolicy.executors.kernels.triton_splits import (
     SPLIT_FACTOR,
     default_groups_per_block,
 )
+from kvpolicy.quantizers.native import NativeQuantizer
 
 SHAPES = [(8, 32768, 64), (32, 32768, 64), (74, 32768, 64), (8, 32768, 32), (32, 4096, 64)]  # batch, tokens, group
 

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     from transformers.cache_utils import DynamicLayer
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from kvpolicy.attention import kvpolicy_attention
+    from kvpolicy.cache.attention import kvpolicy_attention
     from kvpolicy.executors.kernels import decode_attention
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -17,9 +17,9 @@ import argparse
 import torch
 
 from benchmarks.fused_sweep import load_baseline
-from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
 from kvpolicy.executors.kernels import packed_decode_attention
+from kvpolicy.quantizers.native import NativeQuantizer
 
 
 def main() -> None:

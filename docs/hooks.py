@@ -1,6 +1,6 @@
 """mkdocs hooks: pages and pictures generated from the code at build time.
 
-* ``<!-- yaml-reference -->`` in a page is replaced by :func:`kvpolicy.docgen.yaml_reference`.
+* ``<!-- yaml-reference -->`` in a page is replaced by :func:`kvpolicy.tools.docgen.yaml_reference`.
 * ``images/retention-<policy>.png`` is drawn for every registered policy by running its stores.
 * ``<!-- reliability:SECTION -->`` is replaced by a table of ``docs/results/reliability.json``
   (written by the tests, see tests/recording.py).
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mkdocs.structure.files import File
 
-from kvpolicy.docgen import write_retention_pictures, yaml_reference
+from kvpolicy.tools.docgen import write_retention_pictures, yaml_reference
 
 _TMP = tempfile.TemporaryDirectory(prefix="kvpolicy-docs-")
 

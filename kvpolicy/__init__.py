@@ -11,7 +11,7 @@ from kvpolicy.hookspecs import hookimpl
 # The rest loads on first use (PEP 562), so that `kvpolicy --help`, `list` and `show` do not
 # import transformers (seconds) before parsing their arguments.
 _LAZY = {
-    "attach": "kvpolicy.attention",
+    "attach": "kvpolicy.cache.attention",
     "KVPolicyCache": "kvpolicy.cache",
     "KVPolicyLayer": "kvpolicy.cache",
     "MemoryReport": "kvpolicy.cache",
@@ -21,8 +21,8 @@ _LAZY = {
     "TensorSpec": "kvpolicy.config",
     "Policy": "kvpolicy.policy",
     "load_policy": "kvpolicy.policy",
-    "Registry": "kvpolicy.registry",
-    "get_registry": "kvpolicy.registry",
+    "Registry": "kvpolicy.policy.registry",
+    "get_registry": "kvpolicy.policy.registry",
 }
 
 

@@ -40,7 +40,7 @@ TASK_LENGTHS = {
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from kvpolicy.registry import get_registry
+    from kvpolicy.policy.registry import get_registry
 
     registry = get_registry()
     rows = registry.table()
@@ -91,9 +91,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 def _show_layers(policy, args: argparse.Namespace) -> None:
     """Each layer the policy caches on ``args.model``: its keys' and values' quantization."""
-    from kvpolicy.layer_budget import layer_bits, mean_bits, served_layers
-    from kvpolicy.layers import model_layers, model_name
+    from kvpolicy.cache.layers import model_layers, model_name
     from kvpolicy.policy import layer_quant
+    from kvpolicy.policy.layer_budget import layer_bits, mean_bits, served_layers
 
     args.dtype = "float32"
     model, _ = _load_model(args)
@@ -190,7 +190,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_plot_retention(args: argparse.Namespace) -> int:
     from kvpolicy.policy import Policy
-    from kvpolicy.retention import plot_retention
+    from kvpolicy.tools.retention import plot_retention
 
     policy = Policy.load(args.policy)
     output = args.output or f"retention-{policy.name}.png"

@@ -94,7 +94,7 @@ class QuantSpec:
         metadata={"doc": "registered quantizer backend (`kvpolicy list`)"},
     )
     bits: int = attrs.field(
-        default=2, validator=_positive_int("quant.bits"), metadata={"doc": "code width; native: 2, 4 or 8"}
+        default=2, validator=_positive_int("quant.bits"), metadata={"doc": "code width; native: 2, 3, 4 or 8"}
     )
     group_size: int | str = attrs.field(
         default=64,
@@ -269,7 +269,7 @@ class LayerOverride:
     first and last two). ``within_bits``: instead of indices (``at: {earliest_within_bits: 3.0}``),
     the earliest layers the policy serves, as many as keep its mean bits per quantized element
     (keys and values, scales and zeros included) at most this; which layers that is depends on
-    the model and is settled by ``make_cache`` (:mod:`kvpolicy.layer_budget`).
+    the model and is settled by ``make_cache`` (:mod:`kvpolicy.policy.layer_budget`).
     ``keys``/``values``: the fields that change, e.g. ``{quant: {bits: 4}}`` or
     ``{retain: [{type: all}]}`` (16-bit); ``quant`` merges field by field, ``retain`` and
     ``demote`` replace."""

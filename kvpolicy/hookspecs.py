@@ -6,7 +6,7 @@ A plugin is any module or object with functions named like these hooks, decorate
     [project.entry-points.kvpolicy]
     my_plugin = "my_package.plugin"
 
-Built-ins are registered through these very hooks (:mod:`kvpolicy.builtins`).
+Built-ins are registered through these very hooks (:mod:`kvpolicy.policy.builtins`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def kvpolicy_executors() -> list[type]:
 
 @hookspec
 def kvpolicy_layers() -> list[type]:
-    """Return :class:`~kvpolicy.layers.LayerFactory` subclasses (named by ``name``): each builds
+    """Return :class:`~kvpolicy.cache.layers.LayerFactory` subclasses (named by ``name``): each builds
     the cache layer of the transformers layer types it ``serves``."""
 
 

@@ -21,9 +21,9 @@ import json
 
 import torch
 
-from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
 from kvpolicy.executors.kernels import TritonLaunch, decode_attention, packed_decode_attention
+from kvpolicy.quantizers.native import NativeQuantizer
 
 # batch, kv heads, query heads per kv head, head dim, tokens, key bits, value bits, key group,
 # value group, padded, splits

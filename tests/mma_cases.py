@@ -12,9 +12,9 @@ import itertools
 
 import torch
 
-from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
 from kvpolicy.executors.kernels import launch_settings, packed_decode_attention
+from kvpolicy.quantizers.native import NativeQuantizer
 
 # batch, kv heads, query heads per kv head, tokens, key group, value group, padded, paired by rows, splits, dtype
 CASES = [

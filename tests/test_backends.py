@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
 from kvpolicy.errors import ConfigError, MissingDependencyError
 from kvpolicy.policy import Policy
-from kvpolicy.registry import get_registry
+from kvpolicy.policy.registry import get_registry
+from kvpolicy.quantizers.native import NativeQuantizer
 from tests.conftest import tiny_llama
 
 BACKENDS = ["quanto", "hqq"]
@@ -100,10 +100,10 @@ def test_policy_with_backend_generates_and_reports_packed_bytes(name):
     assert report.bytes_by_region["codes"] > 0 and report.ratio < 0.6
 
 
-@pytest.mark.parametrize(("backend", "bits"), [("quanto", 8), ("quanto", 3), ("hqq", 8), ("native", 3), ("native", 16)])
+@pytest.mark.parametrize(("backend", "bits"), [("quanto", 8), ("quanto", 3), ("hqq", 8), ("native", 5), ("native", 16)])
 def test_bits_a_backend_cannot_do_are_refused_when_the_policy_loads(backend, bits):
     """Refused by the policy itself, before any model is loaded (no library needed either)."""
-    allowed = {"quanto": r"2 \| 4", "hqq": r"2 \| 4", "native": r"2 \| 4 \| 8"}[backend]
+    allowed = {"quanto": r"2 \| 4", "hqq": r"2 \| 4", "native": r"2 \| 3 \| 4 \| 8"}[backend]
     with pytest.raises(ConfigError, match=rf"keys.quant.bits: got {bits}; allowed: {allowed} for backend '{backend}'"):
         Policy.from_dict(
             {
@@ -147,8 +147,8 @@ def _hqq_kivi(**options) -> dict:
 
 def test_backend_options_come_from_the_policy_and_change_what_is_packed():
     pytest.importorskip("hqq")
-    from kvpolicy.backends.hqq import HQQQuantizer
     from kvpolicy.config import QuantSpec
+    from kvpolicy.quantizers.hqq import HQQQuantizer
 
     x = torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(0))
     backend = HQQQuantizer()
@@ -194,7 +194,7 @@ def test_a_bad_native_option_is_named_with_the_accepted_ones(options, says):
 
 def _group_errors(x: torch.Tensor, spec) -> torch.Tensor:
     """Squared reconstruction error of each group of ``x`` ``[B, H, n, D]`` under ``spec``."""
-    from kvpolicy.backends.native import NativeQuantizer
+    from kvpolicy.quantizers.native import NativeQuantizer
 
     err = (NativeQuantizer().quantize(x, spec).dequantize() - x).square()
     b, h, n, d = x.shape
@@ -214,8 +214,8 @@ def _group_errors(x: torch.Tensor, spec) -> torch.Tensor:
 def test_the_mse_fit_never_reconstructs_a_group_worse_than_min_max(bits, axis, outliers, seed):
     """``fit: mse`` tries min/max itself among its candidates, so no group's error can grow; the
     packed format (codes, scale and zero shapes and dtypes) is the one the kernels read."""
-    from kvpolicy.backends.native import NativeQuantizer
     from kvpolicy.config import QuantSpec
+    from kvpolicy.quantizers.native import NativeQuantizer
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 2, 64, 32, generator=g)

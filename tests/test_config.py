@@ -41,7 +41,7 @@ def test_each_shipped_policy_is_one_yaml_file_of_its_plugin_package():
     """One source per policy: the registry's configs are the plugin packages' own files."""
     registry = get_registry()
     root = Path(__file__).parent.parent
-    files = {p.stem: p for p in root.glob("kvpolicy*/policies/*.yaml")}
+    files = {p.stem: p for p in root.glob("kvpolicy*/**/policies/*.yaml")}
     shipped = {
         "full",
         "kivi",

@@ -15,9 +15,9 @@ import torch
 from kvpolicy import Policy, load_policy
 from kvpolicy.errors import ConfigError, NotSupportedError
 from kvpolicy.generation import cache_kwargs
-from kvpolicy.ring_schedule import NOTHING_LEFT, PairedRingSchedule, RingSchedule
-from kvpolicy.rotation import unwrap_rotation
-from kvpolicy.static_cache import StaticPolicyCache, StaticPolicyLayer, build_static_cache, graph_refusal
+from kvpolicy.graphs.ring_schedule import NOTHING_LEFT, PairedRingSchedule, RingSchedule
+from kvpolicy.graphs.static_cache import StaticPolicyCache, StaticPolicyLayer, build_static_cache, graph_refusal
+from kvpolicy.quantizers.rotation import unwrap_rotation
 from tests.conftest import tiny_llama
 from tests.test_cache import left_padded_batch
 
@@ -234,7 +234,7 @@ def test_auto_is_eager_on_a_cpu_and_says_why_a_policy_is_not_served(model):
     """``make_cache(model)`` on a CPU builds the eager cache; ``graph_refusal`` names what the
     replayed step does not serve and passes what it does."""
     from kvpolicy.cache import KVPolicyCache
-    from kvpolicy.layers import model_layers
+    from kvpolicy.cache.layers import model_layers
 
     cache = load_policy("logquant").make_cache(model)
     assert type(cache) is KVPolicyCache and not load_policy("logquant").graphs_serve(model)
@@ -299,7 +299,7 @@ def test_beam_search_is_refused(model):
 
 def _auto(model, name: str) -> StaticPolicyCache:
     """What ``make_cache(model)`` builds on CUDA (``cuda_graphs="auto"``), built on this CPU."""
-    from kvpolicy.layers import model_layers
+    from kvpolicy.cache.layers import model_layers
 
     policy = load_policy(name)
     return build_static_cache(policy, model, model_layers(model), None, fallback=True)

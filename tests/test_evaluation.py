@@ -22,7 +22,7 @@ from kvpolicy.evaluation.humaneval import passes, read_problems, truncate
 from kvpolicy.evaluation.passkey import Passkey, build_prompt
 from kvpolicy.evaluation.scoring import edit_similarity
 from kvpolicy.policy import Policy
-from kvpolicy.registry import get_registry
+from kvpolicy.policy.registry import get_registry
 from tests.conftest import tiny_llama
 
 

@@ -162,8 +162,8 @@ def test_chunked_executor_matches_reference(kinds, prefill, decode, batch, group
 
 @pytest.mark.parametrize("kinds", [("kivi", "kivi"), ("log", "kivi")])
 def test_chunked_executor_never_materializes_the_whole_cache(monkeypatch, kinds):
-    from kvpolicy.backends.native import NativePacked
     from kvpolicy.executors import ChunkedExecutor
+    from kvpolicy.quantizers.native import NativePacked
     from kvpolicy.store import TensorView
 
     def refuse(self):

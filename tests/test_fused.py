@@ -202,9 +202,9 @@ def test_ptx_unpacking_constants_give_every_code_exactly(bits):
 
 
 def test_groups_per_block_must_be_one_two_or_four():
-    from kvpolicy.backends.native import NativeQuantizer
     from kvpolicy.config import QuantSpec
     from kvpolicy.executors.kernels import MmaLaunch, TritonLaunch, packed_decode_attention
+    from kvpolicy.quantizers.native import NativeQuantizer
 
     backend = NativeQuantizer()
     keys = backend.quantize(torch.randn(1, 1, 64, 64), QuantSpec(bits=2, group_size=64, axis="channel"))
@@ -318,9 +318,9 @@ def test_pair_unpacking_constants_give_every_code(mode):
 
 
 def test_kernel_choice_names_the_allowed_kernels():
-    from kvpolicy.backends.native import NativeQuantizer
     from kvpolicy.config import QuantSpec
     from kvpolicy.executors.kernels import packed_splits
+    from kvpolicy.quantizers.native import NativeQuantizer
 
     backend = NativeQuantizer()
     keys = backend.quantize(torch.randn(1, 1, 64, 128), QuantSpec(bits=2, group_size=64, axis="channel"))

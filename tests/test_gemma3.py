@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpolicy
-from kvpolicy.sliding import SlidingWindowLayer
+from kvpolicy.cache.sliding import SlidingWindowLayer
 from tests.test_smollm2 import real_text
 
 pytestmark = pytest.mark.model

@@ -17,7 +17,7 @@ from kvpolicy.evaluation.scoring import edit_similarity, looping, paired_interva
 from kvpolicy.evaluation.shared_prefill import generate_from, prefill_rows, trim
 from kvpolicy.evaluation.summarization import Summarization
 from kvpolicy.generation import cache_kwargs
-from kvpolicy.registry import get_registry
+from kvpolicy.policy.registry import get_registry
 from tests.conftest import tiny_llama
 
 SHIPPED = get_registry().names("policy")
@@ -54,9 +54,7 @@ def test_rows_stop_where_their_own_rule_holds(model):
     source, first = prefill_rows(model, ids)
     full = generate_from(model, contender.make_cache(model), source, ids, first, 12)
     stop_at = {tuple(full[0][:3]), tuple(full[1][:5])}
-    rows = generate_from(
-        model, contender.make_cache(model), source, ids, first, 12, stop=lambda t: tuple(t) in stop_at
-    )
+    rows = generate_from(model, contender.make_cache(model), source, ids, first, 12, stop=lambda t: tuple(t) in stop_at)
     assert rows == [full[0][:3], full[1][:5]]
     assert trim([5, 6, 7, 8], None, eos=[7]) == [5, 6]
 

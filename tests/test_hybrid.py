@@ -16,10 +16,10 @@ from transformers import DynamicCache
 
 import kvpolicy
 from kvpolicy import Policy
+from kvpolicy.cache.layers import LayerFactory, model_layers
+from kvpolicy.cache.sliding import SlidingWindowLayer
 from kvpolicy.errors import ConfigError, NotSupportedError, UnsupportedModelError
 from kvpolicy.generation import cache_kwargs
-from kvpolicy.layers import LayerFactory, model_layers
-from kvpolicy.sliding import SlidingWindowLayer
 from tests.test_cache import greedy, left_padded_batch
 
 WINDOW = 16

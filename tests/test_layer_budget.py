@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 
 from kvpolicy import Policy
+from kvpolicy.cache.layers import LayerSpec, model_layers, normalized_key_layers
 from kvpolicy.config import QuantSpec
 from kvpolicy.errors import ConfigError
-from kvpolicy.layer_budget import layer_bits, mean_bits, served_layers, settle_layers
-from kvpolicy.layers import LayerSpec, model_layers, normalized_key_layers
 from kvpolicy.policy import layer_quant
-from kvpolicy.rotation import RotatingBackend
+from kvpolicy.policy.layer_budget import layer_bits, mean_bits, served_layers, settle_layers
+from kvpolicy.quantizers.rotation import RotatingBackend
 from tests.conftest import TINY, tiny_llama
 from tests.test_cache import greedy, left_padded_batch
 
@@ -222,7 +222,7 @@ def test_logquant_mixed_replays_on_cuda_as_it_decodes_eagerly_and_near_the_refer
     tokens) and against the reference executor (logits to bf16 rounding)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kvpolicy.static_cache import StaticPolicyCache
+    from kvpolicy.graphs.static_cache import StaticPolicyCache
     from tests.test_cuda_graphs import _generate, _prompt, assert_same_but_for_bf16_ties
 
     torch.manual_seed(0)

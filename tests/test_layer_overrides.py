@@ -7,8 +7,8 @@ import torch
 from transformers import DynamicCache
 
 from kvpolicy import Policy
-from kvpolicy.backends.native import NativePacked
 from kvpolicy.errors import ConfigError
+from kvpolicy.quantizers.native import NativePacked
 from tests.conftest import tiny_llama
 from tests.test_cache import greedy, left_padded_batch
 

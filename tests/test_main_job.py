@@ -15,7 +15,7 @@ from kvpolicy.evaluation.answer_comparison import answer, compare_answers
 from kvpolicy.evaluation.scoring import looping
 from kvpolicy.models import DEFAULT_MODEL, load_default_model
 from kvpolicy.policy import Policy
-from kvpolicy.registry import DEFAULT_PLUGINS, get_registry
+from kvpolicy.policy.registry import DEFAULT_PLUGINS, get_registry
 
 pytestmark = pytest.mark.model
 

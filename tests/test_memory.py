@@ -11,7 +11,7 @@ import torch
 import kvpolicy
 from kvpolicy.errors import NotSupportedError
 from kvpolicy.generation import cache_kwargs
-from kvpolicy.registry import get_registry
+from kvpolicy.policy.registry import get_registry
 from tests.conftest import tiny_llama
 
 SHIPPED = get_registry().names("policy")

@@ -118,7 +118,7 @@ def test_second_turn_matches_float64(name, first, second, batch, groups, padded,
 def test_multi_token_steps_hold_no_score_matrix_and_no_whole_cache(monkeypatch):
     """Every piece of a second turn goes through the SDPA kernels (never the float32 score
     path), and the packed region is dequantized ``chunk_tokens`` at a time, never whole."""
-    from kvpolicy.backends.native import NativePacked
+    from kvpolicy.quantizers.native import NativePacked
     from kvpolicy.store import TensorView
 
     layer = Policy.from_dict(

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpolicy.backends.native import NativeQuantizer, pack_codes, unpack_codes
 from kvpolicy.config import QuantSpec
 from kvpolicy.errors import ConfigError
+from kvpolicy.quantizers.native import NativeQuantizer, pack_codes, unpack_codes
 
 backend = NativeQuantizer()
 

@@ -89,10 +89,10 @@ def _latents_slip(monkeypatch) -> None:
     """A family kvpolicy has no rule for, whose attention reads tensors derived from what the
     cache returned (DeepSeek V3 with its latent-attention check taken away): the step after
     the first is refused instead of attending the new tokens alone."""
-    import kvpolicy.layers
+    import kvpolicy.cache.layers
 
-    full = [kvpolicy.layers.LayerSpec(i, "full_attention", 2, 16, None, 2) for i in range(2)]
-    monkeypatch.setattr(kvpolicy.layers, "model_layers", lambda model: full)
+    full = [kvpolicy.cache.layers.LayerSpec(i, "full_attention", 2, 16, None, 2) for i in range(2)]
+    monkeypatch.setattr(kvpolicy.cache.layers, "model_layers", lambda model: full)
     model = _deepseek_v3()
     model.generate(torch.ones(1, 6, dtype=torch.long), max_new_tokens=3,
                    **cache_kwargs(Policy.load("full").make_cache(model)))  # fmt: skip

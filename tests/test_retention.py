@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvpolicy import Policy, load_policy
-from kvpolicy.retention import EVICTED, FULL, QUANTIZED, STAGED, UNSEEN, retention_matrix
+from kvpolicy.tools.retention import EVICTED, FULL, QUANTIZED, STAGED, UNSEEN, retention_matrix
 
 
 def test_logquant_matrix_matches_its_selector():

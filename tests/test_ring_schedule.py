@@ -1,4 +1,4 @@
-"""Property tests of the ring schedules (``kvpolicy.ring_schedule``): the host bookkeeping of
+"""Property tests of the ring schedules (``kvpolicy.graphs.ring_schedule``): the host bookkeeping of
 the CUDA-graph cache, replayed next to the eager stores for random prompts and step counts.
 
 After every step: the schedule's positions equal the eager stores' in every region; every
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpolicy import Policy, load_policy
-from kvpolicy.ring_schedule import PairedRingSchedule, schedule_for
+from kvpolicy.graphs.ring_schedule import PairedRingSchedule, schedule_for
 
 HEAD_DIM = 64
 

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpolicy import Policy
-from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
 from kvpolicy.errors import ConfigError
-from kvpolicy.rotation import RotatingBackend, hadamard
+from kvpolicy.quantizers.native import NativeQuantizer
+from kvpolicy.quantizers.rotation import RotatingBackend, hadamard
 from kvpolicy.selectors import WindowSelector
 from kvpolicy.store import TensorStore
 from tests.test_cache import greedy, left_padded_batch
@@ -181,8 +181,8 @@ def _qk_norm_models():
 
 @pytest.mark.parametrize("family", list(_qk_norm_models()))
 def test_rotate_auto_leaves_keys_of_qk_norm_models_unrotated_whatever_the_norm_is_called(family):
+    from kvpolicy.cache.layers import model_layers
     from kvpolicy.config import QuantSpec
-    from kvpolicy.layers import model_layers
     from kvpolicy.policy import layer_quant
 
     specs = model_layers(_qk_norm_models()[family]())

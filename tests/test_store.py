@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpolicy.backends.native import NativeQuantizer
 from kvpolicy.config import QuantSpec
 from kvpolicy.policy import Policy
+from kvpolicy.quantizers.native import NativeQuantizer
 from kvpolicy.selectors import LogSelector, SinkSelector, UnionSelector, WindowSelector
 from kvpolicy.store import TensorStore
 from tests.test_executor import FakeAttention, naive_attention

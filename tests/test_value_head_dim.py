@@ -16,9 +16,9 @@ from transformers import DynamicCache
 
 import kvpolicy
 from kvpolicy import Policy
+from kvpolicy.cache.layers import model_layers
 from kvpolicy.errors import ConfigError
 from kvpolicy.evaluation.agreement import greedy_agreement
-from kvpolicy.layers import model_layers
 from tests.test_cache import greedy, left_padded_batch
 
 KEY_DIM, VALUE_DIM = 64, 32

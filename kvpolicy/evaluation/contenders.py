@@ -16,7 +16,7 @@ import attrs
 import torch
 from transformers.cache_utils import Cache, DynamicCache, QuantizedCache
 
-from kvpolicy.cache import KVPolicyCache
+from kvpolicy.cache.policy_cache import KVPolicyCache
 from kvpolicy.errors import ConfigError, MissingDependencyError
 from kvpolicy.evaluation.matching import at_budget
 from kvpolicy.policy import Policy
@@ -44,7 +44,7 @@ def policy_contender(policy: Policy, budget: int | None = None, bits: int | None
     def refuses(model: torch.nn.Module) -> str | None:
         """A policy whose settings this model cannot take (a bit budget below its own bits
         after ``--bits``): the error, so the run skips it and goes on."""
-        from kvpolicy.layers import model_layers, model_name
+        from kvpolicy.cache.layers import model_layers, model_name
 
         try:
             policy.for_model(model_layers(model), model_name(model))
@@ -65,7 +65,7 @@ def hf_quantized_contender(bits: int = 2, residual_length: int = 128, name: str 
         return QuantizedCache(backend="quanto", config=model.config, nbits=bits, residual_length=residual_length)
 
     def refuses(model: torch.nn.Module) -> str | None:
-        from kvpolicy.layers import layer_types
+        from kvpolicy.cache.layers import layer_types
 
         other = sorted(set(layer_types(model.config)) - {"full_attention"})
         if other:
@@ -128,7 +128,7 @@ def held_ratio(cache: Cache, model: torch.nn.Module) -> float:
     if isinstance(cache, KVPolicyCache):
         report = cache.memory()
         return report.total_bytes / report.dynamic_cache_bytes if report.dynamic_cache_bytes else 0.0
-    from kvpolicy.layers import model_layers
+    from kvpolicy.cache.layers import model_layers
 
     layers = [layer for layer in cache.layers if layer.is_initialized]
     if not layers:
@@ -142,11 +142,11 @@ def held_ratio(cache: Cache, model: torch.nn.Module) -> float:
 
 def bits_per_element(contender: Contender, model: torch.nn.Module) -> float:
     """Bits per quantized element on ``model``, scales and zero-points included: the mean over
-    the layers a policy serves (:func:`~kvpolicy.layer_budget.mean_bits`; 16 for ``full``,
+    the layers a policy serves (:func:`~kvpolicy.policy.layer_budget.mean_bits`; 16 for ``full``,
     0 for evicted tokens), or what ``QuantizedCache`` stores per element of a 256-token prefill."""
     if contender.policy is not None:
-        from kvpolicy.layer_budget import mean_bits, served_layers
-        from kvpolicy.layers import model_layers, model_name
+        from kvpolicy.cache.layers import model_layers, model_name
+        from kvpolicy.policy.layer_budget import mean_bits, served_layers
 
         specs = model_layers(model)
         settled = contender.policy.for_model(specs, model_name(model))
@@ -154,7 +154,7 @@ def bits_per_element(contender: Contender, model: torch.nn.Module) -> float:
         if not served:
             return 16.0
         return mean_bits({s.index: settled.for_layer(s.index, s.num_layers) for s in served}, served)
-    from kvpolicy.cache import attention_layout
+    from kvpolicy.cache.policy_cache import attention_layout
 
     _, kv_heads, head_dim = attention_layout(model)
     cache = contender.make_cache(model)
@@ -168,7 +168,7 @@ def replay_nbytes(contender: Contender, model: torch.nn.Module, prefill: int, st
     """Bytes the contender's cache holds after a prefill of ``prefill`` tokens and ``steps``
     single-token updates with ``dtype`` keys/values (what a 16-bit deployment holds),
     next to a 16-bit ``DynamicCache`` after the same updates."""
-    from kvpolicy.cache import attention_layout
+    from kvpolicy.cache.policy_cache import attention_layout
 
     num_layers, kv_heads, head_dim = attention_layout(model)
     cache = contender.make_cache(model)

@@ -15,7 +15,7 @@ import attrs
 from kvpolicy.config import PolicyConfig, SelectorSpec, TensorSpec
 from kvpolicy.errors import ConfigError
 from kvpolicy.policy import Policy
-from kvpolicy.registry import Registry, get_registry, parameter_names
+from kvpolicy.policy.registry import Registry, get_registry, parameter_names
 
 
 def _selectors(spec: TensorSpec, registry: Registry) -> list:

@@ -1,6 +1,6 @@
 """Per-layer attention-output error against exact attention over the original keys/values.
 
-:func:`attach_probes` wraps each layer's executor of a :class:`~kvpolicy.cache.KVPolicyCache`.
+:func:`attach_probes` wraps each layer's executor of a :class:`~kvpolicy.cache.policy_cache.KVPolicyCache`.
 The wrapper keeps a full-precision shadow of every key/value the layer has seen and, at
 each decode step, also computes exact attention for the same query over the shadow. The
 relative L1 error ``sum|o - o*| / sum|o*|`` of the layer's output is recorded: the error
@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from transformers.cache_utils import DynamicCache
 
-from kvpolicy.cache import KVPolicyCache
+from kvpolicy.cache.policy_cache import KVPolicyCache
 from kvpolicy.executors import AttentionStep, Executor, ReferenceExecutor
 from kvpolicy.store import TensorView
 

@@ -21,7 +21,7 @@ from kvpolicy.store import TensorView
 from kvpolicy.transfer import to_device
 
 if TYPE_CHECKING:
-    from kvpolicy.row_sinks import RowSinks
+    from kvpolicy.store.row_sinks import RowSinks
 
 
 @attrs.frozen

@@ -19,7 +19,7 @@ from kvpolicy.executors.base import allowed_columns
 from kvpolicy.executors.chunked import ChunkedExecutor
 from kvpolicy.executors.kernels import common, decode
 from kvpolicy.executors.kernels.common import fusable, gluon_available, power_of_two, triton_available
-from kvpolicy.rotation import rotate, rotate_back, unwrap_rotation
+from kvpolicy.quantizers.rotation import rotate, rotate_back, unwrap_rotation
 
 KERNEL_CHOICES = ("auto", *decode.KERNEL_NAMES)
 
@@ -37,7 +37,7 @@ class FusedExecutor(ChunkedExecutor):
     (:func:`~kvpolicy.executors.kernels.packed_splits`) and one that attends the full-precision
     tokens (kept, staged, new) and merges both into the output
     (:func:`~kvpolicy.executors.kernels.decode_attention`). Supports the native backend with
-    keys per-channel and values per-token (KIVI's layout), rotated or not (:mod:`kvpolicy.rotation`:
+    keys per-channel and values per-token (KIVI's layout), rotated or not (:mod:`kvpolicy.quantizers.rotation`:
     the step runs in the rotated space), 2/4/8 bits, key groups of 16 tokens
     or more, value groups that divide the head dimension, bf16/fp16/fp32 (see :func:`fusable`).
     Keys and values stored in different orders are paired first
@@ -75,7 +75,7 @@ class FusedExecutor(ChunkedExecutor):
             return super().attend_regions(query, regions, step, attention_mask, scaling)
         b, _, _, d = query.shape
         scaling = scaling if scaling is not None else d**-0.5
-        # rotated codes are read as they are: the step runs in the rotated space (kvpolicy.rotation)
+        # rotated codes are read as they are: the step runs in the rotated space (kvpolicy.quantizers.rotation)
         full = [(rotate(k, key_rotation), rotate(v, value_rotation))
                 for k, v in (*regions.full_precision, (step.new_keys, step.new_values))]  # fmt: skip
         query = rotate(query, key_rotation)

@@ -17,8 +17,9 @@ from typing import ClassVar
 
 import torch
 
-from kvpolicy.backends.native import NativePacked
 from kvpolicy.quantizers import Packed
+from kvpolicy.quantizers.native import NativePacked
+from kvpolicy.quantizers.rotation import power_of_two
 
 
 class PackedKernel(ABC):
@@ -49,7 +50,8 @@ class PackedKernel(ABC):
 
 
 def fusable(grouped: torch.Tensor, keys: Packed, values: Packed, paired_by_rows: bool = False) -> bool:
-    """Whether the packed region is in the layout the kernels read: native packing, keys
+    """Whether the packed region is in the layout the kernels read: native packing in a
+    width that divides 8 (2, 4 or 8 bits), keys
     per-channel in groups of 16 tokens or more (powers of two), values per-token, a
     power-of-two head dimension, at least 16 bytes of codes per token row, and as many keys
     as values unless they are ``paired_by_rows``."""
@@ -59,6 +61,8 @@ def fusable(grouped: torch.Tensor, keys: Packed, values: Packed, paired_by_rows:
     return (
         keys.axis == "channel"
         and values.axis == "token"
+        and 8 % keys.bits == 0
+        and 8 % values.bits == 0
         and power_of_two(d)
         and d * keys.bits // 8 >= 16
         and d * values.bits // 8 >= 16
@@ -108,10 +112,6 @@ def split_tokens(
         splits = max(1, min(cdiv(n, block_n), cdiv(split_factor * sms, rows)))
     tokens_per_split = cdiv(cdiv(n, splits), block_n) * block_n
     return cdiv(n, tokens_per_split), tokens_per_split
-
-
-def power_of_two(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
 
 
 def cdiv(a: int, b: int) -> int:

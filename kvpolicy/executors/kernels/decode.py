@@ -8,10 +8,10 @@ import math
 
 import torch
 
-from kvpolicy.backends.native import NativePacked
 from kvpolicy.executors.kernels.common import PackedKernel, next_power_of_2
 from kvpolicy.executors.kernels.mma_splits import MmaSplits
 from kvpolicy.executors.kernels.triton_splits import NUM_WARPS, TritonSplits, device_kernels
+from kvpolicy.quantizers.native import NativePacked
 
 #: the packed-region kernels, asked in this order whether they serve a step (adding a
 #: kernel: one module with a :class:`PackedKernel`, and its entry here)

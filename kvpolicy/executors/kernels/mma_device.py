@@ -149,7 +149,7 @@ def channel(j: gl.constexpr, k):
     Tile ``j`` joins outputs ``j - j % 2, j - j % 2 + 1`` of ``unpack(.., half=j % 2)``
     (:func:`key_tile`, :func:`value_tile`): plane ``j // 2`` of bytes ``2*(j%2) + k // 8`` of
     word ``k % 8``, and byte ``y`` of word ``w`` plane ``i`` holds channel ``4w + y + 32i``
-    (:func:`kvpolicy.backends.native.pack_codes`)."""
+    (:func:`kvpolicy.quantizers.native.pack_codes`)."""
     return 4 * (k % 8) + 2 * (j % 2) + k // 8 + 32 * (j // 2)
 
 

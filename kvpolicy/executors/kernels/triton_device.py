@@ -6,7 +6,7 @@ and new, read in place) and merges them with the slices by log-sum-exp into the 
 output (:func:`kvpolicy.executors.kernels.decode_attention`); ``merge_splits`` merges the slices alone
 (:func:`kvpolicy.executors.kernels.packed_decode_attention`, the packed region's ``(o, lse)``).
 
-Codes are packed in planes (:func:`kvpolicy.backends.native.pack_codes`): the ``i``-th code of
+Codes are packed in planes (:func:`kvpolicy.quantizers.native.pack_codes`): the ``i``-th code of
 the ``W`` bytes of a token row holds channels ``i*W .. (i+1)*W - 1``. A tile of bytes
 ``[BLOCK_N, W]`` is read once and yields ``8 // bits`` tiles of codes, each a contiguous
 slice of channels, so nothing is reshaped or reordered in registers.

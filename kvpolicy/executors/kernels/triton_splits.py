@@ -2,7 +2,7 @@
 
 One program handles one (batch row, KV head) and a contiguous slice of the packed tokens:
 it reads the 2/4/8-bit codes once, unpacks them plane by plane (see
-:func:`kvpolicy.backends.native.pack_codes`) and keeps an online softmax for all query heads
+:func:`kvpolicy.quantizers.native.pack_codes`) and keeps an online softmax for all query heads
 that share the KV head (GQA without copying). Key scales are folded into the query and
 value scales into the probabilities, so codes go to the matrix units as they are; nothing
 is written to memory in 16-bit. It serves every :func:`~kvpolicy.executors.kernels.common.fusable`

@@ -11,9 +11,9 @@ from typing import ClassVar
 
 import torch
 
-from kvpolicy.backends.row_packed import RowPacked, RowPackedBackend, as_grouped, from_grouped
 from kvpolicy.config import QuantSpec
 from kvpolicy.errors import MissingDependencyError
+from kvpolicy.quantizers.row_packed import RowPacked, RowPackedBackend, as_grouped, from_grouped
 
 
 def _quanto():

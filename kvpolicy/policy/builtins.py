@@ -1,20 +1,20 @@
 """The built-in plugin: core selectors, the native/quanto/hqq quantizers, the executors, the
 layer factories (full attention, sliding windows) and ``full``.
 
-Registered by :class:`~kvpolicy.registry.Registry` through the same hooks as any plugin.
+Registered by :class:`~kvpolicy.policy.registry.Registry` through the same hooks as any plugin.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from kvpolicy.backends.hqq import HQQQuantizer
-from kvpolicy.backends.native import NativeQuantizer
-from kvpolicy.backends.quanto import QuantoQuantizer
+from kvpolicy.cache.layers import BUILTIN_LAYER_FACTORIES
 from kvpolicy.config import policy_files
 from kvpolicy.executors import AutoExecutor, ChunkedExecutor, FusedExecutor, FusedTritonExecutor, ReferenceExecutor
 from kvpolicy.hookspecs import hookimpl
-from kvpolicy.layers import BUILTIN_LAYER_FACTORIES
+from kvpolicy.quantizers.hqq import HQQQuantizer
+from kvpolicy.quantizers.native import NativeQuantizer
+from kvpolicy.quantizers.quanto import QuantoQuantizer
 from kvpolicy.selectors import BUILTIN_SELECTORS
 
 

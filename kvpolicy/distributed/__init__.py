@@ -21,7 +21,7 @@ from pathlib import Path
 import attrs
 import torch
 
-from kvpolicy.cache import KVPolicyCache, MemoryReport
+from kvpolicy.cache.policy_cache import KVPolicyCache, MemoryReport
 from kvpolicy.errors import UnsupportedModelError
 
 #: NVLink multicast off in NCCL, PyTorch symmetric memory and NVSHMEM. Set in every
@@ -92,7 +92,7 @@ def load_tensor_parallel(path: str | Path, dtype: torch.dtype = torch.bfloat16):
 
 @attrs.frozen
 class RankedMemory:
-    """Each rank's :class:`~kvpolicy.cache.MemoryReport` (rank order) and their sum."""
+    """Each rank's :class:`~kvpolicy.cache.policy_cache.MemoryReport` (rank order) and their sum."""
 
     per_rank: tuple[MemoryReport, ...]
 

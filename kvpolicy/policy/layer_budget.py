@@ -19,16 +19,26 @@ KIVI at 2 bits in groups of 32 (keys and values) is 3.0 bits per element.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import attrs
 
-from kvpolicy.config import LayerOverride
+from kvpolicy.cache.layers import LayerSpec, PolicyLayers, factory_for
+from kvpolicy.config import LayerOverride, PolicyConfig
 from kvpolicy.errors import ConfigError
 
-if TYPE_CHECKING:
-    from kvpolicy.layers import LayerSpec
-    from kvpolicy.policy import Policy
+
+class Policy(Protocol):
+    """What the budget reads of a :class:`kvpolicy.policy.Policy` (which settles itself
+    through this module, so this module does not import it)."""
+
+    config: PolicyConfig
+    registry: object
+    section: str
+    overrides: list
+
+    def budget(self) -> dict[str, int | None]: ...
+
 
 #: bits of a token kept in full precision (a 16-bit deployment)
 FULL_PRECISION_BITS = 16.0
@@ -59,8 +69,6 @@ def mean_bits(policies: dict[int, Policy], specs: Sequence[LayerSpec]) -> float:
 
 def served_layers(policy: Policy, specs: Sequence[LayerSpec], model_name: str) -> list[LayerSpec]:
     """The layers ``policy`` caches itself (those its ``policy`` layer factory builds)."""
-    from kvpolicy.layers import PolicyLayers, factory_for
-
     factories = policy.registry.layer_factories()
     return [
         s
@@ -74,8 +82,6 @@ def settle_layers(policy: Policy, specs: Sequence[LayerSpec], model_name: str = 
     a model of ``specs`` (entries naming indices keep theirs; a budgeted entry never takes a
     layer one of them names, nor one an earlier budgeted entry took). An entry whose budget is
     below the policy's mean bits before it takes any layer is refused, naming both."""
-    from kvpolicy.policy import Policy
-
     config = policy.config
     if not config.budgeted:
         return policy
@@ -108,4 +114,4 @@ def settle_layers(policy: Policy, specs: Sequence[LayerSpec], model_name: str = 
         taken.update(layers)
         if layers:
             settled.append(attrs.evolve(override, at=layers, within_bits=None))
-    return Policy(attrs.evolve(config, layers=settled), policy.registry, policy.section)
+    return type(policy)(attrs.evolve(config, layers=settled), policy.registry, policy.section)

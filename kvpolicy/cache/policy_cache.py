@@ -13,11 +13,11 @@ import attrs
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from kvpolicy import attention
+from kvpolicy.cache import attention
 from kvpolicy.errors import CacheMismatchError, NotSupportedError
 from kvpolicy.executors import AttentionStep, Executor
-from kvpolicy.row_sinks import RowSinks
 from kvpolicy.store import TensorStore, aligned
+from kvpolicy.store.row_sinks import RowSinks
 
 
 @attrs.frozen
@@ -233,7 +233,7 @@ class KVPolicyLayer(CacheLayerMixin):
 class KVPolicyCache(Cache):
     """A transformers ``Cache`` built from a :class:`~kvpolicy.policy.Policy`: one layer per
     decoder layer, a :class:`KVPolicyLayer` for full attention and, in a hybrid model, a
-    :class:`~kvpolicy.sliding.SlidingWindowLayer` for each sliding-window layer."""
+    :class:`~kvpolicy.cache.sliding.SlidingWindowLayer` for each sliding-window layer."""
 
     def __init__(self, layers: list, policy_name: str = ""):
         super().__init__(layers=layers)
@@ -243,7 +243,7 @@ class KVPolicyCache(Cache):
         """Raise :class:`NotSupportedError` if a layer's update of the last forward never reached the
         ``"kvpolicy"`` attention function (the model transformed the cache's output first, so it
         attended something the cache did not hold). Called after every forward of a model that
-        ``make_cache`` attached (see :func:`kvpolicy.attention.attach`)."""
+        ``make_cache`` attached (see :func:`kvpolicy.cache.attention.attach`)."""
         missed = [i for i, layer in enumerate(self.layers) if getattr(layer, "_awaiting_attention", False)]
         for layer in self.layers:
             layer._awaiting_attention = False
@@ -295,8 +295,8 @@ def _layer_geometry(layer) -> tuple[tuple[int, int, int], torch.dtype]:
 
 def attention_layout(model) -> tuple[int, int, int]:
     """``(num_layers, num_kv_heads, head_dim)`` of a decoder-only model, or a clear refusal
-    (see :func:`kvpolicy.layers.model_layers` for every layer's type and window)."""
-    from kvpolicy.layers import model_layers
+    (see :func:`kvpolicy.cache.layers.model_layers` for every layer's type and window)."""
+    from kvpolicy.cache.layers import model_layers
 
     specs = model_layers(model)
     return len(specs), specs[0].kv_heads, specs[0].head_dim

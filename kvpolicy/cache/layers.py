@@ -6,7 +6,7 @@ transformers names each decoder layer's attention in ``config.layer_types``
 :class:`LayerFactory` objects, registered like selectors and executors
 (the ``kvpolicy_layers`` hook):
 
-* ``policy`` serves ``full_attention``: the policy's own :class:`~kvpolicy.cache.KVPolicyLayer`.
+* ``policy`` serves ``full_attention``: the policy's own :class:`~kvpolicy.cache.policy_cache.KVPolicyLayer`.
 * ``window`` serves ``sliding_attention`` and ``chunked_attention``: the last ``window``
   tokens in full precision, exactly what transformers' sliding layer holds (a window of 512
   tokens is small next to a long context, and these layers never need older tokens).
@@ -19,7 +19,7 @@ refused with the model type and the type named, never cached as if it were full 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import attrs
 
@@ -27,8 +27,6 @@ from kvpolicy.errors import UnsupportedModelError
 
 if TYPE_CHECKING:
     from transformers.cache_utils import CacheLayerMixin
-
-    from kvpolicy.policy import Policy
 
 
 @attrs.frozen
@@ -54,15 +52,26 @@ class LayerSpec:
     normalized_keys: bool = False
 
 
+class LayerPlan(Protocol):
+    """What a layer factory is handed for one decoder layer: the policy settled for that layer
+    (a :class:`~kvpolicy.policy.Policy`, its ``layers`` section applied), which builds the
+    policy's own cache layer."""
+
+    def new_layer(
+        self, head_dim: int, model_config=None, value_head_dim: int | None = None, normalized_keys: bool = False
+    ) -> CacheLayerMixin: ...
+
+
 class LayerFactory:
-    """Builds the cache layer of a decoder layer whose type is in :attr:`serves`."""
+    """Builds the cache layer of a decoder layer whose type is in :attr:`serves`, from the
+    layer's plan (:class:`LayerPlan`) and what the layer caches (:class:`LayerSpec`)."""
 
     #: the name a policy's ``layer_types`` section uses for this factory
     name: ClassVar[str] = ""
     #: transformers layer types this factory can cache exactly
     serves: ClassVar[tuple[str, ...]] = ()
 
-    def build(self, policy: Policy, spec: LayerSpec, model_config=None) -> CacheLayerMixin:
+    def build(self, plan: LayerPlan, spec: LayerSpec, model_config=None) -> CacheLayerMixin:
         raise NotImplementedError
 
 
@@ -73,8 +82,8 @@ class PolicyLayers(LayerFactory):
     name = "policy"
     serves = ("full_attention",)
 
-    def build(self, policy: Policy, spec: LayerSpec, model_config=None) -> CacheLayerMixin:
-        return policy.for_layer(spec.index, spec.num_layers).new_layer(
+    def build(self, plan: LayerPlan, spec: LayerSpec, model_config=None) -> CacheLayerMixin:
+        return plan.new_layer(
             spec.head_dim, model_config, value_head_dim=spec.value_head_dim, normalized_keys=spec.normalized_keys
         )
 
@@ -85,8 +94,8 @@ class WindowLayers(LayerFactory):
     name = "window"
     serves = ("sliding_attention", "chunked_attention")
 
-    def build(self, policy: Policy, spec: LayerSpec, model_config=None) -> CacheLayerMixin:
-        from kvpolicy.sliding import SlidingWindowLayer
+    def build(self, plan: LayerPlan, spec: LayerSpec, model_config=None) -> CacheLayerMixin:
+        from kvpolicy.cache.sliding import SlidingWindowLayer
 
         return SlidingWindowLayer(spec.window)
 

@@ -2,7 +2,7 @@
 leaves the full-precision set at each decode step.
 
 A :class:`RingSchedule` is shared by the layers of one retention schedule
-(:mod:`kvpolicy.static_cache`). It runs the eager store's own code over one-channel
+(:mod:`kvpolicy.graphs.static_cache`). It runs the eager store's own code over one-channel
 placeholders (a :class:`~kvpolicy.store.TensorStore` whose backend only counts), so the
 static layers hold exactly the tokens eager decoding holds; after each step it says, as a
 :class:`Booking`, which ring slots the layers pack and which they free. A

@@ -5,7 +5,7 @@ before Python has issued the next layer's (``benchmarks/profile_step.py``). tran
 ``StaticCache`` answers that with ``torch.compile(mode="reduce-overhead")``; kvpolicy captures
 the step itself instead, because a policy's bookkeeping (which tokens stay, which are
 packed) is host logic that a compiled graph cannot hold, while the step's device work, on
-:class:`~kvpolicy.static_cache.StaticPolicyLayer` buffers, has the same shapes and pointers
+:class:`~kvpolicy.graphs.static_cache.StaticPolicyLayer` buffers, has the same shapes and pointers
 at every step.
 
 ``policy.make_cache(model)`` on a CUDA model (``cuda_graphs="auto"``, where the step serves the
@@ -14,7 +14,7 @@ policy and model) or ``make_cache(model, cuda_graphs=True)`` builds static layer
 first decode step the tokens move into the static buffers, and that step is run once to warm
 up (Triton compiles its kernels then) and captured; every later step copies the new token id
 and its position into the captured inputs, replays the graph and books the token on the host
-(:class:`~kvpolicy.ring_schedule.RingSchedule`), packing a block eagerly when one is complete
+(:class:`~kvpolicy.graphs.ring_schedule.RingSchedule`), packing a block eagerly when one is complete
 (and capturing again when the packed buffers had to grow). On a CPU the same steps run
 eagerly (no graph), which is how CI checks them against eager decoding.
 """
@@ -33,8 +33,8 @@ _IGNORED = {"attention_mask", "position_ids", "cache_position", "use_cache", "re
 def stores_refusal(policy_name: str, keys, values, max_cache_len: int | None) -> str | None:
     """Why the replayed step cannot serve a layer whose key and value stores are ``keys`` and
     ``values`` (:class:`~kvpolicy.store.TensorStore`; ``None``: it can)."""
-    from kvpolicy.backends.native import NativeQuantizer
-    from kvpolicy.rotation import unrotated_backend
+    from kvpolicy.quantizers.native import NativeQuantizer
+    from kvpolicy.quantizers.rotation import unrotated_backend
     from kvpolicy.store import aligned
 
     if not aligned(keys, values):

@@ -28,7 +28,7 @@ from kvpolicy.errors import ConfigError, UnknownNameError
 KINDS = ("selector", "quantizer", "executor", "layer", "policy")
 #: the plugins kvpolicy ships, ``{plugin name: module}``, registered in this order before any entry point
 DEFAULT_PLUGINS = {
-    "kvpolicy": "kvpolicy.builtins",
+    "kvpolicy": "kvpolicy.policy.builtins",
     "kvpolicy_logquant": "kvpolicy_logquant.plugin",
     "kvpolicy_kivi": "kvpolicy_kivi.plugin",
     "kvpolicy_streaming": "kvpolicy_streaming.plugin",

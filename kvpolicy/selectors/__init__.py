@@ -103,7 +103,7 @@ class Selector(ABC):
     @property
     def sinks(self) -> int:
         """How many first tokens are kept for good (attention sinks). In a left-padded batch
-        the cache places each row's own first real tokens there (see :mod:`kvpolicy.row_sinks`)."""
+        the cache places each row's own first real tokens there (see :mod:`kvpolicy.store.row_sinks`)."""
         return 0
 
 

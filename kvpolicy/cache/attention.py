@@ -126,17 +126,16 @@ def attach(model) -> None:
 
 def _check_attended(model, args, kwargs, output) -> None:
     """After a forward: every kvpolicy cache layer that was updated handed its step to the
-    attention function (else the model attended tensors the cache never held)."""
-    from kvpolicy.cache import KVPolicyCache
-
+    attention function (else the model attended tensors the cache never held). A kvpolicy
+    cache is known by its ``check_attended`` (this module sits below :mod:`kvpolicy.cache`)."""
     for key in ("cache", "past_key_values"):
-        cache = kwargs.get(key)
-        if isinstance(cache, KVPolicyCache):
-            cache.check_attended(getattr(model.config, "model_type", type(model).__name__))
+        check = getattr(kwargs.get(key), "check_attended", None)
+        if check is not None:
+            check(getattr(model.config, "model_type", type(model).__name__))
 
 
 def _no_interface(model, kept: str, err: BaseException | None) -> str:
-    from kvpolicy.layers import model_name
+    from kvpolicy.cache.layers import model_name
 
     reason = f" ({str(err).splitlines()[0]})" if err else ""
     return (

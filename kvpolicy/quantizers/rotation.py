@@ -26,6 +26,12 @@ import torch
 from kvpolicy.config import QuantSpec
 from kvpolicy.quantizers import Packed, QuantizerBackend
 
+
+def power_of_two(x: int) -> bool:
+    """Whether ``x`` is a positive power of two (the head sizes a Hadamard rotation serves)."""
+    return x > 0 and x & (x - 1) == 0
+
+
 #: the random signs are fixed: a cache's rotation is the same in every run and every layer
 SEED = 0x5EED
 
@@ -36,8 +42,6 @@ def hadamard(d: int, seed: int = SEED) -> torch.Tensor:
     of Sylvester's Hadamard matrix, scaled by ``1/sqrt(d)``. ``d`` must be a power of two.
     Made once per ``(d, seed)``: every store rotating by it shares the one matrix (never
     written to), so a cache holds one copy, not one per layer."""
-    from kvpolicy.executors.kernels.common import power_of_two
-
     if not power_of_two(d):
         raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim (it is {d})")
     h = torch.ones(1, 1)

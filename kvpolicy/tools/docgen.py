@@ -11,7 +11,7 @@ from pathlib import Path
 import attrs
 
 from kvpolicy.config import PolicyConfig, QuantSpec, TensorSpec
-from kvpolicy.registry import Registry, get_registry, parameter_names
+from kvpolicy.policy.registry import Registry, get_registry, parameter_names
 
 
 def _default(field: attrs.Attribute) -> str:
@@ -74,7 +74,7 @@ def yaml_reference(registry: Registry | None = None) -> str:
 def write_retention_pictures(folder: str | Path, steps: int = 400, registry: Registry | None = None) -> list[Path]:
     """One PNG per registered policy, named ``retention-<policy>.png``."""
     from kvpolicy.policy import Policy
-    from kvpolicy.retention import plot_retention
+    from kvpolicy.tools.retention import plot_retention
 
     registry = registry or get_registry()
     paths = []

@@ -235,7 +235,7 @@ class TensorStore:
 
     def rotations(self) -> list[torch.Tensor]:
         """The rotation matrices this store's backend keeps (shared between stores: counted once
-        per cache by :meth:`~kvpolicy.cache.KVPolicyCache.memory`)."""
+        per cache by :meth:`~kvpolicy.cache.policy_cache.KVPolicyCache.memory`)."""
         matrices = getattr(self.backend, "matrices", None)
         return matrices() if matrices is not None else []
 

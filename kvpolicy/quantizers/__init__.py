@@ -2,7 +2,7 @@
 
 A backend turns a full-precision block ``x`` of shape ``[B, H, n, D]`` into a packed
 object (the :class:`Packed` protocol) and back. The backends live in
-:mod:`kvpolicy.backends`: ``native`` (pure torch, :mod:`kvpolicy.backends.native`),
+:mod:`kvpolicy.quantizers`: ``native`` (pure torch, :mod:`kvpolicy.quantizers.native`),
 ``quanto`` and ``hqq``.
 
 * ``axis="token"`` (per-token, values): groups of ``group_size`` channels within a token.

@@ -19,12 +19,12 @@ import attrs
 
 from kvpolicy.config import PolicyConfig, QuantSpec, SelectorSpec, TensorSpec
 from kvpolicy.errors import ConfigError
-from kvpolicy.registry import Registry, get_registry
+from kvpolicy.policy.registry import Registry, get_registry
 from kvpolicy.selectors import Selector, UnionSelector
 from kvpolicy.store import TensorStore
 
 if TYPE_CHECKING:  # the cache and the attention bridge import transformers: loaded on use
-    from kvpolicy.cache import KVPolicyCache, KVPolicyLayer
+    from kvpolicy.cache.policy_cache import KVPolicyCache, KVPolicyLayer
 
 #: tokens packed at a time when no side needs per-channel groups (amortizes packing)
 DEFAULT_BLOCK = 32
@@ -128,7 +128,7 @@ class Policy:
         from CUDA graphs or eagerly, and why (checked on a 128-channel layer of the policy)."""
         import torch
 
-        from kvpolicy.cuda_graphs import stores_refusal
+        from kvpolicy.graphs.cuda_graphs import stores_refusal
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device != "cuda":
@@ -229,7 +229,7 @@ class Policy:
             backend = self.registry.quantizer(quant.backend)
             backend.validate(quant, head_dim, f"{self.section}{section}.quant")
             if quant.rotate == "hadamard":
-                from kvpolicy.rotation import RotatingBackend, hadamard
+                from kvpolicy.quantizers.rotation import RotatingBackend, hadamard
 
                 try:
                     backend = RotatingBackend(backend, hadamard(head_dim))
@@ -240,10 +240,10 @@ class Policy:
         return TensorStore(selector, spec.demote, quant, backend, self.demote_block())
 
     def for_model(self, specs, model_name: str = "this model") -> Policy:
-        """This policy on a model of ``specs`` (:class:`~kvpolicy.layers.LayerSpec` per decoder
+        """This policy on a model of ``specs`` (:class:`~kvpolicy.cache.layers.LayerSpec` per decoder
         layer): itself, or, where a ``layers`` entry picks its layers by a bit budget, a policy
-        naming the layers it takes (:func:`~kvpolicy.layer_budget.settle_layers`)."""
-        from kvpolicy.layer_budget import settle_layers
+        naming the layers it takes (:func:`~kvpolicy.policy.layer_budget.settle_layers`)."""
+        from kvpolicy.policy.layer_budget import settle_layers
 
         return settle_layers(self, specs, model_name)
 
@@ -255,7 +255,7 @@ class Policy:
                 "layers",
                 [o.to_dict()["at"] for o in self.config.layers],
                 "layer indices here: a policy with a bit-budgeted entry is settled for a model first "
-                "(policy.for_model(kvpolicy.layers.model_layers(model)); make_cache does it)",
+                "(policy.for_model(kvpolicy.cache.layers.model_layers(model)); make_cache does it)",
             )
         override = self.config.override_of(layer, num_layers)
         return self if override is None else self.overrides[override]
@@ -269,7 +269,7 @@ class Policy:
         ``normalized_keys``: whether the layer normalizes keys per head (QK-norm), which
         ``rotate: auto`` leaves unrotated.
         """
-        from kvpolicy.cache import KVPolicyLayer
+        from kvpolicy.cache.policy_cache import KVPolicyLayer
 
         return KVPolicyLayer(
             key_store=self._store(self.config.keys, "keys", head_dim, normalized_keys),
@@ -282,8 +282,8 @@ class Policy:
         """Whether ``make_cache(model)`` decodes from CUDA graphs (``cuda_graphs="auto"``): the
         model on one CUDA device outside tensor parallelism, the policy's executor ``auto``,
         Triton present, and a policy and model the replayed step serves."""
-        from kvpolicy.layers import model_layers
-        from kvpolicy.static_cache import graph_refusal
+        from kvpolicy.cache.layers import model_layers
+        from kvpolicy.graphs.static_cache import graph_refusal
 
         if not self._graphs_possible(model):
             return False
@@ -300,17 +300,17 @@ class Policy:
         model keeps working with a plain ``DynamicCache`` afterwards.
 
         ``cuda_graphs``: whether decode steps are replayed from a CUDA graph, on layers whose
-        buffers are allocated once (:mod:`kvpolicy.cuda_graphs`). ``"auto"`` (the default):
+        buffers are allocated once (:mod:`kvpolicy.graphs.cuda_graphs`). ``"auto"`` (the default):
         where the model sits on one CUDA device, the policy's executor is ``auto`` and the
-        replayed step serves the policy and the model (:func:`~kvpolicy.static_cache.graph_refusal`);
+        replayed step serves the policy and the model (:func:`~kvpolicy.graphs.static_cache.graph_refusal`);
         a call it does not serve (a padded batch, beam search) then runs eagerly. ``True``: always,
         refusing what it does not serve (on a CPU the same steps run eagerly, for tests).
         ``False``: never. ``max_cache_len``: the most tokens the graph path holds (the prompt plus
         the new tokens); ``None``: its buffers grow as decoding fills them.
         """
-        from kvpolicy import attention
-        from kvpolicy.cache import KVPolicyCache
-        from kvpolicy.layers import factory_for, model_layers, model_name
+        from kvpolicy.cache import attention
+        from kvpolicy.cache.layers import factory_for, model_layers, model_name
+        from kvpolicy.cache.policy_cache import KVPolicyCache
 
         if not (cuda_graphs is True or cuda_graphs is False or cuda_graphs == "auto"):
             raise ConfigError("cuda_graphs", cuda_graphs, "True, False or 'auto'")
@@ -321,7 +321,7 @@ class Policy:
             cuda_graphs = False
         if cuda_graphs:
             from kvpolicy.errors import NotSupportedError
-            from kvpolicy.static_cache import build_static_cache
+            from kvpolicy.graphs.static_cache import build_static_cache
 
             self.config.check_layer_indices(len(specs))
             try:
@@ -334,7 +334,7 @@ class Policy:
         builders = {s.type: factory_for(s.type, self.config.layer_types, factories, name) for s in specs}
         self.config.check_layer_indices(len(specs))  # before the model is touched
         attention.attach(model)
-        layers = [builders[s.type].build(self, s, model.config) for s in specs]
+        layers = [builders[s.type].build(self.for_layer(s.index, s.num_layers), s, model.config) for s in specs]
         if all(s.type in ("sliding_attention", "chunked_attention") for s in specs) and not self.config.layer_types:
             warnings.warn(
                 f"every layer of {name} is a sliding-window or chunked layer (window {specs[0].window}): "
@@ -351,7 +351,7 @@ def layer_quant(quant: QuantSpec, head_dim: int, normalized_keys: bool = False) 
     ``none`` where the layer normalizes keys per head (QK-norm: a rotation spreads the few
     channels whose learned norm weights carry the keys' variation, measured 4-6x kivi's error
     on Gemma 3) or ``head_dim`` is not a power of two, else ``hadamard``."""
-    from kvpolicy.executors.kernels.common import power_of_two
+    from kvpolicy.quantizers.rotation import power_of_two
 
     changes: dict = {}
     if quant.group_size != quant.group_for(head_dim):

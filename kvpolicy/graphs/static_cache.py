@@ -1,6 +1,6 @@
 """Preallocated cache layers whose decode step has static shapes (for CUDA-graph decoding).
 
-An eager :class:`~kvpolicy.cache.KVPolicyLayer` replaces its tensors at every step, so each
+An eager :class:`~kvpolicy.cache.policy_cache.KVPolicyLayer` replaces its tensors at every step, so each
 step's kernels see new shapes and pointers and the host must issue them one by one. A
 :class:`StaticPolicyLayer` holds the same tokens in buffers allocated once:
 
@@ -13,8 +13,9 @@ step's kernels see new shapes and pointers and the host must issue them one by o
 A decode step writes the new token into the slot chosen beforehand (its index lives on the
 device) and attends the whole ring and the whole packed capacity under the two biases: the
 same kernels on the same buffers at every step, so the step can be captured once and
-replayed (:mod:`kvpolicy.cuda_graphs`). Between steps the host books the token
-(:class:`~kvpolicy.ring_schedule.RingSchedule`): which tokens the policy keeps, stages, packs or evicts is decided by
+replayed (:mod:`kvpolicy.graphs.cuda_graphs`). Between steps the host books the token
+(:class:`~kvpolicy.graphs.ring_schedule.RingSchedule`): which tokens the policy keeps, stages, packs
+or evicts is decided by
 the eager store's own code (a :class:`~kvpolicy.store.TensorStore` over one-channel
 placeholders), so the graph path holds exactly the tokens, at exactly the precision, that
 eager decoding holds. Packing a block quantizes its ring slots into the packed buffers
@@ -23,7 +24,7 @@ eager decoding holds. Packing a block quantizes its ring slots into the packed b
 Multi-token steps (the prefill, a chunked prefill, a new turn) run through the eager layer;
 at the first one-token step its stores' state is copied into the buffers (:meth:`adopt`).
 Served: models whose every layer is full attention, policies whose keys and values are
-retained alike or paired (:class:`~kvpolicy.ring_schedule.PairedRingSchedule`), native
+retained alike or paired (:class:`~kvpolicy.graphs.ring_schedule.PairedRingSchedule`), native
 quantization, rotated or not (the buffers hold the rotated codes; the step rotates the query,
 the ring and the output), batches without padding. Built with
 ``cuda_graphs=True`` anything else is refused; built by ``cuda_graphs="auto"`` (the default on
@@ -39,13 +40,12 @@ import attrs
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from kvpolicy import attention
-from kvpolicy.backends.native import NativePacked
-from kvpolicy.cache import KVPolicyCache, MemoryReport
-from kvpolicy.cuda_graphs import stores_refusal
+from kvpolicy.cache import attention
+from kvpolicy.cache.policy_cache import KVPolicyCache, MemoryReport
 from kvpolicy.errors import ConfigError, NotSupportedError
 from kvpolicy.executors import partial as pa
-from kvpolicy.ring_schedule import (
+from kvpolicy.graphs.cuda_graphs import stores_refusal
+from kvpolicy.graphs.ring_schedule import (
     Booking,
     PairedBooking,
     PairedRingSchedule,
@@ -53,7 +53,8 @@ from kvpolicy.ring_schedule import (
     copy_bookkeeping,
     schedule_for,
 )
-from kvpolicy.rotation import as_stored, backend_rotation, rotate, rotate_back, unwrap_rotation
+from kvpolicy.quantizers.native import NativePacked
+from kvpolicy.quantizers.rotation import as_stored, backend_rotation, rotate, rotate_back, unwrap_rotation
 from kvpolicy.transfer import indices_to
 
 
@@ -72,7 +73,7 @@ class StaticAttention:
     """Attention of a static layer's decode step: the ring and the packed capacity under their
     biases. On CUDA the fused decode kernels (two launches, fixed shapes); elsewhere the same
     sums in float32 (:mod:`kvpolicy.executors.partial`). Where a side is rotated
-    (:mod:`kvpolicy.rotation`) the step runs in the rotated space: the query and the ring's
+    (:mod:`kvpolicy.quantizers.rotation`) the step runs in the rotated space: the query and the ring's
     keys by the keys' matrix, the ring's values by the values', the output rotated back."""
 
     name = "static"
@@ -514,8 +515,8 @@ _BATCH_FIXED = (
 
 
 class StaticPolicyCache(KVPolicyCache):
-    """A :class:`~kvpolicy.cache.KVPolicyCache` of :class:`StaticPolicyLayer` objects, decoded
-    through :class:`~kvpolicy.cuda_graphs.GraphedDecoding` (its :attr:`decoding`).
+    """A :class:`~kvpolicy.cache.policy_cache.KVPolicyCache` of :class:`StaticPolicyLayer` objects, decoded
+    through :class:`~kvpolicy.graphs.cuda_graphs.GraphedDecoding` (its :attr:`decoding`).
 
     ``fallback``: what to do with a call the replayed step does not serve (a padded batch, a
     multi-token step after decoding, beam search's reorders): ``False`` refuses it
@@ -526,7 +527,7 @@ class StaticPolicyCache(KVPolicyCache):
 
     def __init__(self, layers: list[StaticPolicyLayer], policy_name: str = "", fallback: bool = False):
         super().__init__(layers, policy_name=policy_name)
-        from kvpolicy.cuda_graphs import GraphedDecoding
+        from kvpolicy.graphs.cuda_graphs import GraphedDecoding
 
         self.decoding = GraphedDecoding(self)
         self.fallback = fallback
@@ -641,7 +642,7 @@ def _eager_layers(policy, model, specs) -> list:
 
 
 def _refusal(policy, model, specs, eager_layers, max_cache_len: int | None) -> str | None:
-    from kvpolicy.layers import model_name
+    from kvpolicy.cache.layers import model_name
 
     sliding = sorted({s.type for s in specs if s.type != "full_attention"})
     if sliding:
@@ -665,7 +666,7 @@ def build_static_cache(policy, model, specs, max_cache_len: int | None, fallback
     """``policy.make_cache(model, cuda_graphs=True)``: one static layer per decoder layer,
     sharing a :class:`RingSchedule` per retention schedule; refuses what the replayed step
     cannot serve. ``fallback``: see :class:`StaticPolicyCache` (``cuda_graphs="auto"``)."""
-    from kvpolicy import cuda_graphs
+    from kvpolicy.graphs import cuda_graphs
 
     if max_cache_len is not None and (
         not isinstance(max_cache_len, int) or isinstance(max_cache_len, bool) or max_cache_len < 1

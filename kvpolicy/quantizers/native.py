@@ -2,7 +2,9 @@
 
 One scale and one zero (the low end of the group's range) per group, codes bit-packed into
 ``uint8`` along the head dimension (four 2-bit codes per byte, in planes: see
-:func:`pack_codes`); the format the fused GPU kernels read. The range is the group's min and
+:func:`pack_codes`; 3-bit codes as a 2-bit and a 1-bit plane, no bit wasted); the format the
+fused GPU kernels read (2, 4 and 8 bits; 3-bit codes are read by the chunked and reference
+executors, and the fused kernels decline them). The range is the group's min and
 max (``options: {fit: minmax}``, the default) or, with ``fit: mse``, each end pulled towards
 the group's mean by the factors of :data:`MSE_SHRINK` chosen per group for the least squared
 error (:func:`mse_range`): a few extreme values no longer widen every step of a 2-bit grid.
@@ -25,15 +27,27 @@ from kvpolicy.errors import ConfigError
 from kvpolicy.quantizers import BackendOption, QuantizerBackend
 from kvpolicy.transfer import to_device
 
+#: code widths that are split into planes of widths dividing 8 (``3 = 2 + 1``)
+SPLIT_BITS = {3: (2, 1)}
+
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes in ``[0, 2**bits)`` along the last dim into uint8 (``8 // bits`` per byte).
+    """Pack integer codes in ``[0, 2**bits)`` along the last dim into uint8: ``d * bits // 8``
+    bytes per row of ``d`` codes.
 
     Planar layout: with ``W = d * bits // 8`` bytes, byte ``j`` holds channels ``j, j + W,
     j + 2W, ...`` at bit offsets ``0, bits, 2 * bits, ...``. Unpacking the ``i``-th code of every
     byte of a row therefore yields the contiguous channels ``i*W .. (i+1)*W - 1``, which is
     what lets the fused kernel work on whole channel slices without reordering.
+
+    A width that does not divide 8 (3 bits) is stored as bit planes (:data:`SPLIT_BITS`): the
+    low 2 bits of every code packed as 2-bit codes (``d // 4`` bytes), then the high bit as
+    1-bit codes (``d // 8`` bytes), each plane in the layout above.
     """
+    if bits in SPLIT_BITS:
+        low, high = SPLIT_BITS[bits]
+        codes = codes.to(torch.uint8)
+        return torch.cat([pack_codes(codes & ((1 << low) - 1), low), pack_codes(codes >> low, high)], dim=-1)
     per_byte = 8 // bits
     *lead, d = codes.shape
     planes = codes.to(torch.uint8).reshape(*lead, per_byte, d // per_byte)
@@ -42,7 +56,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`; returns uint8 codes with the last dim ``8 // bits`` times longer."""
+    """Inverse of :func:`pack_codes`; returns uint8 codes, ``packed.shape[-1] * 8 // bits`` per row."""
+    if bits in SPLIT_BITS:
+        low, high = SPLIT_BITS[bits]
+        d = packed.shape[-1] * 8 // bits
+        low_bytes = d * low // 8
+        return unpack_codes(packed[..., :low_bytes], low) | (unpack_codes(packed[..., low_bytes:], high) << low)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     mask = (1 << bits) - 1
     planes = (packed.unsqueeze(-2) >> shifts[:, None]) & mask
@@ -134,11 +153,11 @@ def mse_range(work: torch.Tensor, dim: int, levels: int) -> tuple[torch.Tensor, 
 
 
 class NativeQuantizer(QuantizerBackend):
-    """Pure-torch asymmetric quantization with real bit-packing (2, 4 or 8 bits); each group's
+    """Pure-torch asymmetric quantization with real bit-packing (2, 3, 4 or 8 bits); each group's
     range is its min/max or, with ``fit: mse``, the least-squared-error range (:func:`mse_range`)."""
 
     name: ClassVar[str] = "native"
-    supported_bits: ClassVar[tuple[int, ...]] = (2, 4, 8)
+    supported_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 8)
     options: ClassVar[dict[str, BackendOption]] = {
         "fit": BackendOption(
             "minmax",
@@ -151,8 +170,9 @@ class NativeQuantizer(QuantizerBackend):
 
     def validate(self, spec: QuantSpec, head_dim: int, section: str) -> None:
         super().validate(spec, head_dim, section)
-        if (head_dim * spec.bits) % 8:
-            raise ConfigError("head_dim", head_dim, f"a multiple of {8 // spec.bits} to pack {spec.bits}-bit codes")
+        per_row = 8 if spec.bits in SPLIT_BITS else 8 // spec.bits  # codes a packed row's unit holds
+        if head_dim % per_row:
+            raise ConfigError("head_dim", head_dim, f"a multiple of {per_row} to pack {spec.bits}-bit codes")
 
     #: float32 working bytes per slice of batch rows that :meth:`quantize` works on at a time:
     #: a long prefill's transient memory stays this small instead of several times its size
