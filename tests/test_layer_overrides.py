@@ -58,7 +58,7 @@ def test_the_section_round_trips_and_is_shown(capsys):
     ("layers", "field", "allowed"),
     [
         ([{"at": [], "keys": {"quant": {"bits": 4}}}], "layers[0].at", "non-empty list of layer indices"),
-        ([{"at": [0], "keys": {"quant": {"bits": 3}}}], "layers[0].keys.quant.bits", "2 | 4 | 8"),
+        ([{"at": [0], "keys": {"quant": {"bits": 5}}}], "layers[0].keys.quant.bits", "2 | 3 | 4 | 8"),
         ([{"at": [0], "keys": {"quant": {"bitz": 4}}}], "layers[0].keys.quant.bitz", "one of the keys"),
         ([{"at": [0], "keys": {"retian": []}}], "layers[0].keys.retian", "one of the keys"),
         ([{"at": [0]}], "layers[0]", "a 'keys' and/or 'values' section"),

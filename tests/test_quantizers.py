@@ -101,8 +101,8 @@ def test_channel_axis_needs_whole_groups():
 
 
 def test_validate_names_bits_and_group():
-    with pytest.raises(ConfigError, match=r"keys.quant.bits: got 3; allowed: 2 \| 4 \| 8"):
-        backend.validate(QuantSpec(bits=3), 64, "keys.quant")
+    with pytest.raises(ConfigError, match=r"keys.quant.bits: got 5; allowed: 2 \| 3 \| 4 \| 8"):
+        backend.validate(QuantSpec(bits=5), 64, "keys.quant")
     with pytest.raises(ConfigError, match="values.quant.group_size: got 48.*divisor of head_dim=64"):
         backend.validate(QuantSpec(group_size=48, axis="token"), 64, "values.quant")
     backend.validate(QuantSpec(group_size=48, axis="channel"), 64, "keys.quant")  # groups along tokens: fine

@@ -177,8 +177,8 @@ BAD_INPUTS = [
              ConfigError, ("keys.retain[0].size: got -4", "positive")),
     BadInput("unknown key `retian`", lambda tp, mp: PolicyConfig.from_dict(policy_dict(retian=[])),
              ConfigError, ("keys.retian", "one of the keys")),
-    BadInput("`bits: 3` on the native backend", lambda tp, mp: Policy.from_dict(with_quant(bits=3)).make_cache(
-        tiny_llama()), ConfigError, ("values.quant.bits: got 3", "2 | 4 | 8 for backend 'native'")),
+    BadInput("`bits: 5` on the native backend", lambda tp, mp: Policy.from_dict(with_quant(bits=5)).make_cache(
+        tiny_llama()), ConfigError, ("values.quant.bits: got 5", "2 | 3 | 4 | 8 for backend 'native'")),
     BadInput("`bits: 8` on the hqq backend",
              lambda tp, mp: Policy.from_dict(with_quant(bits=8, backend="hqq")).make_cache(tiny_llama()),
              ConfigError, ("values.quant.bits: got 8", "2 | 4 for backend 'hqq'")),

@@ -66,7 +66,7 @@ selectors = st.one_of(
 )
 specs = st.builds(
     QuantSpec,
-    bits=st.sampled_from([2, 4, 8]),
+    bits=st.sampled_from([2, 3, 4, 8]),
     group_size=st.sampled_from([4, 8, 16]),
     axis=st.sampled_from(["token", "channel"]),
 )
