@@ -491,8 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bits",
         type=_non_negative_int,
         default=0,
-        choices=(0, 2, 4, 8),
-        metavar="{0,2,4,8}",
+        choices=(0, 2, 3, 4, 8),
+        metavar="{0,2,3,4,8}",
         help="bits of every quantized tensor (default 0: as registered); a policy's `layers` overrides keep their own",
     )
     ev.add_argument(

@@ -121,7 +121,10 @@ def test_quantized_policy_stays_close_to_full_precision_logits(model):
 def test_cache_is_a_transformers_cache_with_one_layer_per_decoder_layer(model):
     cache = kvpolicy.load_policy("logquant").make_cache(model)
     assert isinstance(cache, KVPolicyCache) and len(cache.layers) == model.config.num_hidden_layers
-    assert cache.layers[0].key_store.selector is not cache.layers[1].key_store.selector
+    first, second = cache.layers[0], cache.layers[1]
+    assert first.key_store is not second.key_store  # each layer its own tensors...
+    # ...and one bookkeeping object for the schedule that every layer's keys and values share
+    assert first.key_store.positions is first.value_store.positions is second.key_store.positions
 
 
 def test_reset_empties_every_layer(model):

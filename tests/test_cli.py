@@ -150,7 +150,7 @@ def test_plot_retention_writes_a_picture(tmp_path, capsys):
         (["evaluate", "--context", "10"], "--context"),
         (["evaluate", "--batch", "-1"], "--batch"),
         (["evaluate", "--trace-entries", "999"], "--trace-entries"),
-        (["evaluate", "--bits", "3"], "--bits"),
+        (["evaluate", "--bits", "5"], "--bits"),
         (["evaluate", "--budget", "-4"], "--budget"),
         (["evaluate", "--sweep-budgets", "0"], "--sweep-budgets"),
         (["evaluate", "--passkey-lengths", "0,1024"], "--passkey-lengths"),

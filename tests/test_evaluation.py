@@ -298,3 +298,11 @@ def test_a_policy_its_bits_push_over_its_own_bit_budget_is_skipped_with_the_reas
     result = evaluate(model, tokenizer, [Fidelity(length=96, decode_tokens=8)], contenders, progress=False)
     assert [c["name"] for c in result.contenders] == ["kivi"]
     assert "earliest_within_bits: got 3.0" in result.settings["skipped"]["logquant_mixed"]
+
+
+def test_three_bits_reach_kvpolicy_quantizers_but_not_quanto():
+    """``--bits 3``: native codes serve it; transformers' QuantizedCache (quanto) is refused by name."""
+    (contender,) = resolve_contenders(["kivi"], bits=3)
+    assert {side.quant.bits for side in (contender.policy.config.keys, contender.policy.config.values)} == {3}
+    with pytest.raises(ConfigError, match=r"--bits: got 3.*2 or 4 for hf_quantized"):
+        resolve_contenders(["hf_quantized"], bits=3)

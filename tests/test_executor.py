@@ -112,7 +112,7 @@ def test_mismatched_key_value_positions_are_refused():
         }
     )
     layer = policy.new_layer(head_dim=16)
-    layer.value_store.demote = "evict"  # a corrupted store: values evicted, keys quantized
+    layer.value_store.positions.demote = "evict"  # a corrupted store: values evicted, keys quantized
     layer.update(torch.randn(1, 1, 10, 16), torch.randn(1, 1, 10, 16))
     keys, _ = layer.update(torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16))
     with pytest.raises(RuntimeError, match="different positions"):

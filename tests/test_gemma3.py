@@ -75,6 +75,9 @@ def test_every_shipped_policy_generates_and_reports_its_true_bytes(gemma3, long_
             held += layer.executor.nbytes()  # memos of dequantized tokens (partial_logquant's values)
     rotations = {id(m): m for layer in cache.layers if hasattr(layer, "rotations") for m in layer.rotations()}
     held += sum(m.numel() * m.element_size() for m in rotations.values())  # shared: counted once
+    bookkeeping = {id(s.positions): s.positions for layer in cache.layers if hasattr(layer, "stores")
+                   for s in layer.stores()}  # fmt: skip
+    held += sum(p.nbytes() for p in bookkeeping.values())  # positions, shared by a schedule's stores: once
     assert report.total_bytes == held
     assert report.bytes_by_region["sliding_window"] == 15 * 2 * 511 * 256 * 4
     # what a float32 DynamicCache holds for the same tokens: windows for 15 layers, everything for 3

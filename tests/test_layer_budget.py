@@ -122,7 +122,13 @@ def test_the_settled_cache_holds_four_bit_keys_on_the_earliest_layers():
     assert [layer.key_store.packed.bits for layer in cache.layers] == [4, 4, 2, 2]
     assert [layer.key_store.spec.group_size for layer in cache.layers] == [128, 128, 32, 32]
     report = cache.memory()
-    assert report.total_bytes == sum(sum(layer.nbytes().values()) for layer in cache.layers)
+    # the positions once per bookkeeping object: the 4-bit layers' (blocks of 128) and the 2-bit layers' (32)
+    bookkeeping = {id(s.positions): s.positions for layer in cache.layers for s in layer.stores()}
+    assert len(bookkeeping) == 2
+    assert report.bytes_by_region["positions"] == sum(p.nbytes() for p in bookkeeping.values())
+    assert report.total_bytes == sum(sum(layer.nbytes().values()) for layer in cache.layers) + sum(
+        p.nbytes() for p in bookkeeping.values()
+    )
 
 
 def test_an_unsettled_budgeted_policy_names_no_layer_s_settings():

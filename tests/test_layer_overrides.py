@@ -35,7 +35,8 @@ def test_named_layers_take_their_settings_and_the_others_the_policys():
     assert cache.layers[1].value_store.packed.bits == 2  # only keys changed on layer 1
     report = cache.memory()
     held = [sum(layer.nbytes().values()) for layer in cache.layers]
-    assert report.total_bytes == sum(held)
+    bookkeeping = {id(s.positions): s.positions for layer in cache.layers for s in layer.stores()}  # shared
+    assert report.total_bytes == sum(held) + sum(p.nbytes() for p in bookkeeping.values())
     assert held[0] > held[1] > held[2]  # 16-bit > 4-bit keys > 2-bit
 
 

@@ -1,7 +1,8 @@
 """Property tests of the ring schedules (``kvpolicy.graphs.ring_schedule``): the host bookkeeping of
 the CUDA-graph cache, replayed next to the eager stores for random prompts and step counts.
 
-After every step: the schedule's positions equal the eager stores' in every region; every
+After every step: the schedule books on the eager stores' own bookkeeping object (one
+:class:`~kvpolicy.store.positions.Positions`, applied by the stores and by the ring); every
 cached position is attended exactly once (in a ring slot, or as a packed key whose value is
 packed too, never both); the ring never overflows and its bias opens exactly the held
 slots and the next one; the packed bias opens exactly the packed keys whose values are
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from kvpolicy import Policy, load_policy
 from kvpolicy.graphs.ring_schedule import PairedRingSchedule, schedule_for
+from kvpolicy.store.positions import share_positions
 
 HEAD_DIM = 64
 
@@ -41,10 +43,8 @@ def _regions(store) -> tuple[list[int], list[int]]:
 def _check(schedule, keys, values, ever_settled: set[int]) -> None:
     paired = isinstance(schedule, PairedRingSchedule)
     mirrors = ((keys, schedule.store), (values, schedule.value_store if paired else schedule.store))
-    for store, mirror in mirrors:
-        assert mirror.length == store.length
-        for field in ("fp_pos", "staging_pos", "packed_pos"):
-            assert torch.equal(getattr(mirror, field), getattr(store, field)), field
+    for store, booked in mirrors:
+        assert booked is store.positions and booked.length == store.length == schedule.length
     (held_k, packed_k), (held_v, packed_v) = _regions(keys), _regions(values)
     if not paired:
         assert packed_k == packed_v  # aligned stores pack the same positions in the same order
@@ -76,6 +76,7 @@ def _check(schedule, keys, values, ever_settled: set[int]) -> None:
 def test_ring_schedules_attend_every_position_once_and_never_overflow(name, prefill, steps):
     layer = POLICIES[name].new_layer(HEAD_DIM)
     keys, values = layer.key_store, layer.value_store
+    share_positions([keys, values])  # as the cache does: one bookkeeping object when they are aligned
     schedule = schedule_for(keys, values, None)
     assert isinstance(schedule, PairedRingSchedule) == (not layer.aligned)
     keys.append(torch.zeros(1, 1, prefill, HEAD_DIM))

@@ -17,6 +17,7 @@ from kvpolicy.cache import attention
 from kvpolicy.errors import CacheMismatchError, NotSupportedError
 from kvpolicy.executors import AttentionStep, Executor
 from kvpolicy.store import TensorStore, aligned
+from kvpolicy.store.positions import share_positions
 from kvpolicy.store.row_sinks import RowSinks
 
 
@@ -229,6 +230,10 @@ class KVPolicyLayer(CacheLayerMixin):
     def rotations(self) -> list[torch.Tensor]:
         return self.key_store.rotations() + self.value_store.rotations()
 
+    def stores(self) -> tuple[TensorStore, TensorStore]:
+        """The key store and the value store (their positions may be shared with other layers')."""
+        return self.key_store, self.value_store
+
 
 class KVPolicyCache(Cache):
     """A transformers ``Cache`` built from a :class:`~kvpolicy.policy.Policy`: one layer per
@@ -238,6 +243,8 @@ class KVPolicyCache(Cache):
     def __init__(self, layers: list, policy_name: str = ""):
         super().__init__(layers=layers)
         self.policy_name = policy_name
+        # one bookkeeping object per retention schedule, whichever layers and sides use it
+        share_positions(store for layer in layers for store in getattr(layer, "stores", tuple)())
 
     def check_attended(self, model_type: str = "this model") -> None:
         """Raise :class:`NotSupportedError` if a layer's update of the last forward never reached the
@@ -262,6 +269,10 @@ class KVPolicyCache(Cache):
         baseline = 0
         dtype, demoted = None, False
         rotations: dict[tuple, int] = {}  # one count per matrix, however many stores share it
+        positions = {id(store.positions): store.positions for layer in self.layers
+                     for store in getattr(layer, "stores", tuple)()}  # fmt: skip
+        if positions:
+            by_region["positions"] = sum(p.nbytes() for p in positions.values())
         for layer in self.layers:
             for region, n in layer.nbytes().items():
                 by_region[region] = by_region.get(region, 0) + n

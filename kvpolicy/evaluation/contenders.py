@@ -81,6 +81,8 @@ def resolve_contenders(names: list[str], budget: int | None = None, bits: int | 
     out = []
     for name in names:
         if name == HF_QUANTIZED:
+            if bits not in (None, 0, 2, 4):
+                raise ConfigError("--bits", bits, f"2 or 4 for {HF_QUANTIZED} (transformers' QuantizedCache, quanto)")
             out.append(hf_quantized_contender(bits or 2, budget or 128))
             continue
         if name in HF_QUANTIZED_WIDTHS:

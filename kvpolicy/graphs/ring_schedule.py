@@ -2,11 +2,13 @@
 leaves the full-precision set at each decode step.
 
 A :class:`RingSchedule` is shared by the layers of one retention schedule
-(:mod:`kvpolicy.graphs.static_cache`). It runs the eager store's own code over one-channel
-placeholders (a :class:`~kvpolicy.store.TensorStore` whose backend only counts), so the
-static layers hold exactly the tokens eager decoding holds; after each step it says, as a
-:class:`Booking`, which ring slots the layers pack and which they free. A
-:class:`PairedRingSchedule` does the same for keys and values retained differently.
+(:mod:`kvpolicy.graphs.static_cache`). Which positions stay, stage, pack or leave is decided
+by the eager stores' own bookkeeping, the :class:`~kvpolicy.store.positions.Positions` object
+they share, handed over by reference at adoption: the static layers hold exactly the tokens
+eager decoding holds. The schedule adds what a ring needs (which slot holds which position)
+and after each step says, as a :class:`Booking`, which ring slots the layers pack and which
+they free. A :class:`PairedRingSchedule` does the same for keys and values retained
+differently.
 """
 
 from __future__ import annotations
@@ -16,27 +18,8 @@ import torch
 
 from kvpolicy.errors import NotSupportedError
 from kvpolicy.store import TensorStore, aligned
+from kvpolicy.store.positions import Positions
 from kvpolicy.transfer import indices_to
-
-
-@attrs.frozen
-class _Counted:
-    """What the schedule's placeholder store packs: a token count, no data."""
-
-    num_tokens: int
-
-    def nbytes(self) -> dict[str, int]:
-        return {"codes": 0, "scales": 0}
-
-
-class _CountingBackend:
-    """A quantizer backend that only counts (the schedule needs positions, not values)."""
-
-    def quantize(self, x: torch.Tensor, spec) -> _Counted:
-        return _Counted(x.shape[2])
-
-    def concat(self, blocks: list[_Counted]) -> _Counted:
-        return _Counted(sum(b.num_tokens for b in blocks))
 
 
 @attrs.frozen
@@ -61,8 +44,8 @@ NOTHING_LEFT = Booking([], 0, [])
 
 class RingSchedule:
     """Host bookkeeping shared by the layers of one retention schedule: which position sits in
-    which ring slot, and what leaves the full-precision set at each step (decided by a
-    placeholder :class:`~kvpolicy.store.TensorStore` running the eager store's code).
+    which ring slot, and what leaves the full-precision set at each step (decided by the eager
+    stores' :class:`~kvpolicy.store.positions.Positions`, :attr:`store`).
 
     ``max_cache_len``: the declared limit (the packed buffers hold that many tokens, and
     decoding past it is refused), or ``None``: buffers sized at adoption and grown on demand.
@@ -72,8 +55,8 @@ class RingSchedule:
     #: (at least; an eighth of the length for a long one) before its first growth
     headroom = 256
 
-    def sides(self) -> tuple[TensorStore, ...]:
-        """The mirrored stores this schedule keeps the bookkeeping of (keys, or keys and values)."""
+    def sides(self) -> tuple[Positions, ...]:
+        """The bookkeeping this schedule books each step on (keys', or keys' and values')."""
         return (self.store,)
 
     @property
@@ -82,13 +65,16 @@ class RingSchedule:
         return any(side.demoted for side in self.sides())
 
     def nbytes(self) -> int:
-        """Bytes of the bookkeeping: the biases and slot index on the device, the mirrors' positions."""
+        """Bytes of what a ring adds to the bookkeeping: the biases and slot index on the device
+        (the positions are the eager stores', counted with them)."""
         tensors = (self.slot_index, self.ring_bias, self.packed_bias)
-        own = sum(t.numel() * t.element_size() for t in tensors if t is not None)
-        return own + sum(sum(side.nbytes().values()) for side in self.sides())
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def __init__(self, store: TensorStore, slots: int, max_cache_len: int | None):
-        self.store = _counting_mirror(store)
+        #: the keys' bookkeeping (the eager stores' own object from :meth:`start` on)
+        self.store = store.positions
+        #: tokens this schedule has booked (its positions may be a step ahead, booked by another schedule)
+        self.booked = 0
         self.slots = slots
         self.max_cache_len = max_cache_len
         #: packed tokens the buffers hold (whole packing blocks), set by :meth:`start`
@@ -102,7 +88,7 @@ class RingSchedule:
 
     @property
     def length(self) -> int:
-        return self.store.length
+        return self.booked
 
     def held_positions(self) -> list[int]:
         """Positions in full precision (kept, then staged), as the eager store orders them."""
@@ -117,8 +103,8 @@ class RingSchedule:
         :meth:`held_positions` order."""
         if self.max_cache_len is not None and keys.length > self.max_cache_len:
             raise NotSupportedError(f"a prompt of {keys.length} tokens exceeds max_cache_len={self.max_cache_len}")
-        _mirror(keys, self.store)
-        store = self.store
+        self.store = store = keys.positions
+        self.booked = store.length
         held = self.held_positions()
         if len(held) >= self.slots:
             raise RuntimeError(f"{len(held)} held tokens do not fit {self.slots} ring slots")
@@ -149,6 +135,13 @@ class RingSchedule:
             positions = positions.tolist()
         return [self.slot_of[p] for p in positions]
 
+    def _advance(self) -> list[int]:
+        """Book the step's token on every side (or take the move another schedule booked);
+        returns each side's packed tokens before it."""
+        moves = [side.step(self.booked, 1) for side in self.sides()]
+        self.booked += 1
+        return [len(side.packed_pos) - move.ready for side, move in zip(self.sides(), moves, strict=True)]
+
     def _check_room(self) -> None:
         if self.max_cache_len is not None and self.length + 1 > self.max_cache_len:
             raise NotSupportedError(
@@ -158,9 +151,8 @@ class RingSchedule:
     def book(self) -> Booking:
         """After a decode step wrote position ``length`` into :attr:`next_slot`: what leaves."""
         self._check_room()
-        position, packed_before = self.length, len(self.store.packed_pos)
-        self.slot_of[position] = self.next_slot
-        self.store.append(torch.zeros(1, 1, 1, 1))
+        self.slot_of[self.length] = self.next_slot
+        (packed_before,) = self._advance()
         if len(self.store.fp_pos) + len(self.store.staging_pos) == len(self.slot_of):
             return NOTHING_LEFT  # every held token stays in full precision (most steps)
         held = set(self.held_positions())
@@ -234,7 +226,7 @@ class PairedRingSchedule(RingSchedule):
 
     def __init__(self, keys: TensorStore, values: TensorStore, slots: int, max_cache_len: int | None):
         super().__init__(keys, slots, max_cache_len)
-        self.value_store = _counting_mirror(values)
+        self.value_store = values.positions
         #: packed key offset of each position in a slot whose key is packed
         self.key_offset: dict[int, int] = {}
         #: positions in a slot whose value is packed (in a pending row) and key is not
@@ -250,7 +242,7 @@ class PairedRingSchedule(RingSchedule):
 
     def start(self, keys: TensorStore, values: TensorStore, batch: int, device: torch.device) -> None:
         """Take over the bookkeeping of both eager stores (see :meth:`RingSchedule.start`)."""
-        _mirror(values, self.value_store)
+        self.value_store = values.positions
         super().start(keys, values, batch, device)  # slots: held_positions() in order
         key_index = {p: i for i, p in enumerate(self.store.packed_pos.tolist())}
         value_packed = set(self.value_store.packed_pos.tolist())
@@ -263,11 +255,8 @@ class PairedRingSchedule(RingSchedule):
 
     def book(self) -> PairedBooking | Booking:
         self._check_room()
-        position = self.length
-        keys_before, values_before = len(self.store.packed_pos), len(self.value_store.packed_pos)
-        self.slot_of[position] = self.next_slot
-        self.store.append(torch.zeros(1, 1, 1, 1))
-        self.value_store.append(torch.zeros(1, 1, 1, 1))
+        self.slot_of[self.length] = self.next_slot
+        keys_before, values_before = self._advance()
         new_keys = self.store.packed_pos[keys_before:].tolist()
         new_values = self.value_store.packed_pos[values_before:].tolist()
         if not new_keys and not new_values:
@@ -322,29 +311,6 @@ class PairedRingSchedule(RingSchedule):
                 self.packed_bias.index_fill_(1, indices_to(booking.opened, self.ring_bias.device), 0.0)
             booking = Booking([], 0, booking.freed)
         super().commit(booking)
-
-
-def _counting_mirror(store: TensorStore) -> TensorStore:
-    """An empty store under ``store``'s selector, demotion and block whose backend only counts."""
-    return TensorStore(store.unbound_selector, store.demote, store.spec, _CountingBackend(), store.block)
-
-
-def _placeholder(tokens: int) -> torch.Tensor | None:
-    return torch.zeros(1, 1, tokens, 1) if tokens else None
-
-
-def _mirror(source: TensorStore, target: TensorStore) -> None:
-    """Give a counting ``target`` the bookkeeping of ``source`` and placeholders of its sizes."""
-    copy_bookkeeping(source, target)
-    target.fp, target.staging = _placeholder(len(target.fp_pos)), _placeholder(len(target.staging_pos))
-    target.packed = _Counted(len(target.packed_pos)) if len(target.packed_pos) else None
-
-
-def copy_bookkeeping(source: TensorStore, target: TensorStore) -> None:
-    """Give ``target`` the positions, length and bound selector of ``source`` (not its tensors)."""
-    target.selector, target.length, target.evicted = source.selector, source.length, source.evicted
-    target.fp_pos, target.staging_pos = source.fp_pos.clone(), source.staging_pos.clone()
-    target.packed_pos = source.packed_pos.clone()
 
 
 def schedule_for(keys: TensorStore, values: TensorStore, max_cache_len: int | None) -> RingSchedule:

@@ -14,12 +14,10 @@ A decode step writes the new token into the slot chosen beforehand (its index li
 device) and attends the whole ring and the whole packed capacity under the two biases: the
 same kernels on the same buffers at every step, so the step can be captured once and
 replayed (:mod:`kvpolicy.graphs.cuda_graphs`). Between steps the host books the token
-(:class:`~kvpolicy.graphs.ring_schedule.RingSchedule`): which tokens the policy keeps, stages, packs
-or evicts is decided by
-the eager store's own code (a :class:`~kvpolicy.store.TensorStore` over one-channel
-placeholders), so the graph path holds exactly the tokens, at exactly the precision, that
-eager decoding holds. Packing a block quantizes its ring slots into the packed buffers
-(eager operations, once per block).
+(:class:`~kvpolicy.graphs.ring_schedule.RingSchedule`) on the eager stores' own bookkeeping
+(:class:`~kvpolicy.store.positions.Positions`, handed over by reference), so the graph path
+holds exactly the tokens, at exactly the precision, that eager decoding holds. Packing a
+block quantizes its ring slots into the packed buffers (eager operations, once per block).
 
 Multi-token steps (the prefill, a chunked prefill, a new turn) run through the eager layer;
 at the first one-token step its stores' state is copied into the buffers (:meth:`adopt`).
@@ -50,7 +48,6 @@ from kvpolicy.graphs.ring_schedule import (
     PairedBooking,
     PairedRingSchedule,
     RingSchedule,
-    copy_bookkeeping,
     schedule_for,
 )
 from kvpolicy.quantizers.native import NativePacked
@@ -216,10 +213,9 @@ class StaticPolicyLayer(CacheLayerMixin):
         keys, values = self.eager.key_store, self.eager.value_store
         schedule = self.schedule
         paired = isinstance(schedule, PairedRingSchedule)
-        mirrors = ((keys, schedule.store), (values, schedule.value_store if paired else schedule.store))
-        for store, mirror in mirrors:
-            if not all(torch.equal(getattr(store, f), getattr(mirror, f)) for f in _POSITIONS):
-                raise RuntimeError("the graph schedule and this layer's stores disagree on their tokens")
+        sides = ((keys, schedule.store), (values, schedule.value_store if paired else schedule.store))
+        if not all(store.positions is held and store.length == held.length for store, held in sides):
+            raise RuntimeError("the graph schedule and this layer's stores disagree on their tokens")
         self._allocate()
         if paired:
             self._adopt_paired()
@@ -316,7 +312,7 @@ class StaticPolicyLayer(CacheLayerMixin):
             (self.ring_values, self.packed_values, self.eager.value_store),
         )
         for ring, packed, store in sides:
-            self._hand_back_held(ring, store, schedule.store)
+            self._hand_back_held(ring, store)
             store.packed = (
                 self._as_stored(_leading_tokens(packed, len(store.packed_pos)), store)
                 if len(store.packed_pos)
@@ -329,10 +325,10 @@ class StaticPolicyLayer(CacheLayerMixin):
         """Buffer codes handed back to ``store`` in its own form (rotated blocks for a rotating backend)."""
         return as_stored(packed, backend_rotation(store.backend, packed.codes.device))
 
-    def _hand_back_held(self, ring: torch.Tensor, store, mirror) -> None:
-        """``store`` takes the bookkeeping of the schedule's ``mirror`` and its full-precision
-        and staged tokens from their ring slots."""
-        copy_bookkeeping(mirror, store)
+    def _hand_back_held(self, ring: torch.Tensor, store) -> None:
+        """``store`` catches up with its bookkeeping (which the schedule went on booking) and
+        takes its full-precision and staged tokens from their ring slots."""
+        store.catch_up()
         store.fp, store.staging = (self._ring_tokens(ring, p) for p in (store.fp_pos, store.staging_pos))
 
     def _release_paired(self) -> None:
@@ -340,8 +336,8 @@ class StaticPolicyLayer(CacheLayerMixin):
         pending) go back in the value store's own order."""
         schedule = self.schedule
         keys, values = self.eager.key_store, self.eager.value_store
-        self._hand_back_held(self.ring_keys, keys, schedule.store)
-        self._hand_back_held(self.ring_values, values, schedule.value_store)
+        self._hand_back_held(self.ring_keys, keys)
+        self._hand_back_held(self.ring_values, values)
         n_keys = len(keys.packed_pos)
         keys.packed = self._as_stored(_leading_tokens(self.packed_keys, n_keys), keys) if n_keys else None
         values.packed = None
@@ -450,6 +446,10 @@ class StaticPolicyLayer(CacheLayerMixin):
     def rotations(self) -> list[torch.Tensor]:
         return self.eager.rotations()
 
+    def stores(self):
+        """The eager layer's stores (whose bookkeeping the schedule books on while adopted)."""
+        return self.eager.stores()
+
     @property
     def shape(self):
         return self.eager.shape
@@ -507,7 +507,6 @@ class StaticPolicyLayer(CacheLayerMixin):
         return self.eager
 
 
-_POSITIONS = ("fp_pos", "staging_pos", "packed_pos")
 _BATCH_FIXED = (
     "a CUDA-graph cache keeps its batch fixed (beam search, batch selection and rollback are not served); "
     "build the cache without cuda_graphs for them"
@@ -682,7 +681,7 @@ def build_static_cache(policy, model, specs, max_cache_len: int | None, fallback
     layers = []
     for eager in eager_layers:
         keys, values = eager.key_store, eager.value_store
-        key = tuple((repr(s.unbound_selector), s.demote, s.block, repr(s.spec)) for s in (keys, values))
+        key = (keys.positions.key, values.positions.key)  # the bookkeeping the cache gives them shares these
         if key not in schedules:
             schedules[key] = schedule_for(keys, values, max_cache_len)
         layers.append(StaticPolicyLayer(eager, schedules[key]))

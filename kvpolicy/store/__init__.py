@@ -28,6 +28,7 @@ import torch
 from kvpolicy.config import QuantSpec
 from kvpolicy.quantizers import Packed, QuantizerBackend
 from kvpolicy.selectors import Selector
+from kvpolicy.store.positions import Move, Positions
 from kvpolicy.transfer import to_device
 
 
@@ -100,7 +101,9 @@ class TensorView:
 
 
 class TensorStore:
-    """Keys or values of one layer under one selector and one demotion rule."""
+    """Keys or values of one layer under one selector and one demotion rule: the tensors of
+    each region, placed where its :class:`~kvpolicy.store.positions.Positions` says (an object
+    that the stores of one schedule share, see :func:`~kvpolicy.store.positions.share_positions`)."""
 
     def __init__(
         self,
@@ -110,111 +113,109 @@ class TensorStore:
         backend: QuantizerBackend | None,
         block: int | None = None,
     ):
-        self.selector = selector
-        #: the selector as configured; each sequence binds it to its prefill (see ``Selector.for_prefill``)
-        self.unbound_selector = selector
-        self.demote = demote
         self.spec = spec
         self.backend = backend
-        self.block = block or (spec.group_size if spec.axis == "channel" else 1)
+        block = block or (spec.group_size if spec.axis == "channel" else 1)
         packs_channels = demote == "quantize" and selector.budget is not None and spec.axis == "channel"
-        if packs_channels and self.block % spec.group_size:
-            raise ValueError(f"block={self.block} must be a multiple of the per-channel group_size={spec.group_size}")
+        if packs_channels and block % spec.group_size:
+            raise ValueError(f"block={block} must be a multiple of the per-channel group_size={spec.group_size}")
+        self.positions = Positions(selector, demote, block)
         self.reset()
 
     def reset(self) -> None:
-        self.selector = self.unbound_selector
-        self.length = 0
+        self.positions.reset()
+        #: tokens this store holds and ``*_pos`` their positions (the shared bookkeeping may be a step ahead)
+        self.catch_up()
         self.fp: torch.Tensor | None = None
         self.staging: torch.Tensor | None = None
         self.packed: Packed | None = None
-        self.fp_pos = self.staging_pos = self.packed_pos = torch.empty(0, dtype=torch.int32)
-        self.evicted = 0
+
+    # the bookkeeping, read through: the positions of what this store holds
+    @property
+    def selector(self) -> Selector:
+        return self.positions.selector
+
+    @property
+    def unbound_selector(self) -> Selector:
+        return self.positions.unbound_selector
+
+    @property
+    def demote(self) -> str:
+        return self.positions.demote
+
+    @property
+    def block(self) -> int:
+        return self.positions.block
+
+    def catch_up(self) -> None:
+        """Take the positions of what this store holds from its bookkeeping: after each step
+        this store applies (another store of the schedule may book the next step before this
+        store's view of the current one is read), and when the CUDA-graph ring hands tokens back."""
+        positions = self.positions
+        self.length = positions.length
+        self.fp_pos, self.staging_pos, self.packed_pos = positions.fp_pos, positions.staging_pos, positions.packed_pos
+
+    @property
+    def evicted(self) -> int:
+        return self.positions.evicted
 
     @property
     def demoted(self) -> bool:
         """Whether any token has left the full-precision region (staged, packed or evicted)."""
-        return self.staging is not None or self.packed is not None or self.evicted > 0
+        return self.positions.demoted
 
     def view(self) -> TensorView:
         return TensorView(self.fp, self.fp_pos, self.staging, self.staging_pos, self.packed, self.packed_pos)
 
+    def _move(self, q: int) -> Move:
+        """This step's move: booked now, or already by another store of the schedule."""
+        move = self.positions.step(self.length, q)
+        self.catch_up()
+        return move
+
     def append(self, x: torch.Tensor) -> None:
         """Add ``x`` (``[B, H, q, D]``, positions ``length .. length+q-1``) and demote what the selector drops."""
-        q = x.shape[2]
-        new_pos = torch.arange(self.length, self.length + q, dtype=torch.int32)
-        previous, self.length = self.length, self.length + q
-        if previous == 0:
-            self.selector = self.unbound_selector.for_prefill(q)
-        held = len(self.fp_pos)
-        run = self.selector.dropped_run(held, q) if held else None
-        if run is not None and run[0] + run[1] <= held:  # only held tokens leave: one copy, no test
-            self._drop_held_run(x, new_pos, *run)
+        move = self._move(x.shape[2])
+        if move.run is not None:
+            start, count = move.run
+            fp = self.fp
+            if not count:
+                self.fp = torch.cat([fp, x], dim=2)
+                return
+            stop, held = start + count, fp.shape[2]
+            kept = ([fp[:, :, :start]] if start else []) + ([fp[:, :, stop:]] if stop < held else [])
+            self.fp = torch.cat([*kept, x], dim=2) if kept else owned(x)
+            self._demote(fp[:, :, start:stop], move)
             return
-        if self.fp is None:
-            cand, cand_pos = owned(x), new_pos
+        cand = owned(x) if self.fp is None else torch.cat([self.fp, x], dim=2)
+        if not move.dropped:
+            self.fp = cand
+            return
+        if move.oldest:  # the oldest arrivals leave (a window moving on)
+            self.fp, demoted = take_run(cand, move.dropped, cand.shape[2]), cand[:, :, : move.dropped]
         else:
-            cand, cand_pos = torch.cat([self.fp, x], dim=2), torch.cat([self.fp_pos, new_pos])
-        dropped = self.selector.oldest_dropped(len(cand_pos) - q, q)
-        oldest = dropped is not None
-        if dropped is None:
-            dropped = 0
-            if self.selector.may_demote(previous, self.length):
-                kept = self.selector.is_kept(cand_pos, self.length)
-                idx_drop = kept.logical_not().nonzero().squeeze(-1)
-                dropped = len(idx_drop)
-                oldest = dropped and int(idx_drop[-1]) == dropped - 1
-        if not dropped:
-            self.fp, self.fp_pos = cand, cand_pos
-            return
-        if oldest:  # the oldest arrivals leave (a window moving on)
-            self.fp_pos, demoted_pos = cand_pos[dropped:], cand_pos[:dropped]
-            self.fp, demoted = take_run(cand, dropped, cand.shape[2]), cand[:, :, :dropped]
-        else:
-            idx_keep = kept.nonzero().squeeze(-1)
-            self.fp_pos, demoted_pos = cand_pos[idx_keep], cand_pos[idx_drop]
-            self.fp = take_tokens(cand, idx_keep)
-            demoted = take_tokens(cand, idx_drop)
-        self._demote(demoted, demoted_pos)
+            self.fp, demoted = take_tokens(cand, move.keep), take_tokens(cand, move.drop)
+        self._demote(demoted, move)
 
-    def _drop_held_run(self, x: torch.Tensor, new_pos: torch.Tensor, start: int, count: int) -> None:
-        """Append ``x`` while the held tokens ``start .. start+count-1`` (region indices) leave:
-        the new full-precision region is one concatenation of what stays."""
-        fp, pos = self.fp, self.fp_pos
-        if not count:
-            self.fp, self.fp_pos = torch.cat([fp, x], dim=2), torch.cat([pos, new_pos])
+    def _demote(self, x: torch.Tensor, move: Move) -> None:
+        """Tokens ``x`` left the full-precision region: evicted, or staged and ``move.ready`` of
+        the staging buffer then ``x`` packed."""
+        if move.evict:
             return
-        stop, held = start + count, len(pos)
-        kept = ([fp[:, :, :start]] if start else []) + ([fp[:, :, stop:]] if stop < held else [])
-        self.fp = torch.cat([*kept, x], dim=2) if kept else owned(x)
-        kept_pos = ([pos[:start]] if start else []) + ([pos[stop:]] if stop < held else [])
-        self.fp_pos = torch.cat([*kept_pos, new_pos])
-        self._demote(fp[:, :, start:stop], pos[start:stop])
-
-    def _demote(self, x: torch.Tensor, pos: torch.Tensor) -> None:
-        """Tokens ``x`` (positions ``pos``) left the full-precision region: evict or stage them."""
-        if self.demote == "evict":
-            self.evicted += len(pos)
-            return
-        self._stage(x, pos)
-
-    def _stage(self, x: torch.Tensor, pos: torch.Tensor) -> None:
         joined = self.staging is not None  # then x becomes a new tensor of exactly these tokens
         if joined:
-            x, pos = torch.cat([self.staging, x], dim=2), torch.cat([self.staging_pos, pos])
-        ready = (len(pos) // self.block) * self.block
+            x = torch.cat([self.staging, x], dim=2)
+        ready = move.ready
         if ready:
             block = self.backend.quantize(x[:, :, :ready], self.spec)  # a view: backends slice it
             self.packed = block if self.packed is None else self.backend.concat([self.packed, block])
-            self.packed_pos = torch.cat([self.packed_pos, pos[:ready]])
-        rest = len(pos) - ready
+        rest = x.shape[2] - ready
         if not rest:
             self.staging = None
         elif joined and not ready:
             self.staging = x
         else:  # a copy: the rest may be a view of a long prefill that must not stay alive
             self.staging = x[:, :, ready:].clone(memory_format=torch.contiguous_format)
-        self.staging_pos = pos[ready:]
 
     def overwrite_full_precision(self, slots: torch.Tensor, values: torch.Tensor) -> None:
         """Replace the full-precision tokens at region indices ``slots`` (int64, on the device)
@@ -226,12 +227,12 @@ class TensorStore:
 
     def crop(self, tokens: int) -> None:
         """Forget the newest ``tokens`` tokens; only while nothing was ever demoted."""
-        if self.packed is not None or self.staging is not None or self.evicted:
+        if self.positions.demoted:
             raise RuntimeError("a store that has demoted tokens cannot be cropped")
-        self.length = max(0, self.length - tokens)
-        keep = self.fp_pos < self.length
-        self.fp_pos = self.fp_pos[keep]
-        self.fp = None if self.fp is None or not len(self.fp_pos) else self.fp[:, :, : len(self.fp_pos)]
+        self.positions.crop_to(self.length - tokens)  # once for the stores that share it: a no-op after
+        self.catch_up()
+        held = len(self.fp_pos)
+        self.fp = None if self.fp is None or not held else self.fp[:, :, :held]
 
     def rotations(self) -> list[torch.Tensor]:
         """The rotation matrices this store's backend keeps (shared between stores: counted once
@@ -240,14 +241,15 @@ class TensorStore:
         return matrices() if matrices is not None else []
 
     def nbytes(self) -> dict[str, int]:
-        """True bytes held by this store's tensors, by region."""
+        """True bytes held by this store's tensors, by region (its positions, shared between the
+        stores of a schedule, are counted once per cache by
+        :meth:`~kvpolicy.cache.policy_cache.KVPolicyCache.memory`)."""
         packed = self.packed.nbytes() if self.packed is not None else {"codes": 0, "scales": 0}
         return {
             "full_precision": _tensor_bytes(self.fp),
             "staging": _tensor_bytes(self.staging),
             "codes": packed["codes"],
             "scales": packed["scales"],
-            "positions": sum(_tensor_bytes(p) for p in (self.fp_pos, self.staging_pos, self.packed_pos)),
         }
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
