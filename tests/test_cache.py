@@ -275,3 +275,18 @@ def test_a_compiled_model_decodes_with_a_kvpolicy_cache_as_the_eager_model_does(
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "schedules"), [("logquant", 1), ("partial_logquant", 2)])
+def test_each_retention_schedule_books_a_step_once(name, schedules, monkeypatch):
+    """One bookkeeping source: every layer and side on a schedule applies the move its first store booked."""
+    from kvpolicy.store.positions import Positions
+
+    model = tiny_llama(layers=4)
+    cache = kvpolicy.load_policy(name).make_cache(model)
+    booked: list[int] = []
+    advance = Positions.advance
+    monkeypatch.setattr(Positions, "advance", lambda self, q: booked.append(id(self)) or advance(self, q))
+    greedy(model, left_padded_batch([150]), cache, n=3)  # the prefill and two decode forwards
+    assert len(set(booked)) == schedules and len(booked) == 3 * schedules
+    assert all(store.length == 152 for layer in cache.layers for store in layer.stores())
