@@ -244,7 +244,7 @@ class KVPolicyCache(Cache):
         super().__init__(layers=layers)
         self.policy_name = policy_name
         # one bookkeeping object per retention schedule, whichever layers and sides use it
-        share_positions(store for layer in layers for store in getattr(layer, "stores", tuple)())
+        share_positions(_stores(layers))
 
     def check_attended(self, model_type: str = "this model") -> None:
         """Raise :class:`NotSupportedError` if a layer's update of the last forward never reached the
@@ -269,8 +269,7 @@ class KVPolicyCache(Cache):
         baseline = 0
         dtype, demoted = None, False
         rotations: dict[tuple, int] = {}  # one count per matrix, however many stores share it
-        positions = {id(store.positions): store.positions for layer in self.layers
-                     for store in getattr(layer, "stores", tuple)()}  # fmt: skip
+        positions = {id(store.positions): store.positions for store in _stores(self.layers)}
         if positions:
             by_region["positions"] = sum(p.nbytes() for p in positions.values())
         for layer in self.layers:
@@ -292,6 +291,11 @@ class KVPolicyCache(Cache):
             element_size=dtype.itemsize if dtype is not None else 2,
             demoted=demoted,
         )
+
+
+def _stores(layers: list) -> list[TensorStore]:
+    """Every token store of ``layers`` (sliding-window layers have none)."""
+    return [store for layer in layers for store in getattr(layer, "stores", tuple)()]
 
 
 def _layer_geometry(layer) -> tuple[tuple[int, int, int], torch.dtype]:

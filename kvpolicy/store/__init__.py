@@ -67,8 +67,10 @@ def take_run(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 def aligned(keys: TensorStore, values: TensorStore) -> bool:
     """Whether two stores keep identical positions in each region: equal selectors, demotion
-    and blocks (then a fused executor reads a token's key and value at the same index)."""
-    return keys.selector == values.selector and keys.demote == values.demote and keys.block == values.block
+    and blocks, what decides their bookkeeping (then a cache gives them one
+    :class:`~kvpolicy.store.positions.Positions`, and a fused executor reads a token's key and
+    value at the same index)."""
+    return keys.positions.key == values.positions.key
 
 
 @attrs.frozen
