@@ -6,7 +6,7 @@ set -uo pipefail
 out=${1:?usage: gpu_tests.sh OUTPUT_FILE}
 tests=(tests/test_fused.py tests/test_multi_token.py tests/test_executor.py tests/test_rotation.py tests/test_cuda_graphs.py
        tests/test_hybrid.py tests/test_value_head_dim.py tests/test_pairing.py tests/test_benchmarks.py)
-workers=$(python3 -c "import os; print(min(8, os.cpu_count() or 1))")
+workers=${GPU_TEST_WORKERS:-$(python3 -c "import os; print(min(8, os.cpu_count() or 1))")}
 {
   echo "# GPU tests, $(date -u +%Y-%m-%d) at commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   echo "# device: $(python3 -c 'import torch; print(torch.cuda.get_device_name())'), torch $(python3 -c 'import torch; print(torch.__version__)'), transformers $(python3 -c 'import transformers; print(transformers.__version__)'), triton $(python3 -c 'import triton; print(triton.__version__)')"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -34,6 +36,18 @@ def smollm():
     from kvpolicy.models import load_default_model
 
     return load_default_model("smollm2", dtype=torch.float32)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets its share of the cores, for torch here and for the
+    processes a test starts (``kvpolicy generate``, torchrun): no worker oversubscribes them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    if workers > 1 and os.environ.get("KVPOLICY_RECORD"):
+        raise pytest.UsageError("KVPOLICY_RECORD merges one process's rows into one file: run with -n 0")
 
 
 def pytest_sessionfinish(session, exitstatus):

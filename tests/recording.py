@@ -1,6 +1,6 @@
 """Tests record what they tried and what happened; the docs' reliability page shows it.
 
-    KVPOLICY_RECORD=docs/results/reliability.json pytest tests/test_reliability.py tests/test_soak.py
+    KVPOLICY_RECORD=docs/results/reliability.json pytest -n 0 tests/test_reliability.py tests/test_soak.py
 
 writes (merges) one list of rows per section at the end of the session. Without the
 variable nothing is written; the assertions are the same either way.

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_main_job import DEFAULT_MODEL_GROUP, MAIN_JOB
+
 ROOT = Path(__file__).parent.parent
 GETTING_STARTED = ROOT / "docs" / "getting-started.md"
 
@@ -31,9 +33,18 @@ def test_getting_started_set_up_is_the_readme_set_up():
     )
 
 
+def test_the_main_job_the_tests_run_is_the_readme_main_job():
+    """The main job's CLI test runs ``MAIN_JOB`` verbatim; it is the README's and getting started's."""
+    for page in (ROOT / "README.md", GETTING_STARTED):
+        commands = [line.strip() for block in code_blocks(page, "bash") for line in block.splitlines()]
+        assert MAIN_JOB in commands, page
+
+
 @pytest.mark.model
+@DEFAULT_MODEL_GROUP
 def test_getting_started_code_blocks_run(tmp_path, monkeypatch):
-    """Python blocks run in order in one namespace; shell blocks (other than set-up) run in the same folder."""
+    """Python blocks run in order in one namespace; shell blocks (other than set-up, and the
+    README's main job, which tests/test_main_job.py runs verbatim and reads) run in the same folder."""
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```(python|bash)\n(.*?)```", GETTING_STARTED.read_text(), flags=re.S)
     assert len(blocks) >= 5
@@ -47,6 +58,8 @@ def test_getting_started_code_blocks_run(tmp_path, monkeypatch):
         for line in code.strip().splitlines():
             if line.startswith("pip "):
                 continue  # the set-up: CI runs exactly these commands before the tests
+            if line.strip() == MAIN_JOB:
+                continue  # run and read by the main job's CLI test
             result = subprocess.run(shlex.split(line), capture_output=True, text=True, env=env, timeout=600)
             assert result.returncode == 0, f"{line}\n{result.stderr[-2000:]}"
     assert (tmp_path / "my_policy.png").exists()

@@ -1,10 +1,12 @@
 """The README's main job on the default model (Qwen2.5-Coder-1.5B-Instruct, float32 on a CPU):
 every shipped policy answers the default prompt with text that does not loop, and the run shows
-the 16-bit cache's answer beside it. Marked ``model`` (it converts and loads the 1.5B model)."""
+the 16-bit cache's answer beside it. Marked ``model`` (it converts and loads the 1.5B model);
+its xdist group keeps every test that loads that model on one worker, one copy in memory at a time."""
 
 from __future__ import annotations
 
 import re
+import shlex
 
 import pytest
 import torch
@@ -17,14 +19,20 @@ from kvpolicy.models import DEFAULT_MODEL, load_default_model
 from kvpolicy.policy import Policy
 from kvpolicy.policy.registry import DEFAULT_PLUGINS, get_registry
 
-pytestmark = pytest.mark.model
+#: the xdist group of every test that loads the 1.5B model (tests/test_docs.py too)
+DEFAULT_MODEL_GROUP = pytest.mark.xdist_group("default-model")
+pytestmark = [pytest.mark.model, DEFAULT_MODEL_GROUP]
 
 NEW_TOKENS = 64  # the CLI's default --max-new-tokens
-#: the policies kvpolicy ships (an installed third-party plugin's are not the main job's)
+#: the README's main job; the CLI test runs it verbatim (and tests/test_docs.py therefore does not)
+MAIN_JOB = "kvpolicy generate --policy logquant"
+MAIN_JOB_POLICY = "logquant"
+#: the policies kvpolicy ships (an installed third-party plugin's are not the main job's), but
+#: the main job's own, whose answer the CLI test reads
 QUANTIZING = [
     name
     for name in get_registry().names("policy")
-    if name != "full" and get_registry().provider("policy", name) in DEFAULT_PLUGINS
+    if name not in ("full", MAIN_JOB_POLICY) and get_registry().provider("policy", name) in DEFAULT_PLUGINS
 ]
 
 
@@ -63,11 +71,19 @@ def test_every_shipped_policy_answers_the_main_job_without_looping(main_job, nam
 
 
 def test_the_cli_streams_the_answer_and_shows_the_16_bit_one_beside_it(capsys):
-    assert main(["generate", "--policy", "logquant"]) == 0
+    """The README's main job, verbatim: the policy's answer is text that does not loop, stored in
+    fewer bytes than a DynamicCache, and the 16-bit answer and the comparison follow it."""
+    program, *argv = shlex.split(MAIN_JOB)
+    assert program == "kvpolicy" and argv[argv.index("--policy") + 1] == MAIN_JOB_POLICY
+    assert main(argv) == 0
     out = capsys.readouterr().out
     policy_part, reference_part = out.split("the full-precision cache (DynamicCache, float32) on the same prompt:")
-    assert re.search(r"policy logquant: prompt \d+ tokens, \d+ generated", policy_part)
-    memory = r"KV cache: [\d.]+ MiB for \d+ tokens; a DynamicCache in float32 holds [\d.]+ MiB: [\d.]+x smaller"
-    assert re.search(memory, policy_part)
+    header = re.search(rf"policy {MAIN_JOB_POLICY}: prompt \d+ tokens, \d+ generated", policy_part)
+    assert header, policy_part
+    answer_text = policy_part[: header.start()]
+    assert looping(answer_text) is None and len(answer_text.split()) > 20, answer_text
+    memory = r"KV cache: [\d.]+ MiB for \d+ tokens; a DynamicCache in float32 holds [\d.]+ MiB: ([\d.]+)x smaller"
+    smaller = re.search(memory, policy_part)
+    assert smaller and float(smaller.group(1)) > 2, "the 2-bit policy quantized (next to) nothing"
     assert re.search(r"against the DynamicCache answer: the first \d+ of \d+ tokens identical, ROUGE-L", reference_part)
     assert "the answer loops" not in reference_part

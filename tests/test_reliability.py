@@ -3,7 +3,7 @@
 Every case records what was tried and what happened (see ``tests/recording.py``); the
 docs' reliability page is rendered from that record:
 
-    KVPOLICY_RECORD=docs/results/reliability.json pytest tests/test_reliability.py tests/test_soak.py
+    KVPOLICY_RECORD=docs/results/reliability.json pytest -n 0 tests/test_reliability.py tests/test_soak.py
 """
 
 from __future__ import annotations
