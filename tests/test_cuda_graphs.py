@@ -91,8 +91,8 @@ def test_static_steps_equal_eager_decoding(model, name):
         paired = isinstance(schedule, PairedRingSchedule)
         assert paired == (name == "partial_logquant")
         sides = (
-            (layer.ring_keys, eager_layer.key_store, schedule.store),
-            (layer.ring_values, eager_layer.value_store, schedule.value_store if paired else schedule.store),
+            (layer.ring_keys, eager_layer.key_store, schedule.keys),
+            (layer.ring_values, eager_layer.value_store, schedule.values),
         )
         for ring, side, mirror in sides:
             assert mirror.length == side.length
@@ -173,7 +173,7 @@ def test_free_ring_slots_are_masked_and_held_ones_open(model):
     held = set(schedule.slot_of.values()) | {schedule.next_slot}
     open_slots = (schedule.ring_bias[0] == 0).nonzero().squeeze(-1).tolist()
     assert set(open_slots) == held
-    assert int((schedule.packed_bias[0] == 0).sum()) == len(schedule.store.packed_pos)
+    assert int((schedule.packed_bias[0] == 0).sum()) == len(schedule.keys.packed_pos)
 
 
 def test_memory_report_counts_the_preallocated_buffers(model):
@@ -266,7 +266,7 @@ def test_packed_buffers_grow_without_max_cache_len(model, monkeypatch):
         layer.packed_keys.num_tokens
         == schedule.capacity
         == schedule.packed_bias.shape[1]
-        >= len(schedule.store.packed_pos)
+        >= len(schedule.keys.packed_pos)
     )
     assert layer.get_max_length() == -1  # no declared limit
 

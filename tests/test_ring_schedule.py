@@ -42,7 +42,7 @@ def _regions(store) -> tuple[list[int], list[int]]:
 
 def _check(schedule, keys, values, ever_settled: set[int]) -> None:
     paired = isinstance(schedule, PairedRingSchedule)
-    mirrors = ((keys, schedule.store), (values, schedule.value_store if paired else schedule.store))
+    mirrors = ((keys, schedule.keys), (values, schedule.values))
     for store, booked in mirrors:
         assert booked is store.positions and booked.length == store.length == schedule.length
     (held_k, packed_k), (held_v, packed_v) = _regions(keys), _regions(values)

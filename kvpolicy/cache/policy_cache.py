@@ -85,7 +85,9 @@ class KVPolicyLayer(CacheLayerMixin):
         # attention sinks kept on both sides are placed per row in a left-padded batch
         self.sinks = min(key_store.selector.sinks, value_store.selector.sinks)
         self.row_sinks: RowSinks | None = None
-        # equal selectors, demotion and blocks keep both stores' positions identical
+        # equal selectors, demotion and blocks: both sides book on one Positions (a cache then
+        # shares it with the other layers of its schedule)
+        share_positions((key_store, value_store))
         self.aligned = aligned(key_store, value_store)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

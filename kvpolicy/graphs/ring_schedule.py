@@ -45,7 +45,8 @@ NOTHING_LEFT = Booking([], 0, [])
 class RingSchedule:
     """Host bookkeeping shared by the layers of one retention schedule: which position sits in
     which ring slot, and what leaves the full-precision set at each step (decided by the eager
-    stores' :class:`~kvpolicy.store.positions.Positions`, :attr:`store`).
+    stores' :class:`~kvpolicy.store.positions.Positions`, :attr:`keys` and :attr:`values`, taken
+    by reference at :meth:`start`; one object when both sides are retained alike).
 
     ``max_cache_len``: the declared limit (the packed buffers hold that many tokens, and
     decoding past it is refused), or ``None``: buffers sized at adoption and grown on demand.
@@ -57,7 +58,7 @@ class RingSchedule:
 
     def sides(self) -> tuple[Positions, ...]:
         """The bookkeeping this schedule books each step on (keys', or keys' and values')."""
-        return (self.store,)
+        return (self.keys,)
 
     @property
     def demoted(self) -> bool:
@@ -70,9 +71,10 @@ class RingSchedule:
         tensors = (self.slot_index, self.ring_bias, self.packed_bias)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    def __init__(self, store: TensorStore, slots: int, max_cache_len: int | None):
-        #: the keys' bookkeeping (the eager stores' own object from :meth:`start` on)
-        self.store = store.positions
+    def __init__(self, slots: int, max_cache_len: int | None):
+        #: the eager stores' bookkeeping of keys and of values, set by :meth:`start`
+        self.keys: Positions | None = None
+        self.values: Positions | None = None
         #: tokens this schedule has booked (its positions may be a step ahead, booked by another schedule)
         self.booked = 0
         self.slots = slots
@@ -92,18 +94,21 @@ class RingSchedule:
 
     def held_positions(self) -> list[int]:
         """Positions in full precision (kept, then staged), as the eager store orders them."""
-        return torch.cat([self.store.fp_pos, self.store.staging_pos]).tolist()
+        return torch.cat([self.keys.fp_pos, self.keys.staging_pos]).tolist()
 
     def _blocks(self, tokens: int) -> int:
-        return -(-tokens // self.store.block) * self.store.block
+        return -(-tokens // self.keys.block) * self.keys.block
 
     def start(self, keys: TensorStore, values: TensorStore, batch: int, device: torch.device) -> None:
-        """Take over the bookkeeping of the eager stores after their multi-token steps (here the
-        keys' alone: the values' is the same): the held tokens take ring slots ``0..m-1`` in
-        :meth:`held_positions` order."""
+        """Take over the bookkeeping of the eager stores after their multi-token steps (one
+        object for both sides here; two for a :class:`PairedRingSchedule`): the held tokens take
+        ring slots ``0..m-1`` in :meth:`held_positions` order."""
         if self.max_cache_len is not None and keys.length > self.max_cache_len:
             raise NotSupportedError(f"a prompt of {keys.length} tokens exceeds max_cache_len={self.max_cache_len}")
-        self.store = store = keys.positions
+        self.keys, self.values = keys.positions, values.positions
+        store = self.keys
+        if len(self.sides()) == 1 and self.values is not store:
+            raise RuntimeError("stores retained alike book on one shared Positions (see share_positions)")
         self.booked = store.length
         held = self.held_positions()
         if len(held) >= self.slots:
@@ -153,10 +158,10 @@ class RingSchedule:
         self._check_room()
         self.slot_of[self.length] = self.next_slot
         (packed_before,) = self._advance()
-        if len(self.store.fp_pos) + len(self.store.staging_pos) == len(self.slot_of):
+        if len(self.keys.fp_pos) + len(self.keys.staging_pos) == len(self.slot_of):
             return NOTHING_LEFT  # every held token stays in full precision (most steps)
         held = set(self.held_positions())
-        packed = self.store.packed_pos[packed_before:].tolist()
+        packed = self.keys.packed_pos[packed_before:].tolist()
         packed_slots = [self.slot_of[p] for p in packed]
         freed = [self.slot_of.pop(p) for p in [p for p in self.slot_of if p not in held]]
         index = indices_to(packed_slots, self.ring_bias.device) if packed_slots else None
@@ -224,28 +229,25 @@ class PairedRingSchedule(RingSchedule):
     before its key waits in a pending row of its slot.
     """
 
-    def __init__(self, keys: TensorStore, values: TensorStore, slots: int, max_cache_len: int | None):
-        super().__init__(keys, slots, max_cache_len)
-        self.value_store = values.positions
+    def __init__(self, slots: int, max_cache_len: int | None):
+        super().__init__(slots, max_cache_len)
         #: packed key offset of each position in a slot whose key is packed
         self.key_offset: dict[int, int] = {}
         #: positions in a slot whose value is packed (in a pending row) and key is not
         self.pending: set[int] = set()
 
-    def sides(self) -> tuple[TensorStore, ...]:
-        return (self.store, self.value_store)
+    def sides(self) -> tuple[Positions, ...]:
+        return (self.keys, self.values)
 
     def held_positions(self) -> list[int]:
         """Positions in a ring slot (either side not packed), in slot order at adoption."""
-        sides = (self.store, self.value_store)
-        return sorted({p for s in sides for p in torch.cat([s.fp_pos, s.staging_pos]).tolist()})
+        return sorted({p for s in self.sides() for p in torch.cat([s.fp_pos, s.staging_pos]).tolist()})
 
     def start(self, keys: TensorStore, values: TensorStore, batch: int, device: torch.device) -> None:
         """Take over the bookkeeping of both eager stores (see :meth:`RingSchedule.start`)."""
-        self.value_store = values.positions
         super().start(keys, values, batch, device)  # slots: held_positions() in order
-        key_index = {p: i for i, p in enumerate(self.store.packed_pos.tolist())}
-        value_packed = set(self.value_store.packed_pos.tolist())
+        key_index = {p: i for i, p in enumerate(self.keys.packed_pos.tolist())}
+        value_packed = set(self.values.packed_pos.tolist())
         self.key_offset = {p: key_index[p] for p in self.slot_of if p in key_index}
         self.pending = {p for p in self.slot_of if p in value_packed}
         self.packed_bias.fill_(float("-inf"))
@@ -257,8 +259,8 @@ class PairedRingSchedule(RingSchedule):
         self._check_room()
         self.slot_of[self.length] = self.next_slot
         keys_before, values_before = self._advance()
-        new_keys = self.store.packed_pos[keys_before:].tolist()
-        new_values = self.value_store.packed_pos[values_before:].tolist()
+        new_keys = self.keys.packed_pos[keys_before:].tolist()
+        new_values = self.values.packed_pos[values_before:].tolist()
         if not new_keys and not new_values:
             return NOTHING_LEFT  # only staging moved (most steps)
         for i, p in enumerate(new_keys):
@@ -327,5 +329,5 @@ def schedule_for(keys: TensorStore, values: TensorStore, max_cache_len: int | No
     if max_cache_len is not None:
         slots = min(slots, max_cache_len + 1)
     if not aligned(keys, values):
-        return PairedRingSchedule(keys, values, slots, max_cache_len)
-    return RingSchedule(keys, slots, max_cache_len)
+        return PairedRingSchedule(slots, max_cache_len)
+    return RingSchedule(slots, max_cache_len)

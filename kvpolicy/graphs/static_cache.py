@@ -213,7 +213,7 @@ class StaticPolicyLayer(CacheLayerMixin):
         keys, values = self.eager.key_store, self.eager.value_store
         schedule = self.schedule
         paired = isinstance(schedule, PairedRingSchedule)
-        sides = ((keys, schedule.store), (values, schedule.value_store if paired else schedule.store))
+        sides = ((keys, schedule.keys), (values, schedule.values))
         if not all(store.positions is held and store.length == held.length for store, held in sides):
             raise RuntimeError("the graph schedule and this layer's stores disagree on their tokens")
         self._allocate()
@@ -367,7 +367,7 @@ class StaticPolicyLayer(CacheLayerMixin):
 
     def grow(self, capacity: int) -> None:
         """Packed buffers of ``capacity`` tokens holding what the current ones hold."""
-        packed = len(self.schedule.store.packed_pos)
+        packed = len(self.schedule.keys.packed_pos)
         sides = (("packed_keys", self.eager.key_store, self.ring_keys), ("packed_values", self.eager.value_store,
                                                                              self.ring_values))  # fmt: skip
         for name, store, ring in sides:
