@@ -15,8 +15,9 @@ import torch
 from kvpolicy import Policy, load_policy
 from kvpolicy.errors import ConfigError, NotSupportedError
 from kvpolicy.generation import cache_kwargs
+from kvpolicy.graphs.capability import auto_refusal, serving_refusal, setting_refusal
 from kvpolicy.graphs.ring_schedule import NOTHING_LEFT, PairedRingSchedule, RingSchedule
-from kvpolicy.graphs.static_cache import StaticPolicyCache, StaticPolicyLayer, build_static_cache, graph_refusal
+from kvpolicy.graphs.static_cache import StaticPolicyCache, StaticPolicyLayer, build_static_cache
 from kvpolicy.quantizers.rotation import unwrap_rotation
 from tests.conftest import tiny_llama
 from tests.test_cache import left_padded_batch
@@ -231,7 +232,7 @@ def test_cuda_graphs_must_be_true_false_or_auto(model, bad):
 
 
 def test_auto_is_eager_on_a_cpu_and_says_why_a_policy_is_not_served(model):
-    """``make_cache(model)`` on a CPU builds the eager cache; ``graph_refusal`` names what the
+    """``make_cache(model)`` on a CPU builds the eager cache; ``serving_refusal`` names what the
     replayed step does not serve and passes what it does."""
     from kvpolicy.cache import KVPolicyCache
     from kvpolicy.cache.layers import model_layers
@@ -240,11 +241,15 @@ def test_auto_is_eager_on_a_cpu_and_says_why_a_policy_is_not_served(model):
     assert type(cache) is KVPolicyCache and not load_policy("logquant").graphs_serve(model)
     specs = model_layers(model)
     for name in ("logquant", "kivi", "streaming", "sink_kivi", "partial_logquant"):
-        assert graph_refusal(load_policy(name), model, specs, None) is None
-    assert graph_refusal(load_policy("partial_logquant"), model, specs, None) is None
-    assert "values are not quantized per token" in graph_refusal(_channel_values(), model, specs, None)
-    assert "needs a max_cache_len" in graph_refusal(load_policy("full"), model, specs, None)
-    assert graph_refusal(load_policy("full"), model, specs, 64) is None
+        assert serving_refusal(load_policy(name), model, specs, None) is None
+    assert serving_refusal(load_policy("partial_logquant"), model, specs, None) is None
+    assert "values are not quantized per token" in serving_refusal(_channel_values(), model, specs, None)
+    assert "needs a max_cache_len" in serving_refusal(load_policy("full"), model, specs, None)
+    assert serving_refusal(load_policy("full"), model, specs, 64) is None
+    # "auto" does not try: the model is on a CPU; nor, on any device, with another executor
+    assert auto_refusal(load_policy("logquant"), model) == "CUDA graphs need a model on one CUDA device"
+    reference = Policy.from_dict({**load_policy("logquant").config.to_dict(), "executor": "reference"})
+    assert "executor 'reference' was chosen" in setting_refusal(reference)
 
 
 def test_packed_buffers_grow_without_max_cache_len(model, monkeypatch):

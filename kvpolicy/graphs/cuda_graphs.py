@@ -30,38 +30,6 @@ _CACHE_KEYS = ("cache", "past_key_values")
 _IGNORED = {"attention_mask", "position_ids", "cache_position", "use_cache", "return_dict", "logits_to_keep"}
 
 
-def stores_refusal(policy_name: str, keys, values, max_cache_len: int | None) -> str | None:
-    """Why the replayed step cannot serve a layer whose key and value stores are ``keys`` and
-    ``values`` (:class:`~kvpolicy.store.TensorStore`; ``None``: it can)."""
-    from kvpolicy.quantizers.native import NativeQuantizer
-    from kvpolicy.quantizers.rotation import unrotated_backend
-    from kvpolicy.store import aligned
-
-    if not aligned(keys, values):
-        paired = (
-            keys.demote == values.demote == "quantize"
-            and keys.unbound_selector.budget is not None
-            and values.unbound_selector.budget is not None
-            and values.spec.axis == "token"
-        )
-        if not paired:
-            return (
-                f"policy {policy_name!r} retains keys and values differently and its values are not quantized per "
-                "token with a budget on both sides; the replayed step pairs a token's key and value across regions "
-                "only for such policies (e.g. partial_logquant)"
-            )
-    for store, side in ((keys, "keys"), (values, "values")):
-        inner = unrotated_backend(store.backend)
-        if store.backend is not None and type(inner) is not NativeQuantizer:
-            return (
-                f"{side} are quantized by {type(inner).__name__} (backend {store.spec.backend!r}); the replayed "
-                "step reads the native backend's codes"
-            )
-    if keys.unbound_selector.budget is None and max_cache_len is None:
-        return f"policy {policy_name!r} keeps every token in full precision, so its ring needs a max_cache_len"
-    return None
-
-
 class GraphedDecoding:
     """The decode steps of one cache: capture on the first, replay on the rest."""
 

@@ -42,7 +42,7 @@ from kvpolicy.cache import attention
 from kvpolicy.cache.policy_cache import KVPolicyCache, MemoryReport
 from kvpolicy.errors import ConfigError, NotSupportedError
 from kvpolicy.executors import partial as pa
-from kvpolicy.graphs.cuda_graphs import stores_refusal
+from kvpolicy.graphs.capability import policy_layers, serving_refusal
 from kvpolicy.graphs.ring_schedule import (
     Booking,
     PairedBooking,
@@ -630,41 +630,11 @@ class StaticPolicyCache(KVPolicyCache):
         super().crop(tokens_to_remove)
 
 
-def _eager_layers(policy, model, specs) -> list:
-    """The policy's eager layer for each decoder layer (what the static layers wrap)."""
-    return [
-        policy.for_layer(spec.index, spec.num_layers).new_layer(
-            spec.head_dim, model.config, value_head_dim=spec.value_head_dim, normalized_keys=spec.normalized_keys
-        )
-        for spec in specs
-    ]
-
-
-def _refusal(policy, model, specs, eager_layers, max_cache_len: int | None) -> str | None:
-    from kvpolicy.cache.layers import model_name
-
-    sliding = sorted({s.type for s in specs if s.type != "full_attention"})
-    if sliding:
-        return (
-            f"{model_name(model)} has {', '.join(sliding)} layers, whose cache grows and slides by concatenation; "
-            "the replayed step serves models whose every layer is full attention"
-        )
-    for eager in eager_layers:
-        refusal = stores_refusal(policy.name, eager.key_store, eager.value_store, max_cache_len)
-        if refusal is not None:
-            return refusal
-    return None
-
-
-def graph_refusal(policy, model, specs, max_cache_len: int | None) -> str | None:
-    """Why the replayed step cannot serve ``policy`` on ``model`` (``None``: it can)."""
-    return _refusal(policy, model, specs, _eager_layers(policy, model, specs), max_cache_len)
-
-
 def build_static_cache(policy, model, specs, max_cache_len: int | None, fallback: bool = False) -> StaticPolicyCache:
     """``policy.make_cache(model, cuda_graphs=True)``: one static layer per decoder layer,
     sharing a :class:`RingSchedule` per retention schedule; refuses what the replayed step
-    cannot serve. ``fallback``: see :class:`StaticPolicyCache` (``cuda_graphs="auto"``)."""
+    cannot serve (:func:`~kvpolicy.graphs.capability.serving_refusal`). ``fallback``: see
+    :class:`StaticPolicyCache` (``cuda_graphs="auto"``)."""
     from kvpolicy.graphs import cuda_graphs
 
     if max_cache_len is not None and (
@@ -673,8 +643,8 @@ def build_static_cache(policy, model, specs, max_cache_len: int | None, fallback
         raise ConfigError(
             "max_cache_len", max_cache_len, "a positive number of tokens (the prompt plus the new tokens) or None"
         )
-    eager_layers = _eager_layers(policy, model, specs)
-    refusal = _refusal(policy, model, specs, eager_layers, max_cache_len)
+    eager_layers = policy_layers(policy, model, specs)
+    refusal = serving_refusal(policy, model, specs, max_cache_len, eager_layers)
     if refusal is not None:
         raise NotSupportedError(f"cuda_graphs: {refusal}. Build the cache without cuda_graphs")
     schedules: dict[tuple, RingSchedule] = {}

@@ -125,45 +125,22 @@ class Policy:
 
     def decode_summary(self, device: str | None = None) -> str:
         """How ``make_cache(model)`` decodes on ``device`` (default: CUDA if present, else CPU):
-        from CUDA graphs or eagerly, and why (checked on a 128-channel layer of the policy)."""
+        from CUDA graphs or eagerly, and why (checked on a 128-channel layer of the policy,
+        :mod:`kvpolicy.graphs.capability`)."""
         import torch
 
-        from kvpolicy.graphs.cuda_graphs import stores_refusal
+        from kvpolicy.graphs.capability import setting_refusal, stores_refusal
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device != "cuda":
             return "eager (CUDA graphs need a CUDA device)"
-        refusal = self._graph_setting_refusal()
+        refusal = setting_refusal(self)
         if refusal is None:
             keys, values = self._store(self.config.keys, "keys", 128), self._store(self.config.values, "values", 128)
             refusal = stores_refusal(self.name, keys, values, None)
         if refusal is not None:
             return f"eager ({refusal})"
         return "replayed from a CUDA graph where every layer of the model is full attention, else eager"
-
-    def _graph_setting_refusal(self) -> str | None:
-        """Why ``cuda_graphs="auto"`` decodes eagerly whatever the model (``None``: it need not)."""
-        from kvpolicy.executors.kernels import triton_available
-
-        if self.config.executor.type != "auto":
-            return f"executor {self.config.executor.type!r} was chosen; graphs come with 'auto'"
-        if not triton_available():
-            return "CUDA graphs replay the Triton kernels, and Triton is not installed"
-        return None
-
-    def _graphs_possible(self, model) -> bool:
-        """Whether ``cuda_graphs="auto"`` may build a graph cache for ``model``: one CUDA device,
-        outside tensor parallelism, and the policy's settings allow it."""
-        import torch
-
-        from kvpolicy.distributed import rank_and_world
-
-        if not isinstance(model, torch.nn.Module):
-            return False
-        devices = {p.device for p in model.parameters()}
-        if len(devices) != 1 or next(iter(devices)).type != "cuda" or rank_and_world()[1] > 1:
-            return False
-        return self._graph_setting_refusal() is None
 
     def budget(self) -> dict[str, int | None]:
         """Most full-precision tokens per layer for keys and values (``None``: unbounded)."""
@@ -283,12 +260,12 @@ class Policy:
         model on one CUDA device outside tensor parallelism, the policy's executor ``auto``,
         Triton present, and a policy and model the replayed step serves."""
         from kvpolicy.cache.layers import model_layers
-        from kvpolicy.graphs.static_cache import graph_refusal
+        from kvpolicy.graphs.capability import auto_refusal, serving_refusal
 
-        if not self._graphs_possible(model):
+        if auto_refusal(self, model) is not None:
             return False
         specs = specs or model_layers(model)
-        return graph_refusal(self.for_model(specs), model, specs, max_cache_len) is None
+        return serving_refusal(self.for_model(specs), model, specs, max_cache_len) is None
 
     def make_cache(self, model, cuda_graphs: bool | str = "auto", max_cache_len: int | None = None) -> KVPolicyCache:
         """A transformers ``Cache`` for ``model``; switches the model to ``"kvpolicy"`` attention.
@@ -302,7 +279,7 @@ class Policy:
         ``cuda_graphs``: whether decode steps are replayed from a CUDA graph, on layers whose
         buffers are allocated once (:mod:`kvpolicy.graphs.cuda_graphs`). ``"auto"`` (the default):
         where the model sits on one CUDA device, the policy's executor is ``auto`` and the
-        replayed step serves the policy and the model (:func:`~kvpolicy.graphs.static_cache.graph_refusal`);
+        replayed step serves the policy and the model (:mod:`kvpolicy.graphs.capability`);
         a call it does not serve (a padded batch, beam search) then runs eagerly. ``True``: always,
         refusing what it does not serve (on a CPU the same steps run eagerly, for tests).
         ``False``: never. ``max_cache_len``: the most tokens the graph path holds (the prompt plus
@@ -317,8 +294,10 @@ class Policy:
         specs = model_layers(model)
         if self.config.budgeted:  # the layers its budgeted entries take on this model, named
             return self.for_model(specs, model_name(model)).make_cache(model, cuda_graphs, max_cache_len)
-        if cuda_graphs == "auto" and not self._graphs_possible(model):
-            cuda_graphs = False
+        if cuda_graphs == "auto":
+            from kvpolicy.graphs.capability import auto_refusal
+
+            cuda_graphs = "auto" if auto_refusal(self, model) is None else False
         if cuda_graphs:
             from kvpolicy.errors import NotSupportedError
             from kvpolicy.graphs.static_cache import build_static_cache

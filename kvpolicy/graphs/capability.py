@@ -1,0 +1,127 @@
+"""Does the replayed decode step serve this? The one place that answers it.
+
+Each check returns why not, as a sentence a refusal can quote (``None``: served):
+
+- :func:`placement_refusal`: the model sits on one CUDA device, outside tensor parallelism;
+- :func:`setting_refusal`: the policy's executor is ``auto`` and Triton is installed (the
+  replayed step runs the Triton kernels);
+- :func:`model_refusal`: every layer of the model is full attention;
+- :func:`stores_refusal`: a layer's key and value stores: retained alike, or paired (values
+  quantized per token, a budget on both sides); native codes; a budget or a ``max_cache_len``.
+
+:func:`auto_refusal` (placement, then settings) decides whether ``cuda_graphs="auto"`` tries the
+graph path at all; :func:`serving_refusal` (model, then every layer's stores) whether the
+replayed step serves the policy on the model, for ``cuda_graphs=True`` and ``"auto"`` alike.
+``Policy.decode_summary`` asks :func:`setting_refusal` and :func:`stores_refusal` of a sample
+layer, with no model. Two things are known only once decoding starts and are checked where
+they arise: a padded batch (``StaticPolicyCache.may_adopt``) and shapes no fused kernel serves
+(``StaticPolicyCache.adopt``); under ``"auto"`` both hand the tokens back to eager decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def placement_refusal(model) -> str | None:
+    """Why ``model``'s placement keeps its decode steps eager (``None``: one CUDA device, one rank)."""
+    import torch
+
+    from kvpolicy.distributed import rank_and_world
+
+    if not isinstance(model, torch.nn.Module):
+        return "the model is not a torch module"
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        return "CUDA graphs need a model on one CUDA device"
+    if rank_and_world()[1] > 1:
+        return "CUDA graphs are not used under tensor parallelism"
+    return None
+
+
+def setting_refusal(policy) -> str | None:
+    """Why ``policy``'s settings keep its decode steps eager whatever the model (``None``: they need not)."""
+    from kvpolicy.executors.kernels import triton_available
+
+    if policy.config.executor.type != "auto":
+        return f"executor {policy.config.executor.type!r} was chosen; graphs come with 'auto'"
+    if not triton_available():
+        return "CUDA graphs replay the Triton kernels, and Triton is not installed"
+    return None
+
+
+def auto_refusal(policy, model) -> str | None:
+    """Why ``cuda_graphs="auto"`` does not try the graph path for ``policy`` on ``model``."""
+    return placement_refusal(model) or setting_refusal(policy)
+
+
+def model_refusal(model, specs: Sequence) -> str | None:
+    """Why the replayed step cannot serve ``model``, whose decoder layers are ``specs``
+    (:func:`~kvpolicy.cache.layers.model_layers`)."""
+    from kvpolicy.cache.layers import model_name
+
+    sliding = sorted({s.type for s in specs if s.type != "full_attention"})
+    if sliding:
+        return (
+            f"{model_name(model)} has {', '.join(sliding)} layers, whose cache grows and slides by concatenation; "
+            "the replayed step serves models whose every layer is full attention"
+        )
+    return None
+
+
+def stores_refusal(policy_name: str, keys, values, max_cache_len: int | None) -> str | None:
+    """Why the replayed step cannot serve a layer whose key and value stores are ``keys`` and
+    ``values`` (:class:`~kvpolicy.store.TensorStore`)."""
+    from kvpolicy.quantizers.native import NativeQuantizer
+    from kvpolicy.quantizers.rotation import unrotated_backend
+    from kvpolicy.store import aligned
+
+    if not aligned(keys, values):
+        paired = (
+            keys.demote == values.demote == "quantize"
+            and keys.unbound_selector.budget is not None
+            and values.unbound_selector.budget is not None
+            and values.spec.axis == "token"
+        )
+        if not paired:
+            return (
+                f"policy {policy_name!r} retains keys and values differently and its values are not quantized per "
+                "token with a budget on both sides; the replayed step pairs a token's key and value across regions "
+                "only for such policies (e.g. partial_logquant)"
+            )
+    for store, side in ((keys, "keys"), (values, "values")):
+        inner = unrotated_backend(store.backend)
+        if store.backend is not None and type(inner) is not NativeQuantizer:
+            return (
+                f"{side} are quantized by {type(inner).__name__} (backend {store.spec.backend!r}); the replayed "
+                "step reads the native backend's codes"
+            )
+    if keys.unbound_selector.budget is None and max_cache_len is None:
+        return f"policy {policy_name!r} keeps every token in full precision, so its ring needs a max_cache_len"
+    return None
+
+
+def serving_refusal(policy, model, specs: Sequence, max_cache_len: int | None, eager_layers=None) -> str | None:
+    """Why the replayed step cannot serve ``policy`` (settled for the model) on ``model``:
+    :func:`model_refusal`, then :func:`stores_refusal` of each layer. ``eager_layers``: the
+    policy's layers for ``specs`` where the caller built them already."""
+    refusal = model_refusal(model, specs)
+    if refusal is not None:
+        return refusal
+    if eager_layers is None:
+        eager_layers = policy_layers(policy, model, specs)
+    for eager in eager_layers:
+        refusal = stores_refusal(policy.name, eager.key_store, eager.value_store, max_cache_len)
+        if refusal is not None:
+            return refusal
+    return None
+
+
+def policy_layers(policy, model, specs: Sequence) -> list:
+    """The policy's eager layer for each decoder layer in ``specs`` (what static layers wrap)."""
+    return [
+        policy.for_layer(spec.index, spec.num_layers).new_layer(
+            spec.head_dim, model.config, value_head_dim=spec.value_head_dim, normalized_keys=spec.normalized_keys
+        )
+        for spec in specs
+    ]
