@@ -542,22 +542,37 @@ def test_every_decoder_family_equals_dynamic_cache_or_is_refused():
     (see tests/family_sweep.py; two processes, one per core)."""
     import json
     import subprocess
+    from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
     from tests import family_sweep
 
     names = family_sweep.names()
     root = Path(__file__).parent.parent
-    runs = [
-        subprocess.Popen([sys.executable, "-m", "tests.family_sweep", *half], cwd=root, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, text=True)
-        for half in (names[0::2], names[1::2])
-    ]  # fmt: skip
-    rows = []
-    for run in runs:
-        out, _ = run.communicate(timeout=1800)
-        rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert sorted(r["family"] for r in rows) == sorted(names), "a family's run was lost (crash or memory)"
+
+    def sweep(pending: list[str]) -> list[dict]:
+        """Rows of ``pending``, in order. A process that dies (a crash, or killed for memory by
+        the machine) goes on in a new one; a family it died on twice is a crash of its own."""
+        rows, deaths = [], dict.fromkeys(pending, 0)
+        while pending:
+            run = subprocess.run([sys.executable, "-m", "tests.family_sweep", *pending], cwd=root,
+                                 capture_output=True, text=True, timeout=1800)  # fmt: skip
+            rows += [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+            done = {row["family"] for row in rows}
+            pending = [name for name in pending if name not in done]
+            if pending:
+                dead = pending[0]
+                deaths[dead] += 1
+                if deaths[dead] == 2:
+                    detail = f"the process died on it twice (exit {run.returncode}): {run.stderr[-300:]}"
+                    rows.append({"family": dead, "outcome": "crash", "detail": detail} | dict.fromkeys(
+                        family_sweep.POLICIES, "crash"))  # fmt: skip
+                    pending.pop(0)
+        return rows
+
+    with ThreadPoolExecutor(2) as pool:  # two processes at a time, one per core
+        rows = [row for half in pool.map(sweep, (names[0::2], names[1::2])) for row in half]
+    assert sorted(r["family"] for r in rows) == sorted(names)
     for row in rows:
         record("families", row["family"], **row)
     wrong = [
