@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpolicy import Policy
+from kvpolicy.store.positions import Positions
 
 POLICY_YAMLS = {
     "kivi": {"retain": [{"type": "window", "size": 8}], "quant": {"bits": 2, "group_size": 8, "axis": "channel"}},
@@ -112,7 +113,8 @@ def test_mismatched_key_value_positions_are_refused():
         }
     )
     layer = policy.new_layer(head_dim=16)
-    layer.value_store.positions.demote = "evict"  # a corrupted store: values evicted, keys quantized
+    keys = layer.key_store.positions  # a corrupted store: values evicted on their own, keys quantized
+    layer.value_store.positions = Positions(keys.unbound_selector, "evict", keys.block)
     layer.update(torch.randn(1, 1, 10, 16), torch.randn(1, 1, 10, 16))
     keys, _ = layer.update(torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16))
     with pytest.raises(RuntimeError, match="different positions"):
