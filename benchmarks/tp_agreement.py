@@ -6,7 +6,7 @@ Runs ``examples/tensor_parallel.py`` on 2 ranks and in one process on the same
 checkpoint, then prints, per policy: new tokens that agree before the first difference,
 the largest logit difference while the tokens agree, and that difference relative to
 the spread (standard deviation) of the one-process logits at the same step. These
-figures are what ``tests/test_tensor_parallel.py``'s tolerance is set from.
+figures are what ``tests/distributed/test_tensor_parallel.py``'s tolerance is set from.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Fresh random cases (batch, KV heads, query heads per KV head 1-8, key groups 16-128, value
 groups 32-128, padding bias, values paired by rows, several splits, bf16 and fp16), each
-against float64 attention over the dequantized tokens. Used by ``tests/test_fused.py`` and by
+against float64 attention over the dequantized tokens. Used by ``tests/executors/test_fused.py`` and by
 ``benchmarks/mma_sweep.py``, which checks every kernel variant before timing it.
 """
 

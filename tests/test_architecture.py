@@ -141,3 +141,13 @@ def test_every_top_level_module_has_one_tier_and_there_are_at_most_eight():
     assert len(names) == len(set(names))
     assert {top(m) for m in modules()} == set(names)
     assert len(list(PACKAGE.glob("*.py"))) <= 8
+
+
+def test_the_tests_follow_the_package_tree():
+    """Each folder of ``tests/`` is named after a package or module of ``kvpolicy``."""
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    packages = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    packages |= {p.stem for p in PACKAGE.glob("*.py")}
+    assert folders and folders <= packages, folders - packages
+    assert not [p.name for p in tests.glob("test_*.py") if p.stem[5:] in packages], "a package's tests at the top"

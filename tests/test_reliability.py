@@ -36,9 +36,9 @@ from kvpolicy.errors import (
 )
 from kvpolicy.evaluation.agreement import greedy_agreement
 from kvpolicy.generation import cache_kwargs
+from tests.cache.test_cache import greedy, left_padded_batch
 from tests.conftest import tiny_llama
 from tests.recording import record
-from tests.test_cache import greedy, left_padded_batch
 
 SHIPPED = ["full", "kivi", "sink_kivi", "logquant", "partial_logquant", "streaming"]
 
@@ -136,7 +136,7 @@ def _linear_attention_model():
 
 
 def _hybrid_refused(name: str) -> None:
-    from tests.test_hybrid import REFUSED, build
+    from tests.cache.test_hybrid import REFUSED, build
 
     config_name, model_name, settings, _ = REFUSED[name]
     model = build(config_name, model_name, settings, attention="eager")
@@ -269,7 +269,7 @@ def test_bad_input_gets_a_clear_error(case, tmp_path, monkeypatch):
 
 
 def test_a_broken_plugin_is_named_and_the_others_still_load(tmp_path, monkeypatch):
-    from tests.test_registry import make_distribution
+    from tests.policy.test_registry import make_distribution
 
     make_distribution(tmp_path, "fine_plugin", "[kvpolicy]\nbroken = no_such_module_here\nfine = fine_plugin\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -356,7 +356,7 @@ BATCH_NEAR_TIE = 0.25
 @pytest.mark.model
 @pytest.mark.parametrize("name", SHIPPED)
 def test_left_padded_batch_matches_each_prompt_alone(smollm, name):
-    from tests.test_smollm2 import PROMPTS, batch
+    from tests.models.test_smollm2 import PROMPTS, batch
 
     model, tokenizer = smollm
     policy = kvpolicy.load_policy(name)

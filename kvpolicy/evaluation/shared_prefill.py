@@ -8,7 +8,7 @@ prefill's last logits pick. :func:`generate_from` therefore hands a contender's 
 those keys and values (one ``Cache.update`` per layer, as its own prefill would) and calls
 ``model.generate()`` with the prompt and that first token, so ``generate()`` runs every
 later step on the contender's cache. The tokens equal ``model.generate(prompt, cache=...)``
-with the contender from scratch (``tests/test_generation_tasks.py`` checks each shipped
+with the contender from scratch (``tests/evaluation/test_generation_tasks.py`` checks each shipped
 policy and ``QuantizedCache``), at one prefill per batch instead of one per contender:
 on 2 CPU cores a 1.5B model prefills about 90 tokens/s, so this is most of the saving.
 

@@ -9,8 +9,8 @@ from transformers import DynamicCache
 from kvpolicy import Policy
 from kvpolicy.errors import ConfigError
 from kvpolicy.quantizers.native import NativePacked
+from tests.cache.test_cache import greedy, left_padded_batch
 from tests.conftest import tiny_llama
-from tests.test_cache import greedy, left_padded_batch
 
 SIXTEEN_BIT_ENDS = {"at": [0, -1], "keys": {"retain": [{"type": "all"}]}, "values": {"retain": [{"type": "all"}]}}
 

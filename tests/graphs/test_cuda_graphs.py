@@ -19,8 +19,8 @@ from kvpolicy.graphs.capability import auto_refusal, serving_refusal, setting_re
 from kvpolicy.graphs.ring_schedule import NOTHING_LEFT, PairedRingSchedule, RingSchedule
 from kvpolicy.graphs.static_cache import StaticPolicyCache, StaticPolicyLayer, build_static_cache
 from kvpolicy.quantizers.rotation import unwrap_rotation
+from tests.cache.test_cache import left_padded_batch
 from tests.conftest import tiny_llama
-from tests.test_cache import left_padded_batch
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 POLICIES = ["kivi", "logquant", "streaming", "sink_kivi", "full", "partial_logquant", "logquant_rot", "logquant_mixed"]
@@ -277,7 +277,7 @@ def test_packed_buffers_grow_without_max_cache_len(model, monkeypatch):
 
 
 def test_a_hybrid_model_is_refused():
-    from tests.test_hybrid import ARCHITECTURES, build
+    from tests.cache.test_hybrid import ARCHITECTURES, build
 
     gemma = build(*ARCHITECTURES["gemma3"])
     with pytest.raises(NotSupportedError, match="sliding_attention layers"):

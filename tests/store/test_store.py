@@ -14,7 +14,7 @@ from kvpolicy.policy import Policy
 from kvpolicy.quantizers.native import NativeQuantizer
 from kvpolicy.selectors import LogSelector, SinkSelector, UnionSelector, WindowSelector
 from kvpolicy.store import TensorStore
-from tests.test_executor import FakeAttention, naive_attention
+from tests.executors.test_executor import FakeAttention, naive_attention
 
 backend = NativeQuantizer()
 

@@ -9,7 +9,7 @@ import yaml
 
 from kvpolicy import ConfigError, Policy, PolicyConfig, get_registry
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples" / "policies").glob("*.yaml"))
+EXAMPLES = sorted((Path(__file__).parents[2] / "examples" / "policies").glob("*.yaml"))
 
 
 def base() -> dict:
@@ -40,7 +40,7 @@ def test_example_policies_load(path):
 def test_each_shipped_policy_is_one_yaml_file_of_its_plugin_package():
     """One source per policy: the registry's configs are the plugin packages' own files."""
     registry = get_registry()
-    root = Path(__file__).parent.parent
+    root = Path(__file__).parents[2]
     files = {p.stem: p for p in root.glob("kvpolicy*/**/policies/*.yaml")}
     shipped = {
         "full",

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_main_job import DEFAULT_MODEL_GROUP, MAIN_JOB
+from tests.tools.test_main_job import DEFAULT_MODEL_GROUP, MAIN_JOB
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 GETTING_STARTED = ROOT / "docs" / "getting-started.md"
 
 
@@ -44,7 +44,7 @@ def test_the_main_job_the_tests_run_is_the_readme_main_job():
 @DEFAULT_MODEL_GROUP
 def test_getting_started_code_blocks_run(tmp_path, monkeypatch):
     """Python blocks run in order in one namespace; shell blocks (other than set-up, and the
-    README's main job, which tests/test_main_job.py runs verbatim and reads) run in the same folder."""
+    README's main job, which tests/tools/test_main_job.py runs verbatim and reads) run in the same folder."""
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```(python|bash)\n(.*?)```", GETTING_STARTED.read_text(), flags=re.S)
     assert len(blocks) >= 5

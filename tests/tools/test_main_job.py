@@ -19,12 +19,12 @@ from kvpolicy.models import DEFAULT_MODEL, load_default_model
 from kvpolicy.policy import Policy
 from kvpolicy.policy.registry import DEFAULT_PLUGINS, get_registry
 
-#: the xdist group of every test that loads the 1.5B model (tests/test_docs.py too)
+#: the xdist group of every test that loads the 1.5B model (tests/tools/test_docs.py too)
 DEFAULT_MODEL_GROUP = pytest.mark.xdist_group("default-model")
 pytestmark = [pytest.mark.model, DEFAULT_MODEL_GROUP]
 
 NEW_TOKENS = 64  # the CLI's default --max-new-tokens
-#: the README's main job; the CLI test runs it verbatim (and tests/test_docs.py therefore does not)
+#: the README's main job; the CLI test runs it verbatim (and tests/tools/test_docs.py therefore does not)
 MAIN_JOB = "kvpolicy generate --policy logquant"
 MAIN_JOB_POLICY = "logquant"
 #: the policies kvpolicy ships (an installed third-party plugin's are not the main job's), but

@@ -122,7 +122,7 @@ def test_fused_takes_the_gluon_kernel_where_it_serves_and_fused_triton_never(mon
 
 
 def _kernel_cases(command: list[str], env: dict[str, str]) -> list[dict]:
-    root = pathlib.Path(__file__).parent.parent
+    root = pathlib.Path(__file__).parents[2]
     done = subprocess.run(command, cwd=root, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

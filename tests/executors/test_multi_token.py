@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from kvpolicy import Policy, load_policy
 from kvpolicy.executors import AutoExecutor, ChunkedExecutor, ReferenceExecutor
 from kvpolicy.executors import partial as pa
-from tests.test_executor import FakeAttention, naive_attention, random_left_padding
+from tests.executors.test_executor import FakeAttention, naive_attention, random_left_padding
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]

@@ -19,7 +19,7 @@ from kvpolicy import Policy
 from kvpolicy.cache.layers import model_layers
 from kvpolicy.errors import ConfigError
 from kvpolicy.evaluation.agreement import greedy_agreement
-from tests.test_cache import greedy, left_padded_batch
+from tests.cache.test_cache import greedy, left_padded_batch
 
 KEY_DIM, VALUE_DIM = 64, 32
 

@@ -16,8 +16,8 @@ from kvpolicy.quantizers.native import NativeQuantizer
 from kvpolicy.quantizers.rotation import RotatingBackend, hadamard
 from kvpolicy.selectors import WindowSelector
 from kvpolicy.store import TensorStore
-from tests.test_cache import greedy, left_padded_batch
-from tests.test_hybrid import build
+from tests.cache.test_cache import greedy, left_padded_batch
+from tests.cache.test_hybrid import build
 
 
 @pytest.mark.parametrize("d", [1, 2, 16, 64, 256])

@@ -20,7 +20,7 @@ from kvpolicy.cache.layers import LayerFactory, model_layers
 from kvpolicy.cache.sliding import SlidingWindowLayer
 from kvpolicy.errors import ConfigError, NotSupportedError, UnsupportedModelError
 from kvpolicy.generation import cache_kwargs
-from tests.test_cache import greedy, left_padded_batch
+from tests.cache.test_cache import greedy, left_padded_batch
 
 WINDOW = 16
 COMMON = dict(

@@ -274,6 +274,6 @@ def test_evaluate_refuses_what_would_fail_after_hours_before_the_model_loads(arg
     import kvpolicy.models
 
     monkeypatch.setattr(kvpolicy.models, "load_default_model", lambda **k: pytest.fail("loaded the model"))
-    monkeypatch.chdir(Path(__file__).parent.parent)
+    monkeypatch.chdir(Path(__file__).parents[2])
     assert main(argv) == 2
     assert says in capsys.readouterr().err

@@ -16,8 +16,8 @@ from kvpolicy.errors import ConfigError
 from kvpolicy.policy import layer_quant
 from kvpolicy.policy.layer_budget import layer_bits, mean_bits, served_layers, settle_layers
 from kvpolicy.quantizers.rotation import RotatingBackend
+from tests.cache.test_cache import greedy, left_padded_batch
 from tests.conftest import TINY, tiny_llama
-from tests.test_cache import greedy, left_padded_batch
 
 
 def tiny_qwen3(layers: int = 2) -> Qwen3ForCausalLM:
@@ -229,7 +229,7 @@ def test_logquant_mixed_replays_on_cuda_as_it_decodes_eagerly_and_near_the_refer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kvpolicy.graphs.static_cache import StaticPolicyCache
-    from tests.test_cuda_graphs import _generate, _prompt, assert_same_but_for_bf16_ties
+    from tests.graphs.test_cuda_graphs import _generate, _prompt, assert_same_but_for_bf16_ties
 
     torch.manual_seed(0)
     config = LlamaConfig(

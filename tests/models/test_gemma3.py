@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 import kvpolicy
 from kvpolicy.cache.sliding import SlidingWindowLayer
-from tests.test_smollm2 import real_text
+from tests.models.test_smollm2 import real_text
 
 pytestmark = pytest.mark.model
 
