@@ -42,12 +42,13 @@ def pytest_configure(config):
     """Under pytest-xdist each worker gets its share of the cores, for torch here and for the
     processes a test starts (``kvpolicy generate``, torchrun): no worker oversubscribes them."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
-    if workers > 1:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        torch.set_num_threads(threads)
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-    if workers > 1 and os.environ.get("KVPOLICY_RECORD"):
+    if workers <= 1:
+        return
+    if os.environ.get("KVPOLICY_RECORD"):
         raise pytest.UsageError("KVPOLICY_RECORD merges one process's rows into one file: run with -n 0")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def pytest_sessionfinish(session, exitstatus):

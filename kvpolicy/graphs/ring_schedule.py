@@ -106,9 +106,9 @@ class RingSchedule:
         if self.max_cache_len is not None and keys.length > self.max_cache_len:
             raise NotSupportedError(f"a prompt of {keys.length} tokens exceeds max_cache_len={self.max_cache_len}")
         self.keys, self.values = keys.positions, values.positions
-        store = self.keys
-        if len(self.sides()) == 1 and self.values is not store:
+        if len(self.sides()) == 1 and self.values is not self.keys:
             raise RuntimeError("stores retained alike book on one shared Positions (see share_positions)")
+        store = self.keys
         self.booked = store.length
         held = self.held_positions()
         if len(held) >= self.slots:

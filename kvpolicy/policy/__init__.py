@@ -294,10 +294,10 @@ class Policy:
         specs = model_layers(model)
         if self.config.budgeted:  # the layers its budgeted entries take on this model, named
             return self.for_model(specs, model_name(model)).make_cache(model, cuda_graphs, max_cache_len)
-        if cuda_graphs == "auto":
-            from kvpolicy.graphs.capability import auto_refusal
+        from kvpolicy.graphs.capability import auto_refusal
 
-            cuda_graphs = "auto" if auto_refusal(self, model) is None else False
+        if cuda_graphs == "auto" and auto_refusal(self, model) is not None:
+            cuda_graphs = False
         if cuda_graphs:
             from kvpolicy.errors import NotSupportedError
             from kvpolicy.graphs.static_cache import build_static_cache
