@@ -106,7 +106,8 @@ def _show_layers(policy, args: argparse.Namespace) -> None:
     for s in served:
         sides = []
         for side, dim in (("keys", s.head_dim), ("values", s.value_head_dim or s.head_dim)):
-            quant = layer_quant(getattr(per_layer[s.index].config, side).quant, dim, s.normalized_keys)
+            unrotated = s.normalized_keys or (side == "keys" and s.biased_keys)
+            quant = layer_quant(getattr(per_layer[s.index].config, side).quant, dim, unrotated)
             sides.append(f"{side} {quant.bits}-bit/{quant.axis} groups of {quant.group_size}/rotate {quant.rotate}")
         print(f"#   layer {s.index}: {', '.join(sides)} ({layer_bits(per_layer[s.index], s):.3f} bits per element)")
     if served:

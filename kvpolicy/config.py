@@ -121,7 +121,8 @@ class QuantSpec:
             "head_dim (a power of two), rotated back when read; spreads outlier channels. Decode steps (eager or "
             "replayed from a CUDA graph) read the rotated codes in the fused kernels: the step rotates the query and "
             "rotates the output back. `auto`: `hadamard`, except on layers that normalize keys per head (QK-norm, "
-            "e.g. Gemma 3, Qwen 3) or whose head_dim is not a power of two, which stay unrotated"
+            "e.g. Gemma 3, Qwen 3) or whose head_dim is not a power of two, which stay unrotated, and the keys of "
+            "layers whose key projection adds a bias (Qwen2, Qwen2.5), which stay unrotated"
         },
     )
 

@@ -50,6 +50,9 @@ class LayerSpec:
     #: whether the layer normalizes keys per head before caching them (QK-norm, a ``k_norm``
     #: module: Gemma 3, Qwen 3, OLMo 2), which ``rotate: auto`` leaves unrotated
     normalized_keys: bool = False
+    #: whether the layer's key projection adds a learned bias (Qwen2), which RoPE turns into a few
+    #: large channels; ``rotate: auto`` leaves such keys unrotated
+    biased_keys: bool = False
 
 
 class LayerPlan(Protocol):
@@ -58,7 +61,12 @@ class LayerPlan(Protocol):
     policy's own cache layer."""
 
     def new_layer(
-        self, head_dim: int, model_config=None, value_head_dim: int | None = None, normalized_keys: bool = False
+        self,
+        head_dim: int,
+        model_config=None,
+        value_head_dim: int | None = None,
+        normalized_keys: bool = False,
+        biased_keys: bool = False,
     ) -> CacheLayerMixin: ...
 
 
@@ -84,7 +92,11 @@ class PolicyLayers(LayerFactory):
 
     def build(self, plan: LayerPlan, spec: LayerSpec, model_config=None) -> CacheLayerMixin:
         return plan.new_layer(
-            spec.head_dim, model_config, value_head_dim=spec.value_head_dim, normalized_keys=spec.normalized_keys
+            spec.head_dim,
+            model_config,
+            value_head_dim=spec.value_head_dim,
+            normalized_keys=spec.normalized_keys,
+            biased_keys=spec.biased_keys,
         )
 
 
@@ -135,12 +147,28 @@ def model_name(model) -> str:
 _KEY_NORM = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.[^.]+\.(?:k_norm|k_layernorm|key_layernorm|key_norm)$")
 
 
+#: a decoder layer's key projection (``model.layers.5.self_attn.k_proj``), the layer index first
+_KEY_PROJECTION = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.[^.]+\.(?:k_proj|key_proj|wk)$")
+
+
 def normalized_key_layers(model) -> set[int]:
     """Indices of the decoder layers that normalize keys per head (own a key-norm module)."""
     named = getattr(model, "named_modules", None)
     if named is None:
         return set()
     return {int(m.group(1)) for name, _ in named() if (m := _KEY_NORM.search(name))}
+
+
+def biased_key_layers(model) -> set[int]:
+    """Indices of the decoder layers whose key projection adds a bias (Qwen2's ``k_proj``)."""
+    named = getattr(model, "named_modules", None)
+    if named is None:
+        return set()
+    return {
+        int(m.group(1))
+        for name, module in named()
+        if (m := _KEY_PROJECTION.search(name)) and getattr(module, "bias", None) is not None
+    }
 
 
 def model_layers(model) -> list[LayerSpec]:
@@ -197,12 +225,23 @@ def model_layers(model) -> list[LayerSpec]:
     }
     specs = []
     normalized = normalized_key_layers(model)
+    biased = biased_key_layers(model)
     for index, kind in enumerate(types):
         window = windows.get(kind)
         if kind in windows and not window:
             raise UnsupportedModelError(f"{name}: layer {index} is {kind!r} but the config gives no window size")
         specs.append(
-            LayerSpec(index, kind, kv_heads, head_dim, window, num_layers, value_head_dim, index in normalized)
+            LayerSpec(
+                index,
+                kind,
+                kv_heads,
+                head_dim,
+                window,
+                num_layers,
+                value_head_dim,
+                normalized_keys=index in normalized,
+                biased_keys=index in biased,
+            )
         )
     return specs
 

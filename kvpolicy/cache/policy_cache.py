@@ -70,7 +70,9 @@ class MemoryReport:
 
 
 class KVPolicyLayer(CacheLayerMixin):
-    """One decoder layer's cache: a key store, a value store and the executor that reads them."""
+    """One decoder layer's cache: a key store, a value store and the executor that reads them,
+    and, in a cache built for CUDA graphs, the buffers its replayed decode steps run on
+    (:attr:`ring`, a :class:`~kvpolicy.graphs.static_cache.RingBuffers`)."""
 
     is_sliding = False
     supports_early_init = False
@@ -89,6 +91,14 @@ class KVPolicyLayer(CacheLayerMixin):
         # shares it with the other layers of its schedule)
         share_positions((key_store, value_store))
         self.aligned = aligned(key_store, value_store)
+        #: the CUDA-graph buffers (set by ``make_cache(model, cuda_graphs=...)``); while they are in
+        #: use they hold this layer's tokens and serve its one-token steps
+        self.ring = None
+
+    @property
+    def in_ring(self) -> bool:
+        """Whether the tokens are in the CUDA-graph buffers (the stores keep only the bookkeeping)."""
+        return self.ring is not None and self.ring.in_use
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -99,6 +109,8 @@ class KVPolicyLayer(CacheLayerMixin):
     @torch.compiler.disable  # the stores' bookkeeping runs eagerly under torch.compile
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store ``[B, H, q, D]`` keys/values; return them tagged for the ``"kvpolicy"`` attention."""
+        if self.in_ring:
+            return self.ring.update(key_states, value_states)
         if self._config is not None and not attention.is_attached(self._config):
             raise RuntimeError(
                 "this kvpolicy cache needs the model's attention set to 'kvpolicy' "
@@ -154,21 +166,26 @@ class KVPolicyLayer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.key_store.length
+        return self.ring.schedule.length if self.in_ring else self.key_store.length
 
     def held_tokens(self) -> int:
         """Tokens a ``DynamicCache`` layer would hold for what this layer has seen."""
-        return self.key_store.length
+        return self.get_seq_length()
 
     @property
     def demoted(self) -> bool:
         """Whether the policy quantized or evicted any token of this layer yet."""
+        if self.in_ring:
+            return self.ring.schedule.demoted
         return self.key_store.demoted or self.value_store.demoted
 
     def get_max_length(self) -> int:
-        return -1
+        limit = None if self.ring is None else self.ring.schedule.max_cache_len
+        return -1 if limit is None else limit
 
     def reset(self) -> None:
+        if self.ring is not None:
+            self.ring.free()
         self._awaiting_attention = False
         self.key_store.reset()
         self.value_store.reset()
@@ -177,6 +194,7 @@ class KVPolicyLayer(CacheLayerMixin):
         self.is_initialized = False
 
     def _map_batch(self, fn) -> None:
+        self._refuse_in_ring("a batch method")
         self.key_store.map_batch(fn)
         self.value_store.map_batch(fn)
         if self.row_sinks is not None:
@@ -205,6 +223,7 @@ class KVPolicyLayer(CacheLayerMixin):
             raise ValueError(f"crop({tokens_to_remove}): pass a negative number, the count of newest tokens to remove")
         if not tokens_to_remove or not self.is_initialized:
             return
+        self._refuse_in_ring("crop")
         if not self.is_croppable:
             raise NotSupportedError(
                 "crop/rollback is not supported by this policy: it demotes tokens (quantizes or evicts them) "
@@ -213,6 +232,12 @@ class KVPolicyLayer(CacheLayerMixin):
             )
         self.key_store.crop(-tokens_to_remove)
         self.value_store.crop(-tokens_to_remove)
+
+    def _refuse_in_ring(self, what: str) -> None:
+        if self.in_ring:
+            raise RuntimeError(
+                f"{what} on a layer whose tokens are in its CUDA-graph buffers: the cache hands them back first"
+            )
 
     def offload(self):
         raise NotSupportedError("offloading is not supported by kvpolicy caches")
@@ -224,13 +249,15 @@ class KVPolicyLayer(CacheLayerMixin):
         """Bytes by region: both stores' and what the executor keeps between steps (rotation
         matrices, shared between layers, are counted once by the cache)."""
         out: dict[str, int] = {"executor": self.executor.nbytes()}
-        for store in (self.key_store, self.value_store):
-            for region, n in store.nbytes().items():
+        parts = (self.key_store.nbytes(), self.value_store.nbytes(), self.ring.nbytes() if self.ring else {})
+        for part in parts:
+            for region, n in part.items():
                 out[region] = out.get(region, 0) + n
         return out
 
     def rotations(self) -> list[torch.Tensor]:
-        return self.key_store.rotations() + self.value_store.rotations()
+        held = self.ring.rotations() if self.ring is not None else []
+        return self.key_store.rotations() + self.value_store.rotations() + held
 
     def stores(self) -> tuple[TensorStore, TensorStore]:
         """The key store and the value store (their positions may be shared with other layers')."""
@@ -303,7 +330,7 @@ def _stores(layers: list) -> list[TensorStore]:
 def _layer_geometry(layer) -> tuple[tuple[int, int, int], torch.dtype]:
     """``((batch, kv_heads, key and value channels of a token), dtype)`` of an initialized
     layer of any kind (channels: ``2 * head_dim`` unless values have their own head size)."""
-    if hasattr(layer, "value_head_dim"):  # a KVPolicyLayer or a StaticPolicyLayer
+    if hasattr(layer, "value_head_dim"):  # a KVPolicyLayer
         batch, heads, head_dim = layer.shape
         return (batch, heads, head_dim + layer.value_head_dim), layer.dtype
     batch, heads, _, head_dim = layer.keys.shape

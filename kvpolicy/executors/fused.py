@@ -19,7 +19,7 @@ from kvpolicy.executors.base import allowed_columns
 from kvpolicy.executors.chunked import ChunkedExecutor
 from kvpolicy.executors.kernels import common, decode
 from kvpolicy.executors.kernels.common import fusable, gluon_available, power_of_two, triton_available
-from kvpolicy.quantizers.rotation import rotate, rotate_back, unwrap_rotation
+from kvpolicy.quantizers.rotation import rotate, rotate_back
 
 KERNEL_CHOICES = ("auto", *decode.KERNEL_NAMES)
 
@@ -61,8 +61,8 @@ class FusedExecutor(ChunkedExecutor):
         return (query.is_cuda or common.interpreted()) and triton_available()
 
     def attend_regions(self, query, regions, step, attention_mask, scaling):
-        key_rotation, keys = unwrap_rotation(regions.packed_keys)
-        value_rotation, values = unwrap_rotation(regions.packed_values)
+        keys, values = regions.packed_keys, regions.packed_values
+        key_rotation, value_rotation = getattr(keys, "rotation", None), getattr(values, "rotation", None)
         paired_by_rows = regions.value_rows is not None
         if not (
             query.shape[2] == 1

@@ -73,7 +73,6 @@ def stores_refusal(policy_name: str, keys, values, max_cache_len: int | None) ->
     """Why the replayed step cannot serve a layer whose key and value stores are ``keys`` and
     ``values`` (:class:`~kvpolicy.store.TensorStore`)."""
     from kvpolicy.quantizers.native import NativeQuantizer
-    from kvpolicy.quantizers.rotation import unrotated_backend
     from kvpolicy.store import aligned
 
     if not aligned(keys, values):
@@ -90,10 +89,10 @@ def stores_refusal(policy_name: str, keys, values, max_cache_len: int | None) ->
                 "only for such policies (e.g. partial_logquant)"
             )
     for store, side in ((keys, "keys"), (values, "values")):
-        inner = unrotated_backend(store.backend)
-        if store.backend is not None and type(inner) is not NativeQuantizer:
+        backend = store.backend
+        if backend is not None and type(backend) is not NativeQuantizer:
             return (
-                f"{side} are quantized by {type(inner).__name__} (backend {store.spec.backend!r}); the replayed "
+                f"{side} are quantized by {type(backend).__name__} (backend {store.spec.backend!r}); the replayed "
                 "step reads the native backend's codes"
             )
     if keys.unbound_selector.budget is None and max_cache_len is None:
@@ -121,7 +120,11 @@ def policy_layers(policy, model, specs: Sequence) -> list:
     """The policy's eager layer for each decoder layer in ``specs`` (what static layers wrap)."""
     return [
         policy.for_layer(spec.index, spec.num_layers).new_layer(
-            spec.head_dim, model.config, value_head_dim=spec.value_head_dim, normalized_keys=spec.normalized_keys
+            spec.head_dim,
+            model.config,
+            value_head_dim=spec.value_head_dim,
+            normalized_keys=spec.normalized_keys,
+            biased_keys=spec.biased_keys,
         )
         for spec in specs
     ]

@@ -5,11 +5,11 @@ before Python has issued the next layer's (``benchmarks/profile_step.py``). tran
 ``StaticCache`` answers that with ``torch.compile(mode="reduce-overhead")``; kvpolicy captures
 the step itself instead, because a policy's bookkeeping (which tokens stay, which are
 packed) is host logic that a compiled graph cannot hold, while the step's device work, on
-:class:`~kvpolicy.graphs.static_cache.StaticPolicyLayer` buffers, has the same shapes and pointers
+:class:`~kvpolicy.graphs.static_cache.RingBuffers`, has the same shapes and pointers
 at every step.
 
 ``policy.make_cache(model)`` on a CUDA model (``cuda_graphs="auto"``, where the step serves the
-policy and model) or ``make_cache(model, cuda_graphs=True)`` builds static layers and wraps
+policy and model) or ``make_cache(model, cuda_graphs=True)`` gives each layer its buffers and wraps
 ``model.forward`` (once per model, see :func:`install`): the prefill runs eagerly; at the
 first decode step the tokens move into the static buffers, and that step is run once to warm
 up (Triton compiles its kernels then) and captured; every later step copies the new token id

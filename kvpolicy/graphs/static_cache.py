@@ -1,8 +1,9 @@
-"""Preallocated cache layers whose decode step has static shapes (for CUDA-graph decoding).
+"""Buffers allocated once, whose decode step has static shapes (for CUDA-graph decoding).
 
-An eager :class:`~kvpolicy.cache.policy_cache.KVPolicyLayer` replaces its tensors at every step, so each
-step's kernels see new shapes and pointers and the host must issue them one by one. A
-:class:`StaticPolicyLayer` holds the same tokens in buffers allocated once:
+A :class:`~kvpolicy.cache.policy_cache.KVPolicyLayer`'s stores replace their tensors at every
+step, so each step's kernels see new shapes and pointers and the host must issue them one by
+one. The same layer, built by ``make_cache(model, cuda_graphs=...)``, also holds
+:class:`RingBuffers`: the same tokens in buffers allocated once:
 
 * a **ring** of full-precision slots ``[B, H, slots, D]`` for the kept tokens and the staged
   ones (both are full precision, so attention treats them alike), with an additive bias
@@ -19,14 +20,15 @@ replayed (:mod:`kvpolicy.graphs.cuda_graphs`). Between steps the host books the 
 holds exactly the tokens, at exactly the precision, that eager decoding holds. Packing a
 block quantizes its ring slots into the packed buffers (eager operations, once per block).
 
-Multi-token steps (the prefill, a chunked prefill, a new turn) run through the eager layer;
-at the first one-token step its stores' state is copied into the buffers (:meth:`adopt`).
+Multi-token steps (the prefill, a chunked prefill, a new turn) run through the layer's stores;
+at the first one-token step their state is copied into the buffers (:meth:`RingBuffers.adopt`),
+and the layer hands its one-token steps to the buffers while they are in use.
 Served: models whose every layer is full attention, policies whose keys and values are
 retained alike or paired (:class:`~kvpolicy.graphs.ring_schedule.PairedRingSchedule`), native
 quantization, rotated or not (the buffers hold the rotated codes; the step rotates the query,
 the ring and the output), batches without padding. Built with
 ``cuda_graphs=True`` anything else is refused; built by ``cuda_graphs="auto"`` (the default on
-CUDA) the cache hands its tokens back to the eager layers instead (:meth:`release`) and goes
+CUDA) the cache hands its tokens back to the stores instead (:meth:`RingBuffers.release`) and goes
 on eagerly, so a user never meets a refusal the eager cache would not give. Without a
 declared ``max_cache_len`` the packed buffers grow (doubling) as decoding fills them, and
 the step is captured again.
@@ -36,10 +38,9 @@ from __future__ import annotations
 
 import attrs
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
 from kvpolicy.cache import attention
-from kvpolicy.cache.policy_cache import KVPolicyCache, MemoryReport
+from kvpolicy.cache.policy_cache import KVPolicyCache, KVPolicyLayer, MemoryReport
 from kvpolicy.errors import ConfigError, NotSupportedError
 from kvpolicy.executors import partial as pa
 from kvpolicy.graphs.capability import policy_layers, serving_refusal
@@ -51,24 +52,24 @@ from kvpolicy.graphs.ring_schedule import (
     schedule_for,
 )
 from kvpolicy.quantizers.native import NativePacked
-from kvpolicy.quantizers.rotation import as_stored, backend_rotation, rotate, rotate_back, unwrap_rotation
+from kvpolicy.quantizers.rotation import rotate, rotate_back, rotation_for
 from kvpolicy.transfer import indices_to
 
 
 @attrs.frozen
 class StaticStep:
-    """What a static layer hands its attention (``row_sinks``/``after_prefill``: never used; the
-    policies it serves demote, so never ``lossless``)."""
+    """What a layer's buffers hand its attention (``row_sinks``/``after_prefill``: never used;
+    the policies they serve demote, so never ``lossless``)."""
 
-    layer: StaticPolicyLayer
+    ring: RingBuffers
     row_sinks: None = None
     after_prefill: None = None
     lossless: bool = False
 
 
 class StaticAttention:
-    """Attention of a static layer's decode step: the ring and the packed capacity under their
-    biases. On CUDA the fused decode kernels (two launches, fixed shapes); elsewhere the same
+    """Attention of a decode step on a layer's :class:`RingBuffers`: the ring and the packed
+    capacity under their biases. On CUDA the fused decode kernels (two launches, fixed shapes); elsewhere the same
     sums in float32 (:mod:`kvpolicy.executors.partial`). Where a side is rotated
     (:mod:`kvpolicy.quantizers.rotation`) the step runs in the rotated space: the query and the ring's
     keys by the keys' matrix, the ring's values by the values', the output rotated back."""
@@ -76,7 +77,7 @@ class StaticAttention:
     name = "static"
 
     def attend(self, module, query, step: StaticStep, attention_mask, scaling=None, **kwargs) -> torch.Tensor:
-        layer = step.layer
+        layer = step.ring
         schedule = layer.schedule
         b, hq, q, d = query.shape
         scaling = scaling if scaling is not None else d**-0.5
@@ -96,7 +97,8 @@ class StaticAttention:
         result = pa.partial(grouped, ring_keys, ring_values, scaling, schedule.ring_bias[:, None, None, :])
         if packed_keys is not None:
             bias = schedule.packed_bias[:, None, None, :]
-            part = pa.partial(grouped, packed_keys.dequantize(), packed_values.dequantize(), scaling, bias)
+            stored_keys, stored_values = packed_keys.dequantize_stored(), packed_values.dequantize_stored()
+            part = pa.partial(grouped, stored_keys, stored_values, scaling, bias)
             result = pa.merge([result, part])
         return rotate_back(pa.ungroup_output(result[0], hq, q).to(query.dtype), value_rotation)
 
@@ -105,120 +107,79 @@ STATIC_ATTENTION = StaticAttention()
 
 
 def _capacity_packed(spec, backend, batch, heads, dim, capacity, dtype, device) -> NativePacked:
-    """Zeroed native buffers for ``capacity`` packed tokens, in ``spec``'s layout (a rotating
-    backend's too: the buffers hold its native codes of rotated tokens)."""
+    """Zeroed native buffers for ``capacity`` packed tokens, in ``spec``'s layout (its rotation
+    included: the buffers hold codes of rotated tokens where ``spec`` rotates)."""
     tokens = spec.group_size if spec.axis == "channel" else 1
     zeros = torch.zeros(batch, heads, tokens, dim, dtype=dtype, device=device)
-    _, probe = unwrap_rotation(backend.quantize(zeros, spec))
-    per = probe.num_tokens
-    codes = torch.zeros(batch, heads, capacity, probe.codes.shape[-1], dtype=probe.codes.dtype, device=device)
-    scale_tokens = capacity // per * probe.scale.shape[2]
-    scale = torch.zeros(batch, heads, scale_tokens, probe.scale.shape[-1], dtype=probe.scale.dtype, device=device)
-    return NativePacked(codes, scale, torch.zeros_like(scale), probe.bits, probe.group_size, probe.axis)
-
-
-def _write_block(dst: NativePacked, block, offset: int) -> None:
-    """Copy ``block`` (native, or a rotated block's native codes) into ``dst`` at token
-    ``offset`` (a multiple of a per-channel group)."""
-    _, block = unwrap_rotation(block)
-    n = block.num_tokens
-    dst.codes[:, :, offset : offset + n].copy_(block.codes)
-    if dst.axis == "channel":
-        start = offset // dst.group_size
-        dst.scale[:, :, start : start + block.scale.shape[2]].copy_(block.scale)
-        dst.zero[:, :, start : start + block.zero.shape[2]].copy_(block.zero)
-    else:
-        dst.scale[:, :, offset : offset + n].copy_(block.scale)
-        dst.zero[:, :, offset : offset + n].copy_(block.zero)
-
-
-def _write_rows(dst: NativePacked, src, src_index: torch.Tensor, dst_index: torch.Tensor) -> None:
-    """Per-token packed rows ``src_index`` of ``src`` (native, or a rotated block's native codes)
-    into rows ``dst_index`` of ``dst`` (int64, on the device)."""
-    _, src = unwrap_rotation(src)
-    for name in ("codes", "scale", "zero"):
-        getattr(dst, name).index_copy_(2, dst_index, getattr(src, name).index_select(2, src_index))
-
-
-def _zero_rows(like: NativePacked, n: int) -> NativePacked:
-    """A zeroed per-token packed region of ``n`` rows in ``like``'s layout."""
-    b, h = like.codes.shape[:2]
-    return NativePacked(
-        like.codes.new_zeros(b, h, n, like.codes.shape[3]), like.scale.new_zeros(b, h, n, like.scale.shape[3]),
-        like.zero.new_zeros(b, h, n, like.zero.shape[3]), like.bits, like.group_size, like.axis,
-    )  # fmt: skip
+    return backend.quantize(zeros, spec).allocate(capacity)
 
 
 def _leading_tokens(packed: NativePacked, n: int) -> NativePacked:
     """A copy of the first ``n`` tokens of ``packed`` (a multiple of a per-channel group)."""
-    scales = n // packed.group_size if packed.axis == "channel" else n
-    return NativePacked(
-        packed.codes[:, :, :n].clone(), packed.scale[:, :, :scales].clone(), packed.zero[:, :, :scales].clone(),
-        packed.bits, packed.group_size, packed.axis,
-    )  # fmt: skip
+    return packed.slice_tokens(0, n).map_batch(torch.clone)
 
 
-class StaticPolicyLayer(CacheLayerMixin):
-    """One decoder layer's cache in preallocated buffers (see the module docstring).
-
-    ``eager``: the policy's own layer, which serves every multi-token step and, while the
-    buffers are not in use (:attr:`adopted` false), everything else; ``schedule``: the
-    bookkeeping shared with every layer of the same policy.
+class RingBuffers:
+    """One layer's tokens in buffers allocated once, for the replayed decode step (see the
+    module docstring). A :class:`~kvpolicy.cache.policy_cache.KVPolicyLayer` holds one (its
+    ``ring``): the layer's stores serve every multi-token step and, while the buffers are not
+    :attr:`in_use`, everything else. ``schedule``: the bookkeeping shared with every layer of
+    the same retention schedule; ``keys``/``values``: the layer's stores, whose tokens the
+    buffers take over (:meth:`adopt`) and hand back (:meth:`release`).
     """
 
-    is_sliding = False
-    is_compileable = False
-    supports_early_init = False
-
-    def __init__(self, eager, schedule: RingSchedule):
-        self.eager = eager
-        super().__init__()
+    def __init__(self, schedule: RingSchedule, keys, values):
         self.schedule = schedule
-        self.adopted = False
+        self.keys, self.values = keys, values
+        self.in_use = False
         self.ring_keys = self.ring_values = None
         self.packed_keys = self.packed_values = None
         self.pending_values: NativePacked | None = None  # a PairedRingSchedule's values packed before their keys
-        # [D, D] matrices of rotating backends (the buffers hold their codes of rotated tokens)
+        # [D, D] matrices of rotated sides (their buffers hold codes of rotated tokens, the matrix recorded)
         self.key_rotation = self.value_rotation = None
         self.fused = False
 
-    # -- steps ----------------------------------------------------------------------------
-
-    @torch.compiler.disable
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """A multi-token step through the eager layer; a decode step (one token) into the ring."""
-        if not self.adopted:
-            return self.eager.update(key_states, value_states, *args, **kwargs)
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """A decode step (one token) into the slot the schedule chose beforehand; the inputs
+        tagged for :class:`StaticAttention`."""
         if key_states.shape[2] != 1:  # the cache hands its tokens back before such a forward
-            raise RuntimeError(f"a static layer in use got a step of {key_states.shape[2]} tokens")
+            raise RuntimeError(f"a layer's CUDA-graph buffers in use got a step of {key_states.shape[2]} tokens")
         self.ring_keys.index_copy_(2, self.schedule.slot_index, key_states)
         self.ring_values.index_copy_(2, self.schedule.slot_index, value_states)
-        step = StaticStep(self)
+        step = StaticStep(ring=self)
         return attention.tag(key_states, step, STATIC_ATTENTION), attention.tag(value_states, step, None)
 
-    @property
-    def _awaiting_attention(self) -> bool:  # the eager layer's guard, while it serves the steps
-        return not self.adopted and self.eager._awaiting_attention
+    def rotations(self) -> list[torch.Tensor]:
+        """The rotation matrices the buffers' codes were rotated by (one per device, shared)."""
+        return [m for m in (self.key_rotation, self.value_rotation) if m is not None]
 
-    @_awaiting_attention.setter
-    def _awaiting_attention(self, value: bool) -> None:
-        self.eager._awaiting_attention = value
+    def nbytes(self) -> dict[str, int]:
+        """Bytes the buffers hold while in use (allocated whole: the ring and the packed capacity)."""
+        if not self.in_use:
+            return {}
+        out = {"full_precision": sum(t.numel() * t.element_size() for t in (self.ring_keys, self.ring_values))}
+        for packed in (self.packed_keys, self.packed_values, self.pending_values):
+            if packed is not None:
+                for region, n in packed.nbytes().items():
+                    out[region] = out.get(region, 0) + n
+        return out
 
     # -- moving the tokens between the eager stores and the buffers -----------------------
 
-    def adopt(self) -> None:
-        """Copy the eager stores' tokens into the buffers (held tokens into ring slots
-        ``0..m-1`` in the schedule's order, the packed region into the packed buffers' first
-        tokens) and free the eager tensors. The schedule has taken over the bookkeeping."""
-        keys, values = self.eager.key_store, self.eager.value_store
+    def adopt(self, layer) -> None:
+        """Copy the stores' tokens into the buffers (held tokens into ring slots ``0..m-1`` in
+        the schedule's order, the packed region into the packed buffers' first tokens) and free
+        the stores' tensors. The schedule has taken over the bookkeeping. ``layer``: the
+        :class:`~kvpolicy.cache.policy_cache.KVPolicyLayer` (its geometry and executor)."""
+        keys, values = self.keys, self.values
         schedule = self.schedule
         paired = isinstance(schedule, PairedRingSchedule)
         sides = ((keys, schedule.keys), (values, schedule.values))
         if not all(store.positions is held and store.length == held.length for store, held in sides):
             raise RuntimeError("the graph schedule and this layer's stores disagree on their tokens")
-        self._allocate()
+        self._allocate(layer)
         if paired:
-            self._adopt_paired()
+            self._adopt_paired(layer)
             return
         for ring, store in ((self.ring_keys, keys), (self.ring_values, values)):
             parts = [t for t in (store.fp, store.staging) if t is not None]
@@ -226,18 +187,21 @@ class StaticPolicyLayer(CacheLayerMixin):
                 tokens = torch.cat(parts, dim=2)
                 ring[:, :, : tokens.shape[2]].copy_(tokens)
         if keys.packed is not None and self.packed_keys is not None:
-            _write_block(self.packed_keys, keys.packed, 0)
-            _write_block(self.packed_values, values.packed, 0)
-        self._adopted()
+            self.packed_keys.write(keys.packed, 0)
+            self.packed_values.write(values.packed, 0)
+        self._adopted(layer)
 
-    def _allocate(self) -> None:
+    def _allocate(self, layer) -> None:
         """Zeroed rings and packed buffers of the schedule's sizes (and pending value rows for
         a :class:`PairedRingSchedule`)."""
-        keys, values, schedule = self.eager.key_store, self.eager.value_store, self.schedule
-        batch, heads, key_dim = self.eager.shape
-        value_dim = self.eager.value_head_dim
-        dtype, device = self.eager.dtype, self.eager.device
-        self.key_rotation, self.value_rotation = (backend_rotation(s.backend, device) for s in (keys, values))
+        keys, values, schedule = self.keys, self.values, self.schedule
+        batch, heads, key_dim = layer.shape
+        value_dim = layer.value_head_dim
+        dtype, device = layer.dtype, layer.device
+        self.key_rotation, self.value_rotation = (
+            rotation_for(s.spec.rotate, dim, device) if s.backend is not None else None
+            for s, dim in ((keys, key_dim), (values, value_dim))
+        )
         self.ring_keys = torch.zeros(batch, heads, schedule.slots, key_dim, dtype=dtype, device=device)
         self.ring_values = torch.zeros(batch, heads, schedule.slots, value_dim, dtype=dtype, device=device)
         if keys.backend is not None:
@@ -252,29 +216,29 @@ class StaticPolicyLayer(CacheLayerMixin):
                 values.spec, values.backend, batch, heads, value_dim, schedule.slots, dtype, device
             )
 
-    def _adopted(self) -> None:
-        """The eager tensors are copied: free them, choose the kernels, serve the steps."""
+    def _adopted(self, layer) -> None:
+        """The stores' tensors are copied: free them, choose the kernels, serve the steps."""
         from kvpolicy.executors.kernels import fusable, triton_available
 
-        batch, heads, key_dim = self.eager.shape
-        device = self.eager.device
+        batch, heads, key_dim = layer.shape
+        device = layer.device
         query_like = torch.empty(batch, heads, 1, key_dim, device="meta")
         self.fused = (
             device.type == "cuda"
             and triton_available()
-            and key_dim == self.eager.value_head_dim
+            and key_dim == layer.value_head_dim
             and (self.packed_keys is None or fusable(query_like, self.packed_keys, self.packed_values))
         )
-        for store in (self.eager.key_store, self.eager.value_store):
+        for store in (self.keys, self.values):
             store.fp = store.staging = store.packed = None
-        self.eager.executor.reset()  # its memos of the eager tokens: the ring serves them now
-        self.adopted = True
+        layer.executor.reset()  # its memos of the stores' tokens: the ring serves them now
+        self.in_use = True
 
-    def _adopt_paired(self) -> None:
+    def _adopt_paired(self, layer) -> None:
         """:meth:`adopt` for a :class:`PairedRingSchedule`: each slot's key and value (full
         precision, or dequantized where that side is packed, its packed row then pending), the
         packed keys as they are, each packed value at its key's offset."""
-        keys, values, schedule = self.eager.key_store, self.eager.value_store, self.schedule
+        keys, values, schedule = self.keys, self.values, self.schedule
         device = self.ring_keys.device
         key_index = {p: i for i, p in enumerate(keys.packed_pos.tolist())}
         value_index = {p: i for i, p in enumerate(values.packed_pos.tolist())}
@@ -290,17 +254,17 @@ class StaticPolicyLayer(CacheLayerMixin):
         pending = sorted(schedule.pending)
         if pending:
             rows = indices_to([value_index[p] for p in pending], device)
-            _write_rows(self.pending_values, values.packed, rows, indices_to(schedule.slots_of(pending), device))
+            self.pending_values.write_rows(values.packed, rows, indices_to(schedule.slots_of(pending), device))
         if keys.packed is not None:
-            _write_block(self.packed_keys, keys.packed, 0)
+            self.packed_keys.write(keys.packed, 0)
         both = [p for p in key_index if p in value_index]
         if both:
             rows = indices_to([value_index[p] for p in both], device)
-            _write_rows(self.packed_values, values.packed, rows, indices_to([key_index[p] for p in both], device))
-        self._adopted()
+            self.packed_values.write_rows(values.packed, rows, indices_to([key_index[p] for p in both], device))
+        self._adopted(layer)
 
     def release(self) -> None:
-        """The inverse of :meth:`adopt`: the eager stores take the schedule's bookkeeping and
+        """The inverse of :meth:`adopt`: the stores take the schedule's bookkeeping and
         the buffers' tokens (full-precision ones by ring slot, the packed prefix), and the
         buffers are freed."""
         schedule = self.schedule
@@ -308,22 +272,13 @@ class StaticPolicyLayer(CacheLayerMixin):
             self._release_paired()
             return
         sides = (
-            (self.ring_keys, self.packed_keys, self.eager.key_store),
-            (self.ring_values, self.packed_values, self.eager.value_store),
+            (self.ring_keys, self.packed_keys, self.keys),
+            (self.ring_values, self.packed_values, self.values),
         )
         for ring, packed, store in sides:
             self._hand_back_held(ring, store)
-            store.packed = (
-                self._as_stored(_leading_tokens(packed, len(store.packed_pos)), store)
-                if len(store.packed_pos)
-                else None
-            )
-        self._free()
-
-    @staticmethod
-    def _as_stored(packed: NativePacked, store):
-        """Buffer codes handed back to ``store`` in its own form (rotated blocks for a rotating backend)."""
-        return as_stored(packed, backend_rotation(store.backend, packed.codes.device))
+            store.packed = _leading_tokens(packed, len(store.packed_pos)) if len(store.packed_pos) else None
+        self.free()
 
     def _hand_back_held(self, ring: torch.Tensor, store) -> None:
         """``store`` catches up with its bookkeeping (which the schedule went on booking) and
@@ -335,11 +290,11 @@ class StaticPolicyLayer(CacheLayerMixin):
         """:meth:`release` for a :class:`PairedRingSchedule`: values packed in key order (or
         pending) go back in the value store's own order."""
         schedule = self.schedule
-        keys, values = self.eager.key_store, self.eager.value_store
+        keys, values = self.keys, self.values
         self._hand_back_held(self.ring_keys, keys)
         self._hand_back_held(self.ring_values, values)
         n_keys = len(keys.packed_pos)
-        keys.packed = self._as_stored(_leading_tokens(self.packed_keys, n_keys), keys) if n_keys else None
+        keys.packed = _leading_tokens(self.packed_keys, n_keys) if n_keys else None
         values.packed = None
         if len(values.packed_pos):
             device = self.ring_values.device
@@ -347,35 +302,34 @@ class StaticPolicyLayer(CacheLayerMixin):
             order = values.packed_pos.tolist()
             settled = [(i, key_index[p]) for i, p in enumerate(order) if p not in schedule.pending]
             pending = [(i, schedule.slot_of[p]) for i, p in enumerate(order) if p in schedule.pending]
-            values.packed = _zero_rows(self.packed_values, len(order))
+            values.packed = self.packed_values.allocate(len(order))
             for source, rows in ((self.packed_values, settled), (self.pending_values, pending)):
                 if rows:
                     dst, src = (indices_to(c, device) for c in zip(*rows))
-                    _write_rows(values.packed, source, src, dst)
-            values.packed = self._as_stored(values.packed, values)
-        self._free()
+                    values.packed.write_rows(source, src, dst)
+        self.free()
 
     def _ring_tokens(self, ring: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         if not len(positions):
             return None
         return ring.index_select(2, indices_to(self.schedule.slots_of(positions), ring.device))
 
-    def _free(self) -> None:
+    def free(self) -> None:
+        """Drop the buffers (the stores hold nothing of them: :meth:`release` first to keep the tokens)."""
         self.ring_keys = self.ring_values = self.packed_keys = self.packed_values = self.pending_values = None
         self.key_rotation = self.value_rotation = None
-        self.adopted = False
+        self.in_use = False
 
     def grow(self, capacity: int) -> None:
         """Packed buffers of ``capacity`` tokens holding what the current ones hold."""
         packed = len(self.schedule.keys.packed_pos)
-        sides = (("packed_keys", self.eager.key_store, self.ring_keys), ("packed_values", self.eager.value_store,
-                                                                             self.ring_values))  # fmt: skip
+        sides = (("packed_keys", self.keys, self.ring_keys), ("packed_values", self.values, self.ring_values))
         for name, store, ring in sides:
             old = getattr(self, name)
             batch, heads, _, dim = ring.shape
             new = _capacity_packed(store.spec, store.backend, batch, heads, dim, capacity, ring.dtype, ring.device)
             if packed:
-                _write_block(new, _leading_tokens(old, packed), 0)
+                new.write(old.slice_tokens(0, packed), 0)
             setattr(self, name, new)
 
     def pack(self, booking: Booking) -> None:
@@ -387,124 +341,31 @@ class StaticPolicyLayer(CacheLayerMixin):
             return
         index = booking.packed_index
         for ring, packed, store in (
-            (self.ring_keys, self.packed_keys, self.eager.key_store),
-            (self.ring_values, self.packed_values, self.eager.value_store),
+            (self.ring_keys, self.packed_keys, self.keys),
+            (self.ring_values, self.packed_values, self.values),
         ):
             block = store.backend.quantize(ring.index_select(2, index), store.spec)
-            _write_block(packed, block, booking.offset)
+            packed.write(block, booking.offset)
 
     def _pack_paired(self, booking: PairedBooking) -> None:
         """Apply a :class:`PairedBooking` (see its fields) to this layer's buffers."""
-        keys, values, index = self.eager.key_store, self.eager.value_store, booking.index
+        keys, values, index = self.keys, self.values, booking.index
         if booking.key_slots:
             block = keys.backend.quantize(self.ring_keys.index_select(2, index["key_slots"]), keys.spec)
-            _write_block(self.packed_keys, block, booking.key_offset)
+            self.packed_keys.write(block, booking.key_offset)
             if booking.dequantized_keys:
                 dequantized = block.dequantize().index_select(2, index["dequantized_keys"])
                 self.ring_keys.index_copy_(2, index["dequantized_key_slots"], dequantized.to(self.ring_keys.dtype))
         if booking.value_slots:
             rows = values.backend.quantize(self.ring_values.index_select(2, index["value_slots"]), values.spec)
             if "direct" in index:
-                _write_rows(self.packed_values, rows, index["direct"], index["direct_rows"])
+                self.packed_values.write_rows(rows, index["direct"], index["direct_rows"])
             if "pending" in index:
-                _write_rows(self.pending_values, rows, index["pending"], index["pending_slots"])
+                self.pending_values.write_rows(rows, index["pending"], index["pending_slots"])
                 dequantized = rows.dequantize().index_select(2, index["pending"])
                 self.ring_values.index_copy_(2, index["pending_slots"], dequantized.to(self.ring_values.dtype))
         if booking.settled:
-            _write_rows(self.packed_values, self.pending_values, index["settled_slots"], index["settled_rows"])
-
-    # -- what transformers and the memory report ask -------------------------------------
-
-    def lazy_initialization(self, key_states, value_states) -> None:  # the eager layer initializes
-        pass
-
-    @property
-    def is_initialized(self) -> bool:
-        return self.adopted or self.eager.is_initialized
-
-    @is_initialized.setter
-    def is_initialized(self, value) -> None:  # CacheLayerMixin.__init__ sets it
-        pass
-
-    def get_seq_length(self) -> int:
-        return self.schedule.length if self.adopted else self.eager.get_seq_length()
-
-    def held_tokens(self) -> int:
-        return self.get_seq_length()
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        limit = self.schedule.max_cache_len
-        return -1 if limit is None else limit
-
-    @property
-    def demoted(self) -> bool:
-        return self.schedule.demoted if self.adopted else self.eager.demoted
-
-    def rotations(self) -> list[torch.Tensor]:
-        return self.eager.rotations()
-
-    def stores(self):
-        """The eager layer's stores (whose bookkeeping the schedule books on while adopted)."""
-        return self.eager.stores()
-
-    @property
-    def shape(self):
-        return self.eager.shape
-
-    @property
-    def value_head_dim(self) -> int:
-        return self.eager.value_head_dim
-
-    @property
-    def dtype(self):
-        return self.eager.dtype
-
-    def nbytes(self) -> dict[str, int]:
-        """Bytes the buffers hold (allocated whole: the ring and the packed capacity)."""
-        if not self.adopted:
-            return self.eager.nbytes()
-        out = self.eager.nbytes()  # after adoption its stores' positions and its executor's memos
-        out["full_precision"] += sum(t.numel() * t.element_size() for t in (self.ring_keys, self.ring_values))
-        for packed in (self.packed_keys, self.packed_values, self.pending_values):
-            if packed is not None:
-                for region, n in packed.nbytes().items():
-                    out[region] = out.get(region, 0) + n
-        return out
-
-    def reset(self) -> None:
-        self._free()
-        self.eager.reset()
-
-    # batch methods and rollback: the eager layer's, once the cache has handed its tokens back
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._eager("reorder_cache").reorder_cache(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._eager("batch_repeat_interleave").batch_repeat_interleave(repeats)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._eager("batch_select_indices").batch_select_indices(indices)
-
-    @property
-    def is_croppable(self) -> bool:
-        return self.eager.is_croppable
-
-    def crop(self, tokens_to_remove: int) -> None:
-        self._eager("crop").crop(tokens_to_remove)
-
-    def offload(self):
-        self.eager.offload()
-
-    def prefetch(self):
-        self.eager.prefetch()
-
-    def _eager(self, method: str):
-        if self.adopted:
-            raise RuntimeError(f"{method} on a static layer in use: the cache hands its tokens back first")
-        return self.eager
+            self.packed_values.write_rows(self.pending_values, index["settled_slots"], index["settled_rows"])
 
 
 _BATCH_FIXED = (
@@ -514,7 +375,7 @@ _BATCH_FIXED = (
 
 
 class StaticPolicyCache(KVPolicyCache):
-    """A :class:`~kvpolicy.cache.policy_cache.KVPolicyCache` of :class:`StaticPolicyLayer` objects, decoded
+    """A :class:`~kvpolicy.cache.policy_cache.KVPolicyCache` whose layers hold :class:`RingBuffers`, decoded
     through :class:`~kvpolicy.graphs.cuda_graphs.GraphedDecoding` (its :attr:`decoding`).
 
     ``fallback``: what to do with a call the replayed step does not serve (a padded batch, a
@@ -524,7 +385,7 @@ class StaticPolicyCache(KVPolicyCache):
     after a padded batch or a batch method the cache stays eager.
     """
 
-    def __init__(self, layers: list[StaticPolicyLayer], policy_name: str = "", fallback: bool = False):
+    def __init__(self, layers: list[KVPolicyLayer], policy_name: str = "", fallback: bool = False):
         super().__init__(layers, policy_name=policy_name)
         from kvpolicy.graphs.cuda_graphs import GraphedDecoding
 
@@ -533,14 +394,14 @@ class StaticPolicyCache(KVPolicyCache):
         self.adopted = False
         #: why this cache decodes eagerly for good (``None``: it may adopt its tokens)
         self.eager_because: str | None = None
-        self.schedules: list[tuple[RingSchedule, list[StaticPolicyLayer]]] = []
+        self.schedules: list[tuple[RingSchedule, list[KVPolicyLayer]]] = []
         for layer in layers:
             for schedule, members in self.schedules:
-                if schedule is layer.schedule:
+                if schedule is layer.ring.schedule:
                     members.append(layer)
                     break
             else:
-                self.schedules.append((layer.schedule, [layer]))
+                self.schedules.append((layer.ring.schedule, [layer]))
 
     def may_adopt(self, attention_mask: torch.Tensor | None) -> bool:
         """Whether the next decode step may run on the buffers (refuses a padded batch unless
@@ -558,20 +419,20 @@ class StaticPolicyCache(KVPolicyCache):
         """Before the first decode step: the schedules take over each eager store's
         bookkeeping and every layer's tokens move into its buffers."""
         for schedule, layers in self.schedules:
-            first = layers[0].eager
+            first = layers[0]
             schedule.start(first.key_store, first.value_store, first.shape[0], first.device)
             for layer in layers:
-                layer.adopt()
+                layer.ring.adopt(layer)
         self.adopted = True
-        if self.fallback and any(layer.eager.device.type == "cuda" and not layer.fused for layer in self.layers):
+        if self.fallback and any(layer.device.type == "cuda" and not layer.ring.fused for layer in self.layers):
             self._leave("", "no fused kernel serves these shapes")  # auto only: no float32 sweep over the capacity
 
     def release(self, refusal: str) -> None:
-        """Hand every layer's tokens back to its eager layer (``fallback``), or refuse with ``refusal``."""
+        """Hand every layer's tokens back to its stores (``fallback``), or refuse with ``refusal``."""
         if not self.fallback:
             raise NotSupportedError(refusal)
         for layer in self.layers:
-            layer.release()
+            layer.ring.release()
         self.adopted = False
         self.decoding.drop()
 
@@ -592,10 +453,10 @@ class StaticPolicyCache(KVPolicyCache):
             if needed > schedule.capacity:
                 capacity = schedule.grow(needed)
                 for layer in layers:
-                    layer.grow(capacity)
+                    layer.ring.grow(capacity)
                 self.decoding.drop()  # the captured step read the old buffers
             for layer in layers:
-                layer.pack(booking)
+                layer.ring.pack(booking)
             schedule.commit(booking)
 
     def memory(self) -> MemoryReport:
@@ -643,18 +504,17 @@ def build_static_cache(policy, model, specs, max_cache_len: int | None, fallback
         raise ConfigError(
             "max_cache_len", max_cache_len, "a positive number of tokens (the prompt plus the new tokens) or None"
         )
-    eager_layers = policy_layers(policy, model, specs)
-    refusal = serving_refusal(policy, model, specs, max_cache_len, eager_layers)
+    layers = policy_layers(policy, model, specs)
+    refusal = serving_refusal(policy, model, specs, max_cache_len, layers)
     if refusal is not None:
         raise NotSupportedError(f"cuda_graphs: {refusal}. Build the cache without cuda_graphs")
     schedules: dict[tuple, RingSchedule] = {}
-    layers = []
-    for eager in eager_layers:
-        keys, values = eager.key_store, eager.value_store
+    for layer in layers:
+        keys, values = layer.key_store, layer.value_store
         key = (keys.positions.key, values.positions.key)  # the bookkeeping the cache gives them shares these
         if key not in schedules:
             schedules[key] = schedule_for(keys, values, max_cache_len)
-        layers.append(StaticPolicyLayer(eager, schedules[key]))
+        layer.ring = RingBuffers(schedules[key], keys, values)
     attention.attach(model)
     cuda_graphs.install(model)
     return StaticPolicyCache(layers, policy_name=policy.name, fallback=fallback)

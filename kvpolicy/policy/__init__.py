@@ -198,22 +198,13 @@ class Policy:
             total += int(tokens * (codes + scales + 4))
         return total
 
-    def _store(self, spec: TensorSpec, section: str, head_dim: int, normalized_keys: bool = False) -> TensorStore:
+    def _store(self, spec: TensorSpec, section: str, head_dim: int, unrotated_by_auto: bool = False) -> TensorStore:
         selector = self._selector(spec, section)
         backend = None
-        quant = layer_quant(spec.quant, head_dim, normalized_keys)
+        quant = layer_quant(spec.quant, head_dim, unrotated_by_auto)
         if spec.demote == "quantize" and selector.budget is not None:  # a side that never demotes needs none
             backend = self.registry.quantizer(quant.backend)
             backend.validate(quant, head_dim, f"{self.section}{section}.quant")
-            if quant.rotate == "hadamard":
-                from kvpolicy.quantizers.rotation import RotatingBackend, hadamard
-
-                try:
-                    backend = RotatingBackend(backend, hadamard(head_dim))
-                except ValueError as err:
-                    raise ConfigError(
-                        f"{self.section}{section}.quant.rotate", "hadamard", f"none for this model: {err}"
-                    ) from None
         return TensorStore(selector, spec.demote, quant, backend, self.demote_block())
 
     def for_model(self, specs, model_name: str = "this model") -> Policy:
@@ -238,18 +229,24 @@ class Policy:
         return self if override is None else self.overrides[override]
 
     def new_layer(
-        self, head_dim: int, model_config=None, value_head_dim: int | None = None, normalized_keys: bool = False
+        self,
+        head_dim: int,
+        model_config=None,
+        value_head_dim: int | None = None,
+        normalized_keys: bool = False,
+        biased_keys: bool = False,
     ) -> KVPolicyLayer:
         """One layer's cache (fresh selectors and stores: nothing shared with other layers).
 
         ``head_dim``: the keys' head size; ``value_head_dim``: the values' (default: the same);
         ``normalized_keys``: whether the layer normalizes keys per head (QK-norm), which
-        ``rotate: auto`` leaves unrotated.
+        ``rotate: auto`` leaves unrotated on both sides; ``biased_keys``: whether its key
+        projection adds a bias, which ``rotate: auto`` leaves the keys unrotated for.
         """
         from kvpolicy.cache.policy_cache import KVPolicyLayer
 
         return KVPolicyLayer(
-            key_store=self._store(self.config.keys, "keys", head_dim, normalized_keys),
+            key_store=self._store(self.config.keys, "keys", head_dim, normalized_keys or biased_keys),
             value_store=self._store(self.config.values, "values", value_head_dim or head_dim, normalized_keys),
             executor=self.registry.executor(self.config.executor),
             config=model_config,
@@ -325,18 +322,21 @@ class Policy:
         return KVPolicyCache(layers, policy_name=self.name)
 
 
-def layer_quant(quant: QuantSpec, head_dim: int, normalized_keys: bool = False) -> QuantSpec:
-    """``quant`` on one layer: ``group_size: head`` as ``head_dim`` and ``rotate: auto`` as
-    ``none`` where the layer normalizes keys per head (QK-norm: a rotation spreads the few
-    channels whose learned norm weights carry the keys' variation, measured 4-6x kivi's error
-    on Gemma 3) or ``head_dim`` is not a power of two, else ``hadamard``."""
+def layer_quant(quant: QuantSpec, head_dim: int, unrotated_by_auto: bool = False) -> QuantSpec:
+    """``quant`` on one side of one layer: ``group_size: head`` as ``head_dim`` and ``rotate:
+    auto`` as ``none`` where ``unrotated_by_auto`` or ``head_dim`` is not a power of two, else
+    ``hadamard``. The caller sets ``unrotated_by_auto`` where a few channels carry the side's
+    variation and per-channel groups isolate them, which a rotation would spread over every
+    channel: keys normalized per head (QK-norm; rotated, 4-6x kivi's error on Gemma 3) or
+    projected with a bias that RoPE turns (Qwen2; rotated, 2-14x the teacher-forced KL of
+    unrotated keys on Qwen2.5-Coder-0.5B)."""
     from kvpolicy.quantizers.rotation import power_of_two
 
     changes: dict = {}
     if quant.group_size != quant.group_for(head_dim):
         changes["group_size"] = quant.group_for(head_dim)
     if quant.rotate == "auto":
-        changes["rotate"] = "hadamard" if power_of_two(head_dim) and not normalized_keys else "none"
+        changes["rotate"] = "hadamard" if power_of_two(head_dim) and not unrotated_by_auto else "none"
     return attrs.evolve(quant, **changes) if changes else quant
 
 

@@ -68,6 +68,9 @@ class QuantizerBackend(ABC):
     supported_bits: ClassVar[tuple[int, ...]]
     #: the options this backend reads from ``quant.options`` (validated when a policy loads)
     options: ClassVar[dict[str, BackendOption]] = {}
+    #: the ``quant.rotate`` values it serves: a backend that rotates records the matrix in its
+    #: packed blocks and rotates back when it dequantizes (:mod:`kvpolicy.quantizers.rotation`)
+    rotations: ClassVar[tuple[str, ...]] = ("none",)
 
     def option(self, spec: QuantSpec, key: str) -> Any:
         """``spec``'s value of option ``key``, or its default."""
@@ -79,6 +82,12 @@ class QuantizerBackend(ABC):
         if spec.bits not in self.supported_bits:
             raise ConfigError(
                 f"{section}.bits", spec.bits, f"{' | '.join(map(str, self.supported_bits))} for backend {self.name!r}"
+            )
+        if spec.rotate not in self.rotations:
+            raise ConfigError(
+                f"{section}.rotate",
+                spec.rotate,
+                f"{' | '.join(self.rotations)} for backend {self.name!r} (rotated codes are the native backend's)",
             )
         for key, value in spec.options.items():
             if key not in self.options:

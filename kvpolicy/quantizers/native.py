@@ -22,10 +22,14 @@ from typing import ClassVar
 import attrs
 import torch
 
-from kvpolicy.config import QuantSpec
+from kvpolicy.config import ROTATIONS, QuantSpec
 from kvpolicy.errors import ConfigError
 from kvpolicy.quantizers import BackendOption, QuantizerBackend
+from kvpolicy.quantizers.rotation import power_of_two, rotate, rotate_back, rotation_for
 from kvpolicy.transfer import to_device
+
+#: what ``quant.rotate`` is once resolved for a layer (``auto`` becomes one of them)
+RESOLVED_ROTATIONS = ("none", "hadamard")
 
 #: code widths that are split into planes of widths dividing 8 (``3 = 2 + 1``)
 SPLIT_BITS = {3: (2, 1)}
@@ -78,12 +82,21 @@ class NativePacked:
     bits: int
     group_size: int
     axis: str
+    #: ``[D, D]`` float32 matrix the tokens were rotated by before packing (``quant.rotate:
+    #: hadamard``; :mod:`kvpolicy.quantizers.rotation`), shared by every block of a store; the
+    #: codes hold ``x @ rotation``, and dequantizing rotates back. ``None``: unrotated.
+    rotation: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.codes.shape[-2]
 
     def dequantize(self) -> torch.Tensor:
+        return rotate_back(self.dequantize_stored(), self.rotation)
+
+    def dequantize_stored(self) -> torch.Tensor:
+        """The tokens as the codes hold them, ``[B, H, n, D]``: rotated where :attr:`rotation` is
+        set (what a step in the rotated space reads), else what :meth:`dequantize` returns."""
         # arithmetic in float32, one rounding to the cache dtype at the end
         codes = unpack_codes(self.codes, self.bits).float()
         scale, zero = self.scale.float(), self.zero.float()
@@ -97,7 +110,7 @@ class NativePacked:
             out = grouped * scale.unsqueeze(-2) + zero.unsqueeze(-2)
         return out.reshape(b, h, n, d).to(self.scale.dtype)
 
-    def nbytes(self) -> dict[str, int]:
+    def nbytes(self) -> dict[str, int]:  # the rotation is one shared matrix per device, not per token
         scales = self.scale.numel() * self.scale.element_size() + self.zero.numel() * self.zero.element_size()
         return {"codes": self.codes.numel() * self.codes.element_size(), "scales": scales}
 
@@ -111,6 +124,33 @@ class NativePacked:
         )
 
     def dequantize_tokens(self, index: torch.Tensor) -> torch.Tensor:
+        return rotate_back(self._dequantize_tokens(index), self.rotation)
+
+    def allocate(self, capacity: int) -> NativePacked:
+        """A zeroed block of ``capacity`` tokens in this block's layout (batch, heads, bits,
+        groups, rotation): buffers that :meth:`write` and :meth:`write_rows` fill in place."""
+        b, h, _, width = self.codes.shape
+        scale_rows = capacity // self.group_size if self.axis == "channel" else capacity
+        codes = self.codes.new_zeros(b, h, capacity, width)
+        scale = self.scale.new_zeros(b, h, scale_rows, self.scale.shape[-1])
+        return attrs.evolve(self, codes=codes, scale=scale, zero=torch.zeros_like(scale))
+
+    def write(self, block: NativePacked, offset: int) -> None:
+        """Copy ``block`` (this layout) in place at token ``offset`` (a multiple of a per-channel group)."""
+        n = block.num_tokens
+        self.codes[:, :, offset : offset + n].copy_(block.codes)
+        start = offset // self.group_size if self.axis == "channel" else offset
+        rows = block.scale.shape[2]
+        self.scale[:, :, start : start + rows].copy_(block.scale)
+        self.zero[:, :, start : start + rows].copy_(block.zero)
+
+    def write_rows(self, src: NativePacked, src_index: torch.Tensor, dst_index: torch.Tensor) -> None:
+        """Per-token rows ``src_index`` of ``src`` into rows ``dst_index`` of this block, in place
+        (int64 on the device; per-token groups only)."""
+        for name in ("codes", "scale", "zero"):
+            getattr(self, name).index_copy_(2, dst_index, getattr(src, name).index_select(2, src_index))
+
+    def _dequantize_tokens(self, index: torch.Tensor) -> torch.Tensor:
         # a token's codes are one row; its scale and zero are its own row (per-token groups)
         # or its group's row (per-channel groups)
         rows = to_device(index, self.codes.device)
@@ -158,6 +198,7 @@ class NativeQuantizer(QuantizerBackend):
 
     name: ClassVar[str] = "native"
     supported_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 8)
+    rotations: ClassVar[tuple[str, ...]] = ROTATIONS
     options: ClassVar[dict[str, BackendOption]] = {
         "fit": BackendOption(
             "minmax",
@@ -170,6 +211,12 @@ class NativeQuantizer(QuantizerBackend):
 
     def validate(self, spec: QuantSpec, head_dim: int, section: str) -> None:
         super().validate(spec, head_dim, section)
+        if spec.rotate == "hadamard" and not power_of_two(head_dim):
+            raise ConfigError(
+                f"{section}.rotate",
+                "hadamard",
+                f"none for this model: a Hadamard rotation needs a power-of-two head_dim (it is {head_dim})",
+            )
         per_row = 8 if spec.bits in SPLIT_BITS else 8 // spec.bits  # codes a packed row's unit holds
         if head_dim % per_row:
             raise ConfigError("head_dim", head_dim, f"a multiple of {per_row} to pack {spec.bits}-bit codes")
@@ -184,14 +231,18 @@ class NativeQuantizer(QuantizerBackend):
             raise ValueError(
                 f"per-channel quantization needs a multiple of group_size={spec.group_size} tokens, got {n}"
             )
+        if spec.rotate not in RESOLVED_ROTATIONS:
+            raise ValueError(f"quant.rotate must be resolved for a layer (none or hadamard), got {spec.rotate!r}")
+        rotation = rotation_for(spec.rotate, d, x.device)
         rows = max(1, self.slice_bytes // max(1, 4 * h * n * d))  # batch rows per slice
         if rows >= b:
-            return self._quantize(x, spec)
-        return _joined([self._quantize(x[i : i + rows], spec) for i in range(0, b, rows)], dim=0)
+            return self._quantize(x, spec, rotation)
+        return _joined([self._quantize(x[i : i + rows], spec, rotation) for i in range(0, b, rows)], dim=0)
 
-    def _quantize(self, x: torch.Tensor, spec: QuantSpec) -> NativePacked:
+    def _quantize(self, x: torch.Tensor, spec: QuantSpec, rotation: torch.Tensor | None) -> NativePacked:
         """:meth:`quantize` of all of ``x`` at once: one float32 copy (never ``x`` itself, even in
         float32), worked on in place."""
+        x = rotate(x, rotation)
         b, h, n, d = x.shape
         g = spec.group_size
         if spec.axis == "token":
@@ -218,6 +269,7 @@ class NativeQuantizer(QuantizerBackend):
             bits=spec.bits,
             group_size=g,
             axis=spec.axis,
+            rotation=rotation,
         )
 
     def concat(self, blocks: list[NativePacked]) -> NativePacked:

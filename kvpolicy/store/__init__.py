@@ -237,10 +237,11 @@ class TensorStore:
         self.fp = None if self.fp is None or not held else self.fp[:, :, :held]
 
     def rotations(self) -> list[torch.Tensor]:
-        """The rotation matrices this store's backend keeps (shared between stores: counted once
-        per cache by :meth:`~kvpolicy.cache.policy_cache.KVPolicyCache.memory`)."""
-        matrices = getattr(self.backend, "matrices", None)
-        return matrices() if matrices is not None else []
+        """The rotation matrix its packed region records, if any (one per device, shared
+        between stores: counted once per cache by
+        :meth:`~kvpolicy.cache.policy_cache.KVPolicyCache.memory`)."""
+        rotation = getattr(self.packed, "rotation", None)
+        return [] if rotation is None else [rotation]
 
     def nbytes(self) -> dict[str, int]:
         """True bytes held by this store's tensors, by region (its positions, shared between the

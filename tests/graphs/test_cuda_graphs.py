@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from kvpolicy import Policy, load_policy
+from kvpolicy.cache.policy_cache import KVPolicyLayer
 from kvpolicy.errors import ConfigError, NotSupportedError
 from kvpolicy.generation import cache_kwargs
 from kvpolicy.graphs.capability import auto_refusal, serving_refusal, setting_refusal
 from kvpolicy.graphs.ring_schedule import NOTHING_LEFT, PairedRingSchedule, RingSchedule
-from kvpolicy.graphs.static_cache import StaticPolicyCache, StaticPolicyLayer, build_static_cache
-from kvpolicy.quantizers.rotation import unwrap_rotation
+from kvpolicy.graphs.static_cache import RingBuffers, StaticPolicyCache, build_static_cache
 from tests.cache.test_cache import left_padded_batch
 from tests.conftest import tiny_llama
 
@@ -87,13 +87,13 @@ def test_static_steps_equal_eager_decoding(model, name):
     # layers' inputs differ by the attention's summation order, ~1e-7)
     assert isinstance(static, StaticPolicyCache)
     for index, (eager_layer, layer) in enumerate(zip(eager.layers, static.layers, strict=True)):
-        assert isinstance(layer, StaticPolicyLayer)
-        schedule = layer.schedule
+        assert isinstance(layer, KVPolicyLayer) and isinstance(layer.ring, RingBuffers)
+        schedule = layer.ring.schedule
         paired = isinstance(schedule, PairedRingSchedule)
         assert paired == (name == "partial_logquant")
         sides = (
-            (layer.ring_keys, eager_layer.key_store, schedule.keys),
-            (layer.ring_values, eager_layer.value_store, schedule.values),
+            (layer.ring.ring_keys, eager_layer.key_store, schedule.keys),
+            (layer.ring.ring_values, eager_layer.value_store, schedule.values),
         )
         for ring, side, mirror in sides:
             assert mirror.length == side.length
@@ -106,16 +106,16 @@ def test_static_steps_equal_eager_decoding(model, name):
         keys, values = eager_layer.key_store, eager_layer.value_store
         if keys.packed is None or index:
             continue
-        (_, packed_keys), (_, packed_values) = unwrap_rotation(keys.packed), unwrap_rotation(values.packed)
+        packed_keys, packed_values = keys.packed, values.packed
         n_packed = packed_keys.num_tokens
-        assert torch.equal(layer.packed_keys.codes[:, :, :n_packed], packed_keys.codes)
+        assert torch.equal(layer.ring.packed_keys.codes[:, :, :n_packed], packed_keys.codes)
         # each packed key's value row (at the key's offset): the eager store's row of that position
         value_row = {p: i for i, p in enumerate(values.packed_pos.tolist())}
         pairs = [(i, value_row[p]) for i, p in enumerate(keys.packed_pos.tolist()) if p in value_row]
         assert pairs and (paired or all(i == r for i, r in pairs))
         at, rows = (torch.tensor(c) for c in zip(*pairs))
-        assert torch.equal(layer.packed_values.codes[:, :, at], packed_values.codes[:, :, rows])
-        assert torch.equal(layer.packed_values.scale[:, :, at], packed_values.scale[:, :, rows])
+        assert torch.equal(layer.ring.packed_values.codes[:, :, at], packed_values.codes[:, :, rows])
+        assert torch.equal(layer.ring.packed_values.scale[:, :, at], packed_values.scale[:, :, rows])
         opened = (schedule.packed_bias[0] == 0).nonzero().squeeze(-1)
         assert torch.equal(opened, at.sort().values)  # a packed key is attended once its value is packed too
 
@@ -170,7 +170,7 @@ def test_free_ring_slots_are_masked_and_held_ones_open(model):
     inputs, n = _prompt(1, 200), 40
     cache = load_policy("kivi").make_cache(model, cuda_graphs=True, max_cache_len=240)
     _generate(model, inputs, cache, n)
-    schedule = cache.layers[0].schedule
+    schedule = cache.layers[0].ring.schedule
     held = set(schedule.slot_of.values()) | {schedule.next_slot}
     open_slots = (schedule.ring_bias[0] == 0).nonzero().squeeze(-1).tolist()
     assert set(open_slots) == held
@@ -182,12 +182,13 @@ def test_memory_report_counts_the_preallocated_buffers(model):
     _generate(model, _prompt(1, 300), cache, 4)
     layer = cache.layers[0]
     held = sum(layer.nbytes().values())
-    ring = 2 * layer.ring_keys.numel() * layer.ring_keys.element_size()
-    packed = sum(sum(p.nbytes().values()) for p in (layer.packed_keys, layer.packed_values))
-    assert sum(layer.eager.nbytes().values()) == 0  # the adopted stores keep no tensor (positions: the cache's)
+    ring = 2 * layer.ring.ring_keys.numel() * layer.ring.ring_keys.element_size()
+    packed = sum(sum(p.nbytes().values()) for p in (layer.ring.packed_keys, layer.ring.packed_values))
+    stores = [sum(store.nbytes().values()) for store in layer.stores()]
+    assert stores == [0, 0] and layer.executor.nbytes() == 0  # the buffers hold the tokens (positions: the cache's)
     assert held == ring + packed
     assert 0 < cache.memory().bytes_by_region["positions"] < packed
-    assert layer.packed_keys.num_tokens == layer.schedule.capacity >= 512
+    assert layer.ring.packed_keys.num_tokens == layer.ring.schedule.capacity >= 512
     assert cache.memory().tokens == 303  # the prompt and three decode forwards (the 4th token is not cached)
 
 
@@ -265,10 +266,10 @@ def test_packed_buffers_grow_without_max_cache_len(model, monkeypatch):
     got = _generate(model, inputs, cache, n)
     assert torch.equal(got[0], expected[0])
     torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
-    schedule, layer = cache.layers[0].schedule, cache.layers[0]
+    schedule, layer = cache.layers[0].ring.schedule, cache.layers[0]
     assert grown and grown == sorted(grown)  # once per schedule at least, each time larger
     assert (
-        layer.packed_keys.num_tokens
+        layer.ring.packed_keys.num_tokens
         == schedule.capacity
         == schedule.packed_bias.shape[1]
         >= len(schedule.keys.packed_pos)
@@ -311,11 +312,11 @@ def _auto(model, name: str) -> StaticPolicyCache:
 
 
 def _snapshot(store):
-    """Positions, tensors (a packed block's native codes) and the kind of each region of ``store``."""
+    """Positions, tensors (a packed block's codes) and the kind of each region of ``store``."""
     regions = (store.fp, store.staging, store.packed)
     return (
         [getattr(store, f).clone() for f in ("fp_pos", "staging_pos", "packed_pos")],
-        [t if t is None else (t.clone() if isinstance(t, torch.Tensor) else unwrap_rotation(t)[1].codes.clone())
+        [t if t is None else (t.clone() if isinstance(t, torch.Tensor) else t.codes.clone())
          for t in regions],
         [type(t).__name__ for t in regions],
     )  # fmt: skip
@@ -329,17 +330,17 @@ def test_adopting_then_handing_back_restores_the_eager_stores(model, name):
     cache = _auto(model, name)
     with torch.no_grad():
         model(**_prompt(2, 301), **cache_kwargs(cache))
-    before = [_snapshot(s) for layer in cache.layers for s in (layer.eager.key_store, layer.eager.value_store)]
+    before = [_snapshot(s) for layer in cache.layers for s in (layer.key_store, layer.value_store)]
     cache.adopt()
-    assert all(layer.adopted and layer.eager.key_store.fp is None for layer in cache.layers)
+    assert all(layer.in_ring and layer.key_store.fp is None for layer in cache.layers)
     cache.release("")
-    after = [_snapshot(s) for layer in cache.layers for s in (layer.eager.key_store, layer.eager.value_store)]
+    after = [_snapshot(s) for layer in cache.layers for s in (layer.key_store, layer.value_store)]
     for (pos_a, data_a, kinds_a), (pos_b, data_b, kinds_b) in zip(before, after, strict=True):
         assert kinds_a == kinds_b
         assert all(torch.equal(a, b) for a, b in zip(pos_a, pos_b, strict=True))
         for a, b in zip(data_a, data_b, strict=True):
             assert (a is None and b is None) or torch.equal(a, b)
-    assert not any(layer.adopted for layer in cache.layers) and cache.decoding.graph is None
+    assert not any(layer.in_ring for layer in cache.layers) and cache.decoding.graph is None
 
 
 @pytest.mark.parametrize("name", ["kivi", "logquant", "partial_logquant"])
@@ -357,7 +358,7 @@ def test_auto_hands_a_second_turn_to_the_eager_layers_and_adopts_again(model, na
     assert torch.equal(turns[1][0], turns[0][0])
     torch.testing.assert_close(turns[1][1], turns[0][1], rtol=1e-5, atol=1e-5)
     assert cache.adopted and cache.eager_because is None
-    assert cache.layers[0].schedule.length == eager.layers[0].key_store.length
+    assert cache.layers[0].ring.schedule.length == eager.layers[0].key_store.length
 
 
 def test_auto_decodes_a_padded_batch_and_beam_search_eagerly(model):
@@ -368,7 +369,7 @@ def test_auto_decodes_a_padded_batch_and_beam_search_eagerly(model):
     cache = _auto(model, "kivi")
     got = _generate(model, padded, cache, 8)
     assert torch.equal(got[0], expected[0]) and cache.eager_because == "a padded batch"
-    assert not cache.layers[0].adopted
+    assert not cache.layers[0].in_ring
     beams = {"max_new_tokens": 6, "num_beams": 2, "do_sample": False}
     with torch.no_grad():
         want = model.generate(**_prompt(1, 200), **cache_kwargs(load_policy("kivi").make_cache(model)), **beams)

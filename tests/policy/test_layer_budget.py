@@ -15,7 +15,6 @@ from kvpolicy.config import QuantSpec
 from kvpolicy.errors import ConfigError
 from kvpolicy.policy import layer_quant
 from kvpolicy.policy.layer_budget import layer_bits, mean_bits, served_layers, settle_layers
-from kvpolicy.quantizers.rotation import RotatingBackend
 from tests.cache.test_cache import greedy, left_padded_batch
 from tests.conftest import TINY, tiny_llama
 
@@ -175,9 +174,9 @@ def test_the_budgeted_form_round_trips_and_within_bits_is_not_a_key():
 def test_auto_rotates_unless_keys_are_normalized_or_the_head_is_not_a_power_of_two():
     auto = QuantSpec(bits=2, group_size=32, axis="channel", rotate="auto")
     assert layer_quant(auto, 64).rotate == "hadamard"
-    assert layer_quant(auto, 64, normalized_keys=True).rotate == "none"
+    assert layer_quant(auto, 64, unrotated_by_auto=True).rotate == "none"
     assert layer_quant(auto, 96).rotate == "none"
-    assert layer_quant(QuantSpec(rotate="hadamard"), 64, normalized_keys=True).rotate == "hadamard"  # as written
+    assert layer_quant(QuantSpec(rotate="hadamard"), 64, unrotated_by_auto=True).rotate == "hadamard"  # as written
 
 
 def test_a_head_group_covers_the_head_and_only_per_token_groups_may_ask_for_it():
@@ -194,8 +193,8 @@ def test_qk_norm_layers_are_found_and_auto_leaves_their_keys_unrotated():
     assert all(s.normalized_keys for s in model_layers(qwen))
     auto = _policy(keys={"rotate": "auto"}, values={"rotate": "auto", "group_size": "head"})
     on_qwen, on_llama = auto.make_cache(qwen).layers[0], auto.make_cache(llama).layers[0]
-    assert not isinstance(on_qwen.key_store.backend, RotatingBackend)
-    assert isinstance(on_llama.key_store.backend, RotatingBackend)
+    assert on_qwen.key_store.spec.rotate == "none"
+    assert on_llama.key_store.spec.rotate == "hadamard"
     assert on_llama.value_store.spec.group_size == 64
 
 
@@ -241,8 +240,8 @@ def test_logquant_mixed_replays_on_cuda_as_it_decodes_eagerly_and_near_the_refer
     cache = policy.make_cache(gpu)
     got = _generate(gpu, inputs, cache, 150)
     assert isinstance(cache, StaticPolicyCache) and cache.decoding.graph is not None
-    assert cache.layers[0].eager.key_store.spec.bits == 4 and cache.layers[-1].eager.key_store.spec.bits == 2
-    assert all(layer.fused for layer in cache.layers)
+    assert cache.layers[0].key_store.spec.bits == 4 and cache.layers[-1].key_store.spec.bits == 2
+    assert all(layer.ring.fused for layer in cache.layers)
     expected = _generate(gpu, inputs, policy.make_cache(gpu, cuda_graphs=False), 150)
     assert_same_but_for_bf16_ties(got, expected)
     reference = Policy.from_dict({**policy.to_dict(), "executor": "reference"})

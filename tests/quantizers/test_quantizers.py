@@ -170,3 +170,30 @@ def test_quantizing_in_slices_of_batch_rows_is_bit_identical(bits, axis, batch, 
     for name in ("codes", "scale", "zero"):
         assert torch.equal(getattr(sliced, name), getattr(whole, name)), name
     assert sliced.codes.is_contiguous() and sliced.scale.shape == whole.scale.shape
+
+
+@pytest.mark.parametrize("axis", ["token", "channel"])
+@pytest.mark.parametrize("rotate", ["none", "hadamard"])
+def test_a_packed_buffer_takes_blocks_and_rows_in_place_and_keeps_the_layout(axis, rotate):
+    """What the CUDA-graph buffers do with packed tokens: a zeroed buffer in a block's layout,
+    blocks written at an offset, per-token rows copied across; read back, the same bytes."""
+    from kvpolicy.quantizers.native import NativeQuantizer
+
+    spec = QuantSpec(bits=2, group_size=16, axis=axis, rotate=rotate)
+    g = torch.Generator().manual_seed(0)
+    first, second = (NativeQuantizer().quantize(torch.randn(2, 2, 32, 16, generator=g), spec) for _ in range(2))
+    buffer = first.allocate(128)
+    assert buffer.num_tokens == 128 and not buffer.codes.any() and buffer.rotation is first.rotation
+    buffer.write(first, 0)
+    buffer.write(second, 32)
+    for block, start in ((first, 0), (second, 32)):
+        read = buffer.slice_tokens(start, start + 32)
+        assert all(torch.equal(getattr(read, n), getattr(block, n)) for n in ("codes", "scale", "zero"))
+    torch.testing.assert_close(
+        buffer.slice_tokens(0, 64).dequantize(), torch.cat([first.dequantize(), second.dequantize()], 2)
+    )
+    if axis == "token":  # rows: second's tokens 3 and 5 into rows 100 and 90
+        buffer.write_rows(second, torch.tensor([3, 5]), torch.tensor([100, 90]))
+        torch.testing.assert_close(
+            buffer.dequantize_tokens(torch.tensor([100, 90])), second.dequantize_tokens(torch.tensor([3, 5]))
+        )

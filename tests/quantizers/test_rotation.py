@@ -4,6 +4,7 @@ error of quantizing a tensor with an outlier channel."""
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,7 +14,7 @@ from kvpolicy import Policy
 from kvpolicy.config import QuantSpec
 from kvpolicy.errors import ConfigError
 from kvpolicy.quantizers.native import NativeQuantizer
-from kvpolicy.quantizers.rotation import RotatingBackend, hadamard
+from kvpolicy.quantizers.rotation import hadamard
 from kvpolicy.selectors import WindowSelector
 from kvpolicy.store import TensorStore
 from tests.cache.test_cache import greedy, left_padded_batch
@@ -51,16 +52,18 @@ def test_attention_over_rotated_keys_and_values_equals_attention_without_rotatio
 
 def test_a_rotated_store_packs_rotated_codes_and_reads_tokens_back_unrotated():
     spec = QuantSpec(bits=8, group_size=16, axis="token", rotate="hadamard")
-    backend = RotatingBackend(NativeQuantizer(), hadamard(16))
-    store = TensorStore(WindowSelector(4), "quantize", spec, backend)
+    store = TensorStore(WindowSelector(4), "quantize", spec, NativeQuantizer())
     x = torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(0))
     store.append(x)
     got, positions = store.view().materialize()
     expected = x[:, :, positions.long()]
     assert torch.allclose(got, expected, atol=0.05)  # 8 bits: close to what was written
     # what is packed is the rotated tokens, not the tokens
-    codes_of_plain = NativeQuantizer().quantize(x[:, :, :36], spec).codes
-    assert not torch.equal(store.packed.inner.codes, codes_of_plain)
+    plain = NativeQuantizer().quantize(x[:, :, :36], attrs.evolve(spec, rotate="none"))
+    assert plain.rotation is None and torch.equal(store.packed.rotation, hadamard(16))
+    assert not torch.equal(store.packed.codes, plain.codes)
+    # the stored tokens are the rotated ones; dequantize rotates back
+    torch.testing.assert_close(store.packed.dequantize_stored().float() @ hadamard(16).T, store.packed.dequantize())
 
 
 def test_rotation_lowers_the_error_of_an_outlier_channel_at_two_bits():
@@ -69,7 +72,7 @@ def test_rotation_lowers_the_error_of_an_outlier_channel_at_two_bits():
     x[..., 7] *= 30  # one outlier channel, as keys have
     spec = QuantSpec(bits=2, group_size=64, axis="token")
     plain = NativeQuantizer().quantize(x, spec).dequantize()
-    rotated = RotatingBackend(NativeQuantizer(), hadamard(64)).quantize(x, spec).dequantize()
+    rotated = NativeQuantizer().quantize(x, attrs.evolve(spec, rotate="hadamard")).dequantize()
     error = lambda y: float((y - x).norm() / x.norm())  # noqa: E731
     assert error(rotated) < 0.7 * error(plain)  # measured: 0.30 against 0.54
 
@@ -114,9 +117,9 @@ def _emulated_decode_attention(calls):
 
     def attend(query, full, keys, values, scaling, fp_bias=None, packed_bias=None, value_rows=None, kernel=None):
         assert fp_bias is None and packed_bias is None and value_rows is None
-        calls.append((type(keys).__name__, type(values).__name__))
-        k = torch.cat([keys.dequantize(), *(k for k, _ in full)], 2).double()
-        v = torch.cat([values.dequantize(), *(v for _, v in full)], 2).double()
+        calls.append((type(keys).__name__, type(values).__name__, keys.rotation is not None))
+        k = torch.cat([keys.dequantize_stored(), *(k for k, _ in full)], 2).double()  # codes as stored
+        v = torch.cat([values.dequantize_stored(), *(v for _, v in full)], 2).double()
         groups = query.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
         weights = torch.softmax(torch.einsum("bhqd,bhnd->bhqn", query.double(), k) * scaling, -1)
@@ -129,7 +132,8 @@ def _emulated_decode_attention(calls):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_the_fused_step_hands_the_kernels_rotated_codes_and_rotates_the_output_back(monkeypatch, rotate, head_dim):
     """The fused executor's decode step, with the kernels replaced by a torch emulation (CPU, CI):
-    the kernels get the stored native codes (never a rotated wrapper) and the result equals float64
+    the kernels get the stored native codes (rotated ones where the policy rotates, read as
+    stored, the rotation recorded in the block) and the result equals float64
     attention over the dequantized, rotated-back tokens. The same test on the device runs the
     real kernels (``test_the_fused_kernels_read_rotated_codes_on_cuda``)."""
     from kvpolicy.executors.kernels import common, decode
@@ -141,7 +145,7 @@ def test_the_fused_step_hands_the_kernels_rotated_codes_and_rotates_the_output_b
     monkeypatch.setattr(decode, "decode_attention", _emulated_decode_attention(calls))
     shape = (2, 2, 2, head_dim, 150, 2, 2, 32, 32, False, "window")
     rel, _ = run_case("cpu", torch.float32, *shape, seed=3, rotate=rotate)
-    assert calls == [("NativePacked", "NativePacked")]
+    assert calls == [("NativePacked", "NativePacked", rotate == "hadamard")]
     assert rel < 1e-5, rel
 
 
@@ -189,3 +193,32 @@ def test_rotate_auto_leaves_keys_of_qk_norm_models_unrotated_whatever_the_norm_i
     assert all(spec.normalized_keys for spec in specs)
     auto = QuantSpec(bits=2, group_size=32, axis="channel", rotate="auto")
     assert {layer_quant(auto, spec.head_dim, spec.normalized_keys).rotate for spec in specs} == {"none"}
+
+
+def test_rotate_auto_leaves_biased_keys_unrotated_and_still_rotates_their_values():
+    """Qwen2's key projection adds a bias; ``auto`` keeps those keys in per-channel groups
+    unrotated, and rotates values and the keys of a model without the bias."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from kvpolicy import load_policy
+    from kvpolicy.cache.layers import model_layers
+
+    small = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    qwen = Qwen2ForCausalLM(Qwen2Config(**small, num_key_value_heads=1))
+    llama = LlamaForCausalLM(LlamaConfig(**small, num_key_value_heads=1))
+    assert [spec.biased_keys for spec in model_layers(qwen)] == [True, True]
+    assert [spec.biased_keys for spec in model_layers(llama)] == [False, False]
+    policy = load_policy("logquant_mixed")  # keys `rotate: auto`, values `rotate: hadamard`
+    for model, keys_rotated in ((qwen, False), (llama, True)):
+        cache = policy.make_cache(model, cuda_graphs=False)
+        for layer in cache.layers:
+            assert (layer.key_store.spec.rotate == "hadamard") is keys_rotated
+            assert layer.value_store.spec.rotate == "hadamard"
+
+
+@pytest.mark.parametrize("backend", ["quanto", "hqq"])
+def test_a_backend_that_does_not_rotate_refuses_rotate_and_names_what_it_takes(backend):
+    data = Policy.load("kivi").to_dict()
+    data["keys"]["quant"].update(backend=backend, rotate="hadamard")
+    with pytest.raises(ConfigError, match=f"keys.quant.rotate.*none for backend '{backend}'"):
+        Policy.from_dict(data)

@@ -236,14 +236,13 @@ def test_ratios_are_against_the_faster_driver_of_each_16_bit_cache():
 def test_key_rotation_variant_turns_off_every_key_rotation_and_nothing_else():
     from benchmarks.key_rotation_kl import keys_unrotated
     from kvpolicy import load_policy
-    from kvpolicy.quantizers.rotation import RotatingBackend
     from tests.conftest import tiny_llama
 
     model = tiny_llama(layers=4)  # no QK-norm: rotate: auto rotates keys; the first layer takes 4-bit keys
     shipped, variant = load_policy("logquant_mixed"), keys_unrotated(load_policy("logquant_mixed"))
     for policy, keys_rotated in ((shipped, True), (variant, False)):
         layers = policy.make_cache(model).layers
-        assert [isinstance(layer.key_store.backend, RotatingBackend) for layer in layers] == [keys_rotated] * 4
-        assert all(isinstance(layer.value_store.backend, RotatingBackend) for layer in layers)
+        assert [layer.key_store.spec.rotate == "hadamard" for layer in layers] == [keys_rotated] * 4
+        assert all(layer.value_store.spec.rotate == "hadamard" for layer in layers)
         assert [layer.key_store.spec.bits for layer in layers] == [4, 2, 2, 2]
     assert variant.name == "logquant_mixed_keys_unrotated"
