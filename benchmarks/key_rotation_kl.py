@@ -1,8 +1,9 @@
 """Rotated against unrotated keys, teacher-forced along the 16-bit cache's own summaries.
 
-For each policy: the policy as written, and the same policy with ``rotate: none`` on its keys
-(every layer entry too). Each summary prompt of ``kvpolicy evaluate``'s summary task is
-prefilled once at 16 bits; the 16-bit cache writes ``--steps`` greedy tokens; each variant's
+For each policy: the policy with ``rotate: hadamard`` on its keys and with ``rotate: none``
+(every layer entry too; values as written), whatever ``rotate: auto`` resolves to on the
+model. Each summary prompt of ``kvpolicy evaluate``'s summary task is prefilled once at 16
+bits; the 16-bit cache writes ``--steps`` greedy tokens; each variant's
 cache takes the same prefill and is fed the same tokens. Prints the KL divergence from the
 16-bit next-token distribution per step (mean, max, steps above 1 nat). CPU, float32:
 
@@ -27,13 +28,14 @@ from kvpolicy.generation import forward_cache_kwargs
 from kvpolicy.models import load_default_model
 
 
-def keys_unrotated(policy: Policy) -> Policy:
+def with_key_rotation(policy: Policy, rotate: str) -> Policy:
+    """``policy`` with ``rotate`` (``hadamard`` or ``none``) on its keys, in its ``layers`` entries too."""
     data = copy.deepcopy(policy.config.to_dict())
-    data["keys"]["quant"]["rotate"] = "none"
+    data["keys"]["quant"]["rotate"] = rotate
     for entry in data.get("layers") or []:
         if isinstance(entry.get("keys"), dict) and "quant" in entry["keys"]:
-            entry["keys"]["quant"]["rotate"] = "none"
-    data["name"] = f"{policy.name}_keys_unrotated"
+            entry["keys"]["quant"]["rotate"] = rotate
+    data["name"] = f"{policy.name}_keys_{'rotated' if rotate == 'hadamard' else 'unrotated'}"
     return Policy.from_dict(data)
 
 
@@ -50,8 +52,8 @@ def main(argv=None) -> int:
     variants = []
     for name in args.policies:
         policy = Policy.from_yaml(name) if name.endswith(".yaml") else load_policy(name)
-        variants.append((f"{policy.name} (as written)", policy))
-        variants.append((f"{policy.name}, keys unrotated", keys_unrotated(policy)))
+        variants.append((f"{policy.name}, keys rotated", with_key_rotation(policy, "hadamard")))
+        variants.append((f"{policy.name}, keys unrotated", with_key_rotation(policy, "none")))
     kl: dict[str, list[torch.Tensor]] = {label: [] for label, _ in variants}
     for start in range(0, len(samples), args.batch):
         ids = torch.tensor([s.ids for s in samples[start : start + args.batch]])

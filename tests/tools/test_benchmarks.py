@@ -233,16 +233,18 @@ def test_ratios_are_against_the_faster_driver_of_each_16_bit_cache():
     assert lines[-1].endswith("| 60 | 5.00x | 1.0 s | 9.0 | 600 | 4.00x | 3.00x |")
 
 
-def test_key_rotation_variant_turns_off_every_key_rotation_and_nothing_else():
-    from benchmarks.key_rotation_kl import keys_unrotated
+def test_key_rotation_variants_set_every_key_rotation_and_nothing_else():
+    from benchmarks.key_rotation_kl import with_key_rotation
     from kvpolicy import load_policy
     from tests.conftest import tiny_llama
 
-    model = tiny_llama(layers=4)  # no QK-norm: rotate: auto rotates keys; the first layer takes 4-bit keys
-    shipped, variant = load_policy("logquant_mixed"), keys_unrotated(load_policy("logquant_mixed"))
-    for policy, keys_rotated in ((shipped, True), (variant, False)):
-        layers = policy.make_cache(model).layers
-        assert [layer.key_store.spec.rotate == "hadamard" for layer in layers] == [keys_rotated] * 4
+    model = tiny_llama(layers=4)  # the first layer takes logquant_mixed's 4-bit keys
+    shipped = load_policy("logquant_mixed")
+    for rotate in ("hadamard", "none"):
+        variant = with_key_rotation(shipped, rotate)
+        layers = variant.make_cache(model).layers
+        assert [layer.key_store.spec.rotate for layer in layers] == [rotate] * 4
         assert all(layer.value_store.spec.rotate == "hadamard" for layer in layers)
         assert [layer.key_store.spec.bits for layer in layers] == [4, 2, 2, 2]
-    assert variant.name == "logquant_mixed_keys_unrotated"
+    assert with_key_rotation(shipped, "none").name == "logquant_mixed_keys_unrotated"
+    assert with_key_rotation(shipped, "hadamard").name == "logquant_mixed_keys_rotated"
