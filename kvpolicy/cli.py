@@ -92,7 +92,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _show_layers(policy, args: argparse.Namespace) -> None:
     """Each layer the policy caches on ``args.model``: its keys' and values' quantization."""
     from kvpolicy.cache.layers import model_layers, model_name
-    from kvpolicy.policy import layer_quant
+    from kvpolicy.policy import auto_leaves_unrotated, layer_quant
     from kvpolicy.policy.layer_budget import layer_bits, mean_bits, served_layers
 
     args.dtype = "float32"
@@ -106,7 +106,7 @@ def _show_layers(policy, args: argparse.Namespace) -> None:
     for s in served:
         sides = []
         for side, dim in (("keys", s.head_dim), ("values", s.value_head_dim or s.head_dim)):
-            unrotated = s.normalized_keys or (side == "keys" and s.biased_keys)
+            unrotated = auto_leaves_unrotated(side, s.normalized_keys, s.biased_keys)
             quant = layer_quant(getattr(per_layer[s.index].config, side).quant, dim, unrotated)
             sides.append(f"{side} {quant.bits}-bit/{quant.axis} groups of {quant.group_size}/rotate {quant.rotate}")
         print(f"#   layer {s.index}: {', '.join(sides)} ({layer_bits(per_layer[s.index], s):.3f} bits per element)")

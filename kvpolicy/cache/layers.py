@@ -151,24 +151,23 @@ _KEY_NORM = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.[^.]+\.(?:k_norm|k_
 _KEY_PROJECTION = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.[^.]+\.(?:k_proj|key_proj|wk)$")
 
 
-def normalized_key_layers(model) -> set[int]:
-    """Indices of the decoder layers that normalize keys per head (own a key-norm module)."""
+def _layers_owning(model, pattern: re.Pattern, holds=lambda module: True) -> set[int]:
+    """Indices of the decoder layers owning a module named as ``pattern`` says (the layer index
+    its first group) for which ``holds(module)``."""
     named = getattr(model, "named_modules", None)
     if named is None:
         return set()
-    return {int(m.group(1)) for name, _ in named() if (m := _KEY_NORM.search(name))}
+    return {int(m.group(1)) for name, module in named() if (m := pattern.search(name)) and holds(module)}
+
+
+def normalized_key_layers(model) -> set[int]:
+    """Indices of the decoder layers that normalize keys per head (own a key-norm module)."""
+    return _layers_owning(model, _KEY_NORM)
 
 
 def biased_key_layers(model) -> set[int]:
     """Indices of the decoder layers whose key projection adds a bias (Qwen2's ``k_proj``)."""
-    named = getattr(model, "named_modules", None)
-    if named is None:
-        return set()
-    return {
-        int(m.group(1))
-        for name, module in named()
-        if (m := _KEY_PROJECTION.search(name)) and getattr(module, "bias", None) is not None
-    }
+    return _layers_owning(model, _KEY_PROJECTION, lambda module: getattr(module, "bias", None) is not None)
 
 
 def model_layers(model) -> list[LayerSpec]:

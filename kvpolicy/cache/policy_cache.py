@@ -249,8 +249,8 @@ class KVPolicyLayer(CacheLayerMixin):
         """Bytes by region: both stores' and what the executor keeps between steps (rotation
         matrices, shared between layers, are counted once by the cache)."""
         out: dict[str, int] = {"executor": self.executor.nbytes()}
-        parts = (self.key_store.nbytes(), self.value_store.nbytes(), self.ring.nbytes() if self.ring else {})
-        for part in parts:
+        buffers = self.ring.nbytes() if self.ring is not None else {}
+        for part in (self.key_store.nbytes(), self.value_store.nbytes(), buffers):
             for region, n in part.items():
                 out[region] = out.get(region, 0) + n
         return out

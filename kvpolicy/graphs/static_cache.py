@@ -52,7 +52,7 @@ from kvpolicy.graphs.ring_schedule import (
     schedule_for,
 )
 from kvpolicy.quantizers.native import NativePacked
-from kvpolicy.quantizers.rotation import rotate, rotate_back, rotation_for
+from kvpolicy.quantizers.rotation import rotate, rotate_back
 from kvpolicy.transfer import indices_to
 
 
@@ -69,23 +69,24 @@ class StaticStep:
 
 class StaticAttention:
     """Attention of a decode step on a layer's :class:`RingBuffers`: the ring and the packed
-    capacity under their biases. On CUDA the fused decode kernels (two launches, fixed shapes); elsewhere the same
-    sums in float32 (:mod:`kvpolicy.executors.partial`). Where a side is rotated
-    (:mod:`kvpolicy.quantizers.rotation`) the step runs in the rotated space: the query and the ring's
-    keys by the keys' matrix, the ring's values by the values', the output rotated back."""
+    capacity under their biases. On CUDA the fused decode kernels (two launches, fixed
+    shapes); elsewhere the same sums in float32 (:mod:`kvpolicy.executors.partial`). Where a
+    side is rotated (:mod:`kvpolicy.quantizers.rotation`) the step runs in the rotated space:
+    the query and the ring's keys by the keys' matrix, the ring's values by the values', the
+    output rotated back."""
 
     name = "static"
 
     def attend(self, module, query, step: StaticStep, attention_mask, scaling=None, **kwargs) -> torch.Tensor:
-        layer = step.ring
-        schedule = layer.schedule
+        ring = step.ring
+        schedule = ring.schedule
         b, hq, q, d = query.shape
         scaling = scaling if scaling is not None else d**-0.5
-        packed_keys, packed_values = layer.packed_keys, layer.packed_values
-        key_rotation, value_rotation = layer.key_rotation, layer.value_rotation
+        packed_keys, packed_values = ring.packed_keys, ring.packed_values
+        key_rotation, value_rotation = ring.key_rotation, ring.value_rotation
         query = rotate(query, key_rotation)
-        ring_keys, ring_values = rotate(layer.ring_keys, key_rotation), rotate(layer.ring_values, value_rotation)
-        if query.is_cuda and layer.fused:
+        ring_keys, ring_values = rotate(ring.ring_keys, key_rotation), rotate(ring.ring_values, value_rotation)
+        if query.is_cuda and ring.fused:
             from kvpolicy.executors.kernels import decode_attention
 
             return rotate_back(decode_attention(
@@ -135,9 +136,17 @@ class RingBuffers:
         self.ring_keys = self.ring_values = None
         self.packed_keys = self.packed_values = None
         self.pending_values: NativePacked | None = None  # a PairedRingSchedule's values packed before their keys
-        # [D, D] matrices of rotated sides (their buffers hold codes of rotated tokens, the matrix recorded)
-        self.key_rotation = self.value_rotation = None
         self.fused = False
+
+    @property
+    def key_rotation(self) -> torch.Tensor | None:
+        """The ``[D, D]`` matrix the packed keys' codes were rotated by (what the packed buffers record)."""
+        return None if self.packed_keys is None else self.packed_keys.rotation
+
+    @property
+    def value_rotation(self) -> torch.Tensor | None:
+        """The ``[D, D]`` matrix the packed values' codes were rotated by."""
+        return None if self.packed_values is None else self.packed_values.rotation
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """A decode step (one token) into the slot the schedule chose beforehand; the inputs
@@ -198,10 +207,6 @@ class RingBuffers:
         batch, heads, key_dim = layer.shape
         value_dim = layer.value_head_dim
         dtype, device = layer.dtype, layer.device
-        self.key_rotation, self.value_rotation = (
-            rotation_for(s.spec.rotate, dim, device) if s.backend is not None else None
-            for s, dim in ((keys, key_dim), (values, value_dim))
-        )
         self.ring_keys = torch.zeros(batch, heads, schedule.slots, key_dim, dtype=dtype, device=device)
         self.ring_values = torch.zeros(batch, heads, schedule.slots, value_dim, dtype=dtype, device=device)
         if keys.backend is not None:
@@ -317,7 +322,6 @@ class RingBuffers:
     def free(self) -> None:
         """Drop the buffers (the stores hold nothing of them: :meth:`release` first to keep the tokens)."""
         self.ring_keys = self.ring_values = self.packed_keys = self.packed_values = self.pending_values = None
-        self.key_rotation = self.value_rotation = None
         self.in_use = False
 
     def grow(self, capacity: int) -> None:

@@ -246,8 +246,15 @@ class Policy:
         from kvpolicy.cache.policy_cache import KVPolicyLayer
 
         return KVPolicyLayer(
-            key_store=self._store(self.config.keys, "keys", head_dim, normalized_keys or biased_keys),
-            value_store=self._store(self.config.values, "values", value_head_dim or head_dim, normalized_keys),
+            key_store=self._store(
+                self.config.keys, "keys", head_dim, auto_leaves_unrotated("keys", normalized_keys, biased_keys)
+            ),
+            value_store=self._store(
+                self.config.values,
+                "values",
+                value_head_dim or head_dim,
+                auto_leaves_unrotated("values", normalized_keys, biased_keys),
+            ),
             executor=self.registry.executor(self.config.executor),
             config=model_config,
         )
@@ -320,6 +327,13 @@ class Policy:
                 stacklevel=2,
             )
         return KVPolicyCache(layers, policy_name=self.name)
+
+
+def auto_leaves_unrotated(side: str, normalized_keys: bool, biased_keys: bool) -> bool:
+    """Whether ``rotate: auto`` leaves ``side`` (``keys`` or ``values``) of a layer unrotated:
+    both sides where the layer normalizes keys per head (QK-norm), the keys where its key
+    projection adds a bias (see :func:`layer_quant`)."""
+    return normalized_keys or (side == "keys" and biased_keys)
 
 
 def layer_quant(quant: QuantSpec, head_dim: int, unrotated_by_auto: bool = False) -> QuantSpec:
