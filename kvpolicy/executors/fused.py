@@ -18,7 +18,7 @@ from kvpolicy.executors import partial as pa
 from kvpolicy.executors.base import allowed_columns
 from kvpolicy.executors.chunked import ChunkedExecutor
 from kvpolicy.executors.kernels import common, decode
-from kvpolicy.executors.kernels.common import fusable, gluon_available, power_of_two, triton_available
+from kvpolicy.executors.kernels.common import decode_fusable, gluon_available, triton_available
 from kvpolicy.quantizers.rotation import rotate, rotate_back
 
 KERNEL_CHOICES = ("auto", *decode.KERNEL_NAMES)
@@ -39,7 +39,8 @@ class FusedExecutor(ChunkedExecutor):
     (:func:`~kvpolicy.executors.kernels.decode_attention`). Supports the native backend with
     keys per-channel and values per-token (KIVI's layout), rotated or not (:mod:`kvpolicy.quantizers.rotation`:
     the step runs in the rotated space), 2/4/8 bits, key groups of 16 tokens
-    or more, value groups that divide the head dimension, bf16/fp16/fp32 (see :func:`fusable`).
+    or more, value groups that divide the head dimension, bf16/fp16/fp32
+    (see :func:`~kvpolicy.executors.kernels.common.decode_fusable`).
     Keys and values stored in different orders are paired first
     (:mod:`kvpolicy.executors.pairing`): the kernel reads each packed key's value row where it
     is. Multi-token steps, CPU tensors and shapes the kernels do not serve go to the chunked
@@ -64,14 +65,8 @@ class FusedExecutor(ChunkedExecutor):
         keys, values = regions.packed_keys, regions.packed_values
         key_rotation, value_rotation = getattr(keys, "rotation", None), getattr(values, "rotation", None)
         paired_by_rows = regions.value_rows is not None
-        if not (
-            query.shape[2] == 1
-            and self.kernels_serve(query)
-            and power_of_two(query.shape[-1])
-            and query.shape[-1] >= 16  # the matrix units' smallest inner dimension
-            and step.new_values.shape[-1] == query.shape[-1]  # the kernels read keys and values of one head size
-            and (keys is None or fusable(query, keys, values, paired_by_rows))
-        ):
+        value_head_dim = step.new_values.shape[-1]
+        if not (self.kernels_serve(query) and decode_fusable(query, value_head_dim, keys, values, paired_by_rows)):
             return super().attend_regions(query, regions, step, attention_mask, scaling)
         b, _, _, d = query.shape
         scaling = scaling if scaling is not None else d**-0.5

@@ -24,7 +24,7 @@ Multi-token steps (the prefill, a chunked prefill, a new turn) run through the l
 at the first one-token step their state is copied into the buffers (:meth:`RingBuffers.adopt`),
 and the layer hands its one-token steps to the buffers while they are in use.
 Served: models whose every layer is full attention, policies whose keys and values are
-retained alike or paired (:class:`~kvpolicy.graphs.ring_schedule.PairedRingSchedule`), native
+retained alike or paired (:mod:`~kvpolicy.graphs.ring_schedule`), native
 quantization, rotated or not (the buffers hold the rotated codes; the step rotates the query,
 the ring and the output), batches without padding. Built with
 ``cuda_graphs=True`` anything else is refused; built by ``cuda_graphs="auto"`` (the default on
@@ -44,13 +44,7 @@ from kvpolicy.cache.policy_cache import KVPolicyCache, KVPolicyLayer, MemoryRepo
 from kvpolicy.errors import ConfigError, NotSupportedError
 from kvpolicy.executors import partial as pa
 from kvpolicy.graphs.capability import policy_layers, serving_refusal
-from kvpolicy.graphs.ring_schedule import (
-    Booking,
-    PairedBooking,
-    PairedRingSchedule,
-    RingSchedule,
-    schedule_for,
-)
+from kvpolicy.graphs.ring_schedule import Booking, RingSchedule, schedule_for
 from kvpolicy.quantizers.native import NativePacked
 from kvpolicy.quantizers.rotation import rotate, rotate_back
 from kvpolicy.transfer import indices_to
@@ -69,11 +63,12 @@ class StaticStep:
 
 class StaticAttention:
     """Attention of a decode step on a layer's :class:`RingBuffers`: the ring and the packed
-    capacity under their biases. On CUDA the fused decode kernels (two launches, fixed
-    shapes); elsewhere the same sums in float32 (:mod:`kvpolicy.executors.partial`). Where a
-    side is rotated (:mod:`kvpolicy.quantizers.rotation`) the step runs in the rotated space:
-    the query and the ring's keys by the keys' matrix, the ring's values by the values', the
-    output rotated back."""
+    capacity under their biases (packed keys paired with value rows where keys and values are
+    retained differently). On CUDA the fused decode kernels (two launches, fixed shapes);
+    elsewhere the same sums in float32 (:mod:`kvpolicy.executors.partial`). Where a side is
+    rotated (:mod:`kvpolicy.quantizers.rotation`) the step runs in the rotated space: the query
+    and the ring's keys by the keys' matrix, the ring's values by the values', the output
+    rotated back."""
 
     name = "static"
 
@@ -91,7 +86,7 @@ class StaticAttention:
 
             return rotate_back(decode_attention(
                 query, [(ring_keys, ring_values)], packed_keys, packed_values, scaling,
-                schedule.ring_bias, schedule.packed_bias if packed_keys is not None else None,
+                schedule.ring_bias, schedule.packed_bias if packed_keys is not None else None, schedule.value_rows,
             ), value_rotation)  # fmt: skip
         kv_heads = ring_keys.shape[1]
         grouped = pa.group_queries(query, kv_heads)
@@ -99,6 +94,8 @@ class StaticAttention:
         if packed_keys is not None:
             bias = schedule.packed_bias[:, None, None, :]
             stored_keys, stored_values = packed_keys.dequantize_stored(), packed_values.dequantize_stored()
+            if schedule.value_rows is not None:  # each key's value row (-1: none, masked by the bias)
+                stored_values = stored_values.index_select(2, schedule.value_rows.clamp(min=0))
             part = pa.partial(grouped, stored_keys, stored_values, scaling, bias)
             result = pa.merge([result, part])
         return rotate_back(pa.ungroup_output(result[0], hq, q).to(query.dtype), value_rotation)
@@ -113,11 +110,6 @@ def _capacity_packed(spec, backend, batch, heads, dim, capacity, dtype, device) 
     tokens = spec.group_size if spec.axis == "channel" else 1
     zeros = torch.zeros(batch, heads, tokens, dim, dtype=dtype, device=device)
     return backend.quantize(zeros, spec).allocate(capacity)
-
-
-def _leading_tokens(packed: NativePacked, n: int) -> NativePacked:
-    """A copy of the first ``n`` tokens of ``packed`` (a multiple of a per-channel group)."""
-    return packed.slice_tokens(0, n).map_batch(torch.clone)
 
 
 class RingBuffers:
@@ -135,7 +127,6 @@ class RingBuffers:
         self.in_use = False
         self.ring_keys = self.ring_values = None
         self.packed_keys = self.packed_values = None
-        self.pending_values: NativePacked | None = None  # a PairedRingSchedule's values packed before their keys
         self.fused = False
 
     @property
@@ -147,6 +138,10 @@ class RingBuffers:
     def value_rotation(self) -> torch.Tensor | None:
         """The ``[D, D]`` matrix the packed values' codes were rotated by."""
         return None if self.packed_values is None else self.packed_values.rotation
+
+    def _sides(self):
+        """``(ring, packed buffers, store)`` of the keys, then of the values."""
+        return (self.ring_keys, self.packed_keys, self.keys), (self.ring_values, self.packed_values, self.values)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """A decode step (one token) into the slot the schedule chose beforehand; the inputs
@@ -167,7 +162,7 @@ class RingBuffers:
         if not self.in_use:
             return {}
         out = {"full_precision": sum(t.numel() * t.element_size() for t in (self.ring_keys, self.ring_values))}
-        for packed in (self.packed_keys, self.packed_values, self.pending_values):
+        for packed in (self.packed_keys, self.packed_values):
             if packed is not None:
                 for region, n in packed.nbytes().items():
                     out[region] = out.get(region, 0) + n
@@ -176,33 +171,32 @@ class RingBuffers:
     # -- moving the tokens between the eager stores and the buffers -----------------------
 
     def adopt(self, layer) -> None:
-        """Copy the stores' tokens into the buffers (held tokens into ring slots ``0..m-1`` in
-        the schedule's order, the packed region into the packed buffers' first tokens) and free
-        the stores' tensors. The schedule has taken over the bookkeeping. ``layer``: the
-        :class:`~kvpolicy.cache.policy_cache.KVPolicyLayer` (its geometry and executor)."""
-        keys, values = self.keys, self.values
+        """Copy the stores' tokens into the buffers (held tokens into their ring slots, each
+        side's packed region into its packed buffers' first tokens; where keys and values are
+        paired, a position packed on one side only also gets that side's dequantized token in
+        its slot) and free the stores' tensors. The schedule has taken over the bookkeeping.
+        ``layer``: the :class:`~kvpolicy.cache.policy_cache.KVPolicyLayer` (geometry, executor)."""
         schedule = self.schedule
-        paired = isinstance(schedule, PairedRingSchedule)
-        sides = ((keys, schedule.keys), (values, schedule.values))
+        sides = ((self.keys, schedule.keys), (self.values, schedule.values))
         if not all(store.positions is held and store.length == held.length for store, held in sides):
             raise RuntimeError("the graph schedule and this layer's stores disagree on their tokens")
         self._allocate(layer)
-        if paired:
-            self._adopt_paired(layer)
-            return
-        for ring, store in ((self.ring_keys, keys), (self.ring_values, values)):
-            parts = [t for t in (store.fp, store.staging) if t is not None]
-            if parts:
-                tokens = torch.cat(parts, dim=2)
-                ring[:, :, : tokens.shape[2]].copy_(tokens)
-        if keys.packed is not None and self.packed_keys is not None:
-            self.packed_keys.write(keys.packed, 0)
-            self.packed_values.write(values.packed, 0)
+        for ring, packed, store in self._sides():
+            for region, pos in ((store.fp, store.fp_pos), (store.staging, store.staging_pos)):
+                if region is not None:
+                    ring.index_copy_(2, indices_to(schedule.slots_of(pos), ring.device), region)
+            if store.packed is None or packed is None:
+                continue
+            packed.write(store.packed, 0)
+            row = {p: i for i, p in enumerate(store.packed_pos.tolist())}
+            in_slots = [p for p in schedule.slot_of if p in row] if schedule.paired else []
+            if in_slots:  # dequantize_tokens takes host rows
+                tokens = store.packed.dequantize_tokens(torch.tensor([row[p] for p in in_slots]))
+                ring.index_copy_(2, indices_to(schedule.slots_of(in_slots), ring.device), tokens)
         self._adopted(layer)
 
     def _allocate(self, layer) -> None:
-        """Zeroed rings and packed buffers of the schedule's sizes (and pending value rows for
-        a :class:`PairedRingSchedule`)."""
+        """Zeroed rings and packed buffers of the schedule's sizes."""
         keys, values, schedule = self.keys, self.values, self.schedule
         batch, heads, key_dim = layer.shape
         value_dim = layer.value_head_dim
@@ -216,102 +210,34 @@ class RingBuffers:
             self.packed_values = _capacity_packed(
                 values.spec, values.backend, batch, heads, value_dim, schedule.capacity, dtype, device
             )
-        if isinstance(schedule, PairedRingSchedule):
-            self.pending_values = _capacity_packed(
-                values.spec, values.backend, batch, heads, value_dim, schedule.slots, dtype, device
-            )
 
     def _adopted(self, layer) -> None:
         """The stores' tensors are copied: free them, choose the kernels, serve the steps."""
-        from kvpolicy.executors.kernels import fusable, triton_available
+        from kvpolicy.executors.kernels import decode_fusable, triton_available
 
         batch, heads, key_dim = layer.shape
-        device = layer.device
         query_like = torch.empty(batch, heads, 1, key_dim, device="meta")
         self.fused = (
-            device.type == "cuda"
+            layer.device.type == "cuda"
             and triton_available()
-            and key_dim == layer.value_head_dim
-            and (self.packed_keys is None or fusable(query_like, self.packed_keys, self.packed_values))
+            and decode_fusable(
+                query_like, layer.value_head_dim, self.packed_keys, self.packed_values, self.schedule.paired
+            )
         )
         for store in (self.keys, self.values):
             store.fp = store.staging = store.packed = None
         layer.executor.reset()  # its memos of the stores' tokens: the ring serves them now
         self.in_use = True
 
-    def _adopt_paired(self, layer) -> None:
-        """:meth:`adopt` for a :class:`PairedRingSchedule`: each slot's key and value (full
-        precision, or dequantized where that side is packed, its packed row then pending), the
-        packed keys as they are, each packed value at its key's offset."""
-        keys, values, schedule = self.keys, self.values, self.schedule
-        device = self.ring_keys.device
-        key_index = {p: i for i, p in enumerate(keys.packed_pos.tolist())}
-        value_index = {p: i for i, p in enumerate(values.packed_pos.tolist())}
-        for ring, store, index in ((self.ring_keys, keys, key_index), (self.ring_values, values, value_index)):
-            for region, pos in ((store.fp, store.fp_pos), (store.staging, store.staging_pos)):
-                if region is not None:
-                    ring.index_copy_(2, indices_to(schedule.slots_of(pos), device), region)
-            packed_in_slots = [p for p in schedule.slot_of if p in index]
-            if packed_in_slots:  # dequantize_tokens takes host rows
-                rows = torch.tensor([index[p] for p in packed_in_slots], dtype=torch.int64)
-                slots = indices_to(schedule.slots_of(packed_in_slots), device)
-                ring.index_copy_(2, slots, store.packed.dequantize_tokens(rows))
-        pending = sorted(schedule.pending)
-        if pending:
-            rows = indices_to([value_index[p] for p in pending], device)
-            self.pending_values.write_rows(values.packed, rows, indices_to(schedule.slots_of(pending), device))
-        if keys.packed is not None:
-            self.packed_keys.write(keys.packed, 0)
-        both = [p for p in key_index if p in value_index]
-        if both:
-            rows = indices_to([value_index[p] for p in both], device)
-            self.packed_values.write_rows(values.packed, rows, indices_to([key_index[p] for p in both], device))
-        self._adopted(layer)
-
     def release(self) -> None:
-        """The inverse of :meth:`adopt`: the stores take the schedule's bookkeeping and
-        the buffers' tokens (full-precision ones by ring slot, the packed prefix), and the
-        buffers are freed."""
-        schedule = self.schedule
-        if isinstance(schedule, PairedRingSchedule):
-            self._release_paired()
-            return
-        sides = (
-            (self.ring_keys, self.packed_keys, self.keys),
-            (self.ring_values, self.packed_values, self.values),
-        )
-        for ring, packed, store in sides:
-            self._hand_back_held(ring, store)
-            store.packed = _leading_tokens(packed, len(store.packed_pos)) if len(store.packed_pos) else None
-        self.free()
-
-    def _hand_back_held(self, ring: torch.Tensor, store) -> None:
-        """``store`` catches up with its bookkeeping (which the schedule went on booking) and
-        takes its full-precision and staged tokens from their ring slots."""
-        store.catch_up()
-        store.fp, store.staging = (self._ring_tokens(ring, p) for p in (store.fp_pos, store.staging_pos))
-
-    def _release_paired(self) -> None:
-        """:meth:`release` for a :class:`PairedRingSchedule`: values packed in key order (or
-        pending) go back in the value store's own order."""
-        schedule = self.schedule
-        keys, values = self.keys, self.values
-        self._hand_back_held(self.ring_keys, keys)
-        self._hand_back_held(self.ring_values, values)
-        n_keys = len(keys.packed_pos)
-        keys.packed = _leading_tokens(self.packed_keys, n_keys) if n_keys else None
-        values.packed = None
-        if len(values.packed_pos):
-            device = self.ring_values.device
-            key_index = {p: i for i, p in enumerate(keys.packed_pos.tolist())}
-            order = values.packed_pos.tolist()
-            settled = [(i, key_index[p]) for i, p in enumerate(order) if p not in schedule.pending]
-            pending = [(i, schedule.slot_of[p]) for i, p in enumerate(order) if p in schedule.pending]
-            values.packed = self.packed_values.allocate(len(order))
-            for source, rows in ((self.packed_values, settled), (self.pending_values, pending)):
-                if rows:
-                    dst, src = (indices_to(c, device) for c in zip(*rows))
-                    values.packed.write_rows(source, src, dst)
+        """The inverse of :meth:`adopt`: the stores catch up with the bookkeeping the schedule
+        went on booking and take the buffers' tokens (full-precision ones by ring slot, each
+        side's packed prefix), and the buffers are freed."""
+        for ring, packed, store in self._sides():
+            store.catch_up()
+            store.fp, store.staging = (self._ring_tokens(ring, p) for p in (store.fp_pos, store.staging_pos))
+            n = len(store.packed_pos)
+            store.packed = packed.slice_tokens(0, n).map_batch(torch.clone) if n else None
         self.free()
 
     def _ring_tokens(self, ring: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
@@ -321,55 +247,29 @@ class RingBuffers:
 
     def free(self) -> None:
         """Drop the buffers (the stores hold nothing of them: :meth:`release` first to keep the tokens)."""
-        self.ring_keys = self.ring_values = self.packed_keys = self.packed_values = self.pending_values = None
+        self.ring_keys = self.ring_values = self.packed_keys = self.packed_values = None
         self.in_use = False
 
     def grow(self, capacity: int) -> None:
         """Packed buffers of ``capacity`` tokens holding what the current ones hold."""
-        packed = len(self.schedule.keys.packed_pos)
-        sides = (("packed_keys", self.keys, self.ring_keys), ("packed_values", self.values, self.ring_values))
-        for name, store, ring in sides:
+        for name in ("packed_keys", "packed_values"):
             old = getattr(self, name)
-            batch, heads, _, dim = ring.shape
-            new = _capacity_packed(store.spec, store.backend, batch, heads, dim, capacity, ring.dtype, ring.device)
-            if packed:
-                new.write(old.slice_tokens(0, packed), 0)
+            new = old.allocate(capacity)
+            new.write(old, 0)
             setattr(self, name, new)
 
     def pack(self, booking: Booking) -> None:
-        """Quantize the ring slots ``booking`` packs into the packed buffers at its offset."""
-        if isinstance(booking, PairedBooking):
-            self._pack_paired(booking)
-            return
-        if not booking.packed_slots:
-            return
-        index = booking.packed_index
-        for ring, packed, store in (
-            (self.ring_keys, self.packed_keys, self.keys),
-            (self.ring_values, self.packed_values, self.values),
-        ):
-            block = store.backend.quantize(ring.index_select(2, index), store.spec)
-            packed.write(block, booking.offset)
-
-    def _pack_paired(self, booking: PairedBooking) -> None:
-        """Apply a :class:`PairedBooking` (see its fields) to this layer's buffers."""
-        keys, values, index = self.keys, self.values, booking.index
-        if booking.key_slots:
-            block = keys.backend.quantize(self.ring_keys.index_select(2, index["key_slots"]), keys.spec)
-            self.packed_keys.write(block, booking.key_offset)
-            if booking.dequantized_keys:
-                dequantized = block.dequantize().index_select(2, index["dequantized_keys"])
-                self.ring_keys.index_copy_(2, index["dequantized_key_slots"], dequantized.to(self.ring_keys.dtype))
-        if booking.value_slots:
-            rows = values.backend.quantize(self.ring_values.index_select(2, index["value_slots"]), values.spec)
-            if "direct" in index:
-                self.packed_values.write_rows(rows, index["direct"], index["direct_rows"])
-            if "pending" in index:
-                self.pending_values.write_rows(rows, index["pending"], index["pending_slots"])
-                dequantized = rows.dequantize().index_select(2, index["pending"])
-                self.ring_values.index_copy_(2, index["pending_slots"], dequantized.to(self.ring_values.dtype))
-        if booking.settled:
-            self.packed_values.write_rows(self.pending_values, index["settled_slots"], index["settled_rows"])
+        """Quantize the ring slots ``booking`` packs into each side's packed buffers at its
+        offset; a token that keeps its slot (its other side is not packed) takes its
+        dequantized value there."""
+        for (ring, packed, store), side in zip(self._sides(), (booking.keys, booking.values), strict=True):
+            if not side.slots:
+                continue
+            block = store.backend.quantize(ring.index_select(2, side.index), store.spec)
+            packed.write(block, side.offset)
+            if side.stay is not None:
+                dequantized = block.dequantize().index_select(2, side.stay)
+                ring.index_copy_(2, side.stay_slots, dequantized.to(ring.dtype))
 
 
 _BATCH_FIXED = (

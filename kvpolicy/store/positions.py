@@ -43,6 +43,11 @@ class Move:
     ready: int = 0
     evict: bool = False
 
+    @property
+    def left(self) -> int:
+        """Tokens that left the full-precision region (staged, packed or evicted)."""
+        return self.run[1] if self.run is not None else self.dropped
+
 
 class Positions:
     """The positions of one retention schedule's regions (int32 CPU tensors, arrival order).

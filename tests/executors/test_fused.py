@@ -330,3 +330,27 @@ def test_kernel_choice_names_the_allowed_kernels():
         packed_splits(query, keys, values, 0.1, None, kernel="cuda")
     with pytest.raises(ValueError, match="kernel='mma' does not serve these shapes"):
         packed_splits(query, keys, values, 0.1, None, kernel="mma")  # a CPU tensor
+
+
+def test_decode_fusable_is_the_one_check_of_the_executor_and_the_graph_buffers():
+    """What the fused executor asks at each step and the CUDA-graph buffers once at adoption:
+    one query token, a power-of-two head size of 16 or more shared by keys and values, and a
+    packed region in the kernels' layout or none (a ring of full-precision tokens alone)."""
+    from kvpolicy.config import QuantSpec
+    from kvpolicy.executors.kernels import decode_fusable
+    from kvpolicy.quantizers.native import NativeQuantizer
+
+    def packed(d: int, axis: str, tokens: int = 64):
+        spec = QuantSpec(bits=2, group_size=32, axis=axis)
+        return NativeQuantizer().quantize(torch.randn(1, 2, tokens, d), spec)
+
+    query = torch.empty(1, 4, 1, 64)
+    keys, values = packed(64, "channel"), packed(64, "token")
+    assert decode_fusable(query, 64, keys, values)
+    assert decode_fusable(query, 64, None, None)  # nothing packed: the full-precision kernel alone
+    assert not decode_fusable(torch.empty(1, 4, 2, 64), 64, keys, values)  # two query tokens
+    assert not decode_fusable(query, 128, keys, values)  # keys and values of different head sizes
+    assert not decode_fusable(torch.empty(1, 4, 1, 80), 80, None, None)  # not a power of two
+    assert not decode_fusable(torch.empty(1, 4, 1, 8), 8, None, None)  # below the matrix units' 16
+    assert not decode_fusable(query, 64, keys, packed(64, "token", tokens=32))  # 64 keys, 32 values
+    assert decode_fusable(query, 64, keys, packed(64, "token", tokens=32), paired_by_rows=True)

@@ -17,7 +17,7 @@ from kvpolicy.cache.policy_cache import KVPolicyLayer
 from kvpolicy.errors import ConfigError, NotSupportedError
 from kvpolicy.generation import cache_kwargs
 from kvpolicy.graphs.capability import auto_refusal, serving_refusal, setting_refusal
-from kvpolicy.graphs.ring_schedule import NOTHING_LEFT, PairedRingSchedule, RingSchedule
+from kvpolicy.graphs.ring_schedule import RingSchedule
 from kvpolicy.graphs.static_cache import RingBuffers, StaticPolicyCache, build_static_cache
 from tests.cache.test_cache import left_padded_batch
 from tests.conftest import tiny_llama
@@ -89,7 +89,7 @@ def test_static_steps_equal_eager_decoding(model, name):
     for index, (eager_layer, layer) in enumerate(zip(eager.layers, static.layers, strict=True)):
         assert isinstance(layer, KVPolicyLayer) and isinstance(layer.ring, RingBuffers)
         schedule = layer.ring.schedule
-        paired = isinstance(schedule, PairedRingSchedule)
+        paired = schedule.paired
         assert paired == (name == "partial_logquant")
         sides = (
             (layer.ring.ring_keys, eager_layer.key_store, schedule.keys),
@@ -106,18 +106,22 @@ def test_static_steps_equal_eager_decoding(model, name):
         keys, values = eager_layer.key_store, eager_layer.value_store
         if keys.packed is None or index:
             continue
-        packed_keys, packed_values = keys.packed, values.packed
-        n_packed = packed_keys.num_tokens
-        assert torch.equal(layer.ring.packed_keys.codes[:, :, :n_packed], packed_keys.codes)
-        # each packed key's value row (at the key's offset): the eager store's row of that position
+        # each side's packed buffers: the eager store's packed region, in its order, byte for byte
+        for buffers, store in ((layer.ring.packed_keys, keys), (layer.ring.packed_values, values)):
+            n_packed = len(store.packed_pos)
+            if not n_packed:
+                continue
+            assert torch.equal(buffers.codes[:, :, :n_packed], store.packed.codes)
+            assert torch.equal(buffers.slice_tokens(0, n_packed).scale, store.packed.scale)
+        # each packed key's value row: the eager pairing's, read by the fused kernels when paired
         value_row = {p: i for i, p in enumerate(values.packed_pos.tolist())}
-        pairs = [(i, value_row[p]) for i, p in enumerate(keys.packed_pos.tolist()) if p in value_row]
-        assert pairs and (paired or all(i == r for i, r in pairs))
-        at, rows = (torch.tensor(c) for c in zip(*pairs))
-        assert torch.equal(layer.ring.packed_values.codes[:, :, at], packed_values.codes[:, :, rows])
-        assert torch.equal(layer.ring.packed_values.scale[:, :, at], packed_values.scale[:, :, rows])
-        opened = (schedule.packed_bias[0] == 0).nonzero().squeeze(-1)
-        assert torch.equal(opened, at.sort().values)  # a packed key is attended once its value is packed too
+        rows = [value_row.get(p, -1) for p in keys.packed_pos.tolist()]
+        if paired:
+            assert schedule.value_rows[: len(rows)].tolist() == rows
+        else:
+            assert schedule.value_rows is None and rows == list(range(len(rows)))
+        opened = (schedule.packed_bias[0] == 0).nonzero().squeeze(-1).tolist()
+        assert opened == [i for i, r in enumerate(rows) if r >= 0]  # attended once its value is packed too
 
 
 def _keys_leave_first() -> Policy:
@@ -142,28 +146,24 @@ def test_paired_schedules_take_every_path_and_equal_eager_decoding(model, policy
     """Keys and values retained differently: whichever side is packed first, each position is
     attended once with its own key and value at their precision (tokens and logits equal eager
     decoding's), through every path of the booking."""
-    seen = {"settled": 0, "dequantized keys": 0, "direct rows": 0, "pending rows": 0}
-    book = PairedRingSchedule.book
+    seen = {"keys stay": 0, "values stay": 0, "freed": 0}
+    book = RingSchedule.book
 
     def counted(self):
         booking = book(self)
-        if booking is not NOTHING_LEFT:
-            seen["settled"] += len(booking.settled)
-            seen["dequantized keys"] += len(booking.dequantized_keys)
-            seen["direct rows"] += sum(r >= 0 for r in booking.value_rows)
-            seen["pending rows"] += sum(r < 0 for r in booking.value_rows)
+        for side, name in ((booking.keys, "keys stay"), (booking.values, "values stay")):
+            seen[name] += 0 if side.stay is None else len(side.stay)
+        seen["freed"] += len(booking.freed)
         return booking
 
-    monkeypatch.setattr(PairedRingSchedule, "book", counted)
+    monkeypatch.setattr(RingSchedule, "book", counted)
     inputs, n = _prompt(2, 301), 140
     expected = _generate(model, inputs, policy().make_cache(model), n)
     got = _generate(model, inputs, policy().make_cache(model, cuda_graphs=True), n)
     assert torch.equal(got[0], expected[0])
     torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
-    if policy is _keys_leave_first:
-        assert seen["dequantized keys"] and seen["direct rows"], seen
-    else:
-        assert seen["settled"] and seen["pending rows"], seen
+    assert seen["freed"], seen
+    assert seen["keys stay" if policy is _keys_leave_first else "values stay"], seen
 
 
 def test_free_ring_slots_are_masked_and_held_ones_open(model):

@@ -6,7 +6,8 @@ After every step: the schedule books on the eager stores' own bookkeeping object
 cached position is attended exactly once (in a ring slot, or as a packed key whose value is
 packed too, never both); the ring never overflows and its bias opens exactly the held
 slots and the next one; the packed bias opens exactly the packed keys whose values are
-packed; and a position that left the ring never comes back (no re-promotion).
+packed (paired with the value rows the eager executors read); and a position that left
+the ring never comes back (no re-promotion).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpolicy import Policy, load_policy
-from kvpolicy.graphs.ring_schedule import PairedRingSchedule, schedule_for
+from kvpolicy.graphs.ring_schedule import schedule_for
 from kvpolicy.store.positions import share_positions
 
 HEAD_DIM = 64
@@ -41,7 +42,7 @@ def _regions(store) -> tuple[list[int], list[int]]:
 
 
 def _check(schedule, keys, values, ever_settled: set[int]) -> None:
-    paired = isinstance(schedule, PairedRingSchedule)
+    paired = schedule.paired
     mirrors = ((keys, schedule.keys), (values, schedule.values))
     for store, booked in mirrors:
         assert booked is store.positions and booked.length == store.length == schedule.length
@@ -62,9 +63,11 @@ def _check(schedule, keys, values, ever_settled: set[int]) -> None:
     offset = {p: i for i, p in enumerate(packed_k)}
     opened = set((schedule.packed_bias[0] == 0).nonzero().squeeze(-1).tolist())
     assert opened == {offset[p] for p in settled}
-    if paired:
-        assert schedule.pending == {p for p in in_ring if p in set(packed_v) and p not in offset}
-        assert schedule.key_offset == {p: offset[p] for p in in_ring if p in offset}
+    if paired:  # each packed key's value row, as the eager pairing reads it
+        row = {p: i for i, p in enumerate(packed_v)}
+        assert schedule.value_rows[: len(packed_k)].tolist() == [row.get(p, -1) for p in packed_k]
+    else:
+        assert schedule.value_rows is None
 
 
 @settings(max_examples=60, deadline=None)
@@ -78,7 +81,7 @@ def test_ring_schedules_attend_every_position_once_and_never_overflow(name, pref
     keys, values = layer.key_store, layer.value_store
     share_positions([keys, values])  # as the cache does: one bookkeeping object when they are aligned
     schedule = schedule_for(keys, values, None)
-    assert isinstance(schedule, PairedRingSchedule) == (not layer.aligned)
+    assert schedule.paired == (not layer.aligned)
     keys.append(torch.zeros(1, 1, prefill, HEAD_DIM))
     values.append(torch.zeros(1, 1, prefill, HEAD_DIM))
     schedule.start(keys, values, 1, torch.device("cpu"))

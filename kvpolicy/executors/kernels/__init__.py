@@ -15,7 +15,13 @@ Adding a kernel: a module with a :class:`PackedKernel` subclass, and its entry i
 :data:`PACKED_KERNELS` at the place it should be asked.
 """
 
-from kvpolicy.executors.kernels.common import PackedKernel, fusable, gluon_available, triton_available
+from kvpolicy.executors.kernels.common import (
+    PackedKernel,
+    decode_fusable,
+    fusable,
+    gluon_available,
+    triton_available,
+)
 from kvpolicy.executors.kernels.decode import (
     KERNEL_NAMES,
     PACKED_KERNELS,
@@ -38,6 +44,7 @@ __all__ = [
     "TritonSplits",
     "choose_kernel",
     "decode_attention",
+    "decode_fusable",
     "fusable",
     "gluon_available",
     "launch_settings",

@@ -72,6 +72,24 @@ def fusable(grouped: torch.Tensor, keys: Packed, values: Packed, paired_by_rows:
     )
 
 
+def decode_fusable(
+    query: torch.Tensor, value_head_dim: int, keys: Packed | None, values: Packed | None, paired_by_rows: bool = False
+) -> bool:
+    """Whether :func:`~kvpolicy.executors.kernels.decode.decode_attention` serves a decode step
+    of ``query`` ``[B, H_q, 1, D]`` (any device; the caller checks it): one query token, a
+    power-of-two head size of 16 or more (the matrix units' smallest inner dimension) that keys
+    and values share, and no packed region or one the kernels read (:func:`fusable`). Asked by
+    the fused executor at each step and by the CUDA-graph buffers once, at adoption."""
+    d = query.shape[-1]
+    return (
+        query.shape[2] == 1
+        and power_of_two(d)
+        and d >= 16
+        and value_head_dim == d
+        and (keys is None or fusable(query, keys, values, paired_by_rows))
+    )
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
