@@ -31,6 +31,7 @@ CASES = [
     ("float16", 1, 2, 1, 64, 20, 2, 2, 32, 32, False, "window"),  # nothing packed yet (4 tokens staged)
     ("float16", 2, 2, 4, 64, 300, 2, 2, 32, 64, True, "log"),
     ("float16", 1, 1, 2, 64, 40, 2, 2, 16, 64, False, "log"),  # a packed key whose value is staged
+    ("float16", 2, 2, 4, 128, 300, 3, 3, 32, 32, True, "window"),  # 3-bit codes on both sides
 ]
 
 

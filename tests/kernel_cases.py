@@ -8,7 +8,7 @@ stored in another order and paired by value rows).
 
 ``TRITON_INTERPRET=1 python -m tests.kernel_cases`` runs it in Triton's CPU interpreter (the
 variable must be set before the kernels are defined); ``--device cuda`` on a GPU, e.g. under
-``compute-sanitizer``. Cases cover 2/4/8 bits,
+``compute-sanitizer``. Cases cover 2, 3, 4 and 8 bits,
 both value paths (scale folded or per-channel), key groups of 32 and 64, padding, several
 splits with a last split that ends past the region, and GQA group sizes that are not powers
 of two.
@@ -35,6 +35,9 @@ CASES = [
     (1, 1, 5, 128, 256, 8, 8, 64, 64, True, 3),
     (1, 2, 2, 128, 320, 2, 4, 64, 16, False, 4),
     (2, 1, 2, 64, 448, 2, 2, 64, 16, True, 3),
+    (1, 2, 4, 128, 192, 3, 3, 64, 32, True, 2),
+    (2, 1, 3, 64, 160, 3, 2, 32, 64, False, 3),
+    (1, 2, 2, 128, 256, 2, 3, 32, 16, False, 2),
 ]
 
 

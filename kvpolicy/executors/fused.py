@@ -38,7 +38,7 @@ class FusedExecutor(ChunkedExecutor):
     tokens (kept, staged, new) and merges both into the output
     (:func:`~kvpolicy.executors.kernels.decode_attention`). Supports the native backend with
     keys per-channel and values per-token (KIVI's layout), rotated or not (:mod:`kvpolicy.quantizers.rotation`:
-    the step runs in the rotated space), 2/4/8 bits, key groups of 16 tokens
+    the step runs in the rotated space), 2, 3, 4 or 8 bits, key groups of 16 tokens
     or more, value groups that divide the head dimension, bf16/fp16/fp32
     (see :func:`~kvpolicy.executors.kernels.common.decode_fusable`).
     Keys and values stored in different orders are paired first

@@ -1,5 +1,5 @@
 """3-bit codes in the native backend (issue #38): a 2-bit and a 1-bit plane, no bit wasted,
-read by every executor that dequantizes (the fused kernels decline them for now)."""
+read by every executor: the chunked path dequantizes them, the Triton kernel reads both planes."""
 
 from __future__ import annotations
 
@@ -109,12 +109,27 @@ def test_the_graph_path_holds_and_replays_three_bit_tokens_as_eager_decoding_doe
     assert torch.allclose(got[True][1], got[False][1], atol=1e-5, rtol=1e-5)
 
 
-def test_the_fused_kernels_decline_three_bit_codes():
-    """Until a kernel reads the two planes, a 3-bit region goes to the chunked path on CUDA too."""
-    keys = NativeQuantizer().quantize(torch.randn(1, 2, 32, 128), QuantSpec(bits=3, group_size=32, axis="channel"))
-    values = NativeQuantizer().quantize(torch.randn(1, 2, 32, 128), QuantSpec(bits=3, group_size=32, axis="token"))
+def _packed(bits: int, axis: str, d: int = 128, device: str = "cpu"):
+    x = torch.randn(1, 2, 32, d, device=device)
+    return NativeQuantizer().quantize(x, QuantSpec(bits=bits, group_size=32, axis=axis))
+
+
+def test_three_bit_regions_are_fusable():
+    """The Triton kernel reads both planes (its arithmetic is checked against float64 by
+    tests.kernel_cases, in Triton's interpreter in CI and on the GPU by benchmarks/gpu_tests.sh)."""
     grouped = torch.empty(1, 2, 4, 128)
-    assert not fusable(grouped, keys, values)
-    two = NativeQuantizer().quantize(torch.randn(1, 2, 32, 128), QuantSpec(bits=2, group_size=32, axis="channel"))
-    two_values = NativeQuantizer().quantize(torch.randn(1, 2, 32, 128), QuantSpec(bits=2, group_size=32, axis="token"))
-    assert fusable(grouped, two, two_values)
+    assert fusable(grouped, _packed(3, "channel"), _packed(3, "token"))
+    assert fusable(grouped, _packed(2, "channel"), _packed(3, "token"))
+    # a plane tile of fewer than 16 bytes (3 bits of a 32-channel head: 8 bytes) is not read
+    assert not fusable(torch.empty(1, 2, 4, 32), _packed(3, "channel", 32), _packed(3, "token", 32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_gluon_kernel_leaves_three_bit_codes_to_the_triton_kernel():
+    from kvpolicy.executors.kernels.mma_splits import MmaSplits
+    from kvpolicy.executors.kernels.triton_splits import TritonSplits
+
+    grouped = torch.empty(1, 2, 4, 128, device="cuda")
+    keys, values = _packed(3, "channel", device="cuda"), _packed(3, "token", device="cuda")
+    assert not MmaSplits().serves(grouped, keys, values)
+    assert TritonSplits().serves(grouped, keys, values)

@@ -49,23 +49,31 @@ class PackedKernel(ABC):
         partial results per (row, KV head), for ``grouped`` queries ``[B, H_kv, G, D]``."""
 
 
+#: code widths the packed-region kernels read (3 bits: a 2-bit and a 1-bit plane)
+KERNEL_BITS = (2, 3, 4, 8)
+
+
+def plane_bytes(d: int, bits: int) -> int:
+    """Bytes of a token row's codes one plane tile covers (3 bits: the 2-bit plane's)."""
+    return d * (2 if bits == 3 else bits) // 8
+
+
 def fusable(grouped: torch.Tensor, keys: Packed, values: Packed, paired_by_rows: bool = False) -> bool:
-    """Whether the packed region is in the layout the kernels read: native packing in a
-    width that divides 8 (2, 4 or 8 bits), keys
-    per-channel in groups of 16 tokens or more (powers of two), values per-token, a
-    power-of-two head dimension, at least 16 bytes of codes per token row, and as many keys
-    as values unless they are ``paired_by_rows``."""
+    """Whether the packed region is in the layout the kernels read: native packing of 2, 3, 4
+    or 8 bits, keys per-channel in groups of 16 tokens or more (powers of two), values
+    per-token, a power-of-two head dimension, at least 16 bytes of codes per plane tile of a
+    token row, and as many keys as values unless they are ``paired_by_rows``."""
     if not (isinstance(keys, NativePacked) and isinstance(values, NativePacked)):
         return False
     d = grouped.shape[-1]
     return (
         keys.axis == "channel"
         and values.axis == "token"
-        and 8 % keys.bits == 0
-        and 8 % values.bits == 0
+        and keys.bits in KERNEL_BITS
+        and values.bits in KERNEL_BITS
         and power_of_two(d)
-        and d * keys.bits // 8 >= 16
-        and d * values.bits // 8 >= 16
+        and plane_bytes(d, keys.bits) >= 16
+        and plane_bytes(d, values.bits) >= 16
         and power_of_two(keys.group_size)
         and keys.group_size >= 16
         and (paired_by_rows or keys.num_tokens == values.num_tokens)

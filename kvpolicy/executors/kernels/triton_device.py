@@ -9,11 +9,15 @@ output (:func:`kvpolicy.executors.kernels.decode_attention`); ``merge_splits`` m
 Codes are packed in planes (:func:`kvpolicy.quantizers.native.pack_codes`): the ``i``-th code of
 the ``W`` bytes of a token row holds channels ``i*W .. (i+1)*W - 1``. A tile of bytes
 ``[BLOCK_N, W]`` is read once and yields ``8 // bits`` tiles of codes, each a contiguous
-slice of channels, so nothing is reshaped or reordered in registers.
+slice of channels, so nothing is reshaped or reordered in registers. 3-bit codes are a 2-bit
+plane and a 1-bit plane: two tiles, whose codes of the same channels are added
+(:func:`codes_plane`; the 1-bit plane's two halves are set side by side).
 """
 
 import triton
 import triton.language as tl
+
+from kvpolicy.executors.kernels.common import plane_bytes
 
 LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in base 2: exp2 is one instruction
 LN2 = tl.constexpr(0.6931471805599453)
@@ -65,9 +69,32 @@ def plane(codes, i: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
     return out
 
 
+#: bytes of a token row's codes one plane tile covers (3 bits: the 2-bit plane's; the 1-bit plane follows)
+plane_width = triton.constexpr_function(plane_bytes)
+
+
+@triton.jit
+def side_by_side(a, b):
+    """Tiles ``[N, W]`` ``a`` and ``b`` as one ``[N, 2W]`` (``a``'s columns first)."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
+
+
+@triton.jit
+def codes_plane(lo, hi, i: tl.constexpr, BITS: tl.constexpr, FAST: tl.constexpr):
+    """Codes of channels ``i*W .. (i+1)*W - 1`` as float16: plane ``i`` of the byte tile ``lo``;
+    for 3-bit codes, the 2-bit plane ``i`` of ``lo`` plus 4 times the high bits of the same
+    channels, the 1-bit planes ``2i`` and ``2i+1`` of ``hi`` (exact: codes are at most 7)."""
+    if BITS == 3:
+        high = side_by_side(plane(hi, 2 * i, 1, FAST), plane(hi, 2 * i + 1, 1, FAST))
+        out = plane(lo, i, 2, FAST) + 4.0 * high
+    else:
+        out = plane(lo, i, BITS, FAST)
+    return out
+
+
 @triton.jit
 def key_plane_scores(
-    kb, q_row, row_live, KS, KZ, group_row, group_live, j, scaling,
+    kb, kh, q_row, row_live, KS, KZ, group_row, group_live, j, scaling,
     i: tl.constexpr, KW: tl.constexpr, KBITS: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """Scores of channels ``i*KW + j`` with the per-channel scale folded into the query,
@@ -78,24 +105,31 @@ def key_plane_scores(
     at = group_row[:, None] + i * KW + j[None, :]
     ks = tl.load(KS + at, mask=group_live[:, None], other=0.0).to(tl.float32)
     kz = tl.load(KZ + at, mask=group_live[:, None], other=0.0).to(tl.float32)
-    return tl.dot((q * ks).to(tl.float16), tl.trans(plane(kb, i, KBITS, FAST))), q * kz
+    return tl.dot((q * ks).to(tl.float16), tl.trans(codes_plane(kb, kh, i, KBITS, FAST))), q * kz
 
 
 @triton.jit
 def block_scores(
-    kb, q_row, row_live, KS, KZ, group_row, group_live, j, scaling,
+    kb, kh, q_row, row_live, KS, KZ, group_row, group_live, j, scaling,
     KW: tl.constexpr, KBITS: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """Scores ``[BLOCK_G, BLOCK_N]`` of every token of the block, each row with the scales of
-    its key group (all planes, zero terms included)."""
-    s, z = key_plane_scores(kb, q_row, row_live, KS, KZ, group_row, group_live, j, scaling, 0, KW, KBITS, FAST)
+    its key group (all planes, zero terms included); ``kh``: the 1-bit plane's tile of 3-bit
+    codes (else not read)."""
+    s, z = key_plane_scores(kb, kh, q_row, row_live, KS, KZ, group_row, group_live, j, scaling, 0, KW, KBITS, FAST)
     if KBITS < 8:
-        s1, z1 = key_plane_scores(kb, q_row, row_live, KS, KZ, group_row, group_live, j, scaling, 1, KW, KBITS, FAST)
+        s1, z1 = key_plane_scores(
+            kb, kh, q_row, row_live, KS, KZ, group_row, group_live, j, scaling, 1, KW, KBITS, FAST
+        )
         s += s1
         z += z1
     if KBITS < 4:
-        s2, z2 = key_plane_scores(kb, q_row, row_live, KS, KZ, group_row, group_live, j, scaling, 2, KW, KBITS, FAST)
-        s3, z3 = key_plane_scores(kb, q_row, row_live, KS, KZ, group_row, group_live, j, scaling, 3, KW, KBITS, FAST)
+        s2, z2 = key_plane_scores(
+            kb, kh, q_row, row_live, KS, KZ, group_row, group_live, j, scaling, 2, KW, KBITS, FAST
+        )
+        s3, z3 = key_plane_scores(
+            kb, kh, q_row, row_live, KS, KZ, group_row, group_live, j, scaling, 3, KW, KBITS, FAST
+        )
         s += s2 + s3
         z += z2 + z3
     return s + tl.sum(z, 1)[:, None]
@@ -120,7 +154,7 @@ def plane_probs(probs, p, VS, token_row, live, i: tl.constexpr, VW: tl.constexpr
 
 @triton.jit
 def value_plane(
-    acc, vb, probs, VS, VZ, token_row, j, live,
+    acc, vb, vh, probs, VS, VZ, token_row, j, live,
     i: tl.constexpr, VW: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr, D: tl.constexpr,
     FAST: tl.constexpr,
 ):  # fmt: skip
@@ -132,12 +166,12 @@ def value_plane(
     Otherwise ``probs`` is ``p`` and the plane is dequantized with each channel's group scale.
     """
     if VG % VW == 0:
-        out = tl.dot(probs, plane(vb, i, VBITS, FAST), acc)
+        out = tl.dot(probs, codes_plane(vb, vh, i, VBITS, FAST), acc)
     else:
         groups = token_row[:, None] * (D // VG) + (i * VW + j[None, :]) // VG
         vs = tl.load(VS + groups, mask=live[:, None], other=0.0).to(tl.float32)
         vz = tl.load(VZ + groups, mask=live[:, None], other=0.0).to(tl.float32)
-        v = plane(vb, i, VBITS, FAST).to(tl.float32) * vs + vz
+        v = codes_plane(vb, vh, i, VBITS, FAST).to(tl.float32) * vs + vz
         out = tl.dot(probs, v.to(tl.float16), acc)
     return out
 
@@ -184,8 +218,10 @@ def packed_decode(
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     b = bh // HKV
-    KW: tl.constexpr = D * KBITS // 8
-    VW: tl.constexpr = D * VBITS // 8
+    KW: tl.constexpr = plane_width(D, KBITS)  # bytes of a plane tile (3 bits: the 2-bit plane's)
+    VW: tl.constexpr = plane_width(D, VBITS)
+    KROW: tl.constexpr = D * KBITS // 8  # bytes of a token row
+    VROW: tl.constexpr = D * VBITS // 8
     R: tl.constexpr = BLOCK_N // KG
     GP: tl.constexpr = BLOCK_G // R  # rows per key group
     offs_r = tl.arange(0, BLOCK_G)
@@ -194,6 +230,7 @@ def packed_decode(
     offs_n = tl.arange(0, BLOCK_N)
     kj = tl.arange(0, KW)
     vj = tl.arange(0, VW)
+    hj = tl.arange(0, D // 8)  # the 1-bit plane of 3-bit codes
     row_live = (head < G)[:, None]
     q_row = Q + (bh * G + head[:, None]) * D
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -218,11 +255,14 @@ def packed_decode(
             value_row = bh * NV + tl.where(live, value_row, 0)
         else:
             value_row = token_row
-        kb = tl.load(KC + token_row[:, None] * KW + kj[None, :], mask=live[:, None], other=0)
+        kb = tl.load(KC + token_row[:, None] * KROW + kj[None, :], mask=live[:, None], other=0)
+        kh = kb
+        if KBITS == 3:
+            kh = tl.load(KC + token_row[:, None] * KROW + KW + hj[None, :], mask=live[:, None], other=0)
         group_row = (bh * (N // KG) + first // KG + slot) * D
         # the last split may end past the region: read no scale row there
         s = block_scores(
-            kb, q_row, row_live, KS, KZ, group_row, first + slot * KG < end, kj, scaling_log2, KW, KBITS, FAST
+            kb, kh, q_row, row_live, KS, KZ, group_row, first + slot * KG < end, kj, scaling_log2, KW, KBITS, FAST
         )
         if HAS_BIAS:
             s += tl.load(BIAS + b * N + n, mask=live, other=float("-inf"))[None, :] * LOG2E
@@ -251,17 +291,20 @@ def packed_decode(
         else:
             zeros = tl.zeros([BLOCK_N, SW], tl.float32)
         sums = tl.dot(p16, tl.where(cols[None, :] == 0, 1.0, zeros).to(tl.float16), sums)
-        vb = tl.load(VC + value_row[:, None] * VW + vj[None, :], mask=live[:, None], other=0)
+        vb = tl.load(VC + value_row[:, None] * VROW + vj[None, :], mask=live[:, None], other=0)
+        vh = vb
+        if VBITS == 3:
+            vh = tl.load(VC + value_row[:, None] * VROW + VW + hj[None, :], mask=live[:, None], other=0)
         probs = plane_probs(p16, p, VS, value_row, live, 0, VW, VG, D)
-        acc0 = value_plane(acc0, vb, probs, VS, VZ, value_row, vj, live, 0, VW, VBITS, VG, D, FAST)
+        acc0 = value_plane(acc0, vb, vh, probs, VS, VZ, value_row, vj, live, 0, VW, VBITS, VG, D, FAST)
         if VBITS < 8:
             probs = plane_probs(probs, p, VS, value_row, live, 1, VW, VG, D)
-            acc1 = value_plane(acc1, vb, probs, VS, VZ, value_row, vj, live, 1, VW, VBITS, VG, D, FAST)
+            acc1 = value_plane(acc1, vb, vh, probs, VS, VZ, value_row, vj, live, 1, VW, VBITS, VG, D, FAST)
         if VBITS < 4:
             probs = plane_probs(probs, p, VS, value_row, live, 2, VW, VG, D)
-            acc2 = value_plane(acc2, vb, probs, VS, VZ, value_row, vj, live, 2, VW, VBITS, VG, D, FAST)
+            acc2 = value_plane(acc2, vb, vh, probs, VS, VZ, value_row, vj, live, 2, VW, VBITS, VG, D, FAST)
             probs = plane_probs(probs, p, VS, value_row, live, 3, VW, VG, D)
-            acc3 = value_plane(acc3, vb, probs, VS, VZ, value_row, vj, live, 3, VW, VBITS, VG, D, FAST)
+            acc3 = value_plane(acc3, vb, vh, probs, VS, VZ, value_row, vj, live, 3, VW, VBITS, VG, D, FAST)
     total = tl.sum(tl.where(cols[None, :] == 0, sums, 0.0), 1)
     safe = tl.where(total > 0, total, 1.0)
     row = ((bh * splits + split) * R + slot) * G + head

@@ -1,12 +1,12 @@
 """The Triton packed-region kernel (:func:`~kvpolicy.executors.kernels.triton_device.packed_decode`).
 
 One program handles one (batch row, KV head) and a contiguous slice of the packed tokens:
-it reads the 2/4/8-bit codes once, unpacks them plane by plane (see
+it reads the 2, 3, 4 or 8-bit codes once, unpacks them plane by plane (see
 :func:`kvpolicy.quantizers.native.pack_codes`) and keeps an online softmax for all query heads
 that share the KV head (GQA without copying). Key scales are folded into the query and
 value scales into the probabilities, so codes go to the matrix units as they are; nothing
 is written to memory in 16-bit. It serves every :func:`~kvpolicy.executors.kernels.common.fusable`
-layout (2/4/8 bits, any GPU Triton runs on, and Triton's CPU interpreter).
+layout (2, 3, 4 or 8 bits, any GPU Triton runs on, and Triton's CPU interpreter).
 """
 
 from __future__ import annotations
