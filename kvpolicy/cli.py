@@ -413,8 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("policy", help="registered policy name or YAML path")
     show.add_argument(
         "--model",
-        help="also print each layer's quantization on this model (smollm2, gemma3-270m or a local folder): "
-        "the layers a budgeted `layers` entry takes, `rotate: auto` and `group_size: head` as they resolve",
+        help=f"also print each layer's quantization on this model ({', '.join(EMBEDDED_MODELS)} or a local "
+        "folder): the layers a budgeted `layers` entry takes, `rotate: auto` and `group_size: head` as they resolve",
     )
     gen = sub.add_parser(
         "generate",
