@@ -120,8 +120,11 @@ def test_three_bit_regions_are_fusable():
     grouped = torch.empty(1, 2, 4, 128)
     assert fusable(grouped, _packed(3, "channel"), _packed(3, "token"))
     assert fusable(grouped, _packed(2, "channel"), _packed(3, "token"))
-    # a plane tile of fewer than 16 bytes (3 bits of a 32-channel head: 8 bytes) is not read
-    assert not fusable(torch.empty(1, 2, 4, 32), _packed(3, "channel", 32), _packed(3, "token", 32))
+    # 3 bits at head size 64: the 1-bit plane has 8 bytes a row, which the PTX unpacking reads
+    # wrong on the GPU (benchmarks/results/gpu_tests_h100_pairing_3bit.txt), so it is not fused
+    assert not fusable(torch.empty(1, 2, 4, 64), _packed(3, "channel", 64), _packed(3, "token", 64))
+    assert not fusable(torch.empty(1, 2, 4, 64), _packed(2, "channel", 64), _packed(3, "token", 64))
+    assert fusable(torch.empty(1, 2, 4, 64), _packed(2, "channel", 64), _packed(2, "token", 64))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -62,7 +62,8 @@ def fusable(grouped: torch.Tensor, keys: Packed, values: Packed, paired_by_rows:
     """Whether the packed region is in the layout the kernels read: native packing of 2, 3, 4
     or 8 bits, keys per-channel in groups of 16 tokens or more (powers of two), values
     per-token, a power-of-two head dimension, at least 16 bytes of codes per plane tile of a
-    token row, and as many keys as values unless they are ``paired_by_rows``."""
+    token row (3-bit codes: head size 128 or more, so that their 1-bit plane has 16 bytes),
+    and as many keys as values unless they are ``paired_by_rows``."""
     if not (isinstance(keys, NativePacked) and isinstance(values, NativePacked)):
         return False
     d = grouped.shape[-1]
@@ -74,6 +75,7 @@ def fusable(grouped: torch.Tensor, keys: Packed, values: Packed, paired_by_rows:
         and power_of_two(d)
         and plane_bytes(d, keys.bits) >= 16
         and plane_bytes(d, values.bits) >= 16
+        and (3 not in (keys.bits, values.bits) or d >= 128)  # 3 bits: a 1-bit plane of 16 bytes or more
         and power_of_two(keys.group_size)
         and keys.group_size >= 16
         and (paired_by_rows or keys.num_tokens == values.num_tokens)
