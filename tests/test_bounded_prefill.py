@@ -1,8 +1,9 @@
-"""A batch prefilled in bounded forwards (:func:`kvpolicy.generation.prefill_chunk_size`).
+"""A batch prefilled in bounded forwards.
 
 ``generate(prefill_chunk_size=prefill_chunk_size(batch))`` keeps every prefill forward at most
 ``tokens_per_forward`` tokens over all rows, whatever the batch; each chunk after the first is a
-multi-token step over the filled cache, padded rows included.
+multi-token step over the filled cache, padded rows included. :func:`kvpolicy.generation.prefill`
+bounds it by whole rows instead: groups of rows prefilled one forward each, joined row-wise.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvpolicy import Policy, load_policy
-from kvpolicy.generation import TOKENS_PER_FORWARD, cache_kwargs, prefill_chunk_size
+from kvpolicy.errors import NotSupportedError
+from kvpolicy.generation import TOKENS_PER_FORWARD, cache_kwargs, forward_cache_kwargs, prefill, prefill_chunk_size
 from tests.conftest import tiny_llama
 
 
@@ -113,3 +115,84 @@ def test_a_policy_that_keeps_everything_prefilled_in_chunks_equals_one_dynamic_c
     want_tokens, want_logits = _generate(model, ids, mask, None, None)
     assert torch.equal(tokens, want_tokens)
     assert torch.allclose(logits, want_logits, atol=1e-4, rtol=1e-4)
+
+
+def _rows_prefilled(model, ids, new_cache, tokens_per_forward: int, new_tokens: int = 6):
+    """``generate()`` after :func:`prefill`: ``(new tokens, logits, cache, forward sizes of the prefill)``."""
+    sizes: list[int] = []
+    hook = model.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(math.prod((args[0] if args else kwargs["hidden_states"]).shape[:2])),
+        with_kwargs=True,
+    )
+    try:
+        cache = prefill(model, new_cache, ids, tokens_per_forward=tokens_per_forward)
+    finally:
+        hook.remove()
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0, **cache_kwargs(cache),
+    )  # fmt: skip
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, 1), out.past_key_values, sizes
+
+
+@pytest.mark.parametrize("name", ["logquant", "kivi", "partial_logquant", "dynamic"])
+def test_rows_prefilled_in_groups_decode_as_the_whole_batch_prefilled_in_one_forward(name):
+    """Five prompts of 200 tokens, 420 tokens per forward: groups of 2, 2 and 1 rows, each one
+    forward of 199 tokens a row; the joined cache then decodes the tokens and logits (and, for
+    a policy, holds the bytes) of one forward of all five rows with the same last step."""
+    model = tiny_llama(seed=5)
+    ids = torch.randint(1, 256, (5, 200), generator=torch.Generator().manual_seed(5))
+    if name == "dynamic":
+        from transformers import DynamicCache
+
+        def new_cache():
+            return DynamicCache(config=model.config)
+    else:
+
+        def new_cache():
+            return load_policy(name).make_cache(model)
+
+    tokens, logits, cache, sizes = _rows_prefilled(model, ids, new_cache, tokens_per_forward=420)
+    assert sizes == [2 * 199, 2 * 199, 199]
+    whole = new_cache()  # the reference: every row in one forward, then the same generate()
+    with torch.no_grad():
+        model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1, **forward_cache_kwargs(model, whole))
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+        output_logits=True, return_dict_in_generate=True, pad_token_id=0, **cache_kwargs(whole),
+    )  # fmt: skip
+    assert torch.equal(tokens, out.sequences[:, ids.shape[1] :])
+    assert torch.allclose(logits, torch.stack(out.logits, 1), atol=1e-4, rtol=1e-4)
+    if name != "dynamic":
+        assert cache.memory() == whole.memory()
+
+
+def test_rows_prefilled_with_a_policy_that_keeps_everything_equal_one_dynamic_cache_generate():
+    model = tiny_llama(seed=6)
+    ids = torch.randint(1, 256, (3, 90), generator=torch.Generator().manual_seed(6))
+    tokens, logits, _, sizes = _rows_prefilled(model, ids, lambda: load_policy("full").make_cache(model), 100)
+    assert sizes == [89, 89, 89]
+    want_tokens, want_logits = _generate(model, ids, torch.ones_like(ids), None, None)
+    assert torch.equal(tokens, want_tokens)
+    assert torch.allclose(logits, want_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_refuses_a_padded_batch_and_names_bad_arguments():
+    model = tiny_llama(seed=7)
+    ids, mask = _padded_batch([40, 30])
+    with pytest.raises(NotSupportedError, match="padded"):
+        prefill(model, lambda: load_policy("kivi").make_cache(model), ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="tokens_per_forward must be a positive integer, got 0"):
+        prefill(model, lambda: load_policy("kivi").make_cache(model), ids, tokens_per_forward=0)
+
+
+def test_caches_of_prompts_of_different_lengths_are_not_joined():
+    model = tiny_llama(seed=8)
+    caches = []
+    for length in (70, 71):
+        cache = load_policy("kivi").make_cache(model)
+        with torch.no_grad():
+            model(input_ids=torch.ones(1, length, dtype=torch.long), **forward_cache_kwargs(model, cache))
+        caches.append(cache)
+    with pytest.raises(ValueError, match="same positions; one holds 70 tokens, another 71"):
+        caches[0].concat_batch(caches[1:])

@@ -203,6 +203,30 @@ class KVPolicyLayer(CacheLayerMixin):
             rows = fn(torch.empty(self.shape[0], 1)).shape[0]
             self.shape = (rows, *self.shape[1:])
 
+    def concat_batch(self, others: list[KVPolicyLayer]) -> None:
+        """Take the rows of ``others`` (layers of caches of the same policy that saw prompts of
+        the same length, unpadded) after this layer's; see :meth:`KVPolicyCache.concat_batch`."""
+        self._refuse_in_ring("concat_batch")
+        for layer in (self, *others):
+            if layer.row_sinks is not None:
+                raise NotSupportedError(
+                    "concat_batch joins unpadded rows; a left-padded prefill placed per-row attention sinks"
+                )
+            if not layer.is_initialized:
+                raise ValueError("concat_batch joins layers that have seen a prefill")
+            layer._refuse_in_ring("concat_batch")
+        for other in others:
+            if (other.dtype, other.device, other.shape[1:]) != (self.dtype, self.device, self.shape[1:]):
+                raise CacheMismatchError(
+                    f"concat_batch: a layer holds {other.dtype} on {other.device} with (kv_heads, head_dim)="
+                    f"{other.shape[1:]}, this one {self.dtype} on {self.device} with {self.shape[1:]}"
+                )
+        rows = self.shape[0] + sum(other.shape[0] for other in others)
+        self.key_store.concat_batch([other.key_store for other in others])
+        self.value_store.concat_batch([other.value_store for other in others])
+        self.shape = (rows, *self.shape[1:])
+        self.executor.reset()  # its memos hold this layer's old rows
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
@@ -290,6 +314,16 @@ class KVPolicyCache(Cache):
                 "multi-head latent attention does, expanding cached latents), so a kvpolicy cache cannot serve it; "
                 "use DynamicCache"
             )
+
+    def concat_batch(self, others: list[KVPolicyCache]) -> None:
+        """Take the rows of ``others`` after this cache's own, layer by layer: caches of the same
+        policy and model that prefilled unpadded prompts of one length (groups of rows of one
+        batch, see :func:`kvpolicy.generation.prefill`). The rows move: ``others`` hold no
+        tensors afterwards, and each layer's are freed before the next layer's are joined."""
+        if any(len(other.layers) != len(self.layers) for other in others):
+            raise CacheMismatchError("concat_batch joins caches of one model (as many layers)")
+        for i, layer in enumerate(self.layers):
+            layer.concat_batch([other.layers[i] for other in others])
 
     def memory(self) -> MemoryReport:
         """True bytes held by every layer (sliding-window layers included), and what a

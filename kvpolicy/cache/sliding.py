@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
+from kvpolicy.generation import concat_dynamic_rows
+
 
 class SlidingWindowLayer(DynamicSlidingWindowLayer):
     """Full-precision keys/values ``[B, H, min(seen, window - 1), D]`` of one sliding layer."""
@@ -23,6 +25,10 @@ class SlidingWindowLayer(DynamicSlidingWindowLayer):
     def held_tokens(self) -> int:
         """Tokens held, as many as a ``DynamicCache``'s sliding layer holds."""
         return 0 if not self.is_initialized else self.keys.shape[-2]
+
+    def concat_batch(self, others: list[SlidingWindowLayer]) -> None:
+        """See :func:`kvpolicy.generation.concat_dynamic_rows`."""
+        concat_dynamic_rows(self, others)
 
     def nbytes(self) -> dict[str, int]:
         if not self.is_initialized:

@@ -40,6 +40,9 @@ class Packed(Protocol):
     def slice_tokens(self, start: int, stop: int) -> Packed:
         """Tokens ``start:stop`` (multiples of the per-channel group size), sharing storage."""
 
+    def concat_batch(self, others: list[Packed]) -> Packed:
+        """This block's rows, then each of ``others``' (blocks of the same tokens and layout)."""
+
     def dequantize_tokens(self, index: torch.Tensor) -> torch.Tensor:
         """Full-precision tokens at ``index`` (int64, on the host), ``[B, H, len(index), D]``;
         reads only what those tokens need where the layout allows."""

@@ -117,6 +117,10 @@ class NativePacked:
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> NativePacked:
         return attrs.evolve(self, codes=fn(self.codes), scale=fn(self.scale), zero=fn(self.zero))
 
+    def concat_batch(self, others: list[NativePacked]) -> NativePacked:
+        blocks = [self, *others]
+        return attrs.evolve(self, **{k: torch.cat([getattr(b, k) for b in blocks]) for k in ("codes", "scale", "zero")})
+
     def slice_tokens(self, start: int, stop: int) -> NativePacked:
         a, b = (start, stop) if self.axis == "token" else (start // self.group_size, stop // self.group_size)
         return attrs.evolve(

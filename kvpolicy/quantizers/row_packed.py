@@ -56,6 +56,11 @@ class RowPacked:
         order = fn(torch.arange(len(self.rows))).tolist()
         return attrs.evolve(self, rows=tuple(self.rows[i] for i in order))
 
+    def concat_batch(self, others: list[RowPacked]) -> RowPacked:
+        if any(o.trim != self.trim or o.lengths != self.lengths for o in others):
+            raise ValueError("concat_batch joins blocks of the same tokens (equal lengths and trim)")
+        return attrs.evolve(self, rows=self.rows + tuple(row for o in others for row in o.rows))
+
     def dequantize_tokens(self, index: torch.Tensor) -> torch.Tensor:
         """Dequantizes the blocks spanning ``index`` (a library block decodes as a whole)."""
         first, last = int(index.min()), int(index.max())

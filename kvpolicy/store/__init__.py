@@ -260,3 +260,23 @@ class TensorStore:
         self.fp = None if self.fp is None else fn(self.fp)
         self.staging = None if self.staging is None else fn(self.staging)
         self.packed = None if self.packed is None else self.packed.map_batch(fn)
+
+    def concat_batch(self, others: list[TensorStore]) -> None:
+        """Take the rows of ``others`` after this store's own: stores of the same policy that
+        hold the same positions (prompts of one length prefilled in groups of rows). The rows
+        move: ``others`` hold no tensors afterwards."""
+        mine = (self.length, self.fp_pos, self.staging_pos, self.packed_pos)
+        for other in others:
+            theirs = (other.length, other.fp_pos, other.staging_pos, other.packed_pos)
+            if mine[0] != theirs[0] or not all(torch.equal(a, b) for a, b in zip(mine[1:], theirs[1:], strict=True)):
+                raise ValueError(
+                    f"concat_batch joins stores holding the same positions; one holds {mine[0]} tokens, "
+                    f"another {theirs[0]} (or the same count in other regions)"
+                )
+        for region in ("fp", "staging"):
+            if getattr(self, region) is not None:
+                setattr(self, region, torch.cat([getattr(self, region)] + [getattr(o, region) for o in others]))
+        if self.packed is not None:
+            self.packed = self.packed.concat_batch([o.packed for o in others])
+        for other in others:
+            other.fp = other.staging = other.packed = None
