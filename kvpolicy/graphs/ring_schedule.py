@@ -83,6 +83,10 @@ class RingSchedule:
     #: packed tokens a schedule without ``max_cache_len`` makes room for beyond the prompt's
     #: (at least; an eighth of the length for a long one) before its first growth
     headroom = 256
+    #: each growth adds at least this fraction of the capacity (geometric, so each token is
+    #: copied a bounded number of times; a quarter leaves at most a fifth of the buffers unused,
+    #: where doubling left half of them: at a large batch that is most of the free memory)
+    growth = 0.25
 
     def __init__(self, slots: int, max_cache_len: int | None, paired: bool = False):
         #: the eager stores' bookkeeping of keys and of values, set by :meth:`start`
@@ -161,8 +165,9 @@ class RingSchedule:
         self._take_next_slot()
 
     def grow(self, tokens: int) -> int:
-        """Room for at least ``tokens`` packed tokens a side (at least double the capacity); returns it."""
-        capacity = self._blocks(max(tokens, 2 * self.capacity))
+        """Room for at least ``tokens`` packed tokens a side (at least :attr:`growth` more than
+        the capacity, and :attr:`headroom`); returns it."""
+        capacity = self._blocks(max(tokens, self.capacity + max(self.headroom, int(self.growth * self.capacity))))
         bias = self.packed_bias.new_full((self.packed_bias.shape[0], capacity), float("-inf"))
         bias[:, : self.capacity].copy_(self.packed_bias)
         self.packed_bias = bias

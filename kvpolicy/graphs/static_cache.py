@@ -30,7 +30,7 @@ the ring and the output), batches without padding. Built with
 ``cuda_graphs=True`` anything else is refused; built by ``cuda_graphs="auto"`` (the default on
 CUDA) the cache hands its tokens back to the stores instead (:meth:`RingBuffers.release`) and goes
 on eagerly, so a user never meets a refusal the eager cache would not give. Without a
-declared ``max_cache_len`` the packed buffers grow (doubling) as decoding fills them, and
+declared ``max_cache_len`` the packed buffers grow (by a quarter) as decoding fills them, and
 the step is captured again.
 """
 

@@ -255,7 +255,8 @@ def test_auto_is_eager_on_a_cpu_and_says_why_a_policy_is_not_served(model):
 
 def test_packed_buffers_grow_without_max_cache_len(model, monkeypatch):
     """No declared limit: the buffers start at the prompt's packed tokens plus a headroom and
-    double as decoding fills them, holding the same tokens as eager decoding."""
+    grow by a quarter (a headroom at least) as decoding fills them, holding the same tokens as
+    eager decoding."""
     monkeypatch.setattr(RingSchedule, "headroom", 32)
     grown = []
     grow = RingSchedule.grow
@@ -268,6 +269,9 @@ def test_packed_buffers_grow_without_max_cache_len(model, monkeypatch):
     torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
     schedule, layer = cache.layers[0].ring.schedule, cache.layers[0]
     assert grown and grown == sorted(grown)  # once per schedule at least, each time larger
+    # from the headroom's 32 tokens, each growth adds the larger of the headroom and a quarter
+    # of the capacity (doubling would have reached 128 for the 96 packed tokens)
+    assert grown == [64, 96] and len(schedule.keys.packed_pos) == 96
     assert (
         layer.ring.packed_keys.num_tokens
         == schedule.capacity
