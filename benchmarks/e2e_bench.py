@@ -33,8 +33,12 @@ once at the device's copy bandwidth measured at the start of the run; CUDA), and
 of a workload of ``--context`` + ``--workload``
 new tokens, projected from the measured time to first token and mean step
 (``batch * workload / (ttft + (workload - 1) * step)``). ``--largest`` searches each cache's
-largest batch with a real prefill (predicted from the measured memory, then confirmed by a
-``generate()`` of two tokens, backing off on out-of-memory) and measures it there.
+largest batch with a real prefill (predicted from the measured memory, see
+:func:`predicted_batch`, then measured there with ``--largest-new-tokens`` new tokens, backing
+off on out-of-memory). ``--tokens-per-forward N`` bounds every prefill forward to ``N`` tokens:
+by token chunks (``generate(prefill_chunk_size=...)``), or with ``--prefill-rows`` by whole rows
+(:func:`kvpolicy.generation.prefill`, then ``generate()`` from the filled cache; DynamicCache
+and kvpolicy caches).
 
     python -m benchmarks.e2e_bench --context 32768 --batches 1,8 --out benchmarks/results/e2e_h200.json
     python -m benchmarks.e2e_bench --shape tiny --device cpu --context 8192 --batches 1 --new-tokens 5 \\
@@ -58,7 +62,7 @@ import torch
 
 from benchmarks.hand_loop import LOOPS, run_loop
 from benchmarks.model_bench import LLAMA_8B, sdpa_backends
-from kvpolicy.generation import prefill_chunk_size
+from kvpolicy.generation import cache_kwargs, prefill, prefill_chunk_size
 
 SHAPES = {
     "llama-8b": LLAMA_8B,
@@ -144,6 +148,18 @@ def generate_kwargs(name: str, model, max_cache_len: int) -> dict:
     return cache_kwargs(load_policy(name).make_cache(model))
 
 
+def cache_factory(name: str, model, max_cache_len: int):
+    """A function making an empty cache of contender ``name`` for
+    :func:`kvpolicy.generation.prefill` (DynamicCache and kvpolicy caches)."""
+    if name in ("dynamic", "dynamic-loop"):
+        from transformers import DynamicCache
+
+        return lambda: DynamicCache(config=model.config)
+    if name in STATIC or name == "quantized":
+        raise ValueError(f"--prefill-rows fills DynamicCache and kvpolicy caches, not {name!r}")
+    return lambda: next(iter(generate_kwargs(name, model, max_cache_len).values()))
+
+
 def cache_bytes(cache) -> int | None:
     from kvpolicy.evaluation.contenders import cache_nbytes
 
@@ -154,9 +170,19 @@ def cache_bytes(cache) -> int | None:
 
 
 def run_generate(
-    model, name: str, batch: int, context: int, new_tokens: int, device: str, prefill_chunk: int | None = None
+    model,
+    name: str,
+    batch: int,
+    context: int,
+    new_tokens: int,
+    device: str,
+    prefill_chunk: int | None = None,
+    rows_per_forward: int | None = None,
 ) -> dict:
-    """One ``generate()`` call; returns its timings, memory and KV bytes."""
+    """One ``generate()`` call (or hand loop); returns its timings, memory and KV bytes.
+    ``prefill_chunk``: its prefill in chunks of that many tokens a row; ``rows_per_forward``:
+    instead, the prompt prefilled by :func:`kvpolicy.generation.prefill`, forwards of at most
+    that many tokens in whole rows, before the call (timed with it)."""
     if name in BASELINES:  # the attention a user of that cache has (kvpolicy may have switched it)
         model.set_attn_implementation("sdpa")
     g = torch.Generator().manual_seed(batch * 7919 + context)
@@ -169,6 +195,17 @@ def run_generate(
     if name == "static-compiled":
         model.forward = compiled_forward(model)
     try:
+        if rows_per_forward:
+            new_cache = cache_factory(name, model, context + new_tokens)
+
+            def prefilled():
+                return prefill(model, new_cache, ids, tokens_per_forward=rows_per_forward)
+
+            if name in LOOPS:
+                return _timed(ids, device, lambda clock: run_loop(model, name, ids, new_tokens, None, clock, prefilled))
+            return _timed(
+                ids, device, lambda clock: _generate(model, ids, mask, new_tokens, clock, cache_kwargs(prefilled()))
+            )
         if name in LOOPS:
             return _timed(ids, device, lambda clock: run_loop(model, name, ids, new_tokens, prefill_chunk, clock))
         return _timed(ids, device, lambda clock: _generate(model, ids, mask, new_tokens, clock, kwargs))
@@ -245,16 +282,21 @@ def release() -> None:
 
 def measure(model, name: str, batch: int, args, new_tokens: int | None = None) -> dict:
     """Timings of ``name`` at ``batch`` (a first untimed call compiles ``static``)."""
-    chunk = args.prefill_chunk
-    if args.tokens_per_forward:
+    chunk, rows = args.prefill_chunk, None
+    if args.tokens_per_forward and args.prefill_rows:
+        rows = args.tokens_per_forward
+    elif args.tokens_per_forward:
         chunk = prefill_chunk_size(batch, args.tokens_per_forward)
     row = {"contender": name, "batch": batch, "context": args.context, "prefill_chunk": chunk}
+    if rows:
+        row["prefill_rows_per_forward"] = max(1, rows // max(1, args.context - 1))
     try:
         if name in COMPILED and args.device == "cuda":
             begin = time.perf_counter()
-            run_generate(model, name, batch, args.context, 2 + args.warmup, args.device, chunk)
+            run_generate(model, name, batch, args.context, 2 + args.warmup, args.device, chunk, rows)
             row["first_call_s"] = time.perf_counter() - begin
-        row.update(run_generate(model, name, batch, args.context, new_tokens or args.new_tokens, args.device, chunk))
+        new = new_tokens or args.new_tokens
+        row.update(run_generate(model, name, batch, args.context, new, args.device, chunk, rows))
     except torch.OutOfMemoryError as err:
         row["error"] = f"out of memory: {str(err).splitlines()[0]}"
         release()
@@ -293,22 +335,41 @@ def measure_isolated(shape, name, batch, args) -> dict:
     return row
 
 
+def predicted_batch(rows: list[dict], args, total: int) -> tuple[int, dict]:
+    """The largest batch whose decoding and prefill both stay within ``--memory-fraction`` of
+    ``total`` bytes, from two measured batches ``rows`` (smallest and largest), with how it was
+    found. Decoding holds the weights and what grows with the batch (read off the two decode
+    peaks, scaled to the longer sequences of ``--largest-new-tokens``). A bounded prefill
+    (``--tokens-per-forward``) peaks at the weights, the prompt's KV and one forward's
+    activations, the same at every batch whose forwards are full: its part that grows with the
+    batch is the KV held per row, measured at the larger batch; a one-forward prefill grows as
+    its two peaks say."""
+    (b0, r0), (b1, r1) = (rows[0]["batch"], rows[0]), (rows[-1]["batch"], rows[-1])
+    limit = total * args.memory_fraction
+    longer = max(1.0, (args.context + args.largest_new_tokens) / (args.context + args.new_tokens))
+    decode_row = max(1.0, (r1["decode_peak_bytes"] - r0["decode_peak_bytes"]) / (b1 - b0))
+    decode_base = r0["decode_peak_bytes"] - b0 * decode_row
+    if args.tokens_per_forward and r1.get("kv_bytes"):
+        prefill_row = r1["kv_bytes"] / b1
+    else:
+        prefill_row = max(1.0, (r1["prefill_peak_bytes"] - r0["prefill_peak_bytes"]) / (b1 - b0))
+    prefill_base = r1["prefill_peak_bytes"] - b1 * prefill_row
+    by_decode = int((limit - decode_base) / (decode_row * longer))
+    by_prefill = int((limit - prefill_base) / prefill_row)
+    how = {"per_sequence_bytes": decode_row * longer, "by_decode": by_decode, "by_prefill": by_prefill}
+    return max(1, min(by_decode, by_prefill)), how
+
+
 def largest_batch(model, name: str, rows: list[dict], args) -> tuple[dict, dict | None]:
     """The largest batch whose real prefill and decoding fit, and the measurement there:
-    predicted from the peaks at the measured batches (linear in the batch; the per-sequence
-    part scaled to the longer sequences of ``--largest-new-tokens``), then measured with
-    ``--largest-new-tokens`` tokens, backing off by ``--backoff`` on out-of-memory."""
-    measured = sorted((r["batch"], max(r["prefill_peak_bytes"], r["decode_peak_bytes"])) for r in rows
-                      if r["contender"] == name and "error" not in r and not r.get("largest"))  # fmt: skip
-    if len(measured) < 2:
+    predicted from the peaks at the measured batches (:func:`predicted_batch`), then measured
+    with ``--largest-new-tokens`` tokens, backing off by ``--backoff`` on out-of-memory."""
+    measured = sorted((r for r in rows if r["contender"] == name and "error" not in r and not r.get("largest")),
+                      key=lambda r: r["batch"])  # fmt: skip
+    if len({r["batch"] for r in measured}) < 2:
         return {"contender": name, "error": "needs two measured batches to predict from"}, None
-    (b0, p0), (b1, p1) = measured[0], measured[-1]
-    per_row = max(1.0, (p1 - p0) / (b1 - b0))
-    base = p0 - b0 * per_row  # weights and what does not grow with the batch
-    per_row *= max(1.0, (args.context + args.largest_new_tokens) / (args.context + args.new_tokens))
-    total = torch.cuda.get_device_properties(0).total_memory
-    batch = max(1, int((total * args.memory_fraction - base) / per_row))
-    found = {"contender": name, "predicted_batch": batch, "per_sequence_bytes": per_row, "tried": []}
+    batch, how = predicted_batch(measured, args, torch.cuda.get_device_properties(0).total_memory)
+    found = {"contender": name, "predicted_batch": batch, **how, "tried": []}
     for _ in range(args.tries):
         row = measure(model, name, batch, args, args.largest_new_tokens)
         if "error" not in row:
@@ -452,6 +513,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         help="bounded prefill: prefill_chunk_size=kvpolicy.generation.prefill_chunk_size(batch, N) at each batch",
     )
+    p.add_argument(
+        "--prefill-rows",
+        action="store_true",
+        help="with --tokens-per-forward: bound the prefill by whole rows (kvpolicy.generation.prefill), not chunks",
+    )
     p.add_argument("--largest", action="store_true", help="also search each cache's largest batch (CUDA)")
     p.add_argument("--largest-new-tokens", type=int, default=12, help="new tokens timed at the largest batch")
     p.add_argument("--memory-fraction", type=float, default=0.97)
@@ -466,6 +532,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("prefill_chunk", "tokens_per_forward"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.prefill_rows and not args.tokens_per_forward:
+        p.error("--prefill-rows bounds the prefill by --tokens-per-forward: give it")
     if args.prefill_chunk and args.tokens_per_forward:
         p.error("--prefill-chunk and --tokens-per-forward both set the prefill's chunks: give one")
     if min(args.new_tokens, args.largest_new_tokens) <= args.warmup:

@@ -31,10 +31,13 @@ def _compiled_forward(model):
 
 
 def run_loop(
-    model, name: str, ids: torch.Tensor, new_tokens: int, chunk: int | None, clock
+    model, name: str, ids: torch.Tensor, new_tokens: int, chunk: int | None, clock, prefilled=None
 ) -> tuple[torch.Tensor, object]:
     """Greedy decoding of ``new_tokens`` tokens after ``ids`` (``batch x context``, no padding)
-    with the hand loop ``name``; returns ``(new token ids, cache)``."""
+    with the hand loop ``name``; returns ``(new token ids, cache)``. ``prefilled``: a function
+    returning a cache that holds all but the last prompt token (``dynamic-loop``, see
+    :func:`kvpolicy.generation.prefill`), run after the first stamp; the last token is then the
+    prefill's one forward."""
     from transformers import DynamicCache, StaticCache
 
     from kvpolicy.generation import forward_cache_kwargs
@@ -44,16 +47,21 @@ def run_loop(
     batch, context = ids.shape
     device = ids.device
     forward = type(model).forward.__get__(model)  # the model's own forward, whatever wraps it
+    if prefilled is not None and name != "dynamic-loop":
+        raise ValueError(f"a prefilled cache serves the dynamic-loop, not {name!r}")
     if name == "dynamic-loop":
         cache = DynamicCache(config=model.config)
         step = forward
     else:
         cache = StaticCache(config=model.config, max_cache_len=context + new_tokens)
         step = _compiled_forward(model)
-    kw = forward_cache_kwargs(model, cache)
     clock.put(ids)
+    first = 0
+    if prefilled is not None:
+        cache, first, chunk = prefilled(), context - 1, 1
+    kw = forward_cache_kwargs(model, cache)
     chunk = chunk or context
-    for start in range(0, context, chunk):
+    for start in range(first, context, chunk):
         end = min(context, start + chunk)
         positions = torch.arange(start, end, device=device).expand(batch, -1)
         out = forward(input_ids=ids[:, start:end], position_ids=positions, use_cache=True, logits_to_keep=1, **kw)

@@ -205,6 +205,16 @@ def test_the_dynamic_hand_loop_decodes_what_generate_decodes():
     assert len(clock.times) == 1 + 9 and cache.get_seq_length() == 70 + 8
     with pytest.raises(ValueError, match="unknown hand loop 'loop'; allowed: dynamic-loop, static-loop"):
         run_loop(model, "loop", ids, 2, None, clock)
+    # the prompt prefilled two rows per forward by kvpolicy.generation.prefill: the same tokens
+    from transformers import DynamicCache
+
+    from kvpolicy.generation import prefill
+
+    clock = StepClock("cpu")
+    filled = lambda: prefill(model, lambda: DynamicCache(config=model.config), ids, tokens_per_forward=140)  # noqa: E731
+    tokens, cache = run_loop(model, "dynamic-loop", ids, 9, None, clock, filled)
+    assert torch.equal(tokens, want)
+    assert len(clock.times) == 1 + 9 and cache.get_seq_length() == 70 + 8
 
 
 def test_ratios_are_against_the_faster_driver_of_each_16_bit_cache():
@@ -248,3 +258,61 @@ def test_key_rotation_variants_set_every_key_rotation_and_nothing_else():
         assert [layer.key_store.spec.bits for layer in layers] == [4, 2, 2, 2]
     assert with_key_rotation(shipped, "none").name == "logquant_mixed_keys_unrotated"
     assert with_key_rotation(shipped, "hadamard").name == "logquant_mixed_keys_rotated"
+
+
+def test_memory_probe_finds_each_phase_peak_and_what_is_alive_there():
+    from benchmarks.memory_probe import MARK_BYTES, peaks
+
+    def alloc(addr, size, where):
+        frames = [{"filename": "/x/torch/nn.py", "line": 1, "name": "f"},
+                  {"filename": f"/site/kvpolicy/{where}.py", "line": 7, "name": where}]  # fmt: skip
+        return {"action": "alloc", "addr": addr, "size": size, "frames": frames}
+
+    def free(addr):
+        return {"action": "free_completed", "addr": addr}
+
+    trace = [
+        alloc(1, 100, "store"),
+        alloc(2, 500, "attend"),
+        free(2),  # prefill peak 600: store + attend
+        alloc(3, 50, "store"),
+        alloc(9, MARK_BYTES, "mark"),
+        free(9),  # the first new token
+        alloc(4, 300, "ring"),
+        free(1),
+        alloc(5, 20, "step"),
+        free(5),  # decode peak 450, before the free
+        {"action": "segment_alloc", "addr": 0, "size": 10**9},  # not an allocation of a tensor
+        free(1234),  # allocated before the history began
+    ]
+    found = peaks(trace, before=1000)
+    assert found["prefill"]["peak_bytes"] == 1600
+    assert dict(found["prefill"]["by_origin"]) == {"kvpolicy/store.py:7 store": 100, "kvpolicy/attend.py:7 attend": 500}
+    # 150 kept from the prefill and the ring's 300; the step's 20 came after a free
+    assert found["decode"]["peak_bytes"] == 1450
+    assert dict(found["decode"]["by_origin"]) == {"kvpolicy/store.py:7 store": 150, "kvpolicy/ring.py:7 ring": 300}
+
+
+def test_the_largest_batch_is_predicted_from_decode_peaks_and_the_prompt_kv_of_a_bounded_prefill():
+    """The H100 run of 2026-12-07 (benchmarks/results/throughput_8k_policies_h100.json): at batch
+    1 a prefill forward held 8,192 tokens and at batch 8 16,384, so the prefill peaks grew by
+    more than the KV; predicting from them gave logquant 100 sequences, which then peaked at 35
+    of 80 GB. Decode peaks and the prompt's KV per row give over twice that."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.e2e_bench import predicted_batch
+
+    record = json.loads(Path("benchmarks/results/throughput_8k_policies_h100.json").read_text())
+    args = SimpleNamespace(**record["args"])
+    total = 79.18 * 2**30
+    for name, low, high in [("logquant", 200, 320), ("kivi", 100, 280), ("dynamic-loop", 36, 52)]:
+        rows = sorted((r for r in record["rows"] if r["contender"] == name and not r.get("largest")),
+                      key=lambda r: r["batch"])  # fmt: skip
+        batch, how = predicted_batch(rows, args, total)
+        assert low <= batch <= high, (name, batch, how)
+        assert batch == min(how["by_decode"], how["by_prefill"])
+    unbounded = SimpleNamespace(**(record["args"] | {"tokens_per_forward": None}))
+    rows = sorted((r for r in record["rows"] if r["contender"] == "logquant" and not r.get("largest")),
+                  key=lambda r: r["batch"])  # fmt: skip
+    assert predicted_batch(rows, unbounded, total)[1]["by_prefill"] < 150  # the peaks' slope, as before
