@@ -196,3 +196,31 @@ def test_caches_of_prompts_of_different_lengths_are_not_joined():
         caches.append(cache)
     with pytest.raises(ValueError, match="same positions; one holds 70 tokens, another 71"):
         caches[0].concat_batch(caches[1:])
+
+
+@pytest.mark.parametrize("kind", ["kivi", "dynamic"])
+def test_rows_of_a_hybrid_model_are_joined_with_their_sliding_layers(kind):
+    """Gemma 3's sliding-window layers (full precision, transformers' own layer kind) join
+    row-wise beside the policy's layers: the joined cache decodes what one forward of every
+    row decodes."""
+    from transformers import DynamicCache
+
+    from tests.cache.test_hybrid import ARCHITECTURES, build
+
+    model = build(*ARCHITECTURES["gemma3"])
+    ids = torch.randint(1, 200, (3, 80), generator=torch.Generator().manual_seed(9))
+
+    def new_cache():
+        return DynamicCache(config=model.config) if kind == "dynamic" else load_policy(kind).make_cache(model)
+
+    tokens, logits, _, sizes = _rows_prefilled(model, ids, new_cache, tokens_per_forward=100)
+    assert sizes == [79, 79, 79]
+    whole = new_cache()
+    with torch.no_grad():
+        model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1, **forward_cache_kwargs(model, whole))
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+        output_logits=True, return_dict_in_generate=True, pad_token_id=0, **cache_kwargs(whole),
+    )  # fmt: skip
+    assert torch.equal(tokens, out.sequences[:, ids.shape[1] :])
+    assert torch.allclose(logits, torch.stack(out.logits, 1), atol=1e-4, rtol=1e-4)
