@@ -6,7 +6,7 @@ set -uo pipefail
 out=${1:?usage: gpu_tests.sh OUTPUT_FILE}
 tests=(tests/executors/test_fused.py tests/executors/test_multi_token.py tests/executors/test_executor.py tests/quantizers/test_rotation.py tests/graphs/test_cuda_graphs.py
        tests/cache/test_hybrid.py tests/cache/test_value_head_dim.py tests/store/test_pairing.py tests/tools/test_benchmarks.py
-       tests/quantizers/test_three_bit.py)
+       tests/quantizers/test_three_bit.py tests/test_bounded_prefill.py)
 workers=${GPU_TEST_WORKERS:-$(python3 -c "import os; print(min(8, os.cpu_count() or 1))")}
 {
   echo "# GPU tests, $(date -u +%Y-%m-%d) at commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"

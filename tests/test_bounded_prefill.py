@@ -224,3 +224,22 @@ def test_rows_of_a_hybrid_model_are_joined_with_their_sliding_layers(kind):
     )  # fmt: skip
     assert torch.equal(tokens, out.sequences[:, ids.shape[1] :])
     assert torch.allclose(logits, torch.stack(out.logits, 1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the joined cache then decodes from a CUDA graph")
+@pytest.mark.parametrize("name", ["logquant", "kivi", "partial_logquant"])
+def test_rows_joined_on_cuda_decode_from_a_graph_as_one_forward_of_every_row(name):
+    model = tiny_llama(seed=10).cuda()
+    ids = torch.randint(1, 256, (5, 300), generator=torch.Generator().manual_seed(10)).cuda()
+    tokens, logits, cache, sizes = _rows_prefilled(model, ids, lambda: load_policy(name).make_cache(model), 700, 12)
+    assert sizes == [2 * 299, 2 * 299, 299]
+    assert cache.adopted  # decoded from the CUDA-graph buffers
+    whole = load_policy(name).make_cache(model)
+    with torch.no_grad():
+        model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1, **forward_cache_kwargs(model, whole))
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+        output_logits=True, return_dict_in_generate=True, pad_token_id=0, **cache_kwargs(whole),
+    )  # fmt: skip
+    assert torch.equal(tokens, out.sequences[:, ids.shape[1] :])
+    torch.testing.assert_close(logits, torch.stack(out.logits, 1), rtol=1e-3, atol=1e-3)
