@@ -62,7 +62,7 @@ import torch
 
 from benchmarks.hand_loop import LOOPS, run_loop
 from benchmarks.model_bench import LLAMA_8B, sdpa_backends
-from kvpolicy.generation import cache_kwargs, prefill, prefill_chunk_size
+from kvpolicy.generation import cache_kwargs, prefill, prefill_chunk_size, prefill_rows
 
 SHAPES = {
     "llama-8b": LLAMA_8B,
@@ -289,7 +289,7 @@ def measure(model, name: str, batch: int, args, new_tokens: int | None = None) -
         chunk = prefill_chunk_size(batch, args.tokens_per_forward)
     row = {"contender": name, "batch": batch, "context": args.context, "prefill_chunk": chunk}
     if rows:
-        row["prefill_rows_per_forward"] = max(1, rows // max(1, args.context - 1))
+        row["prefill_rows_per_forward"] = prefill_rows(args.context, rows)
     try:
         if name in COMPILED and args.device == "cuda":
             begin = time.perf_counter()

@@ -77,6 +77,12 @@ def prefill_chunk_size(batch: int, tokens_per_forward: int = TOKENS_PER_FORWARD)
     return max(1, tokens_per_forward // batch)
 
 
+def prefill_rows(length: int, tokens_per_forward: int = TOKENS_PER_FORWARD) -> int:
+    """Rows each forward of :func:`prefill` takes for prompts of ``length`` tokens (it prefills
+    ``length - 1`` of them): as many as ``tokens_per_forward`` holds, one at the least."""
+    return max(1, tokens_per_forward // max(1, length - 1))
+
+
 def prefill(
     model,
     new_cache: Callable[[], object],
@@ -112,7 +118,7 @@ def prefill(
             "zeros); prefill it with generate(prefill_chunk_size=prefill_chunk_size(batch)) instead"
         )
     batch, length = input_ids.shape
-    rows = max(1, tokens_per_forward // max(1, length - 1))
+    rows = prefill_rows(length, tokens_per_forward)
     groups = [range(start, min(batch, start + rows)) for start in range(0, batch, rows)]
     caches = []
     from tqdm.auto import tqdm

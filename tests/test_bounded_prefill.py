@@ -117,6 +117,15 @@ def test_a_policy_that_keeps_everything_prefilled_in_chunks_equals_one_dynamic_c
     assert torch.allclose(logits, want_logits, atol=1e-4, rtol=1e-4)
 
 
+def _generate_from(model, ids, cache, new_tokens: int):
+    """``generate()`` of unpadded ``ids`` going on from ``cache``: ``(new tokens, logits)``."""
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0, **cache_kwargs(cache),
+    )  # fmt: skip
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, 1)
+
+
 def _rows_prefilled(model, ids, new_cache, tokens_per_forward: int, new_tokens: int = 6):
     """``generate()`` after :func:`prefill`: ``(new tokens, logits, cache, forward sizes of the prefill)``."""
     sizes: list[int] = []
@@ -128,11 +137,15 @@ def _rows_prefilled(model, ids, new_cache, tokens_per_forward: int, new_tokens: 
         cache = prefill(model, new_cache, ids, tokens_per_forward=tokens_per_forward)
     finally:
         hook.remove()
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0, **cache_kwargs(cache),
-    )  # fmt: skip
-    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, 1), out.past_key_values, sizes
+    return (*_generate_from(model, ids, cache, new_tokens), cache, sizes)
+
+
+def _one_forward_prefilled(model, ids, cache, new_tokens: int = 6):
+    """The reference of a row-wise prefill: every row's prompt but its last token in one
+    forward into ``cache``, then the same ``generate()``: ``(new tokens, logits)``."""
+    with torch.no_grad():
+        model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1, **forward_cache_kwargs(model, cache))
+    return _generate_from(model, ids, cache, new_tokens)
 
 
 @pytest.mark.parametrize("name", ["logquant", "kivi", "partial_logquant", "dynamic"])
@@ -155,14 +168,9 @@ def test_rows_prefilled_in_groups_decode_as_the_whole_batch_prefilled_in_one_for
     tokens, logits, cache, sizes = _rows_prefilled(model, ids, new_cache, tokens_per_forward=420)
     assert sizes == [2 * 199, 2 * 199, 199]
     whole = new_cache()  # the reference: every row in one forward, then the same generate()
-    with torch.no_grad():
-        model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1, **forward_cache_kwargs(model, whole))
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-        output_logits=True, return_dict_in_generate=True, pad_token_id=0, **cache_kwargs(whole),
-    )  # fmt: skip
-    assert torch.equal(tokens, out.sequences[:, ids.shape[1] :])
-    assert torch.allclose(logits, torch.stack(out.logits, 1), atol=1e-4, rtol=1e-4)
+    want_tokens, want_logits = _one_forward_prefilled(model, ids, whole)
+    assert torch.equal(tokens, want_tokens)
+    assert torch.allclose(logits, want_logits, atol=1e-4, rtol=1e-4)
     if name != "dynamic":
         assert cache.memory() == whole.memory()
 
@@ -216,14 +224,9 @@ def test_rows_of_a_hybrid_model_are_joined_with_their_sliding_layers(kind):
     tokens, logits, _, sizes = _rows_prefilled(model, ids, new_cache, tokens_per_forward=100)
     assert sizes == [79, 79, 79]
     whole = new_cache()
-    with torch.no_grad():
-        model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1, **forward_cache_kwargs(model, whole))
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
-        output_logits=True, return_dict_in_generate=True, pad_token_id=0, **cache_kwargs(whole),
-    )  # fmt: skip
-    assert torch.equal(tokens, out.sequences[:, ids.shape[1] :])
-    assert torch.allclose(logits, torch.stack(out.logits, 1), atol=1e-4, rtol=1e-4)
+    want_tokens, want_logits = _one_forward_prefilled(model, ids, whole)
+    assert torch.equal(tokens, want_tokens)
+    assert torch.allclose(logits, want_logits, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the joined cache then decodes from a CUDA graph")
@@ -235,11 +238,6 @@ def test_rows_joined_on_cuda_decode_from_a_graph_as_one_forward_of_every_row(nam
     assert sizes == [2 * 299, 2 * 299, 299]
     assert cache.adopted  # decoded from the CUDA-graph buffers
     whole = load_policy(name).make_cache(model)
-    with torch.no_grad():
-        model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1, **forward_cache_kwargs(model, whole))
-    out = model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False,
-        output_logits=True, return_dict_in_generate=True, pad_token_id=0, **cache_kwargs(whole),
-    )  # fmt: skip
-    assert torch.equal(tokens, out.sequences[:, ids.shape[1] :])
-    torch.testing.assert_close(logits, torch.stack(out.logits, 1), rtol=1e-3, atol=1e-3)
+    want_tokens, want_logits = _one_forward_prefilled(model, ids, whole, 12)
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-3, atol=1e-3)

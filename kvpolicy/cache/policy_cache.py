@@ -206,7 +206,6 @@ class KVPolicyLayer(CacheLayerMixin):
     def concat_batch(self, others: list[KVPolicyLayer]) -> None:
         """Take the rows of ``others`` (layers of caches of the same policy that saw prompts of
         the same length, unpadded) after this layer's; see :meth:`KVPolicyCache.concat_batch`."""
-        self._refuse_in_ring("concat_batch")
         for layer in (self, *others):
             if layer.row_sinks is not None:
                 raise NotSupportedError(
