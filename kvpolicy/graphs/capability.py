@@ -100,31 +100,20 @@ def stores_refusal(policy_name: str, keys, values, max_cache_len: int | None) ->
     return None
 
 
-def serving_refusal(policy, model, specs: Sequence, max_cache_len: int | None, eager_layers=None) -> str | None:
+def serving_refusal(policy, model, specs: Sequence, max_cache_len: int | None, layers=None) -> str | None:
     """Why the replayed step cannot serve ``policy`` (settled for the model) on ``model``:
-    :func:`model_refusal`, then :func:`stores_refusal` of each layer. ``eager_layers``: the
-    policy's layers for ``specs`` where the caller built them already."""
+    :func:`model_refusal`, then :func:`stores_refusal` of each layer. ``layers``: the cache
+    layers of ``specs`` where the caller built them already (:meth:`~kvpolicy.policy.Policy.build_layers`)."""
     refusal = model_refusal(model, specs)
     if refusal is not None:
         return refusal
-    if eager_layers is None:
-        eager_layers = policy_layers(policy, model, specs)
-    for eager in eager_layers:
-        refusal = stores_refusal(policy.name, eager.key_store, eager.value_store, max_cache_len)
+    from kvpolicy.cache.policy_cache import KVPolicyLayer
+
+    for layer in layers if layers is not None else policy.build_layers(model, specs):
+        if not isinstance(layer, KVPolicyLayer):
+            kind = type(layer).__name__
+            return f"policy {policy.name!r} builds a {kind} layer; the replayed step serves KVPolicyLayer layers"
+        refusal = stores_refusal(policy.name, layer.key_store, layer.value_store, max_cache_len)
         if refusal is not None:
             return refusal
     return None
-
-
-def policy_layers(policy, model, specs: Sequence) -> list:
-    """The policy's eager layer for each decoder layer in ``specs`` (what static layers wrap)."""
-    return [
-        policy.for_layer(spec.index, spec.num_layers).new_layer(
-            spec.head_dim,
-            model.config,
-            value_head_dim=spec.value_head_dim,
-            normalized_keys=spec.normalized_keys,
-            biased_keys=spec.biased_keys,
-        )
-        for spec in specs
-    ]

@@ -43,7 +43,7 @@ from kvpolicy.cache import attention
 from kvpolicy.cache.policy_cache import KVPolicyCache, KVPolicyLayer, MemoryReport
 from kvpolicy.errors import ConfigError, NotSupportedError
 from kvpolicy.executors import partial as pa
-from kvpolicy.graphs.capability import policy_layers, serving_refusal
+from kvpolicy.graphs.capability import serving_refusal
 from kvpolicy.graphs.ring_schedule import Booking, RingSchedule, schedule_for
 from kvpolicy.quantizers.native import NativePacked
 from kvpolicy.quantizers.rotation import rotate, rotate_back
@@ -395,10 +395,13 @@ class StaticPolicyCache(KVPolicyCache):
         super().crop(tokens_to_remove)
 
 
-def build_static_cache(policy, model, specs, max_cache_len: int | None, fallback: bool = False) -> StaticPolicyCache:
-    """``policy.make_cache(model, cuda_graphs=True)``: one static layer per decoder layer,
-    sharing a :class:`RingSchedule` per retention schedule; refuses what the replayed step
-    cannot serve (:func:`~kvpolicy.graphs.capability.serving_refusal`). ``fallback``: see
+def build_static_cache(
+    policy, model, specs, layers: list[KVPolicyLayer], max_cache_len: int | None, fallback: bool = False
+) -> StaticPolicyCache:
+    """``policy.make_cache(model, cuda_graphs=True)``: the policy's cache ``layers`` (one per
+    decoder layer in ``specs``), each given :class:`RingBuffers`, sharing a :class:`RingSchedule`
+    per retention schedule; refuses what the replayed step cannot serve
+    (:func:`~kvpolicy.graphs.capability.serving_refusal`). ``fallback``: see
     :class:`StaticPolicyCache` (``cuda_graphs="auto"``)."""
     from kvpolicy.graphs import cuda_graphs
 
@@ -408,7 +411,6 @@ def build_static_cache(policy, model, specs, max_cache_len: int | None, fallback
         raise ConfigError(
             "max_cache_len", max_cache_len, "a positive number of tokens (the prompt plus the new tokens) or None"
         )
-    layers = policy_layers(policy, model, specs)
     refusal = serving_refusal(policy, model, specs, max_cache_len, layers)
     if refusal is not None:
         raise NotSupportedError(f"cuda_graphs: {refusal}. Build the cache without cuda_graphs")

@@ -271,6 +271,18 @@ class Policy:
         specs = specs or model_layers(model)
         return serving_refusal(self.for_model(specs), model, specs, max_cache_len) is None
 
+    def build_layers(self, model, specs) -> list:
+        """One cache layer per decoder layer in ``specs`` (:func:`~kvpolicy.cache.layers.model_layers`),
+        built by the layer factory serving its type: what an eager cache holds, and what a
+        CUDA-graph cache gives its buffers (:mod:`kvpolicy.graphs.static_cache`)."""
+        from kvpolicy.cache.layers import factory_for, model_name
+
+        factories = self.registry.layer_factories()
+        name = model_name(model)
+        builders = {s.type: factory_for(s.type, self.config.layer_types, factories, name) for s in specs}
+        self.config.check_layer_indices(len(specs))  # before the model is touched
+        return [builders[s.type].build(self.for_layer(s.index, s.num_layers), s, model.config) for s in specs]
+
     def make_cache(self, model, cuda_graphs: bool | str = "auto", max_cache_len: int | None = None) -> KVPolicyCache:
         """A transformers ``Cache`` for ``model``; switches the model to ``"kvpolicy"`` attention.
 
@@ -290,34 +302,30 @@ class Policy:
         the new tokens); ``None``: its buffers grow as decoding fills them.
         """
         from kvpolicy.cache import attention
-        from kvpolicy.cache.layers import factory_for, model_layers, model_name
+        from kvpolicy.cache.layers import model_layers, model_name
         from kvpolicy.cache.policy_cache import KVPolicyCache
 
         if not (cuda_graphs is True or cuda_graphs is False or cuda_graphs == "auto"):
             raise ConfigError("cuda_graphs", cuda_graphs, "True, False or 'auto'")
         specs = model_layers(model)
+        name = model_name(model)
         if self.config.budgeted:  # the layers its budgeted entries take on this model, named
-            return self.for_model(specs, model_name(model)).make_cache(model, cuda_graphs, max_cache_len)
+            return self.for_model(specs, name).make_cache(model, cuda_graphs, max_cache_len)
         from kvpolicy.graphs.capability import auto_refusal
 
         if cuda_graphs == "auto" and auto_refusal(self, model) is not None:
             cuda_graphs = False
+        layers = self.build_layers(model, specs)
         if cuda_graphs:
             from kvpolicy.errors import NotSupportedError
             from kvpolicy.graphs.static_cache import build_static_cache
 
-            self.config.check_layer_indices(len(specs))
             try:
-                return build_static_cache(self, model, specs, max_cache_len, fallback=cuda_graphs == "auto")
+                return build_static_cache(self, model, specs, layers, max_cache_len, fallback=cuda_graphs == "auto")
             except NotSupportedError:
                 if cuda_graphs is True:
                     raise  # "auto": a policy or model the replayed step does not serve decodes eagerly
-        factories = self.registry.layer_factories()
-        name = model_name(model)
-        builders = {s.type: factory_for(s.type, self.config.layer_types, factories, name) for s in specs}
-        self.config.check_layer_indices(len(specs))  # before the model is touched
         attention.attach(model)
-        layers = [builders[s.type].build(self.for_layer(s.index, s.num_layers), s, model.config) for s in specs]
         if all(s.type in ("sliding_attention", "chunked_attention") for s in specs) and not self.config.layer_types:
             warnings.warn(
                 f"every layer of {name} is a sliding-window or chunked layer (window {specs[0].window}): "

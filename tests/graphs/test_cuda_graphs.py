@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import kvpolicy
 from kvpolicy import Policy, load_policy
 from kvpolicy.cache.policy_cache import KVPolicyLayer
 from kvpolicy.errors import ConfigError, NotSupportedError
@@ -312,7 +313,8 @@ def _auto(model, name: str) -> StaticPolicyCache:
     from kvpolicy.cache.layers import model_layers
 
     policy = load_policy(name)
-    return build_static_cache(policy, model, model_layers(model), None, fallback=True)
+    specs = model_layers(model)
+    return build_static_cache(policy, model, specs, policy.build_layers(model, specs), None, fallback=True)
 
 
 def _snapshot(store):
@@ -442,3 +444,37 @@ def test_the_default_cache_on_cuda_replays_and_grows(name, monkeypatch):
     assert cache.decoding.graph is not None and cache.eager_because is None
     assert torch.equal(got[0], expected[0])
     torch.testing.assert_close(got[1].float(), expected[1].float(), rtol=2e-2, atol=2e-2)
+
+
+class _WindowForFullLayers:
+    """A third party's factory for full-attention layers that keeps a full-precision window."""
+
+    name = "third_party_full_window"
+    serves = ("full_attention",)
+
+    def build(self, plan, spec, model_config=None):
+        from kvpolicy.cache.sliding import SlidingWindowLayer
+
+        return SlidingWindowLayer(window=16)
+
+
+class _FactoryPlugin:
+    @kvpolicy.hookimpl
+    def kvpolicy_layers(self):
+        return [_WindowForFullLayers]
+
+
+def test_the_graph_path_builds_the_layers_the_eager_cache_builds_and_refuses_foreign_ones():
+    """Both paths take their layers from the policy's layer factories (``Policy.build_layers``):
+    a plugin's factory for full-attention layers is used by the eager cache, and the graph path
+    refuses it by name instead of building the policy's own layers in its place."""
+    registry = kvpolicy.Registry(load_entry_points=False, plugins={"mine": _FactoryPlugin()})
+    data = {**load_policy("kivi").to_dict(), "layer_types": {"full_attention": "third_party_full_window"}}
+    policy = Policy.from_dict(data, registry)
+    model = tiny_llama()
+    eager = policy.make_cache(model, cuda_graphs=False)
+    assert {type(layer).__name__ for layer in eager.layers} == {"SlidingWindowLayer"}
+    with pytest.raises(NotSupportedError, match="builds a SlidingWindowLayer layer; the replayed step serves"):
+        policy.make_cache(model, cuda_graphs=True)
+    graphed = load_policy("kivi").make_cache(model, cuda_graphs=True)
+    assert type(graphed) is StaticPolicyCache and all(type(layer) is KVPolicyLayer for layer in graphed.layers)

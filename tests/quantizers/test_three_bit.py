@@ -136,3 +136,13 @@ def test_the_gluon_kernel_leaves_three_bit_codes_to_the_triton_kernel():
     keys, values = _packed(3, "channel", device="cuda"), _packed(3, "token", device="cuda")
     assert not MmaSplits().serves(grouped, keys, values)
     assert TritonSplits().serves(grouped, keys, values)
+
+
+def test_three_bit_launches_drop_the_register_cap_unless_one_is_named():
+    from kvpolicy.executors.kernels.triton_splits import MAX_REGISTERS, TritonLaunch, register_cap
+
+    default = TritonLaunch()
+    assert register_cap(default, 2, 2) == register_cap(default, 3, 2) == MAX_REGISTERS
+    assert register_cap(default, 3, 3) is None
+    assert register_cap(TritonLaunch(max_registers=96), 3, 3) == 96
+    assert register_cap(TritonLaunch(max_registers=None), 2, 2) is None

@@ -24,7 +24,7 @@ from kvpolicy.executors.kernels.common import PackedKernel, interpreted, next_po
 NUM_WARPS = 4
 NUM_STAGES = 2
 SPLIT_FACTOR = 16  # programs per SM to aim for when splitting the tokens
-MAX_REGISTERS = 128  # per-thread register cap: 4 programs per SM instead of 3
+MAX_REGISTERS = 128  # per-thread register cap: 4 programs per SM instead of 3 (3-bit codes: none, see register_cap)
 BLOCK_TOKENS = 128  # tokens per block of the kernel's loop, by default
 GROUPS_PER_BLOCK_CHOICES = (1, 2, 4)  # key groups per block, each on its own rows of the tiles
 
@@ -49,15 +49,26 @@ class TritonLaunch:
 
     ``splits``: programs per (row, KV head) (``None``: about ``split_factor`` per SM);
     ``groups_per_block``: key groups per block of the loop, each on its own rows of the tiles
-    (``None``: :func:`default_groups_per_block`); ``max_registers``: per-thread cap or ``None``.
+    (``None``: :func:`default_groups_per_block`); ``max_registers``: per-thread cap, ``None``
+    for none, or ``"auto"`` (:func:`register_cap`).
     """
 
     splits: int | None = None
     num_warps: int = NUM_WARPS
     num_stages: int = NUM_STAGES
     split_factor: int = SPLIT_FACTOR
-    max_registers: int | None = MAX_REGISTERS
+    max_registers: int | None | str = "auto"
     groups_per_block: int | None = attrs.field(default=None, validator=_groups_choice)
+
+
+def register_cap(launch: TritonLaunch, key_bits: int, value_bits: int) -> int | None:
+    """The per-thread register cap of a launch: its own, or under ``"auto"`` :data:`MAX_REGISTERS`
+    except for 3-bit keys and values, whose second byte tile per side spills under it (one
+    Llama-3.1-8B layer at 32K, H100, batch 1: 0.30 ms capped, 0.25 ms not; batch 8 the same;
+    ``benchmarks/results/attention_bits_h100_v2.json``)."""
+    if launch.max_registers != "auto":
+        return launch.max_registers
+    return None if key_bits == value_bits == 3 else MAX_REGISTERS
 
 
 @functools.cache
@@ -87,7 +98,8 @@ class TritonSplits(PackedKernel):
         out = torch.empty(b * hkv, splits * groups_per_block, g, d, dtype=torch.float32, device=grouped.device)
         lse = torch.empty(b * hkv, splits * groups_per_block, g, dtype=torch.float32, device=grouped.device)
         has_bias, gather = bias is not None, value_rows is not None
-        registers = {"maxnreg": launch.max_registers} if launch.max_registers else {}
+        cap = register_cap(launch, keys.bits, values.bits)
+        registers = {"maxnreg": cap} if cap else {}
         device_kernels()[0][(b * hkv, splits)](
             grouped.contiguous(),
             keys.codes.contiguous(), keys.scale.contiguous(), keys.zero.contiguous(),
