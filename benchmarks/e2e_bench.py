@@ -60,7 +60,7 @@ import time
 
 import torch
 
-from benchmarks.hand_loop import LOOPS, run_loop
+from benchmarks.hand_loop import LOOPS, run_loop, static_prefill
 from benchmarks.model_bench import LLAMA_8B, sdpa_backends
 from kvpolicy.generation import cache_kwargs, prefill, prefill_chunk_size, prefill_rows
 
@@ -156,7 +156,9 @@ def cache_factory(name: str, model, max_cache_len: int):
 
         return lambda: DynamicCache(config=model.config)
     if name in STATIC or name == "quantized":
-        raise ValueError(f"--prefill-rows fills DynamicCache and kvpolicy caches, not {name!r}")
+        raise ValueError(
+            f"--prefill-rows fills DynamicCache, kvpolicy caches and static-loop's StaticCache, not {name!r}"
+        )
     return lambda: next(iter(generate_kwargs(name, model, max_cache_len).values()))
 
 
@@ -196,10 +198,16 @@ def run_generate(
         model.forward = compiled_forward(model)
     try:
         if rows_per_forward:
-            new_cache = cache_factory(name, model, context + new_tokens)
+            if name == "static-loop":
 
-            def prefilled():
-                return prefill(model, new_cache, ids, tokens_per_forward=rows_per_forward)
+                def prefilled():
+                    return static_prefill(model, ids, rows_per_forward, context + new_tokens)
+
+            else:
+                new_cache = cache_factory(name, model, context + new_tokens)
+
+                def prefilled():
+                    return prefill(model, new_cache, ids, tokens_per_forward=rows_per_forward)
 
             if name in LOOPS:
                 return _timed(ids, device, lambda clock: run_loop(model, name, ids, new_tokens, None, clock, prefilled))
@@ -516,7 +524,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--prefill-rows",
         action="store_true",
-        help="with --tokens-per-forward: bound the prefill by whole rows (kvpolicy.generation.prefill), not chunks",
+        help="with --tokens-per-forward: bound the prefill by whole rows (kvpolicy.generation.prefill; "
+        "static-loop: benchmarks.hand_loop.static_prefill), not chunks",
     )
     p.add_argument("--largest", action="store_true", help="also search each cache's largest batch (CUDA)")
     p.add_argument("--largest-new-tokens", type=int, default=12, help="new tokens timed at the largest batch")

@@ -11,6 +11,10 @@ floor a user of a 16-bit cache can reach without it:
   mode="reduce-overhead", fullgraph=True)`` (transformers' documented static-cache recipe),
   a step boundary marked before each replay; a first untimed call pays the compilation.
 
+Either loop may start from a prompt prefilled by whole rows (``prefilled``, the bounded
+prefill of the largest-batch runs): :func:`kvpolicy.generation.prefill` for the
+``DynamicCache``, :func:`static_prefill` for the ``StaticCache``.
+
 Both hand the same clock as ``generate()`` gets a stamp after the prompt and after each token.
 """
 
@@ -30,14 +34,54 @@ def _compiled_forward(model):
     return compiled
 
 
+def static_prefill(model, ids: torch.Tensor, tokens_per_forward: int, max_cache_len: int):
+    """A ``StaticCache`` of ``max_cache_len`` tokens per row holding all but the last token of
+    ``ids`` (``batch x context``, no padding), filled a group of whole rows at a time: each group
+    (:func:`kvpolicy.generation.prefill_rows` rows) is one forward into a ``DynamicCache`` of its
+    own, whose keys and values are copied into the group's rows of the static tensors
+    (allocated once, for every row, by ``early_initialization``). The prefill's peak is then
+    the static tensors plus one group's forward, as with the row-wise prefill of the other
+    caches."""
+    from transformers import DynamicCache, StaticCache
+
+    from kvpolicy.cache.layers import model_layers
+    from kvpolicy.generation import forward_cache_kwargs, prefill_rows
+
+    batch, context = ids.shape
+    length = context - 1
+    specs = model_layers(model)
+    if any(s.type != "full_attention" for s in specs):
+        raise ValueError("static_prefill fills StaticCache layers of full attention only")
+    cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    dtype = next(model.parameters()).dtype
+    cache.early_initialization(batch, [s.kv_heads for s in specs], [s.head_dim for s in specs], dtype, ids.device)
+    forward = type(model).forward.__get__(model)
+    rows = prefill_rows(context, tokens_per_forward)
+    positions = torch.arange(length, device=ids.device)
+    with torch.no_grad():
+        for start in range(0, batch, rows):
+            stop = min(batch, start + rows)
+            group = DynamicCache(config=model.config)
+            forward(input_ids=ids[start:stop, :length], position_ids=positions.expand(stop - start, -1),
+                    use_cache=True, logits_to_keep=1, **forward_cache_kwargs(model, group))  # fmt: skip
+            for static, filled in zip(cache.layers, group.layers, strict=True):
+                static.keys[start:stop, :, :length].copy_(filled.keys)
+                static.values[start:stop, :, :length].copy_(filled.values)
+            del group
+    for static in cache.layers:
+        static.cumulative_length.fill_(length)  # what update() would have counted
+    return cache
+
+
 def run_loop(
     model, name: str, ids: torch.Tensor, new_tokens: int, chunk: int | None, clock, prefilled=None
 ) -> tuple[torch.Tensor, object]:
     """Greedy decoding of ``new_tokens`` tokens after ``ids`` (``batch x context``, no padding)
     with the hand loop ``name``; returns ``(new token ids, cache)``. ``prefilled``: a function
-    returning a cache that holds all but the last prompt token (``dynamic-loop``, see
-    :func:`kvpolicy.generation.prefill`), run after the first stamp; the last token is then the
-    prefill's one forward."""
+    returning a cache that holds all but the last prompt token (a ``DynamicCache`` from
+    :func:`kvpolicy.generation.prefill` for ``dynamic-loop``, a ``StaticCache`` from
+    :func:`static_prefill` for ``static-loop``), run after the first stamp; the last token is
+    then the prefill's one forward."""
     from transformers import DynamicCache, StaticCache
 
     from kvpolicy.generation import forward_cache_kwargs
@@ -47,8 +91,6 @@ def run_loop(
     batch, context = ids.shape
     device = ids.device
     forward = type(model).forward.__get__(model)  # the model's own forward, whatever wraps it
-    if prefilled is not None and name != "dynamic-loop":
-        raise ValueError(f"a prefilled cache serves the dynamic-loop, not {name!r}")
     if name == "dynamic-loop":
         cache = DynamicCache(config=model.config)
         step = forward

@@ -217,6 +217,41 @@ def test_the_dynamic_hand_loop_decodes_what_generate_decodes():
     assert len(clock.times) == 1 + 9 and cache.get_seq_length() == 70 + 8
 
 
+def test_a_static_cache_prefilled_by_rows_decodes_what_generate_decodes():
+    """``static-loop``'s bounded prefill (:func:`benchmarks.hand_loop.static_prefill`): groups
+    of whole rows prefilled into DynamicCaches and copied into one StaticCache hold what one
+    forward of every row holds, and greedy steps from it (uncompiled here: CPU) give
+    ``generate()``'s tokens."""
+    import torch
+    from transformers import StaticCache
+
+    from benchmarks.e2e_bench import SHAPES, build_model
+    from benchmarks.hand_loop import static_prefill
+    from kvpolicy.generation import forward_cache_kwargs
+
+    torch.manual_seed(0)
+    model = build_model(dict(SHAPES["tiny"], num_hidden_layers=2), "cpu").float()
+    ids = torch.randint(1, 1024, (5, 70), generator=torch.Generator().manual_seed(2))
+    cache = static_prefill(model, ids, tokens_per_forward=140, max_cache_len=79)  # 2, 2 and 1 rows per forward
+    assert type(cache) is StaticCache and cache.get_seq_length() == 69
+    whole = StaticCache(config=model.config, max_cache_len=79)
+    with torch.no_grad():
+        model(ids[:, :69], **forward_cache_kwargs(model, whole), use_cache=True)
+    for got, want in zip(cache.layers, whole.layers, strict=True):
+        torch.testing.assert_close(got.keys, want.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.values, want.values, rtol=1e-5, atol=1e-5)
+    token, tokens = ids[:, 69:], []
+    with torch.no_grad():
+        for position in range(69, 78):
+            out = model(token, position_ids=torch.full((5, 1), position), use_cache=True,
+                        **forward_cache_kwargs(model, cache))  # fmt: skip
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=9, min_new_tokens=9,
+                          do_sample=False)[:, 70:]  # fmt: skip
+    assert torch.equal(torch.cat(tokens, 1), want)
+
+
 def test_ratios_are_against_the_faster_driver_of_each_16_bit_cache():
     """Each ratio names the better of ``generate()`` and the hand loop for DynamicCache (per
     figure), the decode step also against the fastest StaticCache + compile driver; at the
