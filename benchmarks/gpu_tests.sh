@@ -12,8 +12,9 @@ workers=${GPU_TEST_WORKERS:-$(python3 -c "import os; print(min(8, os.cpu_count()
   echo "# GPU tests, $(date -u +%Y-%m-%d) at commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   echo "# device: $(python3 -c 'import torch; print(torch.cuda.get_device_name())'), torch $(python3 -c 'import torch; print(torch.__version__)'), transformers $(python3 -c 'import transformers; print(transformers.__version__)'), triton $(python3 -c 'import triton; print(triton.__version__)')"
   echo "# command: bash benchmarks/gpu_tests.sh $out"
-  echo "#   python3 -m pytest -q -p no:warnings -n $workers ${tests[*]}"
-  python3 -m pytest -q -p no:warnings -n "$workers" "${tests[@]}" 2>&1 | tail -25
+  echo "#   python3 -m pytest -q -p no:warnings -rf --tb=short -n $workers ${tests[*]}"
+  # the tail keeps each failure's short traceback (a failure under many workers may not recur alone)
+  python3 -m pytest -q -p no:warnings -rf --tb=short -n "$workers" "${tests[@]}" 2>&1 | tail -120
   echo
   echo "#   python3 -m tests.kernel_cases --device cuda   (the Triton kernels against float64, one line per case)"
   python3 -m tests.kernel_cases --device cuda 2>&1 | tail -40
