@@ -36,16 +36,15 @@ def _compiled_forward(model):
 
 def static_prefill(model, ids: torch.Tensor, tokens_per_forward: int, max_cache_len: int):
     """A ``StaticCache`` of ``max_cache_len`` tokens per row holding all but the last token of
-    ``ids`` (``batch x context``, no padding), filled a group of whole rows at a time: each group
-    (:func:`kvpolicy.generation.prefill_rows` rows) is one forward into a ``DynamicCache`` of its
-    own, whose keys and values are copied into the group's rows of the static tensors
-    (allocated once, for every row, by ``early_initialization``). The prefill's peak is then
-    the static tensors plus one group's forward, as with the row-wise prefill of the other
-    caches."""
+    ``ids`` (``batch x context``, no padding), filled a group of whole rows at a time: each
+    group of :func:`kvpolicy.generation.prefill_groups` (one forward into a ``DynamicCache`` of
+    its own) is copied into its rows of the static tensors (allocated once, for every row, by
+    ``early_initialization``) and dropped. The prefill's peak is then the static tensors plus
+    one group's forward, as with the row-wise prefill of the other caches."""
     from transformers import DynamicCache, StaticCache
 
     from kvpolicy.cache.layers import model_layers
-    from kvpolicy.generation import forward_cache_kwargs, prefill_rows
+    from kvpolicy.generation import prefill_groups
 
     batch, context = ids.shape
     length = context - 1
@@ -55,19 +54,13 @@ def static_prefill(model, ids: torch.Tensor, tokens_per_forward: int, max_cache_
     cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
     dtype = next(model.parameters()).dtype
     cache.early_initialization(batch, [s.kv_heads for s in specs], [s.head_dim for s in specs], dtype, ids.device)
-    forward = type(model).forward.__get__(model)
-    rows = prefill_rows(context, tokens_per_forward)
-    positions = torch.arange(length, device=ids.device)
-    with torch.no_grad():
-        for start in range(0, batch, rows):
-            stop = min(batch, start + rows)
-            group = DynamicCache(config=model.config)
-            forward(input_ids=ids[start:stop, :length], position_ids=positions.expand(stop - start, -1),
-                    use_cache=True, logits_to_keep=1, **forward_cache_kwargs(model, group))  # fmt: skip
+    new_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
+    for rows, group in prefill_groups(model, new_cache, ids, tokens_per_forward=tokens_per_forward):
+        if length:
             for static, filled in zip(cache.layers, group.layers, strict=True):
-                static.keys[start:stop, :, :length].copy_(filled.keys)
-                static.values[start:stop, :, :length].copy_(filled.values)
-            del group
+                static.keys[rows.start : rows.stop, :, :length].copy_(filled.keys)
+                static.values[rows.start : rows.stop, :, :length].copy_(filled.values)
+        del group
     for static in cache.layers:
         static.cumulative_length.fill_(length)  # what update() would have counted
     return cache

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -108,6 +108,25 @@ def prefill(
     ``DynamicCache(config=model.config)``), one per group; the first one is returned holding
     every row. Prompts must be unpadded and of one length (``attention_mask`` all ones).
     """
+    groups = prefill_groups(model, new_cache, input_ids, attention_mask, tokens_per_forward, progress)
+    caches = [cache for _, cache in groups]
+    if input_ids.shape[-1] > 1 and len(caches) > 1:
+        concat_batch(caches[0], caches[1:])
+    return caches[0]
+
+
+def prefill_groups(
+    model,
+    new_cache: Callable[[], object],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    tokens_per_forward: int = TOKENS_PER_FORWARD,
+    progress: bool = False,
+) -> Iterator[tuple[range, object]]:
+    """The groups of :func:`prefill`, one at a time: ``(rows, cache)`` with ``cache`` (from
+    ``new_cache``) holding all but the last token of those rows of ``input_ids``, filled by one
+    forward. :func:`prefill` joins them; a caller holding its own per-row storage may copy each
+    group in and drop it, so that one group's cache at a time is alive."""
     if isinstance(tokens_per_forward, bool) or not isinstance(tokens_per_forward, int) or tokens_per_forward < 1:
         raise ValueError(f"prefill: tokens_per_forward must be a positive integer, got {tokens_per_forward!r}")
     if input_ids.ndim != 2:
@@ -120,19 +139,15 @@ def prefill(
     batch, length = input_ids.shape
     rows = prefill_rows(length, tokens_per_forward)
     groups = [range(start, min(batch, start + rows)) for start in range(0, batch, rows)]
-    caches = []
     from tqdm.auto import tqdm
 
-    with torch.no_grad():
-        for group in tqdm(groups, desc="prefill", unit="group", disable=not progress):
-            cache = new_cache()
-            if length > 1:
+    for group in tqdm(groups, desc="prefill", unit="group", disable=not progress):
+        cache = new_cache()
+        if length > 1:
+            with torch.no_grad():
                 ids = input_ids[group.start : group.stop, :-1]
                 model(input_ids=ids, use_cache=True, logits_to_keep=1, **forward_cache_kwargs(model, cache))
-            caches.append(cache)
-    if length > 1 and len(caches) > 1:
-        concat_batch(caches[0], caches[1:])
-    return caches[0]
+        yield group, cache
 
 
 def concat_batch(cache, others: list) -> None:
