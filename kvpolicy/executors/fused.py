@@ -63,17 +63,12 @@ class FusedExecutor(ChunkedExecutor):
 
     def attend_regions(self, query, regions, step, attention_mask, scaling):
         keys, values = regions.packed_keys, regions.packed_values
-        key_rotation, value_rotation = getattr(keys, "rotation", None), getattr(values, "rotation", None)
         paired_by_rows = regions.value_rows is not None
         value_head_dim = step.new_values.shape[-1]
         if not (self.kernels_serve(query) and decode_fusable(query, value_head_dim, keys, values, paired_by_rows)):
             return super().attend_regions(query, regions, step, attention_mask, scaling)
         b, _, _, d = query.shape
         scaling = scaling if scaling is not None else d**-0.5
-        # rotated codes are read as they are: the step runs in the rotated space (kvpolicy.quantizers.rotation)
-        full = [(rotate(k, key_rotation), rotate(v, value_rotation))
-                for k, v in (*regions.full_precision, (step.new_keys, step.new_values))]  # fmt: skip
-        query = rotate(query, key_rotation)
         fp_bias = packed_bias = None
         if attention_mask is not None:
             past = step.past_length
@@ -82,10 +77,10 @@ class FusedExecutor(ChunkedExecutor):
             if keys is not None:
                 allowed = allowed_columns(attention_mask, regions.packed_pos, past, 1, query.device)
                 packed_bias = token_bias(pa.group_bias(allowed, 1), b)
+        full = [*regions.full_precision, (step.new_keys, step.new_values)]
         value_rows = regions.value_rows_on(query.device)
         kernel = None if self.kernel == "auto" else self.kernel
-        out = decode.decode_attention(query, full, keys, values, scaling, fp_bias, packed_bias, value_rows, kernel)
-        return rotate_back(out, value_rotation)
+        return biased_decode(query, full, keys, values, scaling, fp_bias, packed_bias, value_rows, kernel=kernel)
 
 
 @attrs.define
@@ -130,3 +125,30 @@ def token_bias(column_bias: torch.Tensor | None, batch: int) -> torch.Tensor | N
     """A decode step's additive bias ``[B or 1, 1, R, n]`` (every row alike, see
     :func:`kvpolicy.executors.partial.group_bias`) -> ``[B, n]``, as the kernels read it."""
     return None if column_bias is None else column_bias[:, 0, 0, :].expand(batch, -1)
+
+
+def biased_decode(query, full, keys, values, scaling, fp_bias=None, packed_bias=None, value_rows=None, fused=True,
+                  kernel=None) -> torch.Tensor:  # fmt: skip
+    """One decode step ``[B, H_q, 1, D]`` -> ``[B, 1, H_q, D]`` over full-precision pairs ``full``
+    and a packed region ``keys``/``values`` (or ``None``) under additive float32 biases ``[B, Σn]``
+    and ``[B, N]`` (``value_rows``: see :func:`~kvpolicy.executors.kernels.decode_attention`).
+    Rotated codes are read as stored: the step runs in their rotated space (the query and the
+    full-precision keys by the keys' rotation, the values by the values', the output rotated
+    back). ``fused``: the decode kernels; else the same sums in float32."""
+    key_rotation, value_rotation = getattr(keys, "rotation", None), getattr(values, "rotation", None)
+    query = rotate(query, key_rotation)
+    full = [(rotate(k, key_rotation), rotate(v, value_rotation)) for k, v in full]
+    if fused:
+        out = decode.decode_attention(query, full, keys, values, scaling, fp_bias, packed_bias, value_rows, kernel)
+        return rotate_back(out, value_rotation)
+    b, hq, q, _ = query.shape
+    grouped = pa.group_queries(query, full[0][0].shape[1])
+    parts = [(torch.cat([k for k, _ in full], 2), torch.cat([v for _, v in full], 2), fp_bias)]
+    if keys is not None:
+        stored_values = values.dequantize_stored()
+        if value_rows is not None:  # each key's value row (-1: none, left out by the bias)
+            stored_values = stored_values.index_select(2, value_rows.clamp(min=0))
+        parts.append((keys.dequantize_stored(), stored_values, packed_bias))
+    result = pa.merge([pa.partial(grouped, k, v, scaling, None if bias is None else bias[:, None, None, :])
+                       for k, v, bias in parts])  # fmt: skip
+    return rotate_back(pa.ungroup_output(result[0], hq, q).to(query.dtype), value_rotation)

@@ -1,42 +1,16 @@
-"""Does the replayed decode step serve this? The one place that answers it.
-
-Each check returns why not, as a sentence a refusal can quote (``None``: served):
-
-- :func:`placement_refusal`: the model sits on one CUDA device, outside tensor parallelism;
-- :func:`setting_refusal`: the policy's executor is ``auto`` and Triton is installed (the
-  replayed step runs the Triton kernels);
-- :func:`model_refusal`: every layer of the model is full attention;
-- :func:`stores_refusal`: a layer's key and value stores: retained alike, or paired (values
-  quantized per token, a budget on both sides); native codes; a budget or a ``max_cache_len``.
-
-:func:`auto_refusal` (placement, then settings) decides whether ``cuda_graphs="auto"`` tries the
-graph path at all; :func:`serving_refusal` (model, then every layer's stores) whether the
-replayed step serves the policy on the model, for ``cuda_graphs=True`` and ``"auto"`` alike.
-``Policy.decode_summary`` asks :func:`setting_refusal` and :func:`stores_refusal` of a sample
-layer, with no model. Two things are known only once decoding starts and are checked where
-they arise: a padded batch (``StaticPolicyCache.may_adopt``) and shapes no fused kernel serves
-(``StaticPolicyCache.adopt``); under ``"auto"`` both hand the tokens back to eager decoding.
+"""Does the replayed decode step serve this? Each check returns why not, as a sentence a
+refusal can quote (``None``: served). :func:`auto_refusal` decides whether
+``cuda_graphs="auto"`` tries the graph path (one CUDA device, no tensor parallelism, then
+:func:`setting_refusal`: executor ``auto``, Triton installed); :func:`serving_refusal` whether
+the step serves a policy on a model (every layer full attention, then :func:`stores_refusal`
+of each: stores retained alike or paired, native codes, a budget or a ``max_cache_len``).
+``Policy.decode_summary`` asks the settings and a sample layer's stores. A padded batch and
+shapes no fused kernel serves are known once decoding starts (``StaticPolicyCache``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-
-def placement_refusal(model) -> str | None:
-    """Why ``model``'s placement keeps its decode steps eager (``None``: one CUDA device, one rank)."""
-    import torch
-
-    from kvpolicy.distributed import rank_and_world
-
-    if not isinstance(model, torch.nn.Module):
-        return "the model is not a torch module"
-    devices = {p.device for p in model.parameters()}
-    if len(devices) != 1 or next(iter(devices)).type != "cuda":
-        return "CUDA graphs need a model on one CUDA device"
-    if rank_and_world()[1] > 1:
-        return "CUDA graphs are not used under tensor parallelism"
-    return None
 
 
 def setting_refusal(policy) -> str | None:
@@ -51,22 +25,20 @@ def setting_refusal(policy) -> str | None:
 
 
 def auto_refusal(policy, model) -> str | None:
-    """Why ``cuda_graphs="auto"`` does not try the graph path for ``policy`` on ``model``."""
-    return placement_refusal(model) or setting_refusal(policy)
+    """Why ``cuda_graphs="auto"`` does not try the graph path for ``policy`` on ``model``: its
+    placement (one CUDA device, one rank), then :func:`setting_refusal`."""
+    import torch
 
+    from kvpolicy.distributed import rank_and_world
 
-def model_refusal(model, specs: Sequence) -> str | None:
-    """Why the replayed step cannot serve ``model``, whose decoder layers are ``specs``
-    (:func:`~kvpolicy.cache.layers.model_layers`)."""
-    from kvpolicy.cache.layers import model_name
-
-    sliding = sorted({s.type for s in specs if s.type != "full_attention"})
-    if sliding:
-        return (
-            f"{model_name(model)} has {', '.join(sliding)} layers, whose cache grows and slides by concatenation; "
-            "the replayed step serves models whose every layer is full attention"
-        )
-    return None
+    if not isinstance(model, torch.nn.Module):
+        return "the model is not a torch module"
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        return "CUDA graphs need a model on one CUDA device"
+    if rank_and_world()[1] > 1:
+        return "CUDA graphs are not used under tensor parallelism"
+    return setting_refusal(policy)
 
 
 def stores_refusal(policy_name: str, keys, values, max_cache_len: int | None) -> str | None:
@@ -101,14 +73,18 @@ def stores_refusal(policy_name: str, keys, values, max_cache_len: int | None) ->
 
 
 def serving_refusal(policy, model, specs: Sequence, max_cache_len: int | None, layers=None) -> str | None:
-    """Why the replayed step cannot serve ``policy`` (settled for the model) on ``model``:
-    :func:`model_refusal`, then :func:`stores_refusal` of each layer. ``layers``: the cache
-    layers of ``specs`` where the caller built them already (:meth:`~kvpolicy.policy.Policy.build_layers`)."""
-    refusal = model_refusal(model, specs)
-    if refusal is not None:
-        return refusal
+    """Why the replayed step cannot serve ``policy`` (settled for the model) on ``model``, whose
+    decoder layers are ``specs``: a layer that is not full attention, then each layer's
+    :func:`stores_refusal`. ``layers``: the cache layers of ``specs`` if the caller built them."""
+    from kvpolicy.cache.layers import model_name
     from kvpolicy.cache.policy_cache import KVPolicyLayer
 
+    sliding = sorted({s.type for s in specs if s.type != "full_attention"})
+    if sliding:
+        return (
+            f"{model_name(model)} has {', '.join(sliding)} layers, whose cache grows and slides by concatenation; "
+            "the replayed step serves models whose every layer is full attention"
+        )
     for layer in layers if layers is not None else policy.build_layers(model, specs):
         if not isinstance(layer, KVPolicyLayer):
             kind = type(layer).__name__

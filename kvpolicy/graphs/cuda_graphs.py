@@ -1,22 +1,13 @@
 """Decode steps replayed from a CUDA graph: the whole model's step issued by one host call.
 
-At batch 1 a decode step is bound by the host: the device finishes each layer's kernels
-before Python has issued the next layer's (``benchmarks/profile_step.py``). transformers'
-``StaticCache`` answers that with ``torch.compile(mode="reduce-overhead")``; kvpolicy captures
-the step itself instead, because a policy's bookkeeping (which tokens stay, which are
-packed) is host logic that a compiled graph cannot hold, while the step's device work, on
-:class:`~kvpolicy.graphs.static_cache.RingBuffers`, has the same shapes and pointers
-at every step.
-
-``policy.make_cache(model)`` on a CUDA model (``cuda_graphs="auto"``, where the step serves the
-policy and model) or ``make_cache(model, cuda_graphs=True)`` gives each layer its buffers and wraps
-``model.forward`` (once per model, see :func:`install`): the prefill runs eagerly; at the
-first decode step the tokens move into the static buffers, and that step is run once to warm
-up (Triton compiles its kernels then) and captured; every later step copies the new token id
-and its position into the captured inputs, replays the graph and books the token on the host
-(:class:`~kvpolicy.graphs.ring_schedule.RingSchedule`), packing a block eagerly when one is complete
-(and capturing again when the packed buffers had to grow). On a CPU the same steps run
-eagerly (no graph), which is how CI checks them against eager decoding.
+At batch 1 a decode step is bound by the host (``benchmarks/profile_step.py``). A policy's
+bookkeeping is host logic a compiled graph cannot hold, while its step's device work, on
+:class:`~kvpolicy.graphs.static_cache.RingBuffers`, has the same shapes and pointers at every
+step; so the step is captured once and replayed. :func:`install` wraps ``model.forward``: the
+prefill runs eagerly; the first decode step moves the tokens into the buffers, runs once
+(compiling the kernels) and is captured; later steps copy the token id and position into the
+captured inputs, replay, and book the token on the host (capturing again after the packed
+buffers grow). On a CPU the same steps run eagerly, which is how CI checks them.
 """
 
 from __future__ import annotations

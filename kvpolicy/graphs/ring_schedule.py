@@ -1,19 +1,13 @@
-"""Host bookkeeping of a static cache: which position sits in which ring slot, and what
-leaves the full-precision set at each decode step.
+"""Host bookkeeping of a static cache: which position sits in which ring slot, and what each
+decode step packs and frees.
 
-A :class:`RingSchedule` is shared by the layers of one retention schedule
-(:mod:`kvpolicy.graphs.static_cache`). Which positions stay, stage, pack or leave is decided
-by the eager stores' own bookkeeping, the :class:`~kvpolicy.store.positions.Positions` objects
-they share, handed over by reference at adoption: the buffers hold exactly the tokens eager
-decoding holds, and each side's packed tokens in the eager store's own order. The schedule
-adds what a ring needs (which slot holds which position) and after each step says, as a
-:class:`Booking`, which ring slots each side packs and which slots are freed.
-
-Keys and values retained differently (PartialLogQuant) are paired as the eager executors pair
-them (:class:`~kvpolicy.executors.pairing.PackedPairing`): a packed key is attended with the
-packed value row of its position (``value_rows`` on the device, which the fused kernels read),
-once that value is packed too; until then the position keeps its ring slot, holding the
-packed side's dequantized token.
+Which positions stay, stage, pack or leave is decided by the eager stores' own
+:class:`~kvpolicy.store.positions.Positions`, taken by reference at adoption; a
+:class:`RingSchedule` adds the ring slots and, after each step, a :class:`Booking`. Keys and
+values retained differently (``partial_logquant``) are paired as the eager executors pair them
+(:class:`~kvpolicy.executors.pairing.PackedPairing`): a packed key is read with its value row
+(``value_rows``) once that value is packed too; until then its position keeps a ring slot
+holding the packed side's dequantized token.
 """
 
 from __future__ import annotations
@@ -30,11 +24,10 @@ from kvpolicy.transfer import indices_to, to_device
 
 @attrs.frozen
 class SidePacking:
-    """What one side (keys or values) packs in a step: ring ``slots`` (in packing order) at
-    packed offset ``offset``; ``index``: the same slots on the device (one upload for every
-    layer); ``stay``/``stay_slots``: indices into ``slots`` and their slots, on the device, of
-    tokens whose other side is not packed yet: they keep their slot, holding the dequantized
-    token (so they are attended as the eager pairing attends them)."""
+    """What one side packs in a step: ring ``slots`` (packing order) at packed ``offset``;
+    ``index``: those slots on the device (one upload for every layer); ``stay``/``stay_slots``:
+    which of them (indices into ``slots``, and their slots) keep their slot, their other side
+    not packed yet, holding the dequantized token."""
 
     slots: list[int]
     offset: int
@@ -52,8 +45,8 @@ NOTHING_PACKED = SidePacking([], 0)
 
 @attrs.frozen
 class Booking:
-    """What one step changed: what ``keys`` and ``values`` pack (one object when both sides
-    are retained alike) and the ring slots ``freed`` (packed on both sides, or evicted)."""
+    """What one step changed: what ``keys`` and ``values`` pack (one object when retained
+    alike) and the ring slots ``freed`` (packed on both sides, or evicted)."""
 
     keys: SidePacking
     values: SidePacking
@@ -69,23 +62,16 @@ NOTHING_LEFT = Booking(NOTHING_PACKED, NOTHING_PACKED, [])
 
 
 class RingSchedule:
-    """Host bookkeeping shared by the layers of one retention schedule: which position sits in
-    which ring slot, and what leaves the full-precision set at each step (decided by the eager
-    stores' :class:`~kvpolicy.store.positions.Positions`, :attr:`keys` and :attr:`values`, taken
-    by reference at :meth:`start`; one object unless ``paired``).
-
-    ``slots``: ring size; ``max_cache_len``: the declared limit (the packed buffers hold that
-    many tokens, and decoding past it is refused), or ``None``: buffers sized at adoption and
-    grown on demand; ``paired``: keys and values are retained differently (see the module
-    docstring): a slot holds a position while either side of it is not packed.
-    """
+    """Host bookkeeping shared by the layers of one retention schedule (see the module
+    docstring). ``slots``: ring size; ``max_cache_len``: the declared limit (the packed buffers
+    hold that many tokens; decoding past it is refused), or ``None``: buffers sized at adoption
+    and grown on demand; ``paired``: keys and values retained differently (a slot holds a
+    position while either side of it is not packed)."""
 
     #: packed tokens a schedule without ``max_cache_len`` makes room for beyond the prompt's
     #: (at least; an eighth of the length for a long one) before its first growth
     headroom = 256
-    #: each growth adds at least this fraction of the capacity (geometric, so each token is
-    #: copied a bounded number of times; a quarter leaves at most a fifth of the buffers unused,
-    #: where doubling left half of them: at a large batch that is most of the free memory)
+    #: each growth adds at least this fraction of the capacity (geometric; at most a fifth unused)
     growth = 0.25
 
     def __init__(self, slots: int, max_cache_len: int | None, paired: bool = False):
@@ -93,7 +79,7 @@ class RingSchedule:
         self.keys: Positions | None = None
         self.values: Positions | None = None
         #: tokens this schedule has booked (its positions may be a step ahead, booked by another schedule)
-        self.booked = 0
+        self.length = 0
         self.slots = slots
         self.max_cache_len = max_cache_len
         self.paired = paired
@@ -107,10 +93,6 @@ class RingSchedule:
         self.packed_bias: torch.Tensor | None = None  # float32 [B, capacity]: 0 for an attended packed key
         self.value_rows: torch.Tensor | None = None  # int32 [capacity] (paired): each packed key's value row, -1 none
 
-    @property
-    def length(self) -> int:
-        return self.booked
-
     def sides(self) -> tuple[Positions, ...]:
         """The bookkeeping this schedule books each step on (keys', or keys' and values')."""
         return (self.keys, self.values) if self.paired else (self.keys,)
@@ -121,14 +103,13 @@ class RingSchedule:
         return any(side.demoted for side in self.sides())
 
     def nbytes(self) -> int:
-        """Bytes of what a ring adds to the bookkeeping: the biases, slot index and value rows
-        on the device (the positions are the eager stores', counted with them)."""
+        """Bytes of what the ring adds on the device: biases, slot index, value rows."""
         tensors = (self.slot_index, self.ring_bias, self.packed_bias, self.value_rows)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def held_positions(self) -> list[int]:
-        """Positions in a ring slot (either side in full precision or staging): the eager
-        store's order when aligned, ascending when paired."""
+        """Positions in a ring slot (full precision or staging on either side): the eager order
+        when aligned, ascending when paired."""
         if not self.paired:
             return torch.cat([self.keys.fp_pos, self.keys.staging_pos]).tolist()
         return sorted({p for s in self.sides() for p in torch.cat([s.fp_pos, s.staging_pos]).tolist()})
@@ -144,12 +125,12 @@ class RingSchedule:
         self.keys, self.values = keys.positions, values.positions
         if not self.paired and self.values is not self.keys:
             raise RuntimeError("stores retained alike book on one shared Positions (see share_positions)")
-        self.booked = self.keys.length
+        self.length = self.keys.length
         held = self.held_positions()
         if len(held) >= self.slots:
             raise RuntimeError(f"{len(held)} held tokens do not fit {self.slots} ring slots")
         packed = max(len(side.packed_pos) for side in self.sides())
-        limit = self.max_cache_len if self.max_cache_len is not None else packed + max(self.headroom, self.booked // 8)
+        limit = self.max_cache_len if self.max_cache_len is not None else packed + max(self.headroom, self.length // 8)
         self.capacity = self._blocks(limit)
         self.slot_of = {p: s for s, p in enumerate(held)}
         self.free = list(range(self.slots - 1, len(held) - 1, -1))
@@ -191,12 +172,12 @@ class RingSchedule:
             )
 
     def book(self) -> Booking:
-        """After a decode step wrote position ``length`` into :attr:`next_slot`: book it on
-        every side (or take the move another schedule booked) and say what leaves."""
+        """After a decode step wrote position :attr:`length` into :attr:`next_slot`: book it
+        on every side (or take the move another schedule booked); say what leaves."""
         self._check_room()
         self.slot_of[self.length] = self.next_slot
-        moves = [side.step(self.booked, 1) for side in self.sides()]
-        self.booked += 1
+        moves = [side.step(self.length, 1) for side in self.sides()]
+        self.length += 1
         if not any(move.ready or (move.evict and move.left) for move in moves):
             return NOTHING_LEFT  # every held token stays in a slot (most steps)
         held = set(self.held_positions())

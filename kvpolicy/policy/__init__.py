@@ -307,6 +307,10 @@ class Policy:
 
         if not (cuda_graphs is True or cuda_graphs is False or cuda_graphs == "auto"):
             raise ConfigError("cuda_graphs", cuda_graphs, "True, False or 'auto'")
+        if max_cache_len is not None and (type(max_cache_len) is not int or max_cache_len < 1):
+            raise ConfigError(
+                "max_cache_len", max_cache_len, "a positive number of tokens (the prompt plus the new tokens) or None"
+            )
         specs = model_layers(model)
         name = model_name(model)
         if self.config.budgeted:  # the layers its budgeted entries take on this model, named
