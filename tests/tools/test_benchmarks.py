@@ -351,3 +351,29 @@ def test_the_largest_batch_is_predicted_from_decode_peaks_and_the_prompt_kv_of_a
     rows = sorted((r for r in record["rows"] if r["contender"] == "logquant" and not r.get("largest")),
                   key=lambda r: r["batch"])  # fmt: skip
     assert predicted_batch(rows, unbounded, total)[1]["by_prefill"] < 150  # the peaks' slope, as before
+
+
+def test_ship_model_carries_parts_one_at_a_time_and_joins_them_once_all_arrived(tmp_path, monkeypatch):
+    """``stage`` here copies one part into the carried folder; ``receive`` there keeps it and
+    joins the model when the last part arrives (the same join and checks as an installed model)."""
+    from benchmarks import ship_model
+    from tests.models.test_models import _split_gguf
+
+    split, parts, data = _split_gguf(tmp_path)
+    monkeypatch.setattr(type(split), "part_paths", lambda self: parts)
+    monkeypatch.setattr(ship_model, "SPLIT_GGUF", {"fake": split})
+    monkeypatch.setenv("KVPOLICY_CACHE_DIR", str(tmp_path / "device-cache"))
+    ship = tmp_path / "ship"
+    states = []
+    for number in (3, 1, 2):  # one call each, in any order
+        staged = ship_model.stage("fake", number, ship)
+        assert [p.name for p in ship.iterdir()] == [staged.name] == [f"fake.part{number:02d}.bin"]
+        states.append(ship_model.receive(ship)["fake"])
+    assert states[0] == "1 of 3 parts kept; still to carry: [1, 2]"
+    assert states[1] == "2 of 3 parts kept; still to carry: [2]"
+    assert states[2].startswith("joined and checked")
+    assert (tmp_path / "device-cache" / "gguf" / "fake.gguf").read_bytes() == data
+    assert not (tmp_path / "device-cache" / "parts" / "fake").exists()
+    assert ship_model.receive(ship)["fake"].startswith("joined before")
+    with pytest.raises(SystemExit, match="parts 1 to 3"):
+        ship_model.stage("fake", 4, ship)
