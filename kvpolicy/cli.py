@@ -161,9 +161,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     policy = Policy.load(args.policy)  # fail on a bad policy, model or prompt before the model loads
     embedded = embedded_model(args.model)
     prompt = _read_prompt(args, embedded.instruct)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if torch.cuda.is_available() else "float32")
-    print(f"loading {embedded.title} ({dtype}) ...", file=sys.stderr)
-    model, tokenizer = load_default_model(dtype=getattr(torch, dtype), name=args.model)
+    device = resolve_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    print(f"loading {embedded.title} ({dtype}, {device}) ...", file=sys.stderr)
+    model, tokenizer = load_default_model(dtype=getattr(torch, dtype), name=args.model, device=device)
     if args.chat and embedded.instruct:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -232,6 +233,16 @@ def _temperature(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0: greedy), got {text!r}")
     return value
+
+
+DEVICE_HELP = "auto (default): the first CUDA device where there is one, else the CPU; or cpu, cuda, cuda:N"
+
+
+def _device(text: str) -> str:
+    """An argparse type: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
 
 
 def _depths(text: str) -> tuple[float, ...]:
@@ -315,9 +326,10 @@ def _load_model(args: argparse.Namespace):
     from kvpolicy.models import load_default_model
 
     dtype = getattr(torch, args.dtype)
+    device = resolve_device(args.device)
     name = DEFAULT_MODEL if args.model == "default" else args.model
     if name in EMBEDDED_MODELS:
-        return load_default_model(dtype=dtype, name=name)
+        return load_default_model(dtype=dtype, name=name, device=device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not Path(args.model).is_dir():
@@ -326,8 +338,22 @@ def _load_model(args: argparse.Namespace):
             f"({', '.join(EMBEDDED_MODELS)}, or 'default')"
         )
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, local_files_only=True).to(device).eval()
     return model, tokenizer
+
+
+def resolve_device(name: str) -> str:
+    """``--device``: ``auto`` is the first CUDA device where there is one, else the CPU; a CUDA
+    device this machine does not have is refused."""
+    import torch
+
+    from kvpolicy.errors import ConfigError
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device", name, "cpu or auto (this machine has no CUDA device)")
+    return name
 
 
 def _earlier_run(args: argparse.Namespace, settings: dict) -> dict:
@@ -438,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the 16-bit cache's answer to the same prompt and the comparison (about halves the time)",
     )
     gen.add_argument("--dtype", choices=GENERATE_DTYPES, default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
+    gen.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap the prompt in the chat template")
     gen.add_argument(
         "--cuda-graphs",
@@ -507,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="bfloat16",
         help="compute and cache dtype (default bfloat16: the 16-bit cache)",
     )
+    ev.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
     ev.add_argument("--out", default="kvpolicy-eval", help="output folder for results.json, results.md and plots")
     ev.add_argument(
         "--resume",

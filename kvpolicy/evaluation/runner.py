@@ -63,7 +63,8 @@ def environment(model: torch.nn.Module) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"
+        + (f", {torch.cuda.get_device_name(model.device)}" if model.device.type == "cuda" else ""),
     }
 
 

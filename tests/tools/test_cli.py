@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvpolicy import Policy, load_policy
 from kvpolicy.cli import main
@@ -146,6 +147,8 @@ def test_plot_retention_writes_a_picture(tmp_path, capsys):
         (["generate", "--prompt", "a", "--prompt-file", "b"], "--prompt-file"),
         (["plot-retention", "logquant", "--steps", "-5"], "--steps"),
         (["generate", "--dtype", "float64"], "--dtype"),
+        (["generate", "--device", "gpu"], "--device"),
+        (["evaluate", "--device", "cuda:x"], "--device"),
         (["evaluate", "--samples", "0"], "--samples"),
         (["evaluate", "--context", "10"], "--context"),
         (["evaluate", "--batch", "-1"], "--batch"),
@@ -277,3 +280,34 @@ def test_evaluate_refuses_what_would_fail_after_hours_before_the_model_loads(arg
     monkeypatch.chdir(Path(__file__).parents[2])
     assert main(argv) == 2
     assert says in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_a_cuda_device_this_machine_lacks_is_refused_before_the_model_loads(command, monkeypatch, capsys, tmp_path):
+    import kvpolicy.models
+
+    monkeypatch.setattr(kvpolicy.models, "load_default_model", lambda **k: pytest.fail("loaded the model"))
+    argv = [command, "--device", "cuda", *(["--out", str(tmp_path / "eval")] if command == "evaluate" else [])]
+    assert main(argv) == 2
+    assert re.search(r"--device: got 'cuda'; allowed: cpu or auto", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [("auto", "cuda" if torch.cuda.is_available() else "cpu"), ("cpu", "cpu")]
+)
+def test_the_model_is_loaded_on_the_device_asked_for(given, expected, monkeypatch, tmp_path):
+    import kvpolicy.models
+
+    asked = {}
+
+    def load(**kwargs):
+        asked.update(kwargs)
+        raise RuntimeError("stop after the load")
+
+    monkeypatch.setattr(kvpolicy.models, "load_default_model", load)
+    for argv in (["generate", "--device", given], ["evaluate", "--device", given, "--out", str(tmp_path / "e")]):
+        asked.clear()
+        with pytest.raises(RuntimeError, match="stop after the load"):
+            main(argv)
+        assert asked["device"] == expected
