@@ -95,7 +95,7 @@ def _show_layers(policy, args: argparse.Namespace) -> None:
     from kvpolicy.policy import auto_leaves_unrotated, layer_quant
     from kvpolicy.policy.layer_budget import layer_bits, mean_bits, served_layers
 
-    args.dtype = "float32"
+    args.dtype, args.device = "float32", "cpu"  # the layers' structure, not a fast forward
     model, _ = _load_model(args)
     policy.make_cache(model, cuda_graphs=False)  # a model the policy cannot serve is refused here, not planned
     specs = model_layers(model)

@@ -113,7 +113,7 @@ def test_generate_on_the_embedded_model_reports_kv_bytes(tmp_path):
     assert match, lines[-1]
     held, baseline, factor = map(float, match.groups())
     assert factor == pytest.approx(baseline / held, rel=0.02) and factor > 1.5  # float32: 32-bit window and scales
-    assert "prefilling" in result.stderr and "(float32)" in result.stderr  # the fastest dtype on a CPU
+    assert "prefilling" in result.stderr and "(float32, cpu)" in result.stderr  # the fastest dtype on a CPU
 
 
 @pytest.mark.model
@@ -261,7 +261,7 @@ def test_generate_on_gemma3_reports_its_sliding_window_layers():
     last = result.stdout.strip().splitlines()[-1]
     assert re.match(r"KV cache: [\d.]+ MiB for \d+ tokens; a DynamicCache in float32 holds [\d.]+ MiB: [\d.]+x", last)
     assert "its sliding-window layers hold" in last
-    assert "loading Gemma 3 270M (float32)" in result.stderr
+    assert "loading Gemma 3 270M (float32, cpu)" in result.stderr
 
 
 @pytest.mark.parametrize(
