@@ -4,7 +4,9 @@ Each sample is a window of ``context`` tokens (with the question) of a standard-
 holding a module-level assignment of a short literal (``_MAXCACHE = 512``,
 ``DEFAULT_ENCODING = 'utf-8'``) whose name is assigned nowhere else in the file. The
 assignment sits at a depth of the window that cycles through ``depths``, so most facts lie
-in the part of the cache a policy quantizes. The model is asked, in its chat template, for
+in the part of the cache a policy quantizes. Each file gives one fact (the middle one of its
+list) before any file gives a second, so the first samples stay the same as ``samples`` grows.
+The model is asked, in its chat template, for
 the value; exact match (100 or 0) after stripping quotes, backticks and a trailing period.
 """
 
@@ -45,12 +47,14 @@ def facts(source: str) -> list[tuple[str, str, int]]:
         name, value = node.targets[0].id, node.value
         if stored[name] != 1 or len(name) < 4 or name.startswith("__"):
             continue
-        literal = ast.get_source_segment(source, value) or ""
         if not isinstance(value, ast.Constant) or isinstance(value.value, bool) or value.value is None:
             continue
         if isinstance(value.value, str) and not (1 <= len(value.value) <= 24 and value.value.isprintable()):
             continue
-        if not isinstance(value.value, (int, str)) or "\n" in literal or len(literal) > 26:
+        if not isinstance(value.value, (int, str)) or value.lineno != value.end_lineno:
+            continue
+        literal = ast.get_source_segment(source, value) or ""  # splits the whole file: last
+        if len(literal) > 26:
             continue
         out.append((name, literal, offsets[node.lineno - 1]))
     return out
@@ -76,32 +80,52 @@ class DocumentQA(GenerationTask):
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
 
     def build(self, tokenizer, instruct: bool) -> list[Sample]:
-        out = []
-        for path in code_files():
-            source = path.read_text(encoding="utf-8")
-            found = facts(source)
-            if not found:
-                continue
-            # one fact per file: the one nearest the middle of the file's list, for variety
-            name, literal, offset = found[len(found) // 2]
-            question = QUESTION.format(name=name)
-            window = self.context - len(chat_ids(tokenizer, [INTRO, [], question], instruct))
-            ids = tokenizer(source, add_special_tokens=False)["input_ids"]
-            if window <= 0 or len(ids) < window:
-                continue
-            at = len(tokenizer(source[:offset], add_special_tokens=False)["input_ids"])
-            depth = self.depths[len(out) % len(self.depths)]
-            start = min(max(0, at - int(depth * window)), len(ids) - window)
-            prompt = chat_ids(tokenizer, [INTRO, ids[start : start + window], question], instruct)
-            if len(prompt) != self.context or not start <= at < start + window - 8:
-                continue
-            out.append(Sample(f"{path.name}:{name}", tuple(prompt), literal))
-            if len(out) == self.samples:
-                break
+        sources = [(path, path.read_text(encoding="utf-8")) for path in code_files()]
+        files = [(path, source, found) for path, source in sources if (found := facts(source))]
+        out: list[Sample] = []
+        # round r asks each file its r-th fact counted outward from the middle of its list
+        # (the middle one first), so more samples than files take further facts, never repeats
+        for round_ in range(max((len(found) for _, _, found in files), default=0)):
+            for path, source, found in files:
+                if round_ >= len(found):
+                    continue
+                name, literal, offset = found[_outward(len(found))[round_]]
+                sample = self._sample(tokenizer, instruct, path.name, source, name, literal, offset, len(out))
+                if sample is not None:
+                    out.append(sample)
+                    if len(out) == self.samples:
+                        return out
         return out
+
+    def _sample(
+        self, tokenizer, instruct: bool, file: str, source: str, name: str, literal: str, offset: int, index: int
+    ) -> Sample | None:
+        """The ``index``-th sample: a window of ``source`` with the assignment at its depth, or
+        ``None`` where the file is too short or the window cannot hold the assignment."""
+        question = QUESTION.format(name=name)
+        window = self.context - len(chat_ids(tokenizer, [INTRO, [], question], instruct))
+        ids = tokenizer(source, add_special_tokens=False)["input_ids"]
+        if window <= 0 or len(ids) < window:
+            return None
+        at = len(tokenizer(source[:offset], add_special_tokens=False)["input_ids"])
+        depth = self.depths[index % len(self.depths)]
+        start = min(max(0, at - int(depth * window)), len(ids) - window)
+        prompt = chat_ids(tokenizer, [INTRO, ids[start : start + window], question], instruct)
+        if len(prompt) != self.context or not start <= at < start + window - 8:
+            return None
+        return Sample(f"{file}:{name}", tuple(prompt), literal)
 
     def stop(self, tokenizer, tokens: list[int]) -> bool:
         return "\n" in tokenizer.decode(tokens).strip()
 
     def score(self, sample: Sample, answer: str, reference_answer: str) -> float:
         return 100.0 if normalize(answer) == normalize(sample.reference) else 0.0
+
+
+def _outward(count: int) -> list[int]:
+    """Indices ``0..count-1`` from the middle (``count // 2``) outward: middle, next, previous, ..."""
+    middle = count // 2
+    order = [middle]
+    for step in range(1, count):
+        order += [i for i in (middle + step, middle - step) if 0 <= i < count]
+    return order[:count]

@@ -3,6 +3,7 @@ of ``model.generate()`` with that contender from scratch; scores, intervals and 
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -91,6 +92,23 @@ def test_document_qa_asks_for_a_value_its_file_assigns_once():
     source = "import os\n\nLIMIT = 512\nNAME = 'utf-8'\nLIMIT2 = 1\nLIMIT2 = 2\n__version__ = '1'\nflag = True\n"
     assert [(n, v) for n, v, _ in facts(source)] == [("LIMIT", "512"), ("NAME", "'utf-8'")]
     assert normalize("`512`.") == "512" and normalize("'utf-8'\nmore") == "utf-8"
+
+
+def test_document_qa_takes_further_facts_of_each_file_once_every_file_gave_one(monkeypatch):
+    from kvpolicy.evaluation import document_qa
+    from kvpolicy.evaluation.texts import code_files
+
+    assert document_qa._outward(1) == [0] and document_qa._outward(4) == [2, 3, 1, 0]
+    assert sorted(document_qa._outward(7)) == list(range(7))
+    smallest = sorted(code_files(), key=lambda p: p.stat().st_size)
+    files = list(itertools.islice((p for p in smallest if len(facts(p.read_text())) >= 2), 3))
+    monkeypatch.setattr(document_qa, "code_files", lambda: files)
+    tokenizer = _ByteTokenizer()
+    few = DocumentQA(samples=2, context=600).build(tokenizer, False)
+    many = DocumentQA(samples=5, context=600).build(tokenizer, False)
+    assert len(files) == 3 and many[:2] == few  # more samples keep the first ones
+    assert [s.name.split(":")[0] for s in many] == ([p.name for p in files] * 2)[:5]  # one a file, then a second
+    assert len({s.name for s in many}) == 5  # further facts, no repeat
 
 
 def test_program_trace_prints_what_python_prints():
