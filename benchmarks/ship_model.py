@@ -22,6 +22,9 @@ then, in the last call::
 
     python3 -c "import sys; from kvpolicy.cli import main; sys.exit(main())" evaluate \
         --model qwen2.5-coder-1.5b --device cuda --out $OUT/tasks-qwen2.5-coder-1.5b
+
+``benchmarks/device_evaluate.sh`` does all of the device's side in every call (install the
+wheels, receive, and once the model is whole run or resume the evaluation within a time limit).
 """
 
 from __future__ import annotations

@@ -36,7 +36,11 @@ SMALL = dict(
     n_routed_experts=4, num_experts_per_tok=2, sliding_window=6, attention_chunk_size=6,
     sliding_window_pattern=2, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
     v_head_dim=8, n_group=1, topk_group=1, pad_token_id=0, bos_token_id=1, eos_token_id=None,
+    encoder_hash_byte_group_vocab=128, hidden_size_global=128,
 )  # fmt: skip
+#: families whose sub-configs (``encoder_config`` ...) get :data:`SMALL` too: their defaults build
+#: billions of parameters (BLT: 500,002-entry hash embeddings) and reached the watchdog instead
+NESTED = ("blt",)
 #: name -> (model_type, config attributes set on top of SMALL): what the defaults do not build
 VARIANTS = {
     "falcon+alibi": ("falcon", {"alibi": True}),
@@ -80,6 +84,10 @@ def build(model_type: str, class_name: str, overrides: dict | None = None):
         for k, v in SMALL.items()
         if hasattr(defaults, k) and not isinstance(getattr(config_class, k, None), property)
     }
+    if model_type in NESTED:
+        for name, sub in vars(defaults).items():
+            if isinstance(sub, transformers.PretrainedConfig):
+                settable[name] = sub.to_dict() | {k: v for k, v in SMALL.items() if hasattr(sub, k)}
     model_class = getattr(transformers, class_name)
     for attention in ("sdpa", "eager"):  # eager where a family has no SDPA path
         config = config_class(**settable, **(overrides or {}))
