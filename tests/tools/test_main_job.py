@@ -43,42 +43,36 @@ QUANTIZING = [
 ]
 
 
-@pytest.fixture(scope="module")
-def main_job():
-    """``(model, tokenizer, inputs, reference, prefilled)``: the default model, the default prompt
-    in its chat template, the DynamicCache answer and ``(cache, first token)`` of a 16-bit
-    prefill of the prompt (:func:`~kvpolicy.evaluation.shared_prefill.prefill_rows`)."""
+def test_every_shipped_policy_answers_the_main_job_without_looping():
+    """The 16-bit answer is text and agrees with itself; every other shipped policy's answer is
+    text that does not loop, with tokens quantized. One test, so the 1.5B model loads and answers
+    at 16 bits once: under xdist other modules' tests can run between a module's tests, which
+    tore a module fixture down and built it again."""
     model, tokenizer = load_default_model(dtype=torch.float32, name=DEFAULT_MODEL)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": default_prompt(True)}], tokenize=False, add_generation_prompt=True
     )
     inputs = tokenizer(text, return_tensors="pt")
+    ids, eos = inputs["input_ids"], eos_ids(tokenizer, model)
     reference = answer(model, tokenizer, inputs, DynamicCache(), NEW_TOKENS)
-    return model, tokenizer, inputs, reference, prefill_rows(model, inputs["input_ids"])
-
-
-def test_the_reference_answer_is_text_and_agrees_with_itself(main_job):
-    model, tokenizer, inputs, reference, (source, first) = main_job
     assert looping(reference.text) is None and len(reference.text.split()) > 20
     same = compare_answers(model, inputs, reference, reference)
     assert same.agreed == same.reference_tokens == same.steps == same.same_top1
     assert same.rouge_l == 100.0 and same.mean_kl == pytest.approx(0.0, abs=1e-4)
-    eos = eos_ids(tokenizer, model)
-    shared = generate_from(model, DynamicCache(), source, inputs["input_ids"], first, NEW_TOKENS, eos_token_ids=eos)
+    source, first = prefill_rows(model, ids)
+    shared = generate_from(model, DynamicCache(), source, ids, first, NEW_TOKENS, eos_token_ids=eos)
     assert shared == [trim(reference.tokens, None, eos)]  # the shared prefill answers as generate() does
 
-
-@pytest.mark.parametrize("name", QUANTIZING)
-def test_every_shipped_policy_answers_the_main_job_without_looping(main_job, name):
-    model, tokenizer, inputs, _, (source, first) = main_job
-    cache = Policy.load(name).make_cache(model)
-    ids = inputs["input_ids"]
-    [tokens] = generate_from(model, cache, source, ids, first, NEW_TOKENS, eos_token_ids=eos_ids(tokenizer, model))
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    if name != "streaming":  # streaming evicts: nothing quantized, bytes only bounded
-        assert cache.memory().demoted, f"{name} quantized nothing of a {ids.shape[1]}-token prompt"
-    assert looping(text) is None, f"{name}: {text!r}"
-    assert len(text.split()) > 20, f"{name}: {text!r}"
+    wrong = {}
+    for name in QUANTIZING:
+        cache = Policy.load(name).make_cache(model)
+        [tokens] = generate_from(model, cache, source, ids, first, NEW_TOKENS, eos_token_ids=eos)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if name != "streaming" and not cache.memory().demoted:  # streaming evicts: nothing quantized
+            wrong[name] = f"quantized nothing of a {ids.shape[1]}-token prompt"
+        elif looping(text) is not None or len(text.split()) <= 20:
+            wrong[name] = f"{looping(text) or 'too short'}: {text!r}"
+    assert QUANTIZING and not wrong, wrong
 
 
 def test_the_cli_streams_the_answer_and_shows_the_16_bit_one_beside_it(capsys):
