@@ -36,8 +36,9 @@ for bits in (2, 4):  # transformers' QuantizedCache (quanto) on CUDA
     print(f"QuantizedCache int{bits} on CUDA: {tuple(keys.shape)}")
 CHECK
 fi
-python3 -m benchmarks.ship_model receive || exit 1
-python3 -c "import sys; from kvpolicy.models import SPLIT_GGUF as S, cache_dir as c; sys.exit(not (c() / 'gguf' / S[sys.argv[1]].file_name).exists())" "$model" || exit 0
+states=$(python3 -m benchmarks.ship_model receive) || exit 1
+echo "$states"
+grep -q "^$model: joined" <<<"$states" || exit 0  # parts still to carry
 mkdir -p ~/kvpolicy-eval && folder=~/kvpolicy-eval/$model
 resume=()
 [ -f "$folder/results.json" ] && resume=(--resume)

@@ -6,14 +6,15 @@ holding a module-level assignment of a short literal (``_MAXCACHE = 512``,
 assignment sits at a depth of the window that cycles through ``depths``, so most facts lie
 in the part of the cache a policy quantizes. Each file gives one fact (the middle one of its
 list) before any file gives a second, so the first samples stay the same as ``samples`` grows.
-The model is asked, in its chat template, for
-the value; exact match (100 or 0) after stripping quotes, backticks and a trailing period.
+The model is asked, in its chat template, for the value; exact match (100 or 0) after
+stripping quotes, backticks and a trailing period.
 """
 
 from __future__ import annotations
 
 import ast
 from collections import Counter
+from pathlib import Path
 from typing import ClassVar
 
 import attrs
@@ -80,31 +81,50 @@ class DocumentQA(GenerationTask):
     depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
 
     def build(self, tokenizer, instruct: bool) -> list[Sample]:
-        sources = [(path, path.read_text(encoding="utf-8")) for path in code_files()]
-        files = [(path, source, found) for path, source in sources if (found := facts(source))]
         out: list[Sample] = []
-        # round r asks each file its r-th fact counted outward from the middle of its list
-        # (the middle one first), so more samples than files take further facts, never repeats
-        for round_ in range(max((len(found) for _, _, found in files), default=0)):
-            for path, source, found in files:
+        read: dict[Path, tuple[str, list[tuple[str, str, int]]]] = {}  # each file's text and facts, read once
+        tokens: dict[Path, list[int]] = {}  # each file's token ids, made once
+        # round r asks each file its r-th fact counted outward from the middle of its list (the
+        # middle one first), so more samples than files take further facts, never a repeat; the
+        # first round reads the files only as far as it needs to
+        round_ = 0
+        while True:
+            asked = False
+            for path in code_files():
+                if path not in read:
+                    source = path.read_text(encoding="utf-8")
+                    read[path] = source, facts(source)
+                source, found = read[path]
                 if round_ >= len(found):
                     continue
-                name, literal, offset = found[_outward(len(found))[round_]]
-                sample = self._sample(tokenizer, instruct, path.name, source, name, literal, offset, len(out))
+                asked = True
+                if path not in tokens:
+                    tokens[path] = tokenizer(source, add_special_tokens=False)["input_ids"]
+                fact = found[_outward(len(found))[round_]]
+                sample = self._sample(tokenizer, instruct, path.name, source, tokens[path], fact, len(out))
                 if sample is not None:
                     out.append(sample)
                     if len(out) == self.samples:
                         return out
-        return out
+            if not asked:
+                return out
+            round_ += 1
 
     def _sample(
-        self, tokenizer, instruct: bool, file: str, source: str, name: str, literal: str, offset: int, index: int
+        self,
+        tokenizer,
+        instruct: bool,
+        file: str,
+        source: str,
+        ids: list[int],
+        fact: tuple[str, str, int],
+        index: int,
     ) -> Sample | None:
-        """The ``index``-th sample: a window of ``source`` with the assignment at its depth, or
-        ``None`` where the file is too short or the window cannot hold the assignment."""
+        """The ``index``-th sample: a window of ``source`` (token ``ids``) with ``fact``'s assignment
+        at its depth, or ``None`` where the file is too short or the window cannot hold it."""
+        name, literal, offset = fact
         question = QUESTION.format(name=name)
         window = self.context - len(chat_ids(tokenizer, [INTRO, [], question], instruct))
-        ids = tokenizer(source, add_special_tokens=False)["input_ids"]
         if window <= 0 or len(ids) < window:
             return None
         at = len(tokenizer(source[:offset], add_special_tokens=False)["input_ids"])

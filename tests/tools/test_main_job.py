@@ -70,8 +70,8 @@ def test_every_shipped_policy_answers_the_main_job_without_looping():
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         if name != "streaming" and not cache.memory().demoted:  # streaming evicts: nothing quantized
             wrong[name] = f"quantized nothing of a {ids.shape[1]}-token prompt"
-        elif looping(text) is not None or len(text.split()) <= 20:
-            wrong[name] = f"{looping(text) or 'too short'}: {text!r}"
+        elif (loop := looping(text)) is not None or len(text.split()) <= 20:
+            wrong[name] = f"{loop or 'too short'}: {text!r}"
     assert QUANTIZING and not wrong, wrong
 
 
