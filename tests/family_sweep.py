@@ -38,9 +38,10 @@ SMALL = dict(
     v_head_dim=8, n_group=1, topk_group=1, pad_token_id=0, bos_token_id=1, eos_token_id=None,
     encoder_hash_byte_group_vocab=128, hidden_size_global=128,
 )  # fmt: skip
-#: families whose sub-configs (``encoder_config`` ...) get :data:`SMALL` too: their defaults build
-#: billions of parameters (BLT: 500,002-entry hash embeddings) and reached the watchdog instead
-NESTED = ("blt",)
+#: families whose sub-configs (``text_config``, ``encoder_config`` ...) get :data:`SMALL` too: their
+#: defaults build billions of parameters (BLT: 500,002-entry hash embeddings) and reached the
+#: memory cap or the watchdog instead of kvpolicy
+NESTED = ("blt", "fuyu", "gemma3", "gemma4", "gemma4_unified", "gemma4_unified_assistant", "mllama")
 #: name -> (model_type, config attributes set on top of SMALL): what the defaults do not build
 VARIANTS = {
     "falcon+alibi": ("falcon", {"alibi": True}),
@@ -87,7 +88,8 @@ def build(model_type: str, class_name: str, overrides: dict | None = None):
     if model_type in NESTED:
         for name, sub in vars(defaults).items():
             if isinstance(sub, transformers.PretrainedConfig):
-                settable[name] = sub.to_dict() | {k: v for k, v in SMALL.items() if hasattr(sub, k)}
+                own = {k: v for k, v in sub.to_dict().items() if k not in ("layer_types", "per_layer_config")}
+                settable[name] = own | {k: v for k, v in SMALL.items() if k in own}
     model_class = getattr(transformers, class_name)
     for attention in ("sdpa", "eager"):  # eager where a family has no SDPA path
         config = config_class(**settable, **(overrides or {}))

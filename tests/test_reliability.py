@@ -18,6 +18,8 @@ import torch
 import yaml
 from transformers import (
     DynamicCache,
+    Gemma4TextConfig,
+    MllamaTextConfig,
     MptConfig,
     MptForCausalLM,
     T5Config,
@@ -221,6 +223,12 @@ BAD_INPUTS = [
              ConfigError, ("integers of at most 9007199254740992",)),
     BadInput("multi-head latent attention (DeepSeek V3)", lambda tp, mp: Policy.load("full").make_cache(_deepseek_v3()),
              UnsupportedModelError, ("DeepseekV3ForCausalLM (deepseek_v3)", "multi-head latent attention")),
+    BadInput("cross-attention layers among the decoder layers (Mllama)", lambda tp, mp: Policy.load("full").make_cache(
+        _Holder(MllamaTextConfig(num_hidden_layers=4, cross_attention_layers=[1]))),
+             UnsupportedModelError, ("has cross-attention layers (1)", "image encoder's keys and values")),
+    BadInput("attention set per layer (Gemma 4)", lambda tp, mp: Policy.load("full").make_cache(
+        _Holder(Gemma4TextConfig())),
+             UnsupportedModelError, ("sets its attention per layer", "'head_dim' is a per-layer attribute")),
     BadInput("attention outside the AttentionInterface (MPT)", lambda tp, mp: Policy.load("full").make_cache(
         MptForCausalLM(MptConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2))),
              UnsupportedModelError, ("MptForCausalLM (mpt) does not take a custom attention function",)),

@@ -188,6 +188,13 @@ def model_layers(model) -> list[LayerSpec]:
             f"{name} uses cross-attention (encoder-decoder): its cache holds the encoder's keys and values beside "
             "the decoder's, which a kvpolicy cache does not store; kvpolicy serves decoder-only models"
         )
+    cross = getattr(text, "cross_attention_layers", None)
+    if cross:
+        raise UnsupportedModelError(
+            f"{name} has cross-attention layers ({', '.join(map(str, cross))}) among its decoder layers: their cache "
+            "holds the image encoder's keys and values, which a kvpolicy cache does not store; kvpolicy serves "
+            "models whose every cached layer holds its own tokens' keys and values"
+        )
     if getattr(text, "kv_lora_rank", None):
         raise UnsupportedModelError(
             f"{name} uses multi-head latent attention (kv_lora_rank={text.kv_lora_rank}): its cache holds compressed "
@@ -201,6 +208,13 @@ def model_layers(model) -> list[LayerSpec]:
             "another layer's cache, which a kvpolicy cache does not provide (it would need a layer type that "
             "hands one layer's stored tokens to another)"
         )
+    try:
+        getattr(text, "head_dim", None)
+    except RuntimeError as err:  # transformers' heterogeneous configs refuse a global per-layer attribute
+        raise UnsupportedModelError(
+            f"{name} sets its attention per layer ({str(err).splitlines()[0].split('.')[0]}): kvpolicy builds its "
+            "cache from one head size and head count per model"
+        ) from None
     try:
         num_layers = text.num_hidden_layers
         num_heads = text.num_attention_heads
