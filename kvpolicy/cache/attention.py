@@ -120,8 +120,18 @@ def attach(model) -> None:
     if model.config._attn_implementation != ATTENTION_NAME:
         raise UnsupportedModelError(_no_interface(model, model.config._attn_implementation, None))
     if not getattr(model, "_kvpolicy_checked", False):
+        model.register_forward_pre_hook(_expect_attention, with_kwargs=True)
         model.register_forward_hook(_check_attended, with_kwargs=True)
         model._kvpolicy_checked = True
+
+
+def _expect_attention(model, args, kwargs) -> None:
+    """Before a forward: the check after it covers this forward's updates only (a cache filled
+    by ``Cache.update`` outside a forward, as a shared prefill is handed over, attended nothing)."""
+    for key in ("cache", "past_key_values"):
+        expect = getattr(kwargs.get(key), "expect_attention", None)
+        if expect is not None:
+            expect()
 
 
 def _check_attended(model, args, kwargs, output) -> None:

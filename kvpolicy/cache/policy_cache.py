@@ -298,14 +298,19 @@ class KVPolicyCache(Cache):
         # one bookkeeping object per retention schedule, whichever layers and sides use it
         share_positions(_stores(layers))
 
+    def expect_attention(self) -> None:
+        """Forget updates made outside a forward: :meth:`check_attended` after the next forward
+        covers that forward's updates only."""
+        for layer in self.layers:
+            layer._awaiting_attention = False
+
     def check_attended(self, model_type: str = "this model") -> None:
         """Raise :class:`NotSupportedError` if a layer's update of the last forward never reached the
         ``"kvpolicy"`` attention function (the model transformed the cache's output first, so it
         attended something the cache did not hold). Called after every forward of a model that
         ``make_cache`` attached (see :func:`kvpolicy.cache.attention.attach`)."""
         missed = [i for i, layer in enumerate(self.layers) if getattr(layer, "_awaiting_attention", False)]
-        for layer in self.layers:
-            layer._awaiting_attention = False
+        self.expect_attention()
         if missed:
             raise NotSupportedError(
                 f"the keys and values that this cache's layers {missed[:4]} returned never reached the 'kvpolicy' "

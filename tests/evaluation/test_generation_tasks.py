@@ -49,6 +49,30 @@ def test_shared_prefill_generates_what_generate_does_from_scratch(model, name):
     assert shared == out[:, 300:].tolist()
 
 
+@pytest.mark.parametrize("name", ["kivi", "partial_logquant"])
+def test_shared_prefill_hands_over_to_the_cuda_graph_path(model, name):
+    """A CUDA-graph cache (its steps run eagerly on a CPU) takes the shared prefill by
+    ``Cache.update`` outside any forward: its first decode step adopts those tokens (the check
+    that every update reached the attention covers that step alone) and gives the tokens of
+    ``generate()`` with such a cache from scratch. Keys and values retained alike and paired."""
+    from kvpolicy.policy import Policy
+
+    policy = Policy.load(name)
+    torch.manual_seed(1)
+    ids = torch.randint(1, 256, (2, 300))
+    source, first = prefill_rows(model, ids)
+    shared = generate_from(model, policy.make_cache(model, cuda_graphs=True), source, ids, first, 40)
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            **cache_kwargs(policy.make_cache(model, cuda_graphs=True)),
+            max_new_tokens=40,
+            do_sample=False,
+        )
+    assert shared == out[:, 300:].tolist()
+
+
 def test_rows_stop_where_their_own_rule_holds(model):
     (contender,) = resolve_contenders(["kivi"])
     ids = torch.randint(1, 256, (2, 64), generator=torch.Generator().manual_seed(2))
