@@ -173,8 +173,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         text = prompt
     inputs = tokenizer(text, return_tensors="pt").to(model.device)
     prompt_tokens = inputs["input_ids"].shape[1]
-    graphs = {"auto": "auto", "on": True, "off": False}[args.cuda_graphs]
-    cache = policy.make_cache(model, cuda_graphs=graphs)
+    cache = policy.make_cache(model, cuda_graphs=CUDA_GRAPHS[args.cuda_graphs])
     print(f"prefilling {prompt_tokens} prompt tokens under policy {policy.name} ...", file=sys.stderr, flush=True)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     mine = answer(model, tokenizer, inputs, cache, args.max_new_tokens, streamer, args.temperature)
@@ -236,6 +235,12 @@ def _temperature(text: str) -> float:
 
 
 DEVICE_HELP = "auto (default): the first CUDA device where there is one, else the CPU; or cpu, cuda, cuda:N"
+#: ``--cuda-graphs`` -> ``make_cache(model, cuda_graphs=...)``
+CUDA_GRAPHS = {"auto": "auto", "on": True, "off": False}
+CUDA_GRAPHS_HELP = (
+    "decode steps replayed from a CUDA graph: auto (default) where the model and policy are served on CUDA; on: "
+    "always, refusing what is not served (on a CPU the same steps run eagerly); off: never"
+)
 
 
 def _device(text: str) -> str:
@@ -357,8 +362,8 @@ def resolve_device(name: str) -> str:
 
 
 def _earlier_run(args: argparse.Namespace, settings: dict) -> dict:
-    """``--out/results.json`` of an earlier run with the same model, dtype, policies and
-    budget/bits (``--resume``); refused, naming the difference, when they differ."""
+    """``--out/results.json`` of an earlier run with the same model, dtype, policies,
+    budget/bits and ``--cuda-graphs`` (``--resume``); refused, naming the difference, when they differ."""
     import json
 
     from kvpolicy.errors import ConfigError
@@ -377,6 +382,7 @@ def _earlier_run(args: argparse.Namespace, settings: dict) -> dict:
         "model": (Path(env.get("model", "")).name, Path(name).name),
         "dtype": (env.get("dtype"), args.dtype),
         **{key: (was.get(key), settings[key]) for key in ("policies", "budget", "bits")},
+        "cuda_graphs": (was.get("cuda_graphs", "auto"), settings["cuda_graphs"]),  # runs before the option: auto
     }
     for key, (then, now) in expected.items():
         if then != now:
@@ -397,10 +403,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     names = _csv(args.policies)
     if REFERENCE not in names:  # every table states the 16-bit score of the same run
         names.insert(0, REFERENCE)
-    contenders = resolve_contenders(names, budget, args.bits or None)  # fail fast on bad names
+    graphs = CUDA_GRAPHS[args.cuda_graphs]
+    contenders = resolve_contenders(names, budget, args.bits or None, graphs)  # fail fast on bad names
     tasks = build_tasks(args)
     report_module.check_output(args.out)  # before hours of work, not after
-    settings = {"policies": names, "tasks": _csv(args.tasks), "budget": budget, "bits": args.bits or None}
+    settings = {"policies": names, "tasks": _csv(args.tasks), "budget": budget, "bits": args.bits or None,
+                "cuda_graphs": args.cuda_graphs}  # fmt: skip
     earlier = _earlier_run(args, settings) if args.resume else {}
     print(f"loading model {args.model!r} ({args.dtype}) ...", file=sys.stderr)
     model, tokenizer = _load_model(args)
@@ -466,13 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=GENERATE_DTYPES, default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
     gen.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
     gen.add_argument("--no-chat", dest="chat", action="store_false", help="do not wrap the prompt in the chat template")
-    gen.add_argument(
-        "--cuda-graphs",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="decode steps replayed from a CUDA graph: auto (default) where the model and policy are served on "
-        "CUDA; on: always, refusing what is not served (on a CPU the same steps run eagerly); off: never",
-    )
+    gen.add_argument("--cuda-graphs", choices=tuple(CUDA_GRAPHS), default="auto", help=CUDA_GRAPHS_HELP)
     plot = sub.add_parser("plot-retention", help="PNG of which positions are full precision/quantized/evicted")
     plot.add_argument("policy", help="registered policy name or YAML path (third-party selectors included)")
     plot.add_argument("-o", "--output", help="PNG path (default: retention-POLICY.png)")
@@ -535,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute and cache dtype (default bfloat16: the 16-bit cache)",
     )
     ev.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
+    ev.add_argument("--cuda-graphs", choices=tuple(CUDA_GRAPHS), default="auto", help=CUDA_GRAPHS_HELP)
     ev.add_argument("--out", default="kvpolicy-eval", help="output folder for results.json, results.md and plots")
     ev.add_argument(
         "--resume",

@@ -40,7 +40,11 @@ class Contender:
     refuses: Callable[[torch.nn.Module], str | None] = lambda model: None
 
 
-def policy_contender(policy: Policy, budget: int | None = None, bits: int | None = None) -> Contender:
+def policy_contender(
+    policy: Policy, budget: int | None = None, bits: int | None = None, cuda_graphs: bool | str = "auto"
+) -> Contender:
+    """``policy.make_cache(model, cuda_graphs=cuda_graphs)`` under the policy's name."""
+
     def refuses(model: torch.nn.Module) -> str | None:
         """A policy whose settings this model cannot take (a bit budget below its own bits
         after ``--bits``): the error, so the run skips it and goes on."""
@@ -52,7 +56,10 @@ def policy_contender(policy: Policy, budget: int | None = None, bits: int | None
             return str(err)
         return None
 
-    return Contender(policy.name, policy.make_cache, policy, budget, bits, refuses)
+    def make(model: torch.nn.Module) -> Cache:
+        return policy.make_cache(model, cuda_graphs=cuda_graphs)
+
+    return Contender(policy.name, make, policy, budget, bits, refuses)
 
 
 def hf_quantized_contender(bits: int = 2, residual_length: int = 128, name: str = HF_QUANTIZED) -> Contender:
@@ -75,9 +82,12 @@ def hf_quantized_contender(bits: int = 2, residual_length: int = 128, name: str 
     return Contender(name, make, None, residual_length, bits, refuses)
 
 
-def resolve_contenders(names: list[str], budget: int | None = None, bits: int | None = None) -> list[Contender]:
+def resolve_contenders(
+    names: list[str], budget: int | None = None, bits: int | None = None, cuda_graphs: bool | str = "auto"
+) -> list[Contender]:
     """Contenders for registered policy names, YAML paths and ``hf_quantized``; with ``budget``
-    every policy is matched to that many full-precision tokens (see :func:`at_budget`)."""
+    every policy is matched to that many full-precision tokens (see :func:`at_budget`);
+    ``cuda_graphs``: what each policy's ``make_cache`` is given."""
     out = []
     for name in names:
         if name == HF_QUANTIZED:
@@ -95,7 +105,7 @@ def resolve_contenders(names: list[str], budget: int | None = None, bits: int | 
             policy = Policy(config, policy.registry)
         if Path(str(name)).suffix in (".yaml", ".yml"):
             policy.config = attrs.evolve(policy.config, name=Path(name).stem)
-        out.append(policy_contender(policy, budget, bits))
+        out.append(policy_contender(policy, budget, bits, cuda_graphs))
     return out
 
 

@@ -55,13 +55,17 @@ def test_shared_prefill_hands_over_to_the_cuda_graph_path(model, name):
     ``Cache.update`` outside any forward: its first decode step adopts those tokens (the check
     that every update reached the attention covers that step alone) and gives the tokens of
     ``generate()`` with such a cache from scratch. Keys and values retained alike and paired."""
+    from kvpolicy.graphs.static_cache import StaticPolicyCache
     from kvpolicy.policy import Policy
 
     policy = Policy.load(name)
+    (contender,) = resolve_contenders([name], cuda_graphs=True)  # what `evaluate --cuda-graphs on` builds
+    cache = contender.make_cache(model)
+    assert isinstance(cache, StaticPolicyCache)
     torch.manual_seed(1)
     ids = torch.randint(1, 256, (2, 300))
     source, first = prefill_rows(model, ids)
-    shared = generate_from(model, policy.make_cache(model, cuda_graphs=True), source, ids, first, 40)
+    shared = generate_from(model, cache, source, ids, first, 40)
     with torch.no_grad():
         out = model.generate(
             ids,
@@ -274,5 +278,7 @@ def test_resume_refuses_a_run_of_other_policies(tmp_path, capsys, monkeypatch):
     assert main([*argv, "--policies", "logquant"]) == 2
     said = capsys.readouterr().err
     assert "a run with the same policies (['full', 'logquant']; that run had ['full', 'kivi'])" in said
+    assert main([*argv, "--policies", "kivi", "--cuda-graphs", "off"]) == 2  # that run (no setting) had auto
+    assert "a run with the same cuda_graphs ('off'; that run had 'auto')" in capsys.readouterr().err
     assert main(["evaluate", "--tasks", "qa", "--out", str(tmp_path / "new"), "--resume"]) == 2
     assert "none is there" in capsys.readouterr().err
