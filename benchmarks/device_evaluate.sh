@@ -8,7 +8,8 @@
 # `kvpolicy evaluate --model MODEL --device cuda --out ~/kvpolicy-eval/MODEL [options]` for at
 # most SECONDS, resuming the tasks an earlier call finished (the folder lives as long as the
 # machine stays warm), and copies the run's record (results.json, results.md, plots, log) to
-# $OUT. Run it again with the same options until the log says every task is done.
+# $OUT. Run it again with the same options until the log says every task is done. RUN=NAME
+# keeps a run's folder apart (~/kvpolicy-eval/NAME), for a second set of policies on the model.
 set -uo pipefail
 model=${1:?usage: device_evaluate.sh MODEL SECONDS [evaluate options...]}
 seconds=${2:?usage: device_evaluate.sh MODEL SECONDS [evaluate options...]}
@@ -39,7 +40,7 @@ fi
 states=$(python3 -m benchmarks.ship_model receive) || exit 1
 echo "$states"
 grep -q "^$model: joined" <<<"$states" || exit 0  # parts still to carry
-mkdir -p ~/kvpolicy-eval && folder=~/kvpolicy-eval/$model
+mkdir -p ~/kvpolicy-eval && folder=~/kvpolicy-eval/${RUN:-$model}
 resume=()
 [ -f "$folder/results.json" ] && resume=(--resume)
 timeout "$seconds" python3 -c "import sys; from kvpolicy.cli import main; sys.exit(main())" evaluate \

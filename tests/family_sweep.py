@@ -41,7 +41,10 @@ SMALL = dict(
 #: families whose sub-configs (``text_config``, ``encoder_config`` ...) get :data:`SMALL` too: their
 #: defaults build billions of parameters (BLT: 500,002-entry hash embeddings) and reached the
 #: memory cap or the watchdog instead of kvpolicy
-NESTED = ("blt", "fuyu", "gemma3", "gemma4", "gemma4_unified", "gemma4_unified_assistant", "mllama")
+NESTED = (
+    "blt", "dots3_note", "emu3", "fuyu", "gemma3", "gemma4", "gemma4_unified", "gemma4_unified_assistant", "llama4",
+    "mllama", "qwen3_5", "qwen3_5_moe", "qwen4_exp",
+)  # fmt: skip
 #: name -> (model_type, config attributes set on top of SMALL): what the defaults do not build
 VARIANTS = {
     "falcon+alibi": ("falcon", {"alibi": True}),
@@ -73,6 +76,17 @@ def names() -> list[str]:
     return [name for name, _ in families()] + list(VARIANTS)
 
 
+def _has(config, name: str) -> bool:
+    """``hasattr``, also for attributes a heterogeneous config sets per layer (reading them raises)."""
+    try:
+        getattr(config, name)
+    except AttributeError:
+        return False
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError: set per layer
+        return True
+    return True
+
+
 def build(model_type: str, class_name: str, overrides: dict | None = None):
     import torch
     import transformers
@@ -81,9 +95,7 @@ def build(model_type: str, class_name: str, overrides: dict | None = None):
     config_class = CONFIG_MAPPING[model_type]
     defaults = config_class()
     settable = {
-        k: v
-        for k, v in SMALL.items()
-        if hasattr(defaults, k) and not isinstance(getattr(config_class, k, None), property)
+        k: v for k, v in SMALL.items() if _has(defaults, k) and not isinstance(getattr(config_class, k, None), property)
     }
     if model_type in NESTED:
         for name, sub in vars(defaults).items():

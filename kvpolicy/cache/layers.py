@@ -209,7 +209,8 @@ def model_layers(model) -> list[LayerSpec]:
             "hands one layer's stored tokens to another)"
         )
     try:
-        getattr(text, "head_dim", None)
+        for attribute in ("num_attention_heads", "num_key_value_heads", "head_dim"):
+            getattr(text, attribute, None)
     except RuntimeError as err:  # transformers' heterogeneous configs refuse a global per-layer attribute
         raise UnsupportedModelError(
             f"{name} sets its attention per layer ({str(err).splitlines()[0].split('.')[0]}): kvpolicy builds its "
