@@ -403,8 +403,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     names = _csv(args.policies)
     if REFERENCE not in names:  # every table states the 16-bit score of the same run
         names.insert(0, REFERENCE)
-    graphs = CUDA_GRAPHS[args.cuda_graphs]
-    contenders = resolve_contenders(names, budget, args.bits or None, graphs)  # fail fast on bad names
+    contenders = resolve_contenders(names, budget, args.bits or None, CUDA_GRAPHS[args.cuda_graphs])  # fail fast
     tasks = build_tasks(args)
     report_module.check_output(args.out)  # before hours of work, not after
     settings = {"policies": names, "tasks": _csv(args.tasks), "budget": budget, "bits": args.bits or None,

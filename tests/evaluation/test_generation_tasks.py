@@ -30,14 +30,14 @@ def model():
     return tiny_llama(layers=2)
 
 
-@pytest.mark.parametrize("name", CONTENDERS)
-def test_shared_prefill_generates_what_generate_does_from_scratch(model, name):
-    """Past every policy's full-precision budget (300-token prompts, 40 new tokens), two rows."""
-    (contender,) = resolve_contenders([name])
+def _shared_and_from_scratch(model, contender, cache) -> tuple[list[list[int]], list[list[int]]]:
+    """40 new tokens of two 300-token prompts (past every policy's full-precision budget):
+    ``cache`` given one shared 16-bit prefill, and a fresh cache of ``contender`` through
+    ``generate()`` from the start."""
     torch.manual_seed(1)
     ids = torch.randint(1, 256, (2, 300))
     source, first = prefill_rows(model, ids)
-    shared = generate_from(model, contender.make_cache(model), source, ids, first, 40)
+    shared = generate_from(model, cache, source, ids, first, 40)
     with torch.no_grad():
         out = model.generate(
             ids,
@@ -46,7 +46,14 @@ def test_shared_prefill_generates_what_generate_does_from_scratch(model, name):
             max_new_tokens=40,
             do_sample=False,
         )
-    assert shared == out[:, 300:].tolist()
+    return shared, out[:, 300:].tolist()
+
+
+@pytest.mark.parametrize("name", CONTENDERS)
+def test_shared_prefill_generates_what_generate_does_from_scratch(model, name):
+    (contender,) = resolve_contenders([name])
+    shared, from_scratch = _shared_and_from_scratch(model, contender, contender.make_cache(model))
+    assert shared == from_scratch
 
 
 @pytest.mark.parametrize("name", ["kivi", "partial_logquant"])
@@ -56,25 +63,12 @@ def test_shared_prefill_hands_over_to_the_cuda_graph_path(model, name):
     that every update reached the attention covers that step alone) and gives the tokens of
     ``generate()`` with such a cache from scratch. Keys and values retained alike and paired."""
     from kvpolicy.graphs.static_cache import StaticPolicyCache
-    from kvpolicy.policy import Policy
 
-    policy = Policy.load(name)
     (contender,) = resolve_contenders([name], cuda_graphs=True)  # what `evaluate --cuda-graphs on` builds
     cache = contender.make_cache(model)
     assert isinstance(cache, StaticPolicyCache)
-    torch.manual_seed(1)
-    ids = torch.randint(1, 256, (2, 300))
-    source, first = prefill_rows(model, ids)
-    shared = generate_from(model, cache, source, ids, first, 40)
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            **cache_kwargs(policy.make_cache(model, cuda_graphs=True)),
-            max_new_tokens=40,
-            do_sample=False,
-        )
-    assert shared == out[:, 300:].tolist()
+    shared, from_scratch = _shared_and_from_scratch(model, contender, cache)
+    assert shared == from_scratch
 
 
 def test_rows_stop_where_their_own_rule_holds(model):
